@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Sets up a fresh Debian machine for cardswitch: the Debian packages the switch and its tests
+# use (installed only when run as root and missing), then a virtualenv with the project in it.
+# Idempotent: a second run only re-installs the project when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+# Debian packages: SoftHSM2 (the local HSM), tshark (independent ISO 8583 decoder used by tests).
+DEB_PACKAGES=(softhsm2 tshark)
+
+missing=()
+for pkg in "${DEB_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    if [ "$(id -u)" = 0 ]; then
+        echo "bootstrap: installing Debian packages: ${missing[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        echo "bootstrap: missing Debian packages (${missing[*]}); run as root or: sudo apt-get install ${missing[*]}" >&2
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.cardswitch-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    touch "$stamp"
+fi

@@ -1,0 +1,316 @@
+"""Typed switch configuration loaded from TOML.
+
+What lives here: the frozen dataclasses that describe a running switch (listeners, TLS, HSM,
+store, pipeline budget, metrics, logging), their embedded defaults, and the loader that turns
+a TOML file into them. Every error names the file and the dotted key and is a single line.
+
+What does not: reading certificates or keys (tls.py), opening the store or the HSM (their own
+modules), network profiles' response-code tables (decisions.py).
+
+Relative paths in a configuration are resolved against the current working directory, which
+is the repository root for ``make run`` and the image's work directory in the container.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+HeaderKind = Literal["binary2", "ascii4", "bcd2"]
+SpecKind = Literal["ascii", "binary", "bcd"]
+HsmBackend = Literal["pkcs11", "software"]
+CardDataBackend = Literal["hsm", "kms"]
+StoreBackend = Literal["sqlite"]
+LogFormat = Literal["json", "console"]
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``str()`` is one line naming the file and key."""
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        self.source = source
+        self.key = key
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """One TCP listener that a card network connects to."""
+
+    name: str = "visa"
+    #: Network profile whose response-code table and field conventions apply (decisions.py).
+    network: str = "visa"
+    host: str = "127.0.0.1"
+    port: int = 8583
+    #: Length header of each frame: 2-byte big-endian binary, 4 ASCII digits or 2-byte BCD.
+    header: HeaderKind = "binary2"
+    #: Message encoding: "ascii" (ISO 8583:1987, hex-ASCII bitmaps), "binary" (binary bitmaps,
+    #: ASCII fields) or "bcd" (binary bitmaps, BCD numerics and lengths).
+    spec: SpecKind = "ascii"
+    #: Largest frame body accepted, in bytes; larger length headers close the connection.
+    max_frame: int = 8192
+    #: Seconds a TLS handshake may take before the connection is dropped.
+    handshake_timeout: float = 5.0
+    #: Seconds allowed between the first byte of a frame and its last (slowloris guard).
+    frame_timeout: float = 10.0
+    #: Requests processed concurrently on one connection; reading pauses beyond it.
+    max_in_flight: int = 256
+    #: Client identities (certificate subject CN or a DNS/URI SAN) allowed; empty allows any
+    #: certificate that chains to the CA bundle.
+    allowed_clients: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Server certificate, key and the CA bundle client certificates must chain to."""
+
+    ca: Path = Path("var/pki/ca.pem")
+    cert: Path = Path("var/pki/server.pem")
+    key: Path = Path("var/pki/server.key")
+    #: Lowest protocol version offered; "1.2" or "1.3".
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Process-wide limits of the switch."""
+
+    #: Requests in flight across all connections; beyond it connections stop being read.
+    max_in_flight: int = 4096
+    #: Seconds to finish in-flight requests after SIGTERM/SIGINT before exiting.
+    drain_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Latency budget and stand-in behaviour of the authorization pipeline."""
+
+    #: Seconds from receipt of a request to its answer; networks time out at a few seconds.
+    budget: float = 2.0
+    #: DE39 sent when the budget expires before a decision is committed (91 = issuer
+    #: unavailable, which lets the network stand in).
+    stand_in_code: str = "91"
+
+
+@dataclass(frozen=True)
+class HsmConfig:
+    """Which HSM the card-security commands go to."""
+
+    backend: HsmBackend = "pkcs11"
+    #: PKCS#11 module; Debian's softhsm2 package installs it here.
+    module: Path = Path("/usr/lib/softhsm/libsofthsm2.so")
+    token_label: str = "cardswitch-dev"
+    #: User PIN of the token. Development only: production reads it from CARDSWITCH_HSM_PIN.
+    user_pin: str = "1234"
+    so_pin: str = "12345678"
+    #: SOFTHSM2_CONF written by `cardswitch hsm init`, with its token directory under var/.
+    softhsm_conf: Path = Path("var/softhsm/softhsm2.conf")
+    #: Seconds one HSM command may take before it counts as unavailable.
+    timeout: float = 1.0
+
+
+@dataclass(frozen=True)
+class CardDataConfig:
+    """Protection of card data at rest: PAN fingerprint key and PAN encryption."""
+
+    backend: CardDataBackend = "hsm"
+    #: Label of the HMAC key in the HSM that fingerprints PANs for lookup.
+    fingerprint_key: str = "pan-fingerprint"
+    #: Label of the AES key in the HSM that encrypts PANs (backend "hsm").
+    encryption_key: str = "pan-encryption"
+    #: KMS key id or alias (backend "kms").
+    kms_key_id: str = "alias/cardswitch-pan"
+    #: KMS endpoint override (a moto server in tests); empty uses the AWS default.
+    kms_endpoint: str = ""
+    kms_region: str = "eu-west-1"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The durable store of cards, accounts and the authorization journal."""
+
+    backend: StoreBackend = "sqlite"
+    path: Path = Path("var/cardswitch.db")
+    #: Most decisions committed in one group-commit transaction.
+    batch_max: int = 128
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus exposition endpoint; port 0 disables it."""
+
+    host: str = "127.0.0.1"
+    port: int = 9583
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: LogFormat = "json"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a running switch needs, as loaded from one TOML file."""
+
+    listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    hsm: HsmConfig = field(default_factory=HsmConfig)
+    card_data: CardDataConfig = field(default_factory=CardDataConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+#: TOML table names that differ from the dataclass field they fill.
+_TABLE_ALIASES = {"listener": "listeners", "card-data": "card_data"}
+
+
+def load(path: Path | str) -> Config:
+    """Read ``path`` and return the configuration it describes over the embedded defaults.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, is not TOML, has an unknown key or a
+            value of the wrong type.
+    """
+    source = str(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(source, "", "file not found") from None
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "", f"not valid TOML: {exc}") from None
+    raw = {_TABLE_ALIASES.get(k, k): v for k, v in raw.items()}
+    return from_mapping(raw, source)
+
+
+def from_mapping(raw: Mapping[str, Any], source: str = "<config>") -> Config:
+    """Build a Config from already-parsed data (a TOML document's top-level table)."""
+    cfg = _build(Config, raw, source, "")
+    assert isinstance(cfg, Config)
+    _check(cfg, source)
+    return cfg
+
+
+def _build(cls: type[Any], raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(source, prefix or "<top>", "expected a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        attr = key.replace("-", "_")
+        dotted = f"{prefix}.{key}" if prefix else key
+        if attr not in names:
+            raise ConfigError(source, dotted, "unknown key")
+        kwargs[attr] = _convert(hints[attr], value, source, dotted)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, source: str, key: str) -> Any:  # noqa: PLR0911
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, source, key)  # type: ignore[arg-type]
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(source, key, f"expected an array, got {_tname(value)}")
+        if dataclasses.is_dataclass(item_tp):
+            return tuple(
+                _build(item_tp, v, source, f"{key}[{i}]")  # type: ignore[arg-type]
+                for i, v in enumerate(value)
+            )
+        return tuple(_convert(item_tp, v, source, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            choices = ", ".join(repr(a) for a in allowed)
+            raise ConfigError(source, key, f"must be one of {choices}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported config type {tp}")  # pragma: no cover - schema bug
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(source, key, f"expected a path string, got {_tname(value)}")
+        return Path(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(source, key, f"expected a number, got {_tname(value)}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, key, f"expected an integer, got {_tname(value)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, key, f"expected true or false, got {_tname(value)}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(source, key, f"expected a string, got {_tname(value)}")
+        return value
+    raise TypeError(f"unsupported config type {tp}")  # pragma: no cover - schema bug
+
+
+def _tname(value: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+    names.update({list: "an array", dict: "a table"})
+    return names.get(type(value), type(value).__name__)
+
+
+def _check(cfg: Config, source: str) -> None:
+    """Cross-field rules that types alone cannot express."""
+    if not cfg.listeners:
+        raise ConfigError(source, "listener", "at least one listener is required")
+    seen: set[str] = set()
+    for i, lst in enumerate(cfg.listeners):
+        key = f"listener[{i}]"
+        if lst.name in seen:
+            raise ConfigError(source, f"{key}.name", f"duplicate listener name {lst.name!r}")
+        seen.add(lst.name)
+        if not 0 <= lst.port <= 65535:
+            raise ConfigError(source, f"{key}.port", f"out of range: {lst.port}")
+        if not 64 <= lst.max_frame <= 65535:
+            raise ConfigError(source, f"{key}.max_frame", "must be between 64 and 65535")
+        if lst.header == "ascii4" and lst.max_frame > 9999:
+            raise ConfigError(source, f"{key}.max_frame", "ascii4 headers carry at most 9999")
+        if lst.header == "bcd2" and lst.max_frame > 9999:
+            raise ConfigError(source, f"{key}.max_frame", "bcd2 headers carry at most 9999")
+        for name in ("handshake_timeout", "frame_timeout"):
+            if getattr(lst, name) <= 0:
+                raise ConfigError(source, f"{key}.{name}", "must be positive")
+        if lst.max_in_flight < 1:
+            raise ConfigError(source, f"{key}.max_in_flight", "must be at least 1")
+    if cfg.pipeline.budget <= 0:
+        raise ConfigError(source, "pipeline.budget", "must be positive")
+    code = cfg.pipeline.stand_in_code
+    if len(code) != 2 or not code.isalnum():
+        raise ConfigError(source, "pipeline.stand_in_code", "must be a two-character DE39 code")
+    if cfg.server.max_in_flight < 1:
+        raise ConfigError(source, "server.max_in_flight", "must be at least 1")
+    if not 0 <= cfg.metrics.port <= 65535:
+        raise ConfigError(source, "metrics.port", f"out of range: {cfg.metrics.port}")
+
+
+#: The default configuration file shipped in the repository.
+DEFAULT_PATH = Path("config/switch.toml")
+
+
+def load_default_or_embedded(path: Path | None) -> Config:
+    """Load ``path`` if given, else ``config/switch.toml`` if present, else the built-in defaults."""
+    if path is not None:
+        return load(path)
+    if DEFAULT_PATH.exists():
+        return load(DEFAULT_PATH)
+    return Config()

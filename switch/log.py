@@ -1,0 +1,148 @@
+"""Structured JSON logging with card data kept out.
+
+What lives here: structlog configuration for the daemon and the CLI, ``mask_pan`` (first six,
+last four), ``scrub`` (masks anything PAN-shaped in free text such as an exception message),
+and the processor that applies both to every event before it is rendered. Keys that name
+sensitive authentication data (PIN block, CVV, track, cryptogram) are dropped whatever
+their value.
+
+What does not: deciding what to log (callers log one line per request in server.py), metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import traceback
+from collections.abc import Mapping, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+#: Digit runs a PAN can be (ISO/IEC 7812: 12 to 19 digits), possibly inside longer text such as
+#: track 2 ("4761...D2512..."). Lookarounds stop us from cutting a longer number in the middle.
+_PAN_RE = re.compile(r"(?<!\d)(\d{6})(\d{2,9})(\d{4})(?!\d)")
+#: Track-2-equivalent data: PAN, separator '=' or 'D', then expiry/service code/discretionary.
+_TRACK2_RE = re.compile(r"(?<![0-9A-F])\d{12,19}[=D]\d{4,}[0-9A-F?]*", re.IGNORECASE)
+#: Long hex runs (PIN blocks, cryptograms, keys) that could appear in a raw-bytes repr.
+_HEX_RE = re.compile(r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{16,}(?![0-9A-Fa-f])")
+#: Python bytes reprs of raw message data (b'...'): replaced wholesale.
+_BYTES_RE = re.compile(r"""b(['"])(?:\\.|(?!\1).)*\1""")
+
+#: Event keys whose values are sensitive authentication data: never rendered.
+SENSITIVE_KEYS = frozenset(
+    {
+        "pin",
+        "pin_block",
+        "cvv",
+        "cvv2",
+        "icvv",
+        "track2",
+        "track1",
+        "track",
+        "arqc",
+        "cryptogram",
+        "emv",
+        "key",
+        "clear_key",
+        "raw",
+        "frame",
+        "body",
+    }
+)
+#: Event keys whose value is a PAN: rendered masked.
+PAN_KEYS = frozenset({"pan", "primary_account_number"})
+
+
+def mask_pan(pan: str) -> str:
+    """Mask a PAN to its first six and last four digits.
+
+    >>> mask_pan("4123456789012345")
+    '412345******2345'
+    >>> mask_pan("123")
+    '***'
+    """
+    if len(pan) < 13:
+        return "*" * len(pan)
+    return pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
+
+
+def scrub(text: str) -> str:
+    """Mask PAN-shaped digit runs and remove track data, raw bytes and long hex from ``text``.
+
+    >>> scrub("bad field 2: '4123456789012345' at 4")
+    "bad field 2: '412345******2345' at 4"
+    """
+    text = _BYTES_RE.sub("b'<redacted>'", text)
+    text = _TRACK2_RE.sub("<track-redacted>", text)
+    text = _PAN_RE.sub(lambda m: m.group(1) + "*" * len(m.group(2)) + m.group(3), text)
+    return _HEX_RE.sub("<hex-redacted>", text)
+
+
+def _scrub_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(value)} bytes redacted>"
+    if isinstance(value, Mapping):
+        return {k: _scrub_item(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub_value(v) for v in value]
+    if isinstance(value, BaseException):
+        return scrub(f"{type(value).__name__}: {value}")
+    return value
+
+
+def _scrub_item(key: str, value: Any) -> Any:
+    lowered = key.lower()
+    if lowered in SENSITIVE_KEYS:
+        return "<redacted>"
+    if lowered in PAN_KEYS and isinstance(value, str):
+        return mask_pan(value)
+    return _scrub_value(value)
+
+
+def mask_processor(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: redact sensitive keys, mask PANs in every string, format and scrub
+    exceptions (pyiso8583's DecodeError carries the raw message in its text)."""
+    exc_info = event_dict.pop("exc_info", None)
+    if exc_info:
+        if exc_info is True:
+            exc_info = sys.exc_info()
+        elif isinstance(exc_info, BaseException):
+            exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+        if exc_info and exc_info[0] is not None:
+            event_dict["exception"] = scrub("".join(traceback.format_exception(*exc_info)))
+    for key in list(event_dict):
+        event_dict[key] = _scrub_item(key, event_dict[key])
+    return event_dict
+
+
+def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+    """Configure structlog (and the stdlib root logger it may receive from) for this process."""
+    numeric = logging.getLevelName(level.upper())
+    renderer: Any = (
+        structlog.processors.JSONRenderer(sort_keys=True)
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            mask_processor,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> Any:
+    """A bound structlog logger carrying ``logger=name``."""
+    return structlog.get_logger().bind(logger=name)

@@ -1,0 +1,127 @@
+"""Prometheus metrics of the switch: the only module that imports prometheus_client.
+
+What lives here: every metric the switch exports, with bounded label sets (listener, network,
+MTI, response code, step, error kind; never PAN, STAN or terminal), small functions that record
+an observation, and the HTTP exposition server. What does not: deciding what happened
+(callers pass the outcome in).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+
+#: The registry the switch exports; a dedicated one so tests can read it without globals
+#: from other libraries.
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+#: Latency buckets in seconds, from sub-millisecond echo to the multi-second network budget.
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+)  # fmt: skip
+
+REQUESTS = Counter(
+    "cardswitch_requests",
+    "Requests answered, by request MTI and response code sent.",
+    ["network", "mti", "response_code"],
+    registry=REGISTRY,
+)
+REQUEST_SECONDS = Histogram(
+    "cardswitch_request_seconds",
+    "Time from a frame fully read to its response handed to TLS.",
+    ["network", "mti"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+STEP_SECONDS = Histogram(
+    "cardswitch_pipeline_step_seconds",
+    "Time spent in each pipeline step.",
+    ["step"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+STAND_IN = Counter(
+    "cardswitch_stand_in",
+    "Requests answered with the stand-in code because the budget expired or a dependency failed.",
+    ["network", "cause"],
+    registry=REGISTRY,
+)
+PROTOCOL_ERRORS = Counter(
+    "cardswitch_protocol_errors",
+    "Frames or messages rejected: framing (connection closed) or format (answered 30) errors.",
+    ["listener", "kind"],
+    registry=REGISTRY,
+)
+CONNECTIONS = Counter(
+    "cardswitch_connections",
+    "Connections accepted, by how they ended.",
+    ["listener", "outcome"],
+    registry=REGISTRY,
+)
+CONNECTIONS_OPEN = Gauge(
+    "cardswitch_connections_open",
+    "Connections currently open.",
+    ["listener"],
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge(
+    "cardswitch_requests_in_flight",
+    "Requests read and not yet answered, across all connections.",
+    registry=REGISTRY,
+)
+HSM_SECONDS = Histogram(
+    "cardswitch_hsm_command_seconds",
+    "HSM command latency.",
+    ["command"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+HSM_ERRORS = Counter(
+    "cardswitch_hsm_errors",
+    "HSM commands that failed (not mismatches: those are results).",
+    ["command", "kind"],
+    registry=REGISTRY,
+)
+STORE_COMMIT_SECONDS = Histogram(
+    "cardswitch_store_commit_seconds",
+    "Duration of one group-commit transaction.",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+STORE_BATCH_SIZE = Histogram(
+    "cardswitch_store_batch_size",
+    "Decisions committed per group-commit transaction.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+    registry=REGISTRY,
+)
+
+
+def observe_request(network: str, mti: str, response_code: str, seconds: float) -> None:
+    """Record one answered request."""
+    REQUESTS.labels(network, mti, response_code).inc()
+    REQUEST_SECONDS.labels(network, mti).observe(seconds)
+
+
+def observe_protocol_error(listener: str, kind: str) -> None:
+    """Record a framing or format error; ``kind`` is a short fixed identifier."""
+    PROTOCOL_ERRORS.labels(listener, kind).inc()
+
+
+def observe_stand_in(network: str, cause: str) -> None:
+    STAND_IN.labels(network, cause).inc()
+
+
+def exposition() -> bytes:
+    """The current metrics in the Prometheus text format."""
+    return generate_latest(REGISTRY)
+
+
+def serve(host: str, port: int) -> None:
+    """Start the exposition HTTP server in a daemon thread (prometheus_client's own)."""
+    start_http_server(port, addr=host, registry=REGISTRY)
