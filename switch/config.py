@@ -64,6 +64,10 @@ class ListenerConfig:
     #: Client identities (certificate subject CN or a DNS/URI SAN) allowed; empty allows any
     #: certificate that chains to the CA bundle.
     allowed_clients: tuple[str, ...] = ()
+    #: HSM label of the zone PIN key shared with this network (PIN blocks in DE52).
+    zpk: str = "zpk"
+    #: ISO 9564 format of the PIN blocks this network sends: 0, 1, 3 or 4.
+    pin_block_format: Literal[0, 1, 3, 4] = 0
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ class HsmConfig:
     backend: HsmBackend = "pkcs11"
     #: PKCS#11 module; Debian's softhsm2 package installs it here.
     module: Path = Path("/usr/lib/softhsm/libsofthsm2.so")
-    token_label: str = "cardswitch-dev"
+    token_label: str = "cardswitch-dev"  # noqa: S105 - a label, not a secret
     #: User PIN of the token. Development only: production reads it from CARDSWITCH_HSM_PIN.
     user_pin: str = "1234"
     so_pin: str = "12345678"
@@ -218,7 +222,7 @@ def _build(cls: type[Any], raw: Any, source: str, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _convert(tp: Any, value: Any, source: str, key: str) -> Any:  # noqa: PLR0911
+def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, source, key)  # type: ignore[arg-type]
@@ -308,7 +312,7 @@ DEFAULT_PATH = Path("config/switch.toml")
 
 
 def load_default_or_embedded(path: Path | None) -> Config:
-    """Load ``path`` if given, else ``config/switch.toml`` if present, else the built-in defaults."""
+    """Load ``path`` if given, else ``config/switch.toml`` if present, else the defaults."""
     if path is not None:
         return load(path)
     if DEFAULT_PATH.exists():

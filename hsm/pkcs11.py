@@ -1,0 +1,602 @@
+"""PKCS#11 backend of the HSM interface: SoftHSM2 (the default) or any PKCS#11 token.
+
+What lives here: ``Pkcs11Hsm`` (the ``Hsm`` on one logged-in session), ``Pkcs11Cipher`` (the
+block primitive the shared commands in ``hsm.algorithms.commands`` run over, with EMV key
+derivation inside the token) and the token object conventions.
+
+What does not: creating the SoftHSM token or its configuration (``hsm.token``), the payment
+algorithms (``hsm.algorithms``), KMS (``hsm.kms``).
+
+Keys in the token:
+    * Secret key objects, ``CKA_TOKEN``, ``CKA_PRIVATE``, ``CKA_SENSITIVE`` true and
+      ``CKA_EXTRACTABLE`` false, so their values can be neither read nor wrapped out. The
+      capabilities follow the usage (a ZPK encrypts and decrypts, an IMK only derives, an HMAC
+      key only signs...). A key check value is computed in the token when the key is created
+      (the capability it needs is granted for that one operation, then revoked).
+    * ``CKA_LABEL`` is the key's label; ``CKA_ID`` carries ``cardswitch:1:USAGE:ALG:KCV:PART``
+      where PART is ``key`` or, for a CVK, ``left`` for the companion object holding its left
+      half as a single-DES key (CVK-A||CVK-A), which the CVV's single-DES step needs (SoftHSM
+      has no usable single-DES ECB).
+    * EMV ICC master keys and session keys are derived with CKM_DES3_ECB_ENCRYPT_DATA as
+      session objects (sensitive, non-extractable) and destroyed after the command.
+
+Concurrency: SoftHSM 2.6 is not thread-safe across sessions in one process, so the process
+has one logged-in session and every PKCS#11 call holds one process-wide lock. Commands run
+in a worker thread (``trio.to_thread.run_sync`` with a ``CapacityLimiter(1)``) by default, so
+that the event loop is never blocked by the token and a command stuck in the token can be
+abandoned on timeout; ``offload=False`` runs them inline (measured in benchmarks/hsm_bench.py).
+
+Clear PIN in host memory: a general-purpose PKCS#11 token has no PIN commands, so verifying a
+PIN decrypts the PIN block into this process. The PIN and clear PIN blocks are kept in
+``bytearray`` buffers and wiped after use (best effort: CPython may keep transient copies).
+A payment HSM backend implementing ``hsm.api.Hsm`` keeps the PIN inside; the interface never
+returns it. Likewise a token key with DERIVE or ENCRYPT lets the session holder compute
+encryptions under it (SoftHSM does not constrain derived key templates): the token protects
+key values, the user PIN protects the token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import secrets
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pkcs11
+import pkcs11.exceptions as p11e
+import trio
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.constants import DEFAULT
+from pkcs11.mechanisms import GCMParams
+
+from hsm.algorithms.commands import Commands, StoredKey
+from hsm.algorithms.pinblock import RandomBytes
+from hsm.algorithms.primitive import AES_BLOCK, DES_BLOCK, KCV_BYTES
+from hsm.api import (
+    AES_ALGORITHMS,
+    KEY_LENGTHS,
+    ArpcGeneration,
+    ArqcGeneration,
+    ArqcResult,
+    ArqcVerification,
+    EmvCard,
+    EmvKeyCheckValues,
+    KeyAlgorithm,
+    KeyInfo,
+    KeyUsage,
+    PinTranslation,
+    PinVerification,
+    VerifyResult,
+    check_label,
+    resolve_algorithm,
+)
+from hsm.errors import (
+    DecryptionFailed,
+    HsmError,
+    HsmTimeout,
+    HsmUnavailable,
+    InvalidInput,
+    KeyExists,
+    KeyNotFound,
+)
+
+T = TypeVar("T")
+
+#: Every PKCS#11 call of this process holds this lock (SoftHSM 2.6 is not thread-safe
+#: across sessions); one session per process is opened through it.
+_PROCESS_LOCK = threading.Lock()
+#: PKCS#11 modules loaded by this process (a library reads its configuration once).
+LOADED_MODULES: set[str] = set()
+#: Prefix and version of the CKA_ID convention described in the module docstring.
+_ID_PREFIX = "cardswitch:1"
+_PART_KEY = "key"
+_PART_LEFT = "left"
+#: AES-GCM nonce and tag lengths in bytes.
+GCM_NONCE_BYTES = 12
+GCM_TAG_BYTES = 16
+GCM_TAG_BITS = 128
+#: Length of generated HMAC keys (256 bits).
+HMAC_GENERATED_BYTES = 32
+#: CK_KEY_DERIVATION_STRING_DATA {CK_BYTE_PTR pData; CK_ULONG ulLen} in native layout.
+_DERIVATION_STRING = "@PL"
+
+#: PKCS#11 key type of each algorithm.
+_KEY_TYPES: dict[KeyAlgorithm, KeyType] = {
+    KeyAlgorithm.TDES_2KEY: KeyType.DES2,
+    KeyAlgorithm.TDES_3KEY: KeyType.DES3,
+    KeyAlgorithm.AES_128: KeyType.AES,
+    KeyAlgorithm.AES_192: KeyType.AES,
+    KeyAlgorithm.AES_256: KeyType.AES,
+    KeyAlgorithm.HMAC_SHA256: KeyType.GENERIC_SECRET,
+}
+#: Capabilities of each usage (attributes set true; all others false).
+_CAPABILITIES: dict[KeyUsage, tuple[Attribute, ...]] = {
+    KeyUsage.ZPK: (Attribute.ENCRYPT, Attribute.DECRYPT),
+    KeyUsage.PVK: (Attribute.ENCRYPT,),
+    KeyUsage.CVK: (Attribute.ENCRYPT,),
+    KeyUsage.IMK_AC: (Attribute.DERIVE,),
+    KeyUsage.KEK: (Attribute.WRAP, Attribute.UNWRAP, Attribute.ENCRYPT, Attribute.DECRYPT),
+    KeyUsage.HMAC: (Attribute.SIGN, Attribute.VERIFY),
+    KeyUsage.DATA: (Attribute.ENCRYPT, Attribute.DECRYPT),
+}
+_ALL_CAPABILITIES = (
+    Attribute.ENCRYPT,
+    Attribute.DECRYPT,
+    Attribute.WRAP,
+    Attribute.UNWRAP,
+    Attribute.SIGN,
+    Attribute.VERIFY,
+    Attribute.DERIVE,
+)
+
+
+@dataclass(frozen=True, eq=False)
+class TokenKey:
+    """A secret key object of the session and whether it is AES (else TDES)."""
+
+    obj: Any
+    aes: bool = False
+
+    def __repr__(self) -> str:
+        return f"TokenKey(aes={self.aes})"
+
+
+class Pkcs11Cipher:
+    """ECB block operations and in-token derivation (``BlockCipher[TokenKey]``).
+
+    Called with ``_PROCESS_LOCK`` held.
+    """
+
+    def encrypt_block(self, key: TokenKey, data: bytes) -> bytes:
+        mech = Mechanism.AES_ECB if key.aes else Mechanism.DES3_ECB
+        return bytes(key.obj.encrypt(bytes(data), mechanism=mech))
+
+    def decrypt_block(self, key: TokenKey, data: bytes) -> bytes:
+        mech = Mechanism.AES_ECB if key.aes else Mechanism.DES3_ECB
+        return bytes(key.obj.decrypt(bytes(data), mechanism=mech))
+
+    def derive_tdes(self, key: TokenKey, data: bytes) -> TokenKey:
+        return TokenKey(derive_des2(key.obj, data, token=False))
+
+    def release(self, key: TokenKey) -> None:
+        key.obj.destroy()
+
+
+def derive_des2(
+    base: Any, data: bytes, *, token: bool, extra: dict[Attribute, Any] | None = None
+) -> Any:
+    """CKM_DES3_ECB_ENCRYPT_DATA: a DES2 key whose value is TDES-ECB(base, data), in the token.
+
+    The mechanism parameter is passed raw as a CK_KEY_DERIVATION_STRING_DATA; the buffer it
+    points to lives until the call returns.
+    """
+    buf = ctypes.create_string_buffer(bytes(data), len(data))
+    param = struct.pack(_DERIVATION_STRING, ctypes.addressof(buf), len(data))
+    template: dict[Attribute, Any] = {
+        Attribute.VALUE_LEN: DEFAULT,  # fixed by the DES2 key type; SoftHSM rejects it
+        Attribute.ID: DEFAULT,
+        Attribute.LABEL: DEFAULT,
+        Attribute.TOKEN: token,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.ENCRYPT: True,
+        Attribute.DERIVE: True,
+        Attribute.DECRYPT: False,
+        Attribute.SIGN: False,
+        Attribute.VERIFY: False,
+        Attribute.WRAP: False,
+        Attribute.UNWRAP: False,
+    }
+    template.update(extra or {})
+    try:
+        return base.derive_key(
+            KeyType.DES2,
+            128,
+            mechanism=Mechanism.DES3_ECB_ENCRYPT_DATA,
+            mechanism_param=param,
+            template=template,
+        )
+    finally:
+        ctypes.memset(buf, 0, len(data))
+
+
+def _object_id(usage: KeyUsage, algorithm: KeyAlgorithm, kcv: str, part: str) -> bytes:
+    return f"{_ID_PREFIX}:{usage}:{algorithm}:{kcv}:{part}".encode("ascii")
+
+
+def _parse_id(raw: bytes) -> tuple[KeyUsage, KeyAlgorithm, str, str] | None:
+    try:
+        prefix, version, usage, algorithm, kcv, part = raw.decode("ascii").split(":")
+        if f"{prefix}:{version}" != _ID_PREFIX:
+            return None
+        return KeyUsage(usage), KeyAlgorithm(algorithm), kcv, part
+    except ValueError:
+        return None
+
+
+def _token_kcv(obj: Any, algorithm: KeyAlgorithm) -> str:
+    if algorithm is KeyAlgorithm.HMAC_SHA256:
+        digest = obj.sign(bytes(AES_BLOCK), mechanism=Mechanism.SHA256_HMAC)
+    elif algorithm in AES_ALGORITHMS:
+        digest = obj.sign(bytes(AES_BLOCK), mechanism=Mechanism.AES_CMAC)
+    else:
+        digest = obj.encrypt(bytes(DES_BLOCK), mechanism=Mechanism.DES3_ECB)
+    return bytes(digest[:KCV_BYTES]).hex().upper()
+
+
+def _kcv_capability(algorithm: KeyAlgorithm) -> Attribute:
+    if algorithm is KeyAlgorithm.HMAC_SHA256 or algorithm in AES_ALGORITHMS:
+        return Attribute.SIGN
+    return Attribute.ENCRYPT
+
+
+class Pkcs11Hsm:
+    """``Hsm`` on one logged-in PKCS#11 session (see the module docstring)."""
+
+    def __init__(
+        self,
+        session: Any,
+        *,
+        timeout: float,
+        offload: bool = True,
+        rng: RandomBytes = secrets.token_bytes,
+    ) -> None:
+        """Use ``open`` rather than this constructor."""
+        self._session = session
+        self._timeout = timeout
+        self._offload = offload
+        self._rng = rng
+        self._limiter = trio.CapacityLimiter(1)
+        self._inline_lock = trio.Lock()
+        self._keys: dict[str, StoredKey[TokenKey]] = {}
+        self._closed = False
+        self._cipher = Pkcs11Cipher()
+        self._commands = Commands(self._cipher, self._lookup, rng)
+        with _PROCESS_LOCK:
+            self._load_keys()
+
+    @classmethod
+    def open(
+        cls,
+        module: Path | str,
+        token_label: str,
+        user_pin: str,
+        *,
+        timeout: float = 1.0,
+        offload: bool = True,
+    ) -> Pkcs11Hsm:
+        """Load the PKCS#11 module, find the token, log in, index the keys.
+
+        Raises:
+            HsmUnavailable: module missing or unloadable, no such token, login refused.
+        """
+        if not Path(module).exists():
+            raise HsmUnavailable(f"PKCS#11 module {module} not found")
+        with _PROCESS_LOCK:
+            try:
+                lib = pkcs11.lib(str(module))
+                LOADED_MODULES.add(str(module))
+                token = lib.get_token(token_label=token_label)
+                session = token.open(rw=True, user_pin=user_pin)
+            except p11e.NoSuchToken:
+                raise HsmUnavailable(f"no token labelled {token_label!r}") from None
+            except p11e.PinIncorrect:
+                raise HsmUnavailable(f"login to token {token_label!r} refused") from None
+            except (p11e.PKCS11Error, RuntimeError, OSError) as exc:
+                raise HsmUnavailable(f"PKCS#11 token unusable: {type(exc).__name__}") from None
+        return cls(session, timeout=timeout, offload=offload)
+
+    def __repr__(self) -> str:
+        return f"Pkcs11Hsm(keys={len(self._keys)}, offload={self._offload})"
+
+    # ------------------------------------------------------------------ plumbing
+    def _load_keys(self) -> None:
+        keys: dict[str, dict[str, Any]] = {}
+        infos: dict[str, KeyInfo] = {}
+        for obj in self._session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
+            parsed = _parse_id(bytes(obj[Attribute.ID]))
+            if parsed is None:
+                continue
+            usage, algorithm, kcv, part = parsed
+            label = str(obj[Attribute.LABEL])
+            keys.setdefault(label, {})[part] = obj
+            if part == _PART_KEY:
+                infos[label] = KeyInfo(label, usage, algorithm, kcv)
+        self._keys = {}
+        for label, info in infos.items():
+            self._index(info, keys[label][_PART_KEY], keys[label].get(_PART_LEFT))
+
+    def _index(self, info: KeyInfo, obj: Any, left: Any | None) -> None:
+        aes = info.algorithm in AES_ALGORITHMS
+        self._keys[info.label] = StoredKey(
+            info, TokenKey(obj, aes), TokenKey(left) if left is not None else None
+        )
+
+    def _lookup(self, label: str) -> StoredKey[TokenKey]:
+        try:
+            return self._keys[label]
+        except KeyError:
+            raise KeyNotFound(label) from None
+
+    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+        with _PROCESS_LOCK:
+            if self._closed:
+                raise HsmUnavailable("HSM session closed")
+            try:
+                return fn(*args)
+            except HsmError:
+                raise
+            except p11e.PKCS11Error as exc:
+                raise HsmUnavailable(f"PKCS#11 error {type(exc).__name__}") from None
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            with trio.fail_after(self._timeout):
+                if self._offload:
+                    return await trio.to_thread.run_sync(
+                        functools.partial(self._locked, fn, *args),
+                        limiter=self._limiter,
+                        abandon_on_cancel=True,
+                    )
+                async with self._inline_lock:
+                    return self._locked(fn, *args)
+        except trio.TooSlowError:
+            raise HsmTimeout(f"HSM command exceeded {self._timeout}s") from None
+
+    # ------------------------------------------------------------------ payment commands
+    async def verify_pin(self, req: PinVerification) -> VerifyResult:
+        return await self._call(self._commands.verify_pin, req)
+
+    async def translate_pin(self, req: PinTranslation) -> bytes:
+        return await self._call(self._commands.translate_pin, req)
+
+    async def generate_pvv(self, pvk: str, pan: str, pvki: str, pin: str) -> str:
+        return await self._call(self._commands.generate_pvv, pvk, pan, pvki, pin)
+
+    async def generate_ibm_offset(
+        self, pvk: str, pan: str, pin: str, dec_table: str, validation_data: str
+    ) -> str:
+        return await self._call(
+            self._commands.generate_ibm_offset, pvk, pan, pin, dec_table, validation_data
+        )
+
+    async def generate_cvv(self, cvk: str, pan: str, expiry: str, service_code: str) -> str:
+        return await self._call(self._commands.generate_cvv, cvk, pan, expiry, service_code)
+
+    async def verify_cvv(
+        self, cvk: str, pan: str, expiry: str, service_code: str, cvv: str
+    ) -> VerifyResult:
+        return await self._call(self._commands.verify_cvv, cvk, pan, expiry, service_code, cvv)
+
+    async def verify_arqc(self, req: ArqcVerification) -> ArqcResult:
+        return await self._call(self._commands.verify_arqc, req)
+
+    async def generate_arqc(self, req: ArqcGeneration) -> bytes:
+        return await self._call(self._commands.generate_arqc, req)
+
+    async def generate_arpc(self, req: ArpcGeneration) -> bytes:
+        return await self._call(self._commands.generate_arpc, req)
+
+    async def emv_key_check_values(
+        self, card: EmvCard, atc: bytes, un: bytes = b""
+    ) -> EmvKeyCheckValues:
+        return await self._call(self._commands.emv_key_check_values, card, atc, un)
+
+    # ------------------------------------------------------------------ card data
+    def _fingerprint(self, key: str, data: bytes) -> bytes:
+        stored = self._commands.key(key, KeyUsage.HMAC)
+        return bytes(stored.handle.obj.sign(bytes(data), mechanism=Mechanism.SHA256_HMAC))
+
+    async def fingerprint(self, key: str, data: bytes) -> bytes:
+        return await self._call(self._fingerprint, key, data)
+
+    def _encrypt(self, key: str, plaintext: bytes, aad: bytes) -> bytes:
+        stored = self._commands.key(key, KeyUsage.DATA)
+        nonce = self._rng(GCM_NONCE_BYTES)
+        params = GCMParams(nonce, bytes(aad), GCM_TAG_BITS)
+        body = stored.handle.obj.encrypt(
+            bytes(plaintext), mechanism=Mechanism.AES_GCM, mechanism_param=params
+        )
+        return nonce + bytes(body)
+
+    async def encrypt(self, key: str, plaintext: bytes, aad: bytes) -> bytes:
+        return await self._call(self._encrypt, key, plaintext, aad)
+
+    def _decrypt(self, key: str, blob: bytes, aad: bytes) -> bytes:
+        stored = self._commands.key(key, KeyUsage.DATA)
+        if len(blob) < GCM_NONCE_BYTES + GCM_TAG_BYTES:
+            raise InvalidInput("blob", "shorter than nonce and tag")
+        params = GCMParams(bytes(blob[:GCM_NONCE_BYTES]), bytes(aad), GCM_TAG_BITS)
+        try:
+            return bytes(
+                stored.handle.obj.decrypt(
+                    bytes(blob[GCM_NONCE_BYTES:]),
+                    mechanism=Mechanism.AES_GCM,
+                    mechanism_param=params,
+                )
+            )
+        except (p11e.EncryptedDataInvalid, p11e.GeneralError, p11e.FunctionFailed):
+            # SoftHSM reports a failed GCM tag check as CKR_GENERAL_ERROR.
+            raise DecryptionFailed("authentication failed") from None
+
+    async def decrypt(self, key: str, blob: bytes, aad: bytes) -> bytes:
+        return await self._call(self._decrypt, key, blob, aad)
+
+    # ------------------------------------------------------------------ key management
+    def _template(
+        self, label: str, usage: KeyUsage, algorithm: KeyAlgorithm, part: str, kcv: str
+    ) -> dict[Attribute, Any]:
+        granted = set(_CAPABILITIES[usage])
+        template: dict[Attribute, Any] = {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: _KEY_TYPES[algorithm],
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.LABEL: label,
+            Attribute.ID: _object_id(usage, algorithm, kcv, part),
+        }
+        for cap in _ALL_CAPABILITIES:
+            template[cap] = cap in granted
+        # Granted for the key check value, revoked right after if the usage lacks it.
+        template[_kcv_capability(algorithm)] = True
+        return template
+
+    def _finish(self, obj: Any, usage: KeyUsage, algorithm: KeyAlgorithm) -> str:
+        """Compute the KCV in the token, revoke the KCV capability if not a usage one, and
+        record the KCV in CKA_ID."""
+        kcv = _token_kcv(obj, algorithm)
+        cap = _kcv_capability(algorithm)
+        if cap not in _CAPABILITIES[usage]:
+            obj[cap] = False
+        obj[Attribute.ID] = _object_id(usage, algorithm, kcv, _PART_KEY)
+        return kcv
+
+    def _import(
+        self, label: str, usage: KeyUsage, value: bytes, algorithm: KeyAlgorithm
+    ) -> KeyInfo:
+        if label in self._keys:
+            raise KeyExists(label)
+        created: list[Any] = []
+        try:
+            template = self._template(label, usage, algorithm, _PART_KEY, "")
+            template[Attribute.VALUE] = bytes(value)
+            obj = self._session.create_object(template)
+            created.append(obj)
+            kcv = self._finish(obj, usage, algorithm)
+            left = None
+            if usage is KeyUsage.CVK:
+                left_tpl = self._template(label, usage, algorithm, _PART_LEFT, kcv)
+                left_tpl[Attribute.VALUE] = bytes(value[:DES_BLOCK]) * 2
+                left = self._session.create_object(left_tpl)
+                created.append(left)
+        except BaseException:
+            for obj in created:
+                obj.destroy()
+            raise
+        info = KeyInfo(label, usage, algorithm, kcv)
+        self._index(info, obj, left)
+        return info
+
+    def _generate(self, label: str, usage: KeyUsage, algorithm: KeyAlgorithm) -> KeyInfo:
+        if label in self._keys:
+            raise KeyExists(label)
+        template = self._template(label, usage, algorithm, _PART_KEY, "")
+        created: list[Any] = []
+        try:
+            left = None
+            if usage is KeyUsage.CVK:
+                # Derive the key and its left half from a random transient base so that both
+                # objects hold consistent values none of which ever leaves the token.
+                base = self._session.generate_key(
+                    KeyType.DES2,
+                    128,
+                    store=False,
+                    template={
+                        Attribute.DERIVE: True,
+                        Attribute.SENSITIVE: True,
+                        Attribute.EXTRACTABLE: False,
+                    },
+                )
+                try:
+                    halves = self._rng(DES_BLOCK), self._rng(DES_BLOCK)
+                    extra: dict[Attribute, Any] = {
+                        a: v
+                        for a, v in template.items()
+                        if a not in (Attribute.CLASS, Attribute.KEY_TYPE)
+                    }
+                    obj = derive_des2(base, halves[0] + halves[1], token=True, extra=extra)
+                    created.append(obj)
+                    left_extra: dict[Attribute, Any] = dict(extra)
+                    left_extra[Attribute.ID] = _object_id(usage, algorithm, "", _PART_LEFT)
+                    left = derive_des2(base, halves[0] * 2, token=True, extra=left_extra)
+                    created.append(left)
+                finally:
+                    base.destroy()
+            else:
+                obj = self._generate_plain(template, algorithm)
+                created.append(obj)
+            kcv = self._finish(obj, usage, algorithm)
+            if left is not None:
+                left[Attribute.ID] = _object_id(usage, algorithm, kcv, _PART_LEFT)
+        except BaseException:
+            for o in created:
+                o.destroy()
+            raise
+        info = KeyInfo(label, usage, algorithm, kcv)
+        self._index(info, obj, left)
+        return info
+
+    def _generate_plain(self, template: dict[Attribute, Any], algorithm: KeyAlgorithm) -> Any:
+        tpl = {a: v for a, v in template.items() if a not in (Attribute.CLASS, Attribute.KEY_TYPE)}
+        if algorithm is KeyAlgorithm.HMAC_SHA256:
+            mech, key_type, bits = (
+                Mechanism.GENERIC_SECRET_KEY_GEN,
+                KeyType.GENERIC_SECRET,
+                HMAC_GENERATED_BYTES * 8,
+            )
+        elif algorithm in AES_ALGORITHMS:
+            mech, key_type, bits = Mechanism.AES_KEY_GEN, KeyType.AES, KEY_LENGTHS[algorithm] * 8
+        elif algorithm is KeyAlgorithm.TDES_3KEY:
+            mech, key_type, bits = Mechanism.DES3_KEY_GEN, KeyType.DES3, 192
+        else:
+            mech, key_type, bits = Mechanism.DES2_KEY_GEN, KeyType.DES2, 128
+        return self._session.generate_key(key_type, bits, store=True, mechanism=mech, template=tpl)
+
+    async def import_key(
+        self,
+        label: str,
+        usage: KeyUsage,
+        value: bytes,
+        algorithm: KeyAlgorithm | None = None,
+    ) -> KeyInfo:
+        check_label(label)
+        usage = KeyUsage(usage)
+        algorithm = resolve_algorithm(usage, algorithm, len(value))
+        return await self._call(self._import, label, usage, bytes(value), algorithm)
+
+    async def generate_key(
+        self, label: str, usage: KeyUsage, algorithm: KeyAlgorithm | None = None
+    ) -> KeyInfo:
+        check_label(label)
+        usage = KeyUsage(usage)
+        algorithm = resolve_algorithm(usage, algorithm, None)
+        return await self._call(self._generate, label, usage, algorithm)
+
+    async def list_keys(self) -> list[KeyInfo]:
+        await trio.lowlevel.checkpoint()
+        return sorted((k.info for k in self._keys.values()), key=lambda i: i.label)
+
+    async def key_check_value(self, label: str) -> str:
+        await trio.lowlevel.checkpoint()
+        return self._lookup(label).info.kcv
+
+    def _delete(self, label: str) -> None:
+        stored = self._lookup(label)
+        stored.handle.obj.destroy()
+        if stored.left is not None:
+            stored.left.obj.destroy()
+        del self._keys[label]
+
+    async def delete_key(self, label: str) -> None:
+        await self._call(self._delete, label)
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._keys = {}
+            with contextlib.suppress(p11e.PKCS11Error):
+                self._session.close()
+
+    async def aclose(self) -> None:
+        with _PROCESS_LOCK:
+            self._close()
+        await trio.lowlevel.checkpoint()

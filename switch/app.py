@@ -1,0 +1,110 @@
+"""``cardswitch serve``: assemble a running switch from its configuration.
+
+What lives here: process wiring only. Load the configuration, set up logging and the metrics
+endpoint, open the HSM, the card-data vault and the store, build the pipeline and the server,
+and translate signals: SIGTERM/SIGINT drain and exit 0, SIGHUP reloads the TLS certificates.
+
+What does not: any protocol or decision logic (server.py, pipeline.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from hsm.carddata import open_vault
+from hsm.token import open_hsm
+from switch import config as config_mod
+from switch import log as log_mod
+from switch import metrics
+from switch.config import Config
+from switch.handler import RequestHandler, UnavailableHandler
+from switch.pipeline import Pipeline
+from switch.server import Server
+from switch.store import open_store
+from switch.tls import TlsContextHolder
+
+log = log_mod.get_logger("switch.app")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the switch in the foreground")
+    p.add_argument("--config", type=Path, default=None, help="TOML configuration file")
+    p.add_argument(
+        "--ready-file",
+        type=Path,
+        default=None,
+        help="write the bound listeners as JSON to this file once accepting connections",
+    )
+    p.add_argument(
+        "--no-engine",
+        action="store_true",
+        help="answer every authorization with 91 (no HSM or store is opened)",
+    )
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    cfg = config_mod.load_default_or_embedded(args.config)
+    log_mod.configure(cfg.log.level, cfg.log.format)
+    trio.run(serve, cfg, args.ready_file, not args.no_engine)
+    return 0
+
+
+async def serve(cfg: Config, ready_file: Path | None = None, engine: bool = True) -> None:
+    """Run the switch until SIGTERM/SIGINT, then drain and return."""
+    tls = TlsContextHolder(cfg.tls)
+    if cfg.metrics.port:
+        metrics.serve(cfg.metrics.host, cfg.metrics.port)
+    async with AsyncExitStack() as stack:
+        handler: RequestHandler = UnavailableHandler()
+        if engine:
+            handler = await _open_engine(cfg, stack)
+        server = Server(cfg, handler, tls.get)
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(server.serve)
+            if ready_file is not None:
+                _write_ready(ready_file, bound)
+            nursery.start_soon(_signals, server, tls)
+        log.info("exit", reason="drained")
+
+
+async def _open_engine(cfg: Config, stack: AsyncExitStack) -> RequestHandler:
+    """Open the HSM, the vault and the store and return the pipeline over them."""
+    hsm = open_hsm(cfg.hsm)  # opens the token and logs in once, at start-up
+    stack.push_async_callback(hsm.aclose)
+    vault = open_vault(cfg, hsm)
+    store = await stack.enter_async_context(open_store(cfg.store))
+    return Pipeline(cfg, store=store, hsm=hsm, vault=vault)
+
+
+async def _signals(server: Server, tls: TlsContextHolder) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                ok = tls.reload()
+                log.info("tls_reload", ok=ok.reloaded, error=ok.error, generation=ok.generation)
+                continue
+            log.info("signal", signal=signal.Signals(signum).name)
+            server.shutdown()
+            return
+
+
+def _write_ready(path: Path, bound: list[tuple[str, str, int]]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "listeners": [{"name": n, "host": h, "port": p} for n, h, p in bound],
+            }
+        )
+    )
+    tmp.replace(path)

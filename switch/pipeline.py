@@ -1,0 +1,577 @@
+"""The authorization pipeline: from a typed request to a committed decision and its answer.
+
+What lives here: ``Pipeline``, the ``RequestHandler`` the server calls. An authorization runs
+small steps in order, each of which either passes or returns a ``Reason``:
+
+    duplicate -> validate -> card -> status -> expiry -> security (CVV/iCVV, CVV2, PIN, ARQC)
+    -> controls -> commit (journal + hold/debit + PIN tries + velocity + funds, one transaction)
+
+Everything before commit runs under the network's latency budget (``pipeline.budget``, counted
+from the moment the frame was read). If the budget runs out first, the request is answered
+with the configured stand-in code and nothing is held. Once the store has committed, the
+decision it returns is the answer that is sent, however long that took. Advices
+(0120/0121/0220/0221) are applied and acknowledged, never declined. Reversals are matched to
+their original through DE90 by the store, exactly once.
+
+A decline is a value (``Reason``) mapped to DE39 by the network's profile (decisions.py).
+HSM or store failures before commit are answered with 91 (issuer unavailable) and nothing is
+kept, so the network can stand in.
+
+What does not live here: field parsing (wire/), the money rules that must be atomic (the
+store's writer), cryptography (hsm/), sockets (server.py).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+import trio
+
+from hsm.api import (
+    ArpcGeneration,
+    ArpcRequest,
+    ArqcVerification,
+    Cvn,
+    EmvCard,
+    Hsm,
+    Ibm3624Reference,
+    PinBlockFormat,
+    PinVerification,
+    PvvReference,
+)
+from hsm.carddata import CardVault
+from hsm.errors import HsmError
+from switch import metrics
+from switch.config import Config, ListenerConfig
+from switch.decisions import Profile, Reason, check_controls, profile
+from switch.handler import RequestContext
+from switch.log import get_logger, mask_pan
+from switch.store.api import Store
+from switch.store.models import (
+    Account,
+    AuthIntent,
+    AuthKind,
+    AuthOutcome,
+    Card,
+    CardStatus,
+    DuplicateKey,
+    OriginalKey,
+    PinCheck,
+    ReversalIntent,
+    ReversalOutcome,
+    StoreError,
+)
+from switch.wire import emv
+from switch.wire.messages import (
+    AdditionalAmount,
+    AuthRequest,
+    AuthResponse,
+    ReversalRequest,
+    ReversalResponse,
+    message_class,
+)
+
+log = get_logger("switch.pipeline")
+
+#: Processing-code transaction types (DE3 positions 1-2) this issuer authorizes:
+#: goods and services, cash, goods with cash back.
+_SUPPORTED_TRANSACTION_TYPES = frozenset({"00", "01", "09"})
+#: POS entry modes (DE22 positions 1-2) where track 2 was read from the chip (iCVV applies):
+#: contact chip and contactless chip.
+_CHIP_ENTRY_MODES = frozenset({"05", "07"})
+#: Service code under which the iCVV of chip track-2-equivalent data is computed.
+_ICVV_SERVICE_CODE = "999"
+#: Service code under which the CVV2 printed on the card is computed.
+_CVV2_SERVICE_CODE = "000"
+#: Visa track 2 discretionary data layout: PVKI (1) and PVV (4) precede the 3-digit CVV.
+_TRACK2_CVV_OFFSET = 5
+_CVV_LENGTH = 3
+#: Account type and currency layout of DE54: "00" default account, amount type "02" available.
+_DE54_ACCOUNT_TYPE = "00"
+_DE54_AVAILABLE = "02"
+#: Authorization response codes the card sees in the ARPC: approve "00", decline "05".
+_ARC_APPROVED = b"00"
+_ARC_DECLINED = b"05"
+#: Card status update of a CVN 18 ARPC (method 2): nothing to update on the card.
+_CSU_NO_UPDATE = b"\x00\x00\x00\x00"
+#: Card status update of a CVN 18 ARPC (method 2): byte 2 bit 8 set, "issuer approves".
+_CSU_APPROVED = b"\x00\x80\x00\x00"
+#: Seconds a post-commit ARPC computation may take; without it the answer goes without DE55.
+_ARPC_TIMEOUT = 0.5
+#: Issuer Authentication Data (ARPC || ARC or ARPC || CSU) in the response DE55.
+_TAG_ISSUER_AUTH_DATA = 0x91
+#: Tags of the transaction data an ARQC is computed over (EMV Book 2 recommended minimum /
+#: Visa VIS and M/Chip CDOL1), in order; the CVN adds issuer application data.
+_ARQC_TAGS = (0x9F02, 0x9F03, 0x9F1A, 0x95, 0x5F2A, 0x9A, 0x9C, 0x9F37, 0x82, 0x9F36)
+_TAG_ARQC = 0x9F26
+_TAG_ATC = 0x9F36
+_TAG_UN = 0x9F37
+_TAG_IAD = 0x9F10
+
+
+@dataclass(frozen=True, slots=True)
+class _EmvContext:
+    """What the post-commit ARPC needs: the card key, the ATC and the verified ARQC."""
+
+    card: EmvCard
+    atc: bytes
+    arqc: bytes
+    un: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """The pipeline's decision before commit."""
+
+    intent: AuthIntent
+    reason: Reason
+    emv: _EmvContext | None = None
+
+
+class _Unavailable(Exception):
+    """A dependency failed before commit: answer 91, keep nothing."""
+
+
+class Pipeline:
+    """The issuer's decision engine; implements ``switch.handler.RequestHandler``.
+
+    Args:
+        config: switch configuration (budget, stand-in code, listeners' key labels).
+        store: the durable store.
+        hsm: card-security commands.
+        vault: PAN fingerprinting.
+        clock: the current time, for expiry and velocity periods (tests pin it).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        store: Store,
+        hsm: Hsm,
+        vault: CardVault,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self._cfg = config
+        self._store = store
+        self._hsm = hsm
+        self._vault = vault
+        self._now: Callable[[], datetime] = clock or _utc_now
+        self._profiles: dict[str, Profile] = {}
+        self._listeners = {lst.name: lst for lst in config.listeners}
+
+    def _profile(self, network: str) -> Profile:
+        prof = self._profiles.get(network)
+        if prof is None:
+            prof = self._profiles[network] = profile(network)
+        return prof
+
+    # -- authorizations ---------------------------------------------------------------------
+
+    async def authorize(self, request: AuthRequest, context: RequestContext) -> AuthResponse:
+        prof = self._profile(context.network)
+        dup_key = _duplicate_key(request, context)
+        deadline = context.received_at + self._cfg.pipeline.budget
+        prepared: _Prepared | None = None
+        try:
+            with trio.move_on_at(deadline):
+                with _step("duplicate"):
+                    stored = await self._store.find_outcome(dup_key)
+                if isinstance(stored, AuthOutcome):
+                    _bind(reason="replayed")
+                    return self._respond(request, stored, None)
+                prepared = await self._prepare(request, context, prof, dup_key)
+        except (_Unavailable, StoreError, HsmError) as exc:
+            return self._stand_in(request, context, prof, _cause(exc))
+        if prepared is None:
+            return self._stand_in(request, context, prof, "budget")
+        try:
+            with _step("commit"):
+                outcome = await self._store.commit_auth(prepared.intent)
+        except StoreError as exc:
+            return self._stand_in(request, context, prof, _cause(exc))
+        _bind(reason=prepared.reason.value if not outcome.replayed else "replayed")
+        issuer_auth = None
+        if prepared.emv is not None and not outcome.replayed:
+            issuer_auth = await self._arpc(prepared.emv, approved=outcome.approved)
+        return self._respond(request, outcome, issuer_auth)
+
+    def _respond(
+        self, request: AuthRequest, outcome: AuthOutcome, issuer_auth: bytes | None
+    ) -> AuthResponse:
+        balance = None
+        if outcome.available_balance is not None:
+            balance = AdditionalAmount(
+                account_type=_DE54_ACCOUNT_TYPE,
+                amount_type=_DE54_AVAILABLE,
+                currency=outcome.currency,
+                amount=outcome.available_balance,
+            )
+        return AuthResponse.answer(
+            request,
+            outcome.response_code,
+            approval_code=outcome.approval_code if outcome.approved else None,
+            available_balance=balance,
+            emv=emv.build([(_TAG_ISSUER_AUTH_DATA, issuer_auth)]) if issuer_auth else None,
+        )
+
+    def _stand_in(
+        self, request: AuthRequest, context: RequestContext, prof: Profile, cause: str
+    ) -> AuthResponse:
+        code = self._cfg.pipeline.stand_in_code
+        metrics.observe_stand_in(context.network, cause)
+        _bind(reason="stand_in", stand_in_cause=cause)
+        log.warning("stand_in", network=context.network, mti=request.mti, stan=request.stan,
+                    cause=cause, response_code=code)  # fmt: skip
+        return AuthResponse.answer(request, code)
+
+    async def _prepare(
+        self, req: AuthRequest, ctx: RequestContext, prof: Profile, dup_key: DuplicateKey
+    ) -> _Prepared:
+        advice = message_class(req.mti) == "advice"
+        financial = req.mti[1] == "2"
+        kind: AuthKind
+        if advice:
+            kind = "advice_debit" if financial else "advice_hold"
+        else:
+            kind = "debit" if financial else "hold"
+        now = self._now()
+        base = dict(
+            dup_key=dup_key,
+            original_key=_original_key_of(req, ctx),
+            mti=req.mti,
+            masked_pan=mask_pan(req.pan),
+            amount=req.amount,
+            currency=req.currency,
+            approval_code=_approval_code(),
+            velocity_day=now.strftime("%Y%m%d"),
+            velocity_month=now.strftime("%Y%m"),
+            stand_in=advice,
+        )
+
+        def decline(reason: Reason, card: Card | None = None, **extra: object) -> _Prepared:
+            intent = AuthIntent(
+                card_id=card.id if card else None,
+                account_id=card.account_id if card else None,
+                kind="decline",
+                decline_code=prof.code(reason),
+                **base,  # type: ignore[arg-type]
+                **extra,  # type: ignore[arg-type]
+            )
+            return _Prepared(intent, reason)
+
+        if not advice:
+            with _step("validate"):
+                reason = _validate(req)
+            if reason is not None:
+                return decline(reason)
+
+        with _step("card"):
+            fingerprint = await self._vault.fingerprint(req.pan)
+            card = await self._store.get_card_by_fingerprint(fingerprint)
+            account = await self._store.get_account(card.account_id) if card else None
+        if card is None or account is None:
+            return decline(Reason.UNKNOWN_CARD)
+        if account.currency != req.currency:
+            # No conversion here: the account is debited in its own currency only.
+            return decline(Reason.CURRENCY_NOT_SUPPORTED, card)
+
+        if advice:
+            # The network already answered the cardholder: apply, never decline.
+            intent = AuthIntent(card_id=card.id, account_id=card.account_id, kind=kind, **base)  # type: ignore[arg-type]
+            return _Prepared(intent, Reason.APPROVED)
+
+        reason = _status_and_expiry(card, req, now)
+        if reason is not None:
+            return decline(reason, card)
+
+        listener = self._listeners.get(ctx.listener)
+        with _step("security"):
+            reason, pin_check, emv_ctx = await self._security(req, card, listener)
+        if reason is not None:
+            return decline(reason, card, pin_check=pin_check)
+
+        with _step("controls"):
+            reason = check_controls(card.controls, req.amount, req.mcc, _countries(req))
+        if reason is not None:
+            return decline(reason, card, pin_check=pin_check)
+
+        intent = AuthIntent(
+            card_id=card.id,
+            account_id=card.account_id,
+            kind=kind,
+            pin_check=pin_check,
+            velocity=card.controls if card.controls.has_velocity else None,
+            **base,  # type: ignore[arg-type]
+        )
+        return _Prepared(intent, Reason.APPROVED, emv_ctx)
+
+    async def _security(
+        self, req: AuthRequest, card: Card, listener: ListenerConfig | None
+    ) -> tuple[Reason | None, PinCheck | None, _EmvContext | None]:
+        """CVV/iCVV from track 2, CVV2 from DE48, PIN from DE52, ARQC from DE55."""
+        hsm = self._hsm
+        try:
+            if req.track2 is not None and card.cvk:
+                chip = (req.pos_entry_mode or "")[:2] in _CHIP_ENTRY_MODES
+                disc = req.track2.discretionary
+                cvv = disc[_TRACK2_CVV_OFFSET : _TRACK2_CVV_OFFSET + _CVV_LENGTH]
+                service = _ICVV_SERVICE_CODE if chip else req.track2.service_code
+                result = await hsm.verify_cvv(card.cvk, req.pan, req.track2.expiry, service, cvv)
+                if not result.ok:
+                    return (Reason.ICVV_MISMATCH if chip else Reason.CVV_MISMATCH), None, None
+            if req.cvv2 is not None and card.cvk:
+                expiry = req.expiry or card.expiry
+                result = await hsm.verify_cvv(
+                    card.cvk, req.pan, expiry, _CVV2_SERVICE_CODE, req.cvv2
+                )
+                if not result.ok:
+                    return Reason.CVV2_MISMATCH, None, None
+            emv_ctx = None
+            if req.emv is not None and card.imk_ac and card.emv_cvn:
+                emv_ctx = await self._verify_arqc(req, card)
+                if emv_ctx is None:
+                    return Reason.ARQC_FAILED, None, None
+            pin_check: PinCheck | None = None
+            if req.pin_block is not None:
+                if card.pin_tries >= card.pin_try_limit:
+                    # Already locked: the store answers 75 without counting again.
+                    return None, "bad", emv_ctx
+                pin_check = await self._verify_pin(req, card, listener)
+            return None, pin_check, emv_ctx
+        except HsmError as exc:
+            raise _Unavailable(type(exc).__name__) from exc
+
+    async def _verify_pin(
+        self, req: AuthRequest, card: Card, listener: ListenerConfig | None
+    ) -> PinCheck:
+        assert req.pin_block is not None
+        if card.pvk is None or card.pin_method is None or not card.pin_verification_value:
+            return "bad"  # a PIN was entered but the card has no PIN to check it against
+        reference: PvvReference | Ibm3624Reference
+        if card.pin_method == "pvv":
+            reference = PvvReference(
+                pvk=card.pvk, pvki=card.pvki or "1", pvv=card.pin_verification_value
+            )
+        else:
+            reference = Ibm3624Reference(
+                pvk=card.pvk,
+                offset=card.pin_verification_value,
+                dec_table=card.ibm_dec_table or "",
+                validation_data=card.ibm_validation_data or "",
+            )
+        zpk = listener.zpk if listener else "zpk"
+        fmt = PinBlockFormat(listener.pin_block_format if listener else 0)
+        result = await self._hsm.verify_pin(
+            PinVerification(
+                zpk=zpk, pin_block=req.pin_block, format=fmt, pan=req.pan, reference=reference
+            )
+        )
+        return "ok" if result.ok else "bad"
+
+    async def _verify_arqc(self, req: AuthRequest, card: Card) -> _EmvContext | None:
+        """The verified EMV context, or None when the ARQC is absent, malformed or wrong."""
+        assert req.emv is not None and card.imk_ac and card.emv_cvn
+        try:
+            tlv = emv.TlvMap.from_bytes(req.emv)
+            cvn = Cvn(card.emv_cvn)
+            data = arqc_input(cvn, tlv)
+            arqc, atc, un = tlv[_TAG_ARQC], tlv[_TAG_ATC], tlv.get(_TAG_UN, b"")
+        except (emv.EmvFormatError, KeyError, ValueError):
+            return None
+        emv_card = EmvCard(
+            imk=card.imk_ac, cvn=cvn, pan=req.pan, psn=req.pan_sequence or card.pan_sequence
+        )
+        result = await self._hsm.verify_arqc(
+            ArqcVerification(card=emv_card, atc=atc, transaction_data=data, arqc=arqc, un=un)
+        )
+        return _EmvContext(emv_card, atc, arqc, un) if result.ok else None
+
+    async def _arpc(self, ctx: _EmvContext, *, approved: bool) -> bytes | None:
+        """Issuer authentication data (tag 91) for the card: ARPC with ARC or CSU."""
+        if ctx.card.cvn is Cvn.VISA_18:
+            csu = _CSU_APPROVED if approved else _CSU_NO_UPDATE
+            arpc_req = ArpcRequest(csu=csu)
+            suffix = csu
+        else:
+            arc = _ARC_APPROVED if approved else _ARC_DECLINED
+            arpc_req = ArpcRequest(arc=arc)
+            suffix = arc
+        try:
+            with trio.fail_after(_ARPC_TIMEOUT):
+                arpc = await self._hsm.generate_arpc(
+                    ArpcGeneration(
+                        card=ctx.card, atc=ctx.atc, arqc=ctx.arqc, arpc=arpc_req, un=ctx.un
+                    )
+                )
+        except (HsmError, trio.TooSlowError) as exc:
+            log.warning("arpc_failed", error=type(exc).__name__)
+            return None
+        return arpc + suffix
+
+    # -- reversals --------------------------------------------------------------------------
+
+    async def reverse(self, request: ReversalRequest, context: RequestContext) -> ReversalResponse:
+        original = request.original
+        intent = ReversalIntent(
+            dup_key=DuplicateKey(
+                network=context.network,
+                acquirer_id=request.acquirer_id or "",
+                transmission_time=request.transmission_time,
+                stan=request.stan,
+                rrn=request.rrn or "",
+                terminal_id=request.terminal_id or "",
+                mti_class=request.mti,
+            ),
+            original_key=OriginalKey(
+                network=context.network,
+                acquirer_id=original.acquirer_id,
+                stan=original.stan,
+                transmission_time=original.transmission_time,
+            ),
+            mti=request.mti,
+            amount=request.amount,
+            replacement_amount=request.replacement_amount or None,
+            currency=request.currency or "",
+            masked_pan=mask_pan(request.pan) if request.pan else "",
+            stand_in=request.mti[2] == "2",  # 0420/0421: the network reversed in our place
+        )
+        with _step("commit"):
+            outcome: ReversalOutcome = await self._store.commit_reversal(intent)
+        _bind(
+            reason="reversal_matched" if outcome.matched else "reversal_unmatched",
+            released=outcome.released_amount,
+        )
+        return ReversalResponse.answer(request, outcome.response_code)
+
+
+# -- pure helpers -------------------------------------------------------------------------------
+
+
+def arqc_input(cvn: Cvn, tlv: emv.TlvMap) -> bytes:
+    """The transaction data an ARQC of this CVN is computed over, from the DE55 tags.
+
+    Visa CVN 10 appends the 4-byte CVR (issuer application data bytes 4-7); CVN 18 appends
+    the whole issuer application data; Mastercard CVN 16 appends the 6-byte CVR (bytes 3-8).
+
+    Raises:
+        KeyError: a required tag is missing.
+    """
+    data = b"".join(tlv[tag] for tag in _ARQC_TAGS)
+    iad = tlv[_TAG_IAD]
+    if cvn is Cvn.VISA_10:
+        return data + iad[3:7]
+    if cvn is Cvn.VISA_18:
+        return data + iad
+    return data + iad[2:8]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _luhn_ok(pan: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(pan)):
+        d = ord(ch) - 48
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _validate(req: AuthRequest) -> Reason | None:
+    """Field rules beyond the codec's format checks."""
+    if req.processing_code[:2] not in _SUPPORTED_TRANSACTION_TYPES:
+        return Reason.INVALID_TRANSACTION
+    if req.amount <= 0:
+        return Reason.INVALID_AMOUNT
+    if not _luhn_ok(req.pan):
+        return Reason.UNKNOWN_CARD
+    return None
+
+
+#: Card statuses that decline, with their reason.
+_STATUS_REASONS = {
+    CardStatus.LOST: Reason.LOST_CARD,
+    CardStatus.STOLEN: Reason.STOLEN_CARD,
+    CardStatus.BLOCKED: Reason.CARD_BLOCKED,
+    CardStatus.CLOSED: Reason.CARD_CLOSED,
+}
+
+
+def _status_and_expiry(card: Card, req: AuthRequest, now: datetime) -> Reason | None:
+    reason = _STATUS_REASONS.get(card.status)
+    if reason is not None:
+        return reason
+    presented = req.expiry or (req.track2.expiry if req.track2 else None)
+    if presented is not None and presented != card.expiry:
+        return Reason.EXPIRED_CARD
+    if card.expiry < now.strftime("%y%m"):
+        return Reason.EXPIRED_CARD
+    return None
+
+
+def _countries(req: AuthRequest) -> tuple[str, ...]:
+    merchant_country = req.merchant_location.country if req.merchant_location else None
+    return tuple(c for c in (req.acquirer_country, merchant_country) if c)
+
+
+def _approval_code() -> str:
+    """A random 6-digit DE38 approval code."""
+    return f"{secrets.randbelow(1_000_000):06d}"
+
+
+def _duplicate_key(req: AuthRequest, ctx: RequestContext) -> DuplicateKey:
+    return DuplicateKey(
+        network=ctx.network,
+        acquirer_id=req.acquirer_id or "",
+        transmission_time=req.transmission_time,
+        stan=req.stan,
+        rrn=req.rrn or "",
+        terminal_id=req.terminal_id or "",
+        mti_class=req.mti,
+    )
+
+
+def _original_key_of(req: AuthRequest, ctx: RequestContext) -> OriginalKey:
+    return OriginalKey(
+        network=ctx.network,
+        acquirer_id=req.acquirer_id or "",
+        stan=req.stan,
+        transmission_time=req.transmission_time,
+    )
+
+
+def _cause(exc: BaseException) -> str:
+    """A bounded metric label for why the pipeline could not decide."""
+    if isinstance(exc, _Unavailable):
+        return "hsm"
+    if isinstance(exc, HsmError):
+        return "hsm"
+    if isinstance(exc, StoreError):
+        return "store"
+    return "error"
+
+
+def _bind(**values: object) -> None:
+    """Attach values to the current request's log line (server.py logs it once)."""
+    structlog.contextvars.bind_contextvars(**values)
+
+
+@contextmanager
+def _step(name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics.STEP_SECONDS.labels(name).observe(time.perf_counter() - t0)
+
+
+__all__ = ["Account", "Pipeline", "arqc_input"]

@@ -1,0 +1,607 @@
+"""Card and account provisioning: the ``cardswitch cards ...`` and ``accounts ...`` commands.
+
+What lives here: ``CardRow`` (one card as an operator describes it, from JSON or CSV),
+``load_rows`` (file -> rows, validated), ``import_cards`` (rows -> accounts and cards in the
+store: PAN fingerprinted and sealed by the card-data vault, PIN turned into a PVV or an IBM
+3624 offset by the HSM and then dropped), ``DemoKey``/``load_keys`` (the demo key list), and
+the CLI: ``cards import FILE``, ``cards list``, ``accounts show ID``.
+
+What does not: the store (``switch.store``), card cryptography (``hsm``), ``dev-setup`` (the
+lead's seeding command calls ``load_rows`` and ``import_cards``), authorization.
+
+Card data: the clear PAN and PIN of a row exist only in memory while it is imported (Python
+strings cannot be wiped); the store receives the fingerprint, the sealed PAN, the first six and
+last four digits and the PIN reference value. ``repr()`` of a row masks the PAN and hides the
+PIN; error messages name the row and field, never the value.
+
+Accounts: a row names its account, currency and opening balance. A new account is created
+with ledger = available = balance; an existing account keeps its balances (importing is not
+a posting), and a row whose currency differs from the existing account's is rejected.
+A row whose PAN is already provisioned updates that card (same id, PIN try counter kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+import trio
+
+from switch.config import Config, load_default_or_embedded
+from switch.log import mask_pan
+from switch.store import (
+    Account,
+    Card,
+    CardStatus,
+    PinMethod,
+    SpendControls,
+    Store,
+    StoreError,
+    open_store,
+)
+
+#: PAN length bounds (ISO/IEC 7812-1).
+PAN_MIN, PAN_MAX = 12, 19
+#: PIN length bounds (ISO 9564-1).
+PIN_MIN, PIN_MAX = 4, 12
+#: Default consecutive wrong PINs before the card answers 75.
+DEFAULT_PIN_TRY_LIMIT = 3
+#: Separators accepted inside the MCC / country list cells of a CSV file.
+_LIST_SEPARATORS = (";", " ", "|")
+#: Integer-valued row fields (CSV cells are strings).
+_INT_FIELDS = frozenset(
+    {
+        "balance",
+        "pin_try_limit",
+        "per_txn_max",
+        "daily_amount",
+        "daily_count",
+        "monthly_amount",
+        "monthly_count",
+    }
+)
+#: Row fields that annotate a row for people and are ignored.
+_COMMENT_FIELDS = frozenset({"about", "comment", "note"})
+#: Exit statuses of the commands: success, operation failed.
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+class ProvisionError(ValueError):
+    """A row or file that cannot be provisioned; the message names the row and field only."""
+
+
+class PinReferenceHsm(Protocol):
+    """The two HSM commands provisioning needs (``hsm.api.Hsm`` provides them)."""
+
+    async def generate_pvv(self, pvk: str, pan: str, pvki: str, pin: str) -> str: ...
+
+    async def generate_ibm_offset(
+        self, pvk: str, pan: str, pin: str, dec_table: str, validation_data: str
+    ) -> str: ...
+
+
+class PanVault(Protocol):
+    """What provisioning needs of ``hsm.carddata.CardVault``."""
+
+    async def fingerprint(self, pan: str) -> bytes: ...
+
+    async def seal(self, pan: str, context: Mapping[str, str]) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CardRow:
+    """One card to provision, as read from a file (validated by ``CardRow.from_mapping``).
+
+    ``pin`` is optional; with it, ``pvk`` (label) and either ``pvki`` (PVV method, the
+    default) or ``ibm_dec_table`` and ``ibm_validation_data`` (``pin_method="ibm3624"``) are
+    required. Amounts are minor units of ``currency``.
+    """
+
+    pan: str = field(repr=False)
+    expiry: str
+    service_code: str
+    account: str
+    currency: str
+    balance: int = 0
+    status: CardStatus = CardStatus.ACTIVE
+    pan_sequence: str = "00"
+    pin: str | None = field(default=None, repr=False)
+    pin_method: PinMethod | None = None
+    pvki: str | None = None
+    pvk: str | None = None
+    cvk: str | None = None
+    imk_ac: str | None = None
+    emv_cvn: str | None = None
+    ibm_dec_table: str | None = None
+    ibm_validation_data: str | None = None
+    pin_try_limit: int = DEFAULT_PIN_TRY_LIMIT
+    controls: SpendControls = field(default_factory=SpendControls)
+
+    def __repr__(self) -> str:
+        return (
+            f"CardRow(pan={mask_pan(self.pan)!r}, expiry={self.expiry!r}, "
+            f"account={self.account!r}, status={self.status.value!r}, "
+            f"pin={'<set>' if self.pin else None})"
+        )
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], where: str) -> CardRow:
+        """Validate one row (a JSON object or a CSV record).
+
+        Args:
+            raw: field name -> value; empty strings count as absent.
+            where: "file:row" for error messages.
+
+        Raises:
+            ProvisionError: unknown field, missing or malformed value.
+        """
+        known = {f.name for f in dataclasses.fields(cls)} - {"controls"}
+        known |= {f.name for f in dataclasses.fields(SpendControls)}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            name = key.strip().lower().replace("-", "_")
+            if name in _COMMENT_FIELDS:
+                continue
+            if name not in known:
+                raise ProvisionError(f"{where}: unknown field {key!r}")
+            if value is None or (isinstance(value, str) and not value.strip()):
+                continue
+            values[name] = _coerce(name, value, where)
+        for required in ("pan", "expiry", "service_code", "account", "currency"):
+            if required not in values:
+                raise ProvisionError(f"{where}: {required} is required")
+        controls = SpendControls(
+            per_txn_max=values.pop("per_txn_max", None),
+            daily_amount=values.pop("daily_amount", None),
+            daily_count=values.pop("daily_count", None),
+            monthly_amount=values.pop("monthly_amount", None),
+            monthly_count=values.pop("monthly_count", None),
+            blocked_mccs=values.pop("blocked_mccs", frozenset()),
+            blocked_countries=values.pop("blocked_countries", frozenset()),
+        )
+        if "status" in values:
+            try:
+                values["status"] = CardStatus(values["status"].lower())
+            except ValueError:
+                choices = ", ".join(s.value for s in CardStatus)
+                raise ProvisionError(f"{where}: status must be one of {choices}") from None
+        row = cls(controls=controls, **values)
+        row._check(where)
+        return row
+
+    def _check(self, where: str) -> None:
+        _digits(where, "pan", self.pan, PAN_MIN, PAN_MAX)
+        _digits(where, "expiry", self.expiry, 4)
+        if not 1 <= int(self.expiry[2:]) <= 12:
+            raise ProvisionError(f"{where}: expiry must be YYMM")
+        _digits(where, "service_code", self.service_code, 3)
+        _digits(where, "currency", self.currency, 3)
+        _digits(where, "pan_sequence", self.pan_sequence, 2)
+        if self.pin_try_limit < 1:
+            raise ProvisionError(f"{where}: pin_try_limit must be at least 1")
+        if self.pin_method not in (None, "pvv", "ibm3624"):
+            raise ProvisionError(f"{where}: pin_method must be pvv or ibm3624")
+        if self.pin is None:
+            return
+        _digits(where, "pin", self.pin, PIN_MIN, PIN_MAX)
+        if not self.pvk:
+            raise ProvisionError(f"{where}: a PIN needs the pvk key label")
+        if self.method == "pvv":
+            _digits(where, "pvki", self.pvki or "", 1)
+        elif not self.ibm_dec_table or not self.ibm_validation_data:
+            raise ProvisionError(f"{where}: ibm3624 needs ibm_dec_table and ibm_validation_data")
+        elif _carries_pan(self.ibm_validation_data, self.pan):
+            # It is stored in clear with the card: PAN digits there would defeat the sealing.
+            raise ProvisionError(
+                f"{where}: ibm validation data must not carry the PAN (use N for its digits)"
+            )
+
+    @property
+    def method(self) -> PinMethod | None:
+        """The PIN method in effect: as given, else ``pvv`` when a PIN is given."""
+        if self.pin_method is not None:
+            return self.pin_method
+        return "pvv" if self.pin is not None else None
+
+
+def _carries_pan(validation_data: str, pan: str) -> bool:
+    """Whether ``validation_data`` holds a run of the PAN long enough to be a PAN (12 digits)."""
+    digits = validation_data.upper().rstrip("F")
+    return any(pan[i : i + PAN_MIN] in digits for i in range(len(pan) - PAN_MIN + 1))
+
+
+def _digits(where: str, name: str, value: str, low: int, high: int | None = None) -> None:
+    high = low if high is None else high
+    if not (value.isascii() and value.isdigit() and low <= len(value) <= high):
+        span = str(low) if low == high else f"{low} to {high}"
+        raise ProvisionError(f"{where}: {name} must be {span} digits")
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    if name in ("blocked_mccs", "blocked_countries"):
+        items: Iterable[Any]
+        if isinstance(value, str):
+            text = value
+            for sep in _LIST_SEPARATORS:
+                text = text.replace(sep, ",")
+            items = text.split(",")
+        elif isinstance(value, list):
+            items = value
+        else:
+            raise ProvisionError(f"{where}: {name} must be a list")
+        return frozenset(str(i).strip().upper() for i in items if str(i).strip())
+    if name in _INT_FIELDS:
+        if isinstance(value, bool):
+            raise ProvisionError(f"{where}: {name} must be an integer")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise ProvisionError(f"{where}: {name} must be an integer") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ProvisionError(f"{where}: {name} must be a string")
+    return value.strip()
+
+
+def load_rows(path: Path | str) -> list[CardRow]:
+    """Read card rows from a JSON file (a list of objects, or ``{"cards": [...]}``) or a CSV
+    file with a header line (chosen by the ``.csv`` suffix).
+
+    Raises:
+        ProvisionError: unreadable file, bad JSON/CSV, or an invalid row (first one found).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProvisionError(f"{path}: cannot read: {exc.strerror}") from None
+    records: list[Mapping[str, Any]]
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        records = list(reader)
+        first_line = 2  # after the header
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ProvisionError(f"{path}: not valid JSON (line {exc.lineno})") from None
+        if isinstance(data, dict):
+            data = data.get("cards")
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise ProvisionError(f"{path}: expected a list of card objects")
+        records = data
+        first_line = 1
+    return [CardRow.from_mapping(r, f"{path}:{i}") for i, r in enumerate(records, first_line)]
+
+
+@dataclass(frozen=True, slots=True)
+class RowFailure:
+    """A row that was not imported: its position, masked PAN and the reason."""
+
+    index: int
+    masked_pan: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImportReport:
+    """What ``import_cards`` did."""
+
+    cards_created: int = 0
+    cards_updated: int = 0
+    accounts_created: int = 0
+    failures: tuple[RowFailure, ...] = ()
+    #: Ids of the cards written, in row order (failed rows excluded).
+    card_ids: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+async def import_cards(
+    store: Store,
+    hsm: PinReferenceHsm | None,
+    vault: PanVault,
+    rows: Sequence[CardRow],
+) -> ImportReport:
+    """Provision ``rows``: accounts first seen are created, cards created or updated.
+
+    A failing row (HSM error, store error, currency clash) is reported and skipped; the
+    other rows are still imported.
+
+    Args:
+        store: the open store.
+        hsm: computes PVVs and IBM offsets; may be ``None`` when no row carries a PIN.
+        vault: fingerprints and seals PANs (``hsm.carddata.open_vault``).
+        rows: validated rows (``load_rows``).
+    """
+    created = updated = accounts = 0
+    failures: list[RowFailure] = []
+    ids: list[str] = []
+    for index, row in enumerate(rows):
+        try:
+            card, is_new, new_account = await _import_one(store, hsm, vault, row)
+        except (ProvisionError, StoreError) as exc:
+            failures.append(RowFailure(index, mask_pan(row.pan), str(exc)))
+            continue
+        except Exception as exc:  # HSM/vault failures: keep going, report the kind only
+            reason = f"{type(exc).__name__}: {exc}"
+            failures.append(RowFailure(index, mask_pan(row.pan), _scrub(reason, row)))
+            continue
+        created += is_new
+        updated += not is_new
+        accounts += new_account
+        ids.append(card.id)
+    return ImportReport(created, updated, accounts, tuple(failures), tuple(ids))
+
+
+def _scrub(text: str, row: CardRow) -> str:
+    text = text.replace(row.pan, mask_pan(row.pan))
+    if row.pin:
+        text = text.replace(row.pin, "****")
+    return text
+
+
+async def _import_one(
+    store: Store, hsm: PinReferenceHsm | None, vault: PanVault, row: CardRow
+) -> tuple[Card, bool, bool]:
+    account = await store.get_account(row.account)
+    new_account = account is None
+    if account is None:
+        account = Account(row.account, row.currency, row.balance, row.balance)
+    elif account.currency != row.currency:
+        raise ProvisionError(f"account {row.account} exists in currency {account.currency}")
+    reference: str | None = None
+    if row.pin is not None:
+        if hsm is None:
+            raise ProvisionError("a PIN needs the HSM")
+        assert row.pvk is not None  # checked by CardRow
+        if row.method == "ibm3624":
+            assert row.ibm_dec_table is not None and row.ibm_validation_data is not None
+            reference = await hsm.generate_ibm_offset(
+                row.pvk, row.pan, row.pin, row.ibm_dec_table, row.ibm_validation_data
+            )
+        else:
+            assert row.pvki is not None
+            reference = await hsm.generate_pvv(row.pvk, row.pan, row.pvki, row.pin)
+    fingerprint = await vault.fingerprint(row.pan)
+    existing = await store.get_card_by_fingerprint(fingerprint)
+    card_id = existing.id if existing is not None else str(uuid.uuid4())
+    sealed = await vault.seal(row.pan, {"card_id": card_id})
+    card = Card(
+        id=card_id,
+        account_id=row.account,
+        pan_fingerprint=fingerprint,
+        pan_ciphertext=sealed,
+        first6=row.pan[:6],
+        last4=row.pan[-4:],
+        pan_length=len(row.pan),
+        expiry=row.expiry,
+        status=row.status,
+        service_code=row.service_code,
+        pan_sequence=row.pan_sequence,
+        cvk=row.cvk,
+        pvk=row.pvk,
+        imk_ac=row.imk_ac,
+        emv_cvn=row.emv_cvn,
+        pin_method=row.method,
+        pvki=row.pvki if row.method == "pvv" else None,
+        pin_verification_value=reference,
+        ibm_dec_table=row.ibm_dec_table,
+        ibm_validation_data=row.ibm_validation_data,
+        pin_tries=existing.pin_tries if existing is not None else 0,
+        pin_try_limit=row.pin_try_limit,
+        controls=row.controls,
+    )
+    if existing is not None and row.pin is None:
+        # Re-import without a PIN keeps the PIN reference already provisioned.
+        card = dataclasses.replace(
+            card,
+            pin_method=existing.pin_method,
+            pvki=existing.pvki,
+            pin_verification_value=existing.pin_verification_value,
+        )
+    if new_account:
+        await store.put_account(account)
+    await store.put_card(card)
+    return card, existing is None, new_account
+
+
+# -- demo keys ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DemoKey:
+    """A public test key of the demo data set, to import into a development HSM only."""
+
+    label: str
+    #: ``hsm.api.KeyUsage`` value, e.g. "cvk", "pvk", "imk-ac", "zpk".
+    usage: str
+    clear_hex: str = field(repr=False)
+    #: ``hsm.api.KeyAlgorithm`` value, when the length does not decide it.
+    algorithm: str | None = None
+    source: str = ""
+
+
+def load_keys(path: Path | str) -> list[DemoKey]:
+    """Read a demo key list (``config/demo/keys.json``: ``{"keys": [{label, usage, clear,
+    algorithm?, source?}, ...]}``).
+
+    Raises:
+        ProvisionError: unreadable or malformed file.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        keys = data["keys"]
+        return [
+            DemoKey(
+                label=str(k["label"]),
+                usage=str(k["usage"]),
+                clear_hex=str(k["clear"]),
+                algorithm=k.get("algorithm"),
+                source=str(k.get("source", "")),
+            )
+            for k in keys
+        ]
+    except OSError as exc:
+        raise ProvisionError(f"{path}: cannot read: {exc.strerror}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ProvisionError(f"{path}: malformed key list ({type(exc).__name__})") from None
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``cards import|list`` and ``accounts show`` to the ``cardswitch`` CLI."""
+    config_help = "switch configuration (default: config/switch.toml or built-in defaults)"
+
+    cards = subparsers.add_parser("cards", help="provision and list cards")
+    cards_sub = cards.add_subparsers(dest="cards_command", required=True, metavar="ACTION")
+    imp = cards_sub.add_parser("import", help="import cards from a JSON or CSV file")
+    imp.add_argument("file", type=Path, help="JSON (list of objects) or CSV with a header")
+    imp.add_argument("--config", type=Path, default=None, help=config_help)
+    imp.set_defaults(func=_cmd_import)
+    lst = cards_sub.add_parser("list", help="list cards (masked PANs)")
+    lst.add_argument("--config", type=Path, default=None, help=config_help)
+    lst.add_argument("--json", action="store_true", help="one JSON object per card")
+    lst.set_defaults(func=_cmd_list)
+
+    accounts = subparsers.add_parser("accounts", help="inspect accounts")
+    acc_sub = accounts.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
+    show = acc_sub.add_parser("show", help="balances, active holds and cards of an account")
+    show.add_argument("account_id", metavar="ID")
+    show.add_argument("--config", type=Path, default=None, help=config_help)
+    show.add_argument("--json", action="store_true", help="print a JSON object")
+    show.set_defaults(func=_cmd_show)
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    cfg = load_default_or_embedded(args.config)
+    try:
+        rows = load_rows(args.file)
+    except ProvisionError as exc:
+        print(f"cardswitch: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        report = trio.run(_import_with_config, cfg, rows)
+    except StoreError as exc:
+        print(f"cardswitch: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"cards created: {report.cards_created}, updated: {report.cards_updated}, "
+        f"accounts created: {report.accounts_created}, failed: {len(report.failures)}"
+    )
+    for failure in report.failures:
+        print(f"row {failure.index}: {failure.masked_pan}: {failure.reason}", file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+async def _import_with_config(cfg: Config, rows: Sequence[CardRow]) -> ImportReport:
+    # Imported here: the HSM backends load PKCS#11 libraries, which `cards list` never needs.
+    from hsm.carddata import open_vault  # noqa: PLC0415
+    from hsm.token import open_hsm  # noqa: PLC0415
+
+    hsm = open_hsm(cfg.hsm)
+    try:
+        vault = open_vault(cfg, hsm)
+        async with open_store(cfg.store) as store:
+            return await import_cards(store, hsm, vault, rows)
+    finally:
+        await hsm.aclose()
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    cfg = load_default_or_embedded(args.config)
+    try:
+        cards = trio.run(_list_cards, cfg)
+    except StoreError as exc:
+        print(f"cardswitch: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    _print_cards(cards, as_json=args.json, out=sys.stdout)
+    return EXIT_OK
+
+
+async def _list_cards(cfg: Config) -> list[Card]:
+    async with open_store(cfg.store) as store:
+        return await store.list_cards()
+
+
+def _card_summary(card: Card) -> dict[str, Any]:
+    return {
+        "id": card.id,
+        "pan": card.masked_pan,
+        "status": card.status.value,
+        "account": card.account_id,
+        "expiry": card.expiry,
+        "pin_method": card.pin_method,
+        "pin_tries": card.pin_tries,
+    }
+
+
+def _print_cards(cards: Sequence[Card], *, as_json: bool, out: TextIO) -> None:
+    if as_json:
+        for card in cards:
+            print(json.dumps(_card_summary(card), sort_keys=True), file=out)
+        return
+    print(f"{'CARD ID':36}  {'PAN':19}  {'STATUS':7}  {'EXPIRY':6}  ACCOUNT", file=out)
+    for card in cards:
+        print(
+            f"{card.id:36}  {card.masked_pan:19}  {card.status.value:7}  {card.expiry:6}  "
+            f"{card.account_id}",
+            file=out,
+        )
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    cfg = load_default_or_embedded(args.config)
+    try:
+        found = trio.run(_show_account, cfg, args.account_id)
+    except StoreError as exc:
+        print(f"cardswitch: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if found is None:
+        print(f"cardswitch: no account {args.account_id!r}", file=sys.stderr)
+        return EXIT_FAILED
+    account, holds, cards = found
+    summary = {
+        "id": account.id,
+        "currency": account.currency,
+        "ledger_balance": account.ledger_balance,
+        "available_balance": account.available_balance,
+        "active_holds": holds,
+        "cards": [_card_summary(c) for c in cards],
+    }
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+        return EXIT_OK
+    print(f"account:   {account.id}")
+    print(f"currency:  {account.currency}")
+    print(f"ledger:    {account.ledger_balance}")
+    print(f"available: {account.available_balance}")
+    print(f"holds:     {holds}")
+    _print_cards(cards, as_json=False, out=sys.stdout)
+    return EXIT_OK
+
+
+async def _show_account(cfg: Config, account_id: str) -> tuple[Account, int, list[Card]] | None:
+    async with open_store(cfg.store) as store:
+        account = await store.get_account(account_id)
+        if account is None:
+            return None
+        holds = await store.active_holds_total(account_id)
+        cards = [c for c in await store.list_cards() if c.account_id == account_id]
+        return account, holds, cards

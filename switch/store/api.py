@@ -1,0 +1,141 @@
+"""The interface the pipeline and the provisioning CLI use to reach the durable store.
+
+What lives here: the ``Store`` Protocol and, in each method's docstring, its contract and how
+a multi-instance PostgreSQL backend maps it (several switch processes sharing one database,
+so mutual exclusion comes from row locks instead of the single embedded writer).
+
+What does not: any implementation (``sqlite.py`` is the embedded default), the records
+(``models.py``), opening a backend from configuration (``switch.store.open_store``).
+
+Durability contract of every write: when the coroutine returns, the effect is committed to
+stable storage (SQLite WAL with ``synchronous=FULL``; PostgreSQL ``synchronous_commit=on``).
+Cancellation: a write cancelled before the backend starts applying it is withdrawn (nothing
+written, ``trio.Cancelled`` propagates); once applying has started the call waits for the
+commit and returns its outcome, because a committed decision is the answer that must be sent.
+
+Mapping to PostgreSQL (same schema, ``BIGINT`` amounts, ``BYTEA`` blobs):
+
+- reads are plain ``SELECT``s on a pool connection in autocommit (READ COMMITTED).
+- ``commit_auth``: one transaction: ``INSERT INTO journal ... ON CONFLICT (duplicate key)
+  DO NOTHING RETURNING id``; when no row comes back, ``SELECT`` the stored outcome and roll
+  back (replay). Otherwise ``SELECT ... FROM unmatched_reversals WHERE <original key> FOR
+  UPDATE``, ``SELECT ... FROM cards WHERE id = $1 FOR UPDATE`` (PIN tries and velocity
+  counters), ``SELECT ... FROM accounts WHERE id = $1 FOR UPDATE`` (funds), then the same
+  updates as SQLite and ``UPDATE journal SET <outcome>``; lock order card before account
+  everywhere, so two instances cannot deadlock. Concurrent intents on one account serialise
+  on its row lock; group commit comes from the server (``commit_delay``) or from batching
+  intents per connection as the SQLite writer does.
+- ``commit_reversal``: one transaction: journal insert as above; ``SELECT ... FROM holds WHERE
+  <original key> FOR UPDATE`` then the account ``FOR UPDATE``; release, or insert into
+  ``unmatched_reversals ... ON CONFLICT DO NOTHING``. The hold row lock makes 0400/0401/
+  0420/0421 and several reversals of one original release exactly once across instances.
+- ``put_account``/``put_card``: ``INSERT ... ON CONFLICT (id) DO UPDATE``; ``set_card_status``
+  a single ``UPDATE``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from switch.store.models import (
+    Account,
+    AuthIntent,
+    AuthOutcome,
+    Card,
+    CardStatus,
+    DuplicateKey,
+    ReversalIntent,
+    ReversalOutcome,
+    StoredOutcome,
+)
+
+
+class Store(Protocol):
+    """Cards, accounts and the authorization journal, durable before an answer is sent.
+
+    Every method may raise ``StoreError`` (the database failed, or the store is closed);
+    declines are never exceptions but outcomes.
+    """
+
+    # -- reads (any reader connection; no locks) ---------------------------------------------
+
+    async def get_card_by_fingerprint(self, fingerprint: bytes) -> Card | None:
+        """The card whose PAN fingerprint is ``fingerprint``, or ``None``.
+
+        PostgreSQL: ``SELECT ... FROM cards WHERE pan_fingerprint = $1`` (unique index).
+        """
+        ...
+
+    async def get_card(self, card_id: str) -> Card | None:
+        """The card with id ``card_id``, or ``None``."""
+        ...
+
+    async def get_account(self, account_id: str) -> Account | None:
+        """The account with id ``account_id``, or ``None``."""
+        ...
+
+    async def find_outcome(self, key: DuplicateKey) -> StoredOutcome | None:
+        """The stored answer of the request with this duplicate key (``replayed=True``), or
+        ``None``. A fast path before any HSM work; ``commit_*`` checks again atomically.
+
+        PostgreSQL: ``SELECT`` on the journal's unique duplicate-key index.
+        """
+        ...
+
+    async def list_cards(self) -> list[Card]:
+        """Every card, ordered by account then id (provisioning and operators)."""
+        ...
+
+    async def active_holds_total(self, account_id: str) -> int:
+        """Sum of what remains of the account's active holds (0100 kind), in minor units.
+
+        With no external postings, ``available = ledger - active_holds_total`` for accounts
+        provisioned with equal ledger and available balances.
+        """
+        ...
+
+    # -- the decision writes (journal + money + counters, one transaction) -------------------
+
+    async def commit_auth(self, intent: AuthIntent) -> AuthOutcome:
+        """Make an authorization durable with its hold/debit, PIN-try and velocity effects.
+
+        The semantics are those of ``AuthIntent``. A duplicate key already journaled returns
+        the stored outcome with ``replayed=True`` and changes nothing.
+
+        Raises:
+            StoreError: ``invalid`` when the intent's currency differs from its account's or
+                it names an unknown card or account; ``unavailable`` when the commit failed;
+                ``closed`` after the store was closed.
+        """
+        ...
+
+    async def commit_reversal(self, intent: ReversalIntent) -> ReversalOutcome:
+        """Make a reversal durable, releasing at most what remains of the original's hold
+        (or crediting back a debit): a full reversal releases the rest, a partial one
+        reduces the hold to ``replacement_amount``, a later reversal of the same original
+        releases only what is left (0 after a full one). An unknown original is kept as an
+        unmatched reversal, so the original is declined if it arrives later.
+
+        Raises:
+            StoreError: as ``commit_auth``.
+        """
+        ...
+
+    # -- provisioning writes -------------------------------------------------------------------
+
+    async def put_account(self, account: Account) -> None:
+        """Insert or replace an account (balances included)."""
+        ...
+
+    async def put_card(self, card: Card) -> None:
+        """Insert or replace a card by id.
+
+        Raises:
+            StoreError: ``integrity`` when another card has the same PAN fingerprint or the
+                account does not exist.
+        """
+        ...
+
+    async def set_card_status(self, card_id: str, status: CardStatus) -> bool:
+        """Change a card's status; ``False`` when no such card exists."""
+        ...

@@ -1,0 +1,255 @@
+"""Bytes <-> typed ISO 8583 messages (sans-IO), with format errors as values for answering.
+
+What lives here: :func:`decode` (a frame body to a typed message), :func:`encode` (the
+reverse), :func:`decode_fields` (a frame body to its raw field dictionary, for tests, tools
+and the CLI), :class:`FormatError` and :func:`format_error_response`, which builds the
+DE39 = 30 answer to a body that cannot be used when its MTI and STAN can be recovered.
+
+Errors: ``decode`` raises nothing but :class:`FormatError`, whatever the bytes. pyiso8583's
+``DecodeError`` carries the raw message, so it never leaves this module: only the field
+number, the position and a sanitised reason are kept. ``encode`` raises ``ValueError`` or
+``TypeError`` for programmer errors (a message that cannot be laid out).
+
+What does not: framing (framing.py), what a field number means (messages.py), the pyiso8583
+spec data (spec.py), BER-TLV of DE55 (emv.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+import iso8583
+
+from switch.config import SpecKind
+from switch.log import scrub
+from switch.wire import messages
+from switch.wire.framing import WireError
+from switch.wire.messages import ErrorResponse, FieldError, Message
+from switch.wire.spec import shared_spec
+
+__all__ = [
+    "FormatError",
+    "decode",
+    "decode_fields",
+    "encode",
+    "format_error_response",
+]
+
+#: Response code hinted for a message that cannot be parsed: 30 = format error.
+FORMAT_ERROR_CODE: Final = "30"
+#: Characters kept from a library error text (lengths and words, no data).
+_SAFE_REASON = re.compile(r"[^A-Za-z0-9 ,.]")
+#: Longest reason text kept from a library error.
+_REASON_MAX: Final = 80
+#: pyiso8583 keys of the MTI and bitmaps, named for errors.
+_STRUCTURE_NAMES: Final = {"t": "mti", "p": "bitmap", "1": "bitmap", "h": "header"}
+#: Characters of one decoded bitmap (hex text of 8 bytes); a longer secondary one means a
+#: tertiary bitmap followed (DE65), which the switch does not serve.
+_HEX_BITMAP_WIDTH: Final = 16
+#: Exceptions a malformed body can provoke inside pyiso8583 besides DecodeError.
+_DECODE_FAILURES: Final = (ValueError, IndexError, KeyError, TypeError, LookupError)
+
+
+class FormatError(WireError):
+    """A frame body that is not a usable message; answered with 30 when possible.
+
+    Attributes:
+        reason: what is wrong, a fixed text without message bytes or PAN.
+        field: the field at fault (number as text, ``"mti"``, ``"bitmap"``) or None.
+        mti, stan, transmission_time, acquirer_id, rrn, terminal_id, network_code: recovered
+            values (DE0, 11, 7, 32, 37, 41, 70), each
+            None when absent or malformed; enough to build the 30 answer.
+        response_code_hint: the DE39 to answer with (30, format error).
+    """
+
+    response_code_hint: str = FORMAT_ERROR_CODE
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        field: str | None = None,
+        mti: str | None = None,
+        stan: str | None = None,
+        transmission_time: str | None = None,
+        acquirer_id: str | None = None,
+        rrn: str | None = None,
+        terminal_id: str | None = None,
+        network_code: str | None = None,
+    ) -> None:
+        where = f"field {field}: " if field else ""
+        ident = f" (mti={mti or '?'}, stan={stan or '?'})"
+        super().__init__(f"format error: {where}{reason}{ident}")
+        self.reason = reason
+        self.field = field
+        self.mti = mti
+        self.stan = stan
+        self.transmission_time = transmission_time
+        self.acquirer_id = acquirer_id
+        self.rrn = rrn
+        self.terminal_id = terminal_id
+        self.network_code = network_code
+
+    @classmethod
+    def _with_context(
+        cls, reason: str, field: str | None, partial: Mapping[str, Any]
+    ) -> FormatError:
+        ctx = messages.recover_context(partial)
+        return cls(reason, field=field, **ctx)
+
+
+def _safe_reason(text: str) -> str:
+    return _SAFE_REASON.sub("", scrub(text))[:_REASON_MAX].strip() or "malformed"
+
+
+def _field_name(key: str) -> str:
+    return _STRUCTURE_NAMES.get(key, key)
+
+
+def _lenient(spec: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``spec`` whose text fields decode any byte (latin-1), for recovery only."""
+    out = {k: dict(v) for k, v in spec.items()}
+    for item in out.values():
+        if item["data_enc"] != "b":
+            item["data_enc"] = "latin-1"
+    return out
+
+
+_LENIENT_CACHE: Final[dict[str, dict[str, Any]]] = {}
+
+
+def _recover(frame: bytes, kind: SpecKind, partial: Mapping[str, Any]) -> dict[str, Any]:
+    """Best-effort field dictionary of a body that failed to decode.
+
+    Combines what the strict decode got before failing with a second pass that reads text
+    fields as latin-1, so that a non-ASCII byte in, say, DE4 does not hide DE11.
+    """
+    merged: dict[str, Any] = {}
+    lenient = _LENIENT_CACHE.get(kind)
+    if lenient is None:
+        lenient = _LENIENT_CACHE[kind] = _lenient(shared_spec(kind))
+    try:
+        merged.update(iso8583.decode(frame, lenient)[0])
+    except iso8583.DecodeError as exc:
+        merged.update(exc.doc_dec)
+    except _DECODE_FAILURES:
+        pass
+    merged.update(partial)
+    return merged
+
+
+def _decode_dict(frame: bytes, kind: SpecKind) -> dict[str, str]:
+    """pyiso8583-decode ``frame`` strictly; raise FormatError (with context) on failure."""
+    if not isinstance(frame, bytes | bytearray):
+        raise TypeError("frame must be bytes")
+    spec = shared_spec(kind)
+    frame = bytes(frame)
+    try:
+        doc_dec, doc_enc = iso8583.decode(frame, spec)
+    except iso8583.DecodeError as exc:
+        reason = _safe_reason(f"{exc.msg} at position {exc.pos}")
+        field = _field_name(str(exc.field))
+        raise FormatError._with_context(reason, field, _recover(frame, kind, exc.doc_dec)) from None
+    except _DECODE_FAILURES as exc:
+        # e.g. a bitmap bit for a field the spec does not define (tertiary bitmap).
+        reason = _safe_reason(f"undecodable message ({type(exc).__name__})")
+        raise FormatError._with_context(reason, None, _recover(frame, kind, {})) from None
+    for key, enc in doc_enc.items():
+        item = spec.get(key, {})
+        if item.get("len_type") and item.get("len_enc") not in ("b", "bcd"):
+            prefix = enc["len"]
+            if not all(0x30 <= b <= 0x39 for b in prefix):  # ASCII 0-9
+                raise FormatError._with_context("length prefix is not digits", key, doc_dec)
+    # Binary bitmaps decode to hex text too, so one width covers both encodings.
+    if len(doc_dec.get("1", "")) > _HEX_BITMAP_WIDTH:
+        raise FormatError._with_context("tertiary bitmap not supported", "bitmap", doc_dec)
+    return doc_dec
+
+
+def decode_fields(frame: bytes, spec: SpecKind = "ascii") -> dict[str, str]:
+    """Decode ``frame`` to its fields without typing them: ``{"0": MTI, "2": ..., ...}``.
+
+    Bitmaps are left out; binary fields (and, in the ``"bcd"`` spec, numeric ones) are
+    upper-case hex as pyiso8583 gives them, with BCD padding removed. Field contents are
+    not validated (that is :func:`decode`'s job).
+
+    Args:
+        frame: the frame body (without length header).
+        spec: the wire spec.
+
+    Returns:
+        Field number (as text, ``"0"`` for the MTI) to decoded value.
+
+    Raises:
+        FormatError: the bytes are not an ISO 8583 message of this spec.
+    """
+    doc = _decode_dict(frame, spec)
+    out = {"0": doc["t"]}
+    out.update((k, v) for k, v in doc.items() if k not in ("t", "p", "1", "h"))
+    return out
+
+
+def decode(frame: bytes, spec: SpecKind = "ascii") -> Message:
+    """Decode a frame body into a typed message, validating field contents.
+
+    Args:
+        frame: the frame body (without length header).
+        spec: the wire spec.
+
+    Returns:
+        The typed message; :class:`~switch.wire.messages.UnsupportedMessage` for a
+        well-formed message whose MTI the switch does not serve.
+
+    Raises:
+        FormatError: for any bytes that are not a valid message (never anything else).
+        TypeError: ``frame`` is not bytes (a programmer error).
+    """
+    doc = _decode_dict(frame, spec)
+    try:
+        return messages.from_fields(doc)
+    except FieldError as exc:
+        raise FormatError._with_context(exc.reason, exc.field, doc) from None
+    except _DECODE_FAILURES:  # pragma: no cover - defensive: from_fields validates first
+        raise FormatError._with_context("field content malformed", None, doc) from None
+
+
+def encode(msg: Message, spec: SpecKind = "ascii") -> bytes:
+    """Encode a typed message into a frame body.
+
+    Raises:
+        TypeError: ``msg`` is not a message dataclass.
+        ValueError: the message cannot be laid out in ``spec`` (a wrong field length or
+            character set); the text names the field, never its value.
+    """
+    fields: dict[str, Any] = messages.to_fields(msg)
+    try:
+        raw, _ = iso8583.encode(fields, shared_spec(spec))
+    except iso8583.EncodeError as exc:
+        raise ValueError(
+            f"cannot encode {type(msg).__name__} field {exc.field}: {_safe_reason(exc.msg)}"
+        ) from None
+    return bytes(raw)
+
+
+def format_error_response(err: FormatError, spec: SpecKind = "ascii") -> bytes | None:
+    """The encoded DE39 = 30 answer to ``err``, or None when the message cannot be answered.
+
+    An answer exists when the MTI and the STAN were recovered and the MTI is a request class;
+    it echoes DE7, DE32, DE37, DE41 and DE70 when those were recovered too. With None the server
+    closes the connection (or drops the message for a response-class MTI).
+    """
+    if err.mti is None or err.stan is None or not messages.is_request(err.mti):
+        return None
+    answer = ErrorResponse(
+        mti=messages.response_mti(err.mti),
+        stan=err.stan,
+        response_code=err.response_code_hint,
+        transmission_time=err.transmission_time,
+        acquirer_id=err.acquirer_id,
+        rrn=err.rrn,
+        terminal_id=err.terminal_id,
+        network_code=err.network_code,
+    )
+    return encode(answer, spec)

@@ -1,0 +1,406 @@
+"""Money, PIN-try, velocity, duplicate and reversal semantics of the SQLite store's writer."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from test_store_support import (
+    ACCOUNT_ID,
+    CARD_ID,
+    CURRENCY,
+    auth,
+    dup_key,
+    make_card,
+    reversal,
+    seeded_store,
+)
+
+from switch.store import (
+    AuthOutcome,
+    CardStatus,
+    DuplicateKey,
+    OriginalKey,
+    ReversalOutcome,
+    SpendControls,
+    StoreError,
+    mti_class,
+    normalise_acquirer_id,
+)
+
+BALANCE = 100_000
+
+
+async def balances(store: object, account_id: str = ACCOUNT_ID) -> tuple[int, int]:
+    account = await store.get_account(account_id)  # type: ignore[attr-defined]
+    assert account is not None
+    return account.ledger_balance, account.available_balance
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+def test_acquirer_ids_and_mti_classes_are_normalised() -> None:
+    assert normalise_acquirer_id("00000012345") == "12345"
+    assert normalise_acquirer_id("0000") == "0"
+    assert DuplicateKey("v", "00012345", "t", "s", "r", "id", "0101") == DuplicateKey(
+        "v", "12345", "t", "s", "r", "id", "0100"
+    )
+    assert OriginalKey("v", "00012345", "s", "t") == OriginalKey("v", "12345", "s", "t")
+    assert mti_class("0421") == mti_class("0420") != mti_class("0400")
+    with pytest.raises(ValueError, match="not an MTI"):
+        mti_class("04")
+
+
+# -- authorizations ----------------------------------------------------------------------------
+
+
+async def test_approved_hold_reserves_available_only(tmp_path: Path) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+        out = await store.commit_auth(auth("000001", 2500))
+        assert out.response_code == "00"
+        assert out.approval_code == "A00001"
+        assert out.hold_id is not None
+        assert out.available_balance == BALANCE - 2500
+        assert out.currency == CURRENCY
+        assert not out.replayed
+        assert await balances(store) == (BALANCE, BALANCE - 2500)
+        assert await store.active_holds_total(ACCOUNT_ID) == 2500
+
+
+async def test_insufficient_funds_declines_51_without_moving_money(tmp_path: Path) -> None:
+    async with seeded_store(tmp_path / "s.db", balance=1000) as store:
+        out = await store.commit_auth(auth("000001", 1001))
+        assert (out.response_code, out.approval_code, out.hold_id) == ("51", None, None)
+        assert out.available_balance == 1000
+        assert await balances(store) == (1000, 1000)
+        exact = await store.commit_auth(auth("000002", 1000))
+        assert exact.response_code == "00"
+        assert exact.available_balance == 0
+
+
+async def test_financial_request_debits_ledger_and_available(tmp_path: Path) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+        out = await store.commit_auth(auth("000001", 4000, kind="debit"))
+        assert out.response_code == "00"
+        assert await balances(store) == (BALANCE - 4000, BALANCE - 4000)
+        assert await store.active_holds_total(ACCOUNT_ID) == 0
+        declined = await store.commit_auth(auth("000002", BALANCE, kind="debit"))
+        assert declined.response_code == "51"
+        assert await balances(store) == (BALANCE - 4000, BALANCE - 4000)
+
+
+async def test_advices_are_applied_even_beyond_funds_and_never_declined(tmp_path: Path) -> None:
+    limits = SpendControls(daily_count=1)
+    async with seeded_store(tmp_path / "s.db", balance=500, controls=limits) as store:
+        # Lock the PIN first: advices must still be applied.
+        for i in range(3):
+            await store.commit_auth(
+                auth(f"00009{i}", 1, kind="decline", decline_code="55", pin_check="bad")
+            )
+        hold = await store.commit_auth(
+            auth("000001", 800, kind="advice_hold", pin_check="bad", velocity=limits)
+        )
+        assert hold.response_code == "00"
+        assert hold.available_balance == 500 - 800
+        debit = await store.commit_auth(auth("000002", 300, kind="advice_debit", velocity=limits))
+        assert debit.response_code == "00"
+        assert await balances(store) == (500 - 300, 500 - 800 - 300)
+        card = await store.get_card(CARD_ID)
+        assert card is not None and card.pin_tries == 3  # the advice did not count a try
+
+
+async def test_pipeline_decline_is_recorded_without_money(tmp_path: Path) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+        out = await store.commit_auth(auth("000001", 100, kind="decline", decline_code="54"))
+        assert (out.response_code, out.approval_code, out.hold_id) == ("54", None, None)
+        assert await balances(store) == (BALANCE, BALANCE)
+        stored = await store.find_outcome(dup_key("000001"))
+        assert isinstance(stored, AuthOutcome) and stored.response_code == "54"
+        with pytest.raises(StoreError) as err:
+            await store.commit_auth(auth("000002", 100, kind="decline"))
+        assert err.value.kind == "invalid"
+
+
+async def test_unknown_card_decline_needs_no_account(tmp_path: Path) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+        out = await store.commit_auth(
+            auth("000001", 100, kind="decline", decline_code="14", card_id=None, account_id=None)
+        )
+        assert out.response_code == "14"
+        assert out.available_balance is None
+
+
+async def test_duplicate_replays_stored_answer_without_second_hold(tmp_path: Path) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+        first = await store.commit_auth(auth("000001", 1000))
+        again = await store.commit_auth(auth("000001", 1000, approval_code="ZZZZZZ"))
+        assert again.replayed
+        assert (again.response_code, again.approval_code, again.hold_id) == (
+            first.response_code,
+            first.approval_code,
+            first.hold_id,
+        )
+        assert again.available_balance == first.available_balance
+        # An 0101 repeat has the same duplicate key class as its 0100.
+        repeat = await store.commit_auth(
+            auth("000001", 1000, mti="0101", dup_key=dup_key("000001", "0101"))
+        )
+        assert repeat.replayed and repeat.hold_id == first.hold_id
+        found = await store.find_outcome(dup_key("000001", "0101"))
+        assert found == again
+        assert await store.find_outcome(dup_key("000999")) is None
+        assert await balances(store) == (BALANCE, BALANCE - 1000)
+        assert await store.active_holds_total(ACCOUNT_ID) == 1000
+
+
+async def test_wrong_pins_count_to_75_and_replays_do_not_count(tmp_path: Path) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+        codes = [
+            (await store.commit_auth(auth(f"00000{i}", 100, pin_check="bad"))).response_code
+            for i in range(1, 4)
+        ]
+        assert codes == ["55", "55", "75"]
+        replay = await store.commit_auth(auth("000003", 100, pin_check="bad"))
+        assert replay.replayed and replay.response_code == "75"
+        card = await store.get_card(CARD_ID)
+        assert card is not None and card.pin_tries == 3
+        # At the limit even the right PIN is refused and nothing is counted or reset.
+        locked = await store.commit_auth(auth("000004", 100, pin_check="ok"))
+        assert locked.response_code == "75"
+        card = await store.get_card(CARD_ID)
+        assert card is not None and card.pin_tries == 3
+        assert await balances(store) == (BALANCE, BALANCE)
+
+
+async def test_correct_pin_resets_tries_even_when_declined_for_funds(tmp_path: Path) -> None:
+    async with seeded_store(tmp_path / "s.db", balance=1000) as store:
+        await store.commit_auth(auth("000001", 100, pin_check="bad"))
+        await store.commit_auth(auth("000002", 100, pin_check="bad"))
+        out = await store.commit_auth(auth("000003", 5000, pin_check="ok"))
+        assert out.response_code == "51"
+        card = await store.get_card(CARD_ID)
+        assert card is not None and card.pin_tries == 0
+        bad = await store.commit_auth(auth("000004", 100, pin_check="bad"))
+        assert bad.response_code == "55"  # counting starts again from zero
+
+
+async def test_daily_amount_velocity_declines_61(tmp_path: Path) -> None:
+    limits = SpendControls(daily_amount=1000)
+    async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits) as store:
+        assert (await store.commit_auth(auth("000001", 600, velocity=limits))).response_code == "00"
+        assert (await store.commit_auth(auth("000002", 500, velocity=limits))).response_code == "61"
+        # The declined 500 did not count: 600 + 400 reaches the limit exactly.
+        assert (await store.commit_auth(auth("000003", 400, velocity=limits))).response_code == "00"
+        # Another day starts from zero.
+        next_day = auth("000004", 1000, velocity=limits, velocity_day="20250102")
+        assert (await store.commit_auth(next_day)).response_code == "00"
+        assert await balances(store) == (BALANCE, BALANCE - 2000)
+
+
+async def test_count_velocity_declines_65_daily_and_monthly(tmp_path: Path) -> None:
+    limits = SpendControls(daily_count=2, monthly_count=3)
+    async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits) as store:
+        day1 = [
+            (await store.commit_auth(auth(f"00000{i}", 10, velocity=limits))).response_code
+            for i in range(1, 4)
+        ]
+        assert day1 == ["00", "00", "65"]
+        day2 = [
+            (
+                await store.commit_auth(
+                    auth(f"00001{i}", 10, velocity=limits, velocity_day="20250102")
+                )
+            ).response_code
+            for i in range(1, 3)
+        ]
+        assert day2 == ["00", "65"]  # the month's third is allowed, the fourth is not
+
+
+async def test_monthly_amount_velocity_declines_61(tmp_path: Path) -> None:
+    limits = SpendControls(monthly_amount=1500)
+    async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits) as store:
+        first = auth("000001", 1000, velocity=limits, velocity_day="20250101")
+        second = auth("000002", 1000, velocity=limits, velocity_day="20250115")
+        assert (await store.commit_auth(first)).response_code == "00"
+        assert (await store.commit_auth(second)).response_code == "61"
+
+
+# -- reversals ---------------------------------------------------------------------------------
+
+
+async def test_full_reversal_releases_the_hold_once(tmp_path: Path) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+        await store.commit_auth(auth("000001", 1000))
+        out = await store.commit_reversal(reversal("000101", "000001", 1000))
+        assert out == ReversalOutcome("00", True, 1000, BALANCE, False)
+        assert await store.active_holds_total(ACCOUNT_ID) == 0
+        repeat = await store.commit_reversal(reversal("000101", "000001", 1000, mti="0401"))
+        assert repeat.replayed and repeat.released_amount == 1000
+        advice = await store.commit_reversal(reversal("000102", "000001", 1000, mti="0420"))
+        assert (advice.matched, advice.released_amount, advice.replayed) == (True, 0, False)
+        again = await store.commit_reversal(reversal("000103", "000001", 1000, mti="0421"))
+        assert again.released_amount == 0
+        assert await balances(store) == (BALANCE, BALANCE)
+
+
+async def test_partial_reversals_never_release_more_than_held(tmp_path: Path) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+        await store.commit_auth(auth("000001", 1000))
+        part = await store.commit_reversal(reversal("000101", "000001", 1000, replacement=600))
+        assert part.released_amount == 400
+        assert await store.active_holds_total(ACCOUNT_ID) == 600
+        # A replacement above what remains releases nothing (a hold is never raised).
+        higher = await store.commit_reversal(reversal("000102", "000001", 1000, replacement=700))
+        assert higher.released_amount == 0
+        rest = await store.commit_reversal(reversal("000103", "000001", 1000))
+        assert rest.released_amount == 600
+        assert await balances(store) == (BALANCE, BALANCE)
+        assert await store.active_holds_total(ACCOUNT_ID) == 0
+
+
+async def test_reversal_of_a_debit_credits_ledger_and_available(tmp_path: Path) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+        await store.commit_auth(auth("000001", 3000, kind="debit"))
+        out = await store.commit_reversal(reversal("000101", "000001", 3000, replacement=1000))
+        assert out.released_amount == 2000
+        assert await balances(store) == (BALANCE - 1000, BALANCE - 1000)
+
+
+async def test_reversal_finds_original_through_zero_filled_de90_acquirer(tmp_path: Path) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+        await store.commit_auth(auth("000001", 1000))
+        out = await store.commit_reversal(
+            reversal("000101", "000001", 1000, acquirer="00000012345")
+        )
+        assert out.matched and out.released_amount == 1000
+
+
+async def test_reversal_of_a_declined_original_matches_and_releases_nothing(
+    tmp_path: Path,
+) -> None:
+    async with seeded_store(tmp_path / "s.db", balance=10) as store:
+        assert (await store.commit_auth(auth("000001", 1000))).response_code == "51"
+        out = await store.commit_reversal(reversal("000101", "000001", 1000))
+        assert (out.matched, out.released_amount, out.available_balance) == (True, 0, 10)
+
+
+async def test_reversal_releases_velocity_of_the_original(tmp_path: Path) -> None:
+    limits = SpendControls(daily_amount=1000, daily_count=1)
+    async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits) as store:
+        assert (await store.commit_auth(auth("000001", 1000, velocity=limits))).approved
+        assert not (await store.commit_auth(auth("000002", 10, velocity=limits))).approved
+        await store.commit_reversal(reversal("000101", "000001", 1000))
+        assert (await store.commit_auth(auth("000003", 1000, velocity=limits))).approved
+
+
+async def test_unmatched_reversal_is_kept_and_late_original_declined(tmp_path: Path) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+        early = await store.commit_reversal(reversal("000101", "000001", 1000))
+        assert early == ReversalOutcome("00", False, 0, None, False)
+        late = await store.commit_auth(auth("000001", 1000))
+        assert (late.response_code, late.hold_id, late.approval_code) == ("05", None, None)
+        assert await balances(store) == (BALANCE, BALANCE)
+        # A reversal repeat now finds the (declined) original and releases nothing.
+        again = await store.commit_reversal(reversal("000102", "000001", 1000, mti="0420"))
+        assert (again.matched, again.released_amount) == (True, 0)
+
+
+async def test_advice_after_its_reversal_is_acknowledged_without_money(tmp_path: Path) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+        await store.commit_reversal(reversal("000101", "000001", 1000, mti="0420"))
+        advice = await store.commit_auth(auth("000001", 1000, kind="advice_debit"))
+        assert advice.response_code == "00"
+        assert await balances(store) == (BALANCE, BALANCE)
+
+
+# -- provisioning writes and failures ---------------------------------------------------------
+
+
+async def test_card_upsert_status_and_unique_fingerprint(tmp_path: Path) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+        assert await store.set_card_status(CARD_ID, CardStatus.LOST)
+        assert not await store.set_card_status("no-such-card", CardStatus.LOST)
+        card = await store.get_card(CARD_ID)
+        assert card is not None and card.status is CardStatus.LOST
+        assert await store.get_card_by_fingerprint(card.pan_fingerprint) == card
+        with pytest.raises(StoreError) as err:
+            await store.put_card(make_card("card-2"))  # same PAN, another id
+        assert err.value.kind == "integrity"
+        with pytest.raises(StoreError) as err:
+            await store.put_card(make_card("card-3", "5555555551234567", account_id="nope"))
+        assert err.value.kind == "integrity"
+        assert [c.id for c in await store.list_cards()] == [CARD_ID]
+        assert card.masked_pan == "412345******2345"
+        assert "4123456789012345" not in repr(card)
+
+
+async def test_one_failing_write_in_a_batch_fails_only_its_caller(tmp_path: Path) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+        results: dict[str, object] = {}
+
+        async def run(stan: str, currency: str) -> None:
+            try:
+                results[stan] = await store.commit_auth(auth(stan, 100, currency=currency))
+            except StoreError as exc:
+                results[stan] = exc
+
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+                nursery.start_soon(run, f"00000{i}", "840" if i == 5 else CURRENCY)
+        assert isinstance(results["000005"], StoreError)
+        assert results["000005"].kind == "invalid"
+        approved = [r for r in results.values() if isinstance(r, AuthOutcome) and r.approved]
+        assert len(approved) == 9
+        assert await balances(store) == (BALANCE, BALANCE - 900)
+        assert await store.find_outcome(dup_key("000005")) is None
+
+
+async def test_cancelled_writes_are_withdrawn_if_queued_and_answered_if_taken(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    async with seeded_store(path, BALANCE) as store:
+        # Another connection holds the write lock, so the writer's first batch blocks in BEGIN
+        # and the second intent stays queued behind it.
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        results: dict[str, object] = {}
+
+        async def submit(stan: str, scope: trio.CancelScope) -> None:
+            with scope:
+                results[stan] = await store.commit_auth(auth(stan, 100))
+            results[stan + "-cancelled"] = scope.cancelled_caught
+
+        taken, queued = trio.CancelScope(), trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(submit, "000001", taken)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(submit, "000002", queued)
+            await trio.testing.wait_all_tasks_blocked()
+            taken.cancel()
+            queued.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            blocker.execute("COMMIT")
+            blocker.close()
+        # The taken one was committed and its outcome returned despite the cancellation.
+        first = results["000001"]
+        assert isinstance(first, AuthOutcome) and first.approved
+        assert results["000001-cancelled"] is False
+        # The queued one was withdrawn: nothing written.
+        assert "000002" not in results and results["000002-cancelled"] is True
+        assert await store.find_outcome(dup_key("000002")) is None
+        assert await balances(store) == (BALANCE, BALANCE - 100)
+
+
+async def test_closed_store_refuses_operations(tmp_path: Path) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+        pass
+    with pytest.raises(StoreError) as err:
+        await store.commit_auth(auth("000001"))
+    assert err.value.kind == "closed"
+    with pytest.raises(StoreError):
+        await store.get_account(ACCOUNT_ID)

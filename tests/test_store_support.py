@@ -1,0 +1,134 @@
+"""Shared builders of the store tests: a fresh SQLite store with one account and one card, and
+intents keyed by STAN. No tests live here."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from switch.config import StoreConfig
+from switch.log import mask_pan
+from switch.store import (
+    Account,
+    AuthIntent,
+    Card,
+    CardStatus,
+    DuplicateKey,
+    OriginalKey,
+    ReversalIntent,
+    SpendControls,
+    SqliteStore,
+)
+from switch.store.sqlite import open_sqlite_store
+
+#: The CVV test-vector card (published Visa table); only its fingerprint reaches the store.
+PAN = "4123456789012345"
+ACCOUNT_ID = "acct-1"
+CARD_ID = "card-1"
+CURRENCY = "978"
+NETWORK = "visa"
+#: DE32 as the original carries it (LLVAR, no padding).
+ACQUIRER = "12345"
+#: DE7 of every test request.
+DE7 = "0101120000"
+#: HMAC key of the test fingerprints (the switch gets fingerprints from the card-data vault).
+FP_KEY = b"test-fingerprint-key-0123456789ab"
+
+
+def fingerprint(pan: str) -> bytes:
+    return hmac.new(FP_KEY, pan.encode(), hashlib.sha256).digest()
+
+
+def make_card(
+    card_id: str = CARD_ID,
+    pan: str = PAN,
+    account_id: str = ACCOUNT_ID,
+    **changes: Any,
+) -> Card:
+    base: dict[str, Any] = {
+        "id": card_id,
+        "account_id": account_id,
+        "pan_fingerprint": fingerprint(pan),
+        "pan_ciphertext": os.urandom(60),
+        "first6": pan[:6],
+        "last4": pan[-4:],
+        "pan_length": len(pan),
+        "expiry": "8701",
+        "status": CardStatus.ACTIVE,
+        "service_code": "101",
+        "pin_method": "pvv",
+        "pvki": "1",
+        "pin_verification_value": "8523",
+        "pin_try_limit": 3,
+    }
+    base.update(changes)
+    return Card(**base)
+
+
+def dup_key(stan: str, mti: str = "0100", acquirer: str = ACQUIRER) -> DuplicateKey:
+    return DuplicateKey(NETWORK, acquirer, DE7, stan, f"RRN{stan:>9}", "TERM0001", mti)
+
+
+def orig_key(stan: str, acquirer: str = ACQUIRER) -> OriginalKey:
+    return OriginalKey(NETWORK, acquirer, stan, DE7)
+
+
+def auth(stan: str, amount: int = 1000, kind: str = "hold", **changes: Any) -> AuthIntent:
+    """An authorization on the test card; ``stan`` makes its keys unique."""
+    mti = {"hold": "0100", "debit": "0200", "advice_hold": "0120", "advice_debit": "0220"}
+    base: dict[str, Any] = {
+        "dup_key": dup_key(stan, mti.get(kind, "0100")),
+        "original_key": orig_key(stan),
+        "mti": mti.get(kind, "0100"),
+        "card_id": CARD_ID,
+        "account_id": ACCOUNT_ID,
+        "masked_pan": mask_pan(PAN),
+        "amount": amount,
+        "currency": CURRENCY,
+        "kind": kind,
+        "approval_code": f"A{stan[-5:]:>05}",
+        "velocity_day": "20250101",
+        "velocity_month": "202501",
+    }
+    base.update(changes)
+    return AuthIntent(**base)
+
+
+def reversal(
+    stan: str,
+    original_stan: str,
+    amount: int = 1000,
+    *,
+    replacement: int | None = None,
+    mti: str = "0400",
+    acquirer: str = ACQUIRER,
+) -> ReversalIntent:
+    return ReversalIntent(
+        dup_key=dup_key(stan, mti),
+        original_key=orig_key(original_stan, acquirer),
+        mti=mti,
+        amount=amount,
+        replacement_amount=replacement,
+        currency=CURRENCY,
+        masked_pan=mask_pan(PAN),
+    )
+
+
+@asynccontextmanager
+async def seeded_store(
+    path: Path,
+    balance: int = 100_000,
+    controls: SpendControls | None = None,
+    batch_max: int = 128,
+) -> AsyncIterator[SqliteStore]:
+    """A store at ``path`` holding one account with ``balance`` and the test card on it."""
+    async with open_sqlite_store(StoreConfig(path=path, batch_max=batch_max)) as store:
+        if await store.get_account(ACCOUNT_ID) is None:
+            await store.put_account(Account(ACCOUNT_ID, CURRENCY, balance, balance))
+            await store.put_card(make_card(controls=controls or SpendControls()))
+        yield store
