@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import secrets
 import struct
 import threading
@@ -91,8 +92,13 @@ T = TypeVar("T")
 #: Every PKCS#11 call of this process holds this lock (SoftHSM 2.6 is not thread-safe
 #: across sessions); one session per process is opened through it.
 _PROCESS_LOCK = threading.Lock()
-#: PKCS#11 modules loaded by this process (a library reads its configuration once).
-LOADED_MODULES: set[str] = set()
+#: PKCS#11 module loaded by this process -> the SOFTHSM2_CONF it was initialised with
+#: (SoftHSM reads its configuration in C_Initialize).
+LOADED_MODULES: dict[str, str | None] = {}
+#: Sessions open in this process (a one-element list so that it can be updated in place).
+_OPEN_SESSIONS = [0]
+#: Environment variable SoftHSM2 reads its configuration file name from.
+_SOFTHSM_CONF_ENV = "SOFTHSM2_CONF"
 #: Prefix and version of the CKA_ID convention described in the module docstring.
 _ID_PREFIX = "cardswitch:1"
 _PART_KEY = "key"
@@ -207,6 +213,24 @@ def derive_des2(
         ctypes.memset(buf, 0, len(data))
 
 
+def _library(module: str) -> Any:
+    """The process's library object, re-initialised if ``SOFTHSM2_CONF`` changed since.
+
+    Called with ``_PROCESS_LOCK`` held. Re-initialising (C_Finalize, C_Initialize) closes every
+    session of the process, so it is refused while a ``Pkcs11Hsm`` is open.
+    """
+    conf = os.environ.get(_SOFTHSM_CONF_ENV)
+    lib = pkcs11.lib(module)
+    if module in LOADED_MODULES and LOADED_MODULES[module] != conf:
+        if _OPEN_SESSIONS[0]:
+            raise HsmUnavailable(
+                "PKCS#11 library already in use with another SOFTHSM2_CONF in this process"
+            )
+        lib.reinitialize()
+    LOADED_MODULES[module] = conf
+    return lib
+
+
 def _object_id(usage: KeyUsage, algorithm: KeyAlgorithm, kcv: str, part: str) -> bytes:
     return f"{_ID_PREFIX}:{usage}:{algorithm}:{kcv}:{part}".encode("ascii")
 
@@ -281,8 +305,7 @@ class Pkcs11Hsm:
             raise HsmUnavailable(f"PKCS#11 module {module} not found")
         with _PROCESS_LOCK:
             try:
-                lib = pkcs11.lib(str(module))
-                LOADED_MODULES.add(str(module))
+                lib = _library(str(module))
                 token = lib.get_token(token_label=token_label)
                 session = token.open(rw=True, user_pin=user_pin)
             except p11e.NoSuchToken:
@@ -291,6 +314,7 @@ class Pkcs11Hsm:
                 raise HsmUnavailable(f"login to token {token_label!r} refused") from None
             except (p11e.PKCS11Error, RuntimeError, OSError) as exc:
                 raise HsmUnavailable(f"PKCS#11 token unusable: {type(exc).__name__}") from None
+            _OPEN_SESSIONS[0] += 1
         return cls(session, timeout=timeout, offload=offload)
 
     def __repr__(self) -> str:
@@ -593,6 +617,7 @@ class Pkcs11Hsm:
         if not self._closed:
             self._closed = True
             self._keys = {}
+            _OPEN_SESSIONS[0] -= 1
             with contextlib.suppress(p11e.PKCS11Error):
                 self._session.close()
 

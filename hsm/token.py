@@ -7,8 +7,8 @@ idempotent), and ``open_hsm``, which returns the configured backend.
 
 What does not: keys (``cardswitch keys ...`` in ``hsm.cli``), the commands (``hsm.api``).
 
-SoftHSM reads ``SOFTHSM2_CONF`` once, when the library is first loaded in a process: a process
-uses one SoftHSM configuration. ``ensure_token`` refuses a second, different one.
+SoftHSM reads ``SOFTHSM2_CONF`` when the library is initialised: a process uses one SoftHSM
+configuration at a time; ``hsm.pkcs11`` switches to another only when no session is open.
 """
 
 from __future__ import annotations
@@ -68,16 +68,9 @@ def write_conf(conf: Path) -> Path:
 
 
 def _activate(conf: Path) -> None:
-    current = os.environ.get(SOFTHSM_CONF_ENV)
-    if current and Path(current).resolve() != conf and _library_loaded():
-        raise HsmUnavailable(
-            f"SoftHSM already loaded in this process with {current}; one configuration per process"
-        )
+    # Read by SoftHSM when the library is initialised (hsm.pkcs11 re-initialises it when this
+    # changes and no session is open).
     os.environ[SOFTHSM_CONF_ENV] = str(conf)
-
-
-def _library_loaded() -> bool:
-    return bool(pkcs11_backend.LOADED_MODULES)
 
 
 def _util() -> str:
@@ -117,8 +110,7 @@ def ensure_token(cfg: HsmConfig) -> TokenStatus:
     label.
 
     Raises:
-        HsmUnavailable: softhsm2-util missing or failing, or SoftHSM already loaded in this
-            process with another configuration.
+        HsmUnavailable: softhsm2-util missing or failing.
     """
     conf = write_conf(cfg.softhsm_conf)
     _activate(conf)
@@ -148,6 +140,11 @@ def ensure_token(cfg: HsmConfig) -> TokenStatus:
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         raise HsmUnavailable(f"softhsm2-util --init-token failed: {type(exc).__name__}") from None
     return TokenStatus(conf, token_dir, created=True)
+
+
+def init_dev_token(cfg: HsmConfig) -> bool:
+    """``ensure_token`` for the CLI: True if the token was created, False if it existed."""
+    return ensure_token(cfg).created
 
 
 def open_hsm(cfg: HsmConfig, *, offload: bool = True) -> Hsm:

@@ -25,6 +25,8 @@ from switch.wire.messages import Message
 
 #: Bytes asked of the TLS stream per read.
 _RECEIVE_SIZE = 65536
+#: Seconds a graceful TLS close may take before the socket is just dropped.
+_CLOSE_TIMEOUT = 1.0
 #: Largest response frame accepted from the switch.
 _MAX_FRAME = 65535
 
@@ -52,8 +54,10 @@ class Client:
         self._pending: list[_Pending] = []
         self._send_lock = trio.Lock()
         self._closed = trio.Event()
-        #: Frames the reader could not match to a request (unsolicited or late answers).
+        #: Messages the reader could not match to a request (unsolicited or late answers),
+        #: and their frames, for callers that need fields the typed message does not carry.
         self.unmatched: list[Message] = []
+        self.unmatched_frames: list[bytes] = []
         #: Why the reader stopped, once it has.
         self.closed_reason: str | None = None
 
@@ -88,7 +92,13 @@ class Client:
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
-            await trio.aclose_forcefully(stream)
+            with trio.move_on_after(_CLOSE_TIMEOUT) as scope:
+                try:
+                    await stream.aclose()  # close_notify, so the server sees a clean EOF
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    scope.cancel()
+            if scope.cancelled_caught:
+                await trio.aclose_forcefully(stream)
 
     async def request(self, message: Message) -> Message:
         """Send ``message`` and return the response matched to it.
@@ -133,8 +143,9 @@ class Client:
                 if not data:
                     self.closed_reason = "eof"
                     return
-                for frame in decoder.feed(data):
-                    self._deliver(codec.decode(frame, self._spec))
+                for frame in decoder.feed(bytes(data)):
+                    if not self._deliver(codec.decode(frame, self._spec)):
+                        self.unmatched_frames.append(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
             self.closed_reason = type(exc).__name__
         except (FramingError, codec.FormatError) as exc:
@@ -142,16 +153,18 @@ class Client:
         finally:
             self._closed.set()
 
-    def _deliver(self, response: Message) -> None:
+    def _deliver(self, response: Message) -> bool:
+        """Hand ``response`` to the request waiting for it; False when none was."""
         stan, when, terminal = _key(response)
         same_stan = [p for p in self._pending if p.key[0] == stan and p.response is None]
         exact = [p for p in same_stan if p.key == (stan, when, terminal)]
         chosen = exact or same_stan
         if not chosen:
             self.unmatched.append(response)
-            return
+            return False
         chosen[0].response = response
         chosen[0].done.set()
+        return True
 
 
 def _key(message: Any) -> tuple[str, str | None, str | None]:

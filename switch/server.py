@@ -74,7 +74,7 @@ class _CloseConnection(Exception):
         self.kind = kind
 
 
-@dataclass
+@dataclass(eq=False)
 class _Connection:
     """State of one accepted connection, owned by its tasks."""
 
@@ -88,6 +88,8 @@ class _Connection:
     #: Requests of this connection being processed (bounded by listener.max_in_flight).
     slots: trio.Semaphore
     reader_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    #: Scope of all the connection's tasks; cancelled to drop the connection.
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     closing_kind: str | None = None
 
 
@@ -219,43 +221,58 @@ class Server:
             log.info("disconnected", listener=lst.name, remote=remote, outcome=outcome)
 
     async def _run_connection(self, conn: _Connection) -> None:
-        """Reader, request tasks and writer of one connection; returns when it is closed."""
-        async with trio.open_nursery() as conn_nursery:
-            conn_nursery.start_soon(self._writer, conn)
-            try:
-                async with trio.open_nursery() as requests:
-                    with conn.reader_scope:
-                        await self._reader(conn, requests)
-                    # Reader finished (EOF, drain): requests in flight finish and are answered.
-            except _CloseConnection as exc:
-                conn.closing_kind = exc.kind
-                conn_nursery.cancel_scope.cancel()
-            finally:
-                conn.outbox_send.close()
+        """Reader, request tasks and writer of one connection; returns when it is closed.
 
-    async def _reader(self, conn: _Connection, requests: trio.Nursery) -> None:
+        Each task handles its own errors and, when the stream is lost, records why and
+        cancels the connection, so no exception crosses the nurseries.
+        """
+        async with trio.open_nursery() as conn_nursery:
+            conn.cancel_scope = conn_nursery.cancel_scope
+            conn_nursery.start_soon(self._writer, conn)
+            async with trio.open_nursery() as requests:
+                with conn.reader_scope:
+                    kind = await self._reader(conn, requests)
+                if kind is not None:
+                    self._close(conn, kind)
+                # EOF or drain: the requests in flight finish and are answered.
+            conn.outbox_send.close()
+
+    @staticmethod
+    def _close(conn: _Connection, kind: str) -> None:
+        """Drop the connection now: in-flight requests are abandoned, nothing more is sent."""
+        if conn.closing_kind is None:
+            conn.closing_kind = kind
+        conn.cancel_scope.cancel()
+
+    async def _reader(self, conn: _Connection, requests: trio.Nursery) -> str | None:
+        """Read frames until EOF (None) or until the stream is lost (the reason, a metric label)."""
         lst = conn.listener
         decoder = FrameDecoder(lst.header, lst.max_frame)
         frame_deadline = math.inf
         while True:
             with trio.move_on_at(frame_deadline) as frame_scope:
-                data = await conn.stream.receive_some(_RECEIVE_SIZE)
+                try:
+                    data = await conn.stream.receive_some(_RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    log.info("read_failed", listener=lst.name, remote=conn.remote,
+                             error=_describe(exc.__cause__ or exc))  # fmt: skip
+                    return "broken"
             if frame_scope.cancelled_caught:
                 metrics.observe_protocol_error(lst.name, "frame_timeout")
                 log.warning("frame_timeout", listener=lst.name, remote=conn.remote)
-                raise _CloseConnection("frame_timeout")
+                return "frame_timeout"
             if not data:
                 if decoder.in_progress:
                     metrics.observe_protocol_error(lst.name, "truncated_frame")
                     log.warning("truncated_frame", listener=lst.name, remote=conn.remote)
-                    raise _CloseConnection("truncated_frame")
-                return
+                    return "truncated_frame"
+                return None
             try:
-                frames = decoder.feed(data)
+                frames = decoder.feed(bytes(data))
             except FramingError as exc:
                 metrics.observe_protocol_error(lst.name, exc.kind)
                 log.warning("framing_error", listener=lst.name, remote=conn.remote, kind=exc.kind)
-                raise _CloseConnection(exc.kind) from None
+                return exc.kind
             for frame in frames:
                 received_at = trio.current_time()
                 # Backpressure: stop reading while this connection or the switch is full.
@@ -276,7 +293,13 @@ class Server:
                     batch.append(conn.outbox_recv.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            await conn.stream.send_all(b"".join(batch))
+            try:
+                await conn.stream.send_all(b"".join(batch))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.warning("write_failed", listener=conn.listener.name, remote=conn.remote,
+                            unsent=len(batch), error=_describe(exc.__cause__ or exc))  # fmt: skip
+                self._close(conn, "write_failed")
+                return
 
     async def _request(self, conn: _Connection, frame: bytes, received_at: float) -> None:
         metrics.IN_FLIGHT.inc()
@@ -288,6 +311,13 @@ class Server:
                     conn.outbox_send.send_nowait(framed)
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     log.warning("answer_dropped_connection_closed", listener=conn.listener.name)
+        except _CloseConnection as exc:
+            self._close(conn, exc.kind)
+        except Exception as exc:
+            # A bug, not bad input: keep the switch and the connection up, say so loudly.
+            metrics.observe_protocol_error(conn.listener.name, "internal_error")
+            log.error("request_failed", listener=conn.listener.name, error=_describe(exc),
+                      exc_info=exc)  # fmt: skip
         finally:
             metrics.IN_FLIGHT.dec()
             self._global_slots.release()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from typing import TypeVar
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -46,7 +47,10 @@ def text(n: int, m: int | None = None) -> st.SearchStrategy[str]:
     return st.text(PRINTABLE, min_size=n, max_size=n if m is None else m)
 
 
-def opt(s: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+T = TypeVar("T")
+
+
+def opt(s: st.SearchStrategy[T]) -> st.SearchStrategy[T | None]:
     return st.none() | s
 
 

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 #: Fields asked of tshark, in output order.
-TSHARK_FIELDS = ("mti", "bit2", "bit3", "bit4", "bit7", "bit11", "bit38", "bit39", "bit41")
-TSHARK_FIELDS += ("bit49", "bit54", "bit70")
+TSHARK_FIELDS: tuple[str, ...] = ("mti", "bit2", "bit3", "bit4", "bit7", "bit11", "bit38")
+TSHARK_FIELDS += ("bit39", "bit41", "bit49", "bit54", "bit70")
 
 
 def tshark_decode(tmp_path: Path, msg: Message) -> dict[str, str]:

@@ -8,7 +8,7 @@ integer constants, and :class:`EmvFormatError`.
 Tags are integers of their encoded bytes (``0x9F26``), as EMV Book 3 Annex B writes them.
 Lengths follow ISO/IEC 8825-1 definite forms: short (one byte < 0x80) and long (0x81-0x84
 followed by up to four length bytes); indefinite length is not allowed in EMV. Padding
-bytes 0x00 and 0xFF between objects are skipped as EMV Book 3 permits.
+bytes 0x00 between objects are skipped as EMV Book 3 permits.
 
 What does not: the cryptography of ARQC/ARPC (hsm/), field numbers and the DE55 envelope
 (messages.py, spec.py). EMV data is sensitive: nothing here logs it and errors never contain it.
@@ -89,8 +89,9 @@ _TAG_MAX_BYTES: Final = 4
 _LENGTH_LONG_BIT: Final = 0x80
 #: Most length bytes after 0x8n accepted.
 _LENGTH_MAX_BYTES: Final = 4
-#: Bytes EMV allows between data objects as padding.
-_PADDING: Final = (0x00, 0xFF)
+#: Byte EMV allows before, between and after data objects as padding (0xFF is not: Mastercard
+#: uses FFxx template tags).
+_PADDING: Final = 0x00
 #: Deepest nesting of constructed templates accepted (guards against crafted recursion).
 _MAX_DEPTH: Final = 8
 
@@ -152,7 +153,7 @@ def _parse(data: bytes, start: int, end: int, depth: int) -> tuple[Tlv, ...]:
     items: list[Tlv] = []
     pos = start
     while pos < end:
-        if data[pos] in _PADDING:
+        if data[pos] == _PADDING:
             pos += 1
             continue
         tag_start = pos
@@ -170,15 +171,15 @@ def _parse(data: bytes, start: int, end: int, depth: int) -> tuple[Tlv, ...]:
                     raise EmvFormatError(f"tag too long at offset {tag_start}")
         tag = int.from_bytes(data[tag_start:pos], "big")
         if pos >= end:
-            raise EmvFormatError(f"length missing at offset {pos}")
+            raise EmvFormatError(f"length of tag at offset {tag_start} missing")
         length = data[pos]
         pos += 1
         if length & _LENGTH_LONG_BIT:
             count = length & ~_LENGTH_LONG_BIT
             if count == 0 or count > _LENGTH_MAX_BYTES:
-                raise EmvFormatError(f"unsupported length form at offset {pos - 1}")
+                raise EmvFormatError(f"unsupported length form of tag at offset {tag_start}")
             if pos + count > end:
-                raise EmvFormatError(f"length truncated at offset {pos - 1}")
+                raise EmvFormatError(f"length of tag at offset {tag_start} truncated")
             length = int.from_bytes(data[pos : pos + count], "big")
             pos += count
         if pos + length > end:

@@ -232,7 +232,8 @@ def _safe_repr(obj: Any) -> str:
         if f.metadata.get("pan") and isinstance(value, str):
             parts.append(f"{f.name}={mask_pan(value)!r}")
         elif not f.repr:
-            parts.append(f"{f.name}={'<redacted>' if value not in (None, (), b'') else value!r}")
+            shown = "<redacted>" if value not in (None, (), b"") else repr(value)
+            parts.append(f"{f.name}={shown}")
         else:
             parts.append(f"{f.name}={value!r}")
     return f"{type(obj).__name__}({', '.join(parts)})"
@@ -598,6 +599,18 @@ Message = (
     | NetworkResponse
     | UnsupportedMessage
     | ErrorResponse
+)
+
+#: The classes :func:`to_fields` accepts.
+_MESSAGE_TYPES: Final = (
+    AuthRequest,
+    AuthResponse,
+    ReversalRequest,
+    ReversalResponse,
+    NetworkRequest,
+    NetworkResponse,
+    UnsupportedMessage,
+    ErrorResponse,
 )
 
 
@@ -1075,6 +1088,8 @@ def to_fields(msg: Message) -> dict[str, str]:
         TypeError: ``msg`` is not a message dataclass.
         ValueError: a value that cannot be laid out (e.g. a negative amount).
     """
+    if not isinstance(msg, _MESSAGE_TYPES):
+        raise TypeError(f"not a wire message: {type(msg).__name__}")
     out: dict[str, str] = {_MTI: msg.mti}
     if isinstance(msg, AuthRequest):
         _echo(out, msg)
@@ -1127,7 +1142,7 @@ def to_fields(msg: Message) -> dict[str, str]:
         else:
             _put(out, _SECURITY, msg.security_control)
             _put(out, _ADDITIONAL, msg.key_data)
-    elif isinstance(msg, UnsupportedMessage | ErrorResponse):
+    else:
         _put(out, _TRANSMISSION, msg.transmission_time)
         _put(out, _STAN, msg.stan)
         _put(out, _ACQUIRER, msg.acquirer_id)
@@ -1136,6 +1151,4 @@ def to_fields(msg: Message) -> dict[str, str]:
         if isinstance(msg, ErrorResponse):
             out[_RESPONSE] = msg.response_code
             _put(out, _NETWORK_CODE, msg.network_code)
-    else:
-        raise TypeError(f"not a wire message: {type(msg).__name__}")
     return out

@@ -1,0 +1,3 @@
+"""Root conftest: the shared fixture modules of the suite (tests/ is on sys.path)."""
+
+pytest_plugins = ["server_fixtures"]
