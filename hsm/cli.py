@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -37,8 +38,10 @@ from typing import Any
 
 import psec.tr31
 import trio
+from cryptography.utils import CryptographyDeprecationWarning
 
 from hsm.api import (
+    KEY_LENGTHS,
     ArpcRequest,
     ArqcGeneration,
     ArqcVerification,
@@ -49,7 +52,7 @@ from hsm.api import (
     KeyInfo,
     KeyUsage,
 )
-from hsm.errors import HsmError, InvalidInput, KeyNotFound
+from hsm.errors import HsmError, InvalidInput, KeyNotFound, KeyUsageError
 from hsm.software import software_kcv
 from switch.config import Config, load_default_or_embedded
 from switch.log import mask_pan, scrub
@@ -232,7 +235,7 @@ class _OpenHsm:
     async def __aenter__(self) -> Hsm:
         from hsm import token  # noqa: PLC0415 - keeps `cardswitch --help` free of PKCS#11
 
-        hsm = await token.open_hsm(self._cfg.hsm)
+        hsm = await trio.to_thread.run_sync(token.open_hsm, self._cfg.hsm)
         self._stack.push_async_callback(hsm.aclose)
         return hsm
 
@@ -271,6 +274,40 @@ def _hex(value: str, option: str, lengths: tuple[int, ...] | None = None) -> byt
 # ------------------------------------------------------------------------------ commands
 
 
+async def ensure_card_data_keys(hsm: Hsm, cfg: Config) -> list[str]:
+    """Generate the card-data keys named in ``cfg.card_data`` that the HSM lacks; idempotent.
+
+    For backend ``hsm``: an ``hmac`` key (fingerprint) and a ``data`` AES key (PAN
+    encryption), generated inside the HSM. For backend ``kms`` nothing is created (the keys
+    live in KMS).
+
+    Returns:
+        One human-readable line per key (label, usage, algorithm, KCV, generated/present).
+
+    Raises:
+        KeyUsageError: a key with that label exists with another usage.
+    """
+    card = cfg.card_data
+    if card.backend != "hsm":
+        return [f"card data backend {card.backend!r}: no card-data keys in the HSM"]
+    present = {info.label: info for info in await hsm.list_keys()}
+    lines = []
+    for label, usage in (
+        (card.fingerprint_key, KeyUsage.HMAC),
+        (card.encryption_key, KeyUsage.DATA),
+    ):
+        info = present.get(label)
+        if info is None:
+            info = await hsm.generate_key(label, usage)
+            action = "generated"
+        elif info.usage is not usage:
+            raise KeyUsageError(label, str(usage), str(info.usage))
+        else:
+            action = "present"
+        lines.append(f"key {label!r} ({info.usage}, {info.algorithm}) KCV {info.kcv}: {action}")
+    return lines
+
+
 async def _cmd_init(args: argparse.Namespace, cfg: Config) -> int:
     if cfg.hsm.backend != "pkcs11":
         raise UsageError("hsm init needs hsm.backend = 'pkcs11' (software keys are not kept)")
@@ -279,25 +316,9 @@ async def _cmd_init(args: argparse.Namespace, cfg: Config) -> int:
     created = await trio.to_thread.run_sync(token.init_dev_token, cfg.hsm)
     state = "created" if created else "opened"
     print(f"token {cfg.hsm.token_label!r} {state} (SOFTHSM2_CONF={cfg.hsm.softhsm_conf})")
-    if cfg.card_data.backend != "hsm":
-        print(f"card data backend {cfg.card_data.backend!r}: no card-data keys in the token")
-        return EXIT_OK
-    wanted = (
-        (cfg.card_data.fingerprint_key, KeyUsage.HMAC),
-        (cfg.card_data.encryption_key, KeyUsage.DATA),
-    )
     async with _OpenHsm(cfg) as hsm:
-        present = {info.label: info for info in await hsm.list_keys()}
-        for label, usage in wanted:
-            info = present.get(label)
-            if info is None:
-                info = await hsm.generate_key(label, usage)
-                action = "generated"
-            elif info.usage is not usage:
-                return _fail(f"key {label!r} exists with usage {info.usage}, not {usage}", 1)
-            else:
-                action = "present"
-            print(f"key {label!r} ({info.usage}, {info.algorithm}) KCV {info.kcv}: {action}")
+        for line in await ensure_card_data_keys(hsm, cfg):
+            print(line)
     return EXIT_OK
 
 
@@ -418,10 +439,13 @@ async def _open_tr31(hsm: Hsm, args: argparse.Namespace, usage: KeyUsage) -> _Un
     if kek.usage is not KeyUsage.KEK:
         raise UsageError(f"key {args.kek!r} has usage {kek.usage}, not kek")
     kbpk = _hex(_secret(args.kbpk, "--kbpk"), "--kbpk")
-    if len(kbpk) not in (16, 24, 32) or software_kcv(kek.algorithm, kbpk) != kek.kcv:
+    if len(kbpk) != KEY_LENGTHS.get(kek.algorithm) or software_kcv(kek.algorithm, kbpk) != kek.kcv:
         raise UsageError(f"--kbpk does not match the check value of KEK {args.kek!r}")
     try:
-        header, value = psec.tr31.unwrap(kbpk, args.tr31)
+        with warnings.catch_warnings():
+            # psec still uses the two-key TripleDES that cryptography deprecates.
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            header, value = psec.tr31.unwrap(kbpk, args.tr31)
     except (psec.tr31.HeaderError, psec.tr31.KeyBlockError) as exc:
         raise UsageError(f"--tr31: {exc}") from None
     finally:

@@ -40,6 +40,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import hashlib
+import hmac
 import os
 import secrets
 import struct
@@ -95,8 +97,9 @@ _PROCESS_LOCK = threading.Lock()
 #: PKCS#11 module loaded by this process -> the SOFTHSM2_CONF it was initialised with
 #: (SoftHSM reads its configuration in C_Initialize).
 LOADED_MODULES: dict[str, str | None] = {}
-#: Sessions open in this process (a one-element list so that it can be updated in place).
-_OPEN_SESSIONS = [0]
+#: The one logged-in session per (module, token label) of this process, shared by every
+#: ``Pkcs11Hsm`` opened on that token (a second login would fail: the process is logged in).
+_SESSIONS: dict[tuple[str, str], _SharedSession] = {}
 #: Environment variable SoftHSM2 reads its configuration file name from.
 _SOFTHSM_CONF_ENV = "SOFTHSM2_CONF"
 #: Prefix and version of the CKA_ID convention described in the module docstring.
@@ -140,6 +143,19 @@ _ALL_CAPABILITIES = (
     Attribute.VERIFY,
     Attribute.DERIVE,
 )
+
+
+@dataclass(eq=False)
+class _SharedSession:
+    """A logged-in session, the digest of the PIN it was opened with, and its users."""
+
+    session: Any
+    pin_digest: bytes
+    users: int = 0
+
+
+def _pin_digest(pin: str) -> bytes:
+    return hashlib.sha256(pin.encode("utf-8")).digest()
 
 
 @dataclass(frozen=True, eq=False)
@@ -222,7 +238,7 @@ def _library(module: str) -> Any:
     conf = os.environ.get(_SOFTHSM_CONF_ENV)
     lib = pkcs11.lib(module)
     if module in LOADED_MODULES and LOADED_MODULES[module] != conf:
-        if _OPEN_SESSIONS[0]:
+        if _SESSIONS:
             raise HsmUnavailable(
                 "PKCS#11 library already in use with another SOFTHSM2_CONF in this process"
             )
@@ -281,6 +297,7 @@ class Pkcs11Hsm:
         self._inline_lock = trio.Lock()
         self._keys: dict[str, StoredKey[TokenKey]] = {}
         self._closed = False
+        self._shared_key: tuple[str, str] | None = None
         self._cipher = Pkcs11Cipher()
         self._commands = Commands(self._cipher, self._lookup, rng)
         with _PROCESS_LOCK:
@@ -303,19 +320,28 @@ class Pkcs11Hsm:
         """
         if not Path(module).exists():
             raise HsmUnavailable(f"PKCS#11 module {module} not found")
+        key = (str(module), token_label)
         with _PROCESS_LOCK:
-            try:
-                lib = _library(str(module))
-                token = lib.get_token(token_label=token_label)
-                session = token.open(rw=True, user_pin=user_pin)
-            except p11e.NoSuchToken:
-                raise HsmUnavailable(f"no token labelled {token_label!r}") from None
-            except p11e.PinIncorrect:
-                raise HsmUnavailable(f"login to token {token_label!r} refused") from None
-            except (p11e.PKCS11Error, RuntimeError, OSError) as exc:
-                raise HsmUnavailable(f"PKCS#11 token unusable: {type(exc).__name__}") from None
-            _OPEN_SESSIONS[0] += 1
-        return cls(session, timeout=timeout, offload=offload)
+            shared = _SESSIONS.get(key)
+            if shared is None:
+                try:
+                    lib = _library(str(module))
+                    token = lib.get_token(token_label=token_label)
+                    session = token.open(rw=True, user_pin=user_pin)
+                except p11e.NoSuchToken:
+                    raise HsmUnavailable(f"no token labelled {token_label!r}") from None
+                except p11e.PinIncorrect:
+                    raise HsmUnavailable(f"login to token {token_label!r} refused") from None
+                except (p11e.PKCS11Error, RuntimeError, OSError) as exc:
+                    name = type(exc).__name__
+                    raise HsmUnavailable(f"PKCS#11 token unusable: {name}") from None
+                shared = _SESSIONS[key] = _SharedSession(session, _pin_digest(user_pin))
+            elif not hmac.compare_digest(shared.pin_digest, _pin_digest(user_pin)):
+                raise HsmUnavailable(f"login to token {token_label!r} refused")
+            shared.users += 1
+        hsm = cls(shared.session, timeout=timeout, offload=offload)
+        hsm._shared_key = key
+        return hsm
 
     def __repr__(self) -> str:
         return f"Pkcs11Hsm(keys={len(self._keys)}, offload={self._offload})"
@@ -344,10 +370,16 @@ class Pkcs11Hsm:
         )
 
     def _lookup(self, label: str) -> StoredKey[TokenKey]:
-        try:
-            return self._keys[label]
-        except KeyError:
-            raise KeyNotFound(label) from None
+        """The key of ``label``; the index is reloaded once on a miss, so keys created by
+        another ``Pkcs11Hsm`` or process (``cardswitch keys import``) are found. Called with
+        ``_PROCESS_LOCK`` held."""
+        stored = self._keys.get(label)
+        if stored is None:
+            self._load_keys()
+            stored = self._keys.get(label)
+        if stored is None:
+            raise KeyNotFound(label)
+        return stored
 
     def _locked(self, fn: Callable[..., T], *args: Any) -> T:
         with _PROCESS_LOCK:
@@ -595,13 +627,18 @@ class Pkcs11Hsm:
         algorithm = resolve_algorithm(usage, algorithm, None)
         return await self._call(self._generate, label, usage, algorithm)
 
-    async def list_keys(self) -> list[KeyInfo]:
-        await trio.lowlevel.checkpoint()
+    def _list(self) -> list[KeyInfo]:
+        self._load_keys()
         return sorted((k.info for k in self._keys.values()), key=lambda i: i.label)
 
-    async def key_check_value(self, label: str) -> str:
-        await trio.lowlevel.checkpoint()
+    async def list_keys(self) -> list[KeyInfo]:
+        return await self._call(self._list)
+
+    def _kcv(self, label: str) -> str:
         return self._lookup(label).info.kcv
+
+    async def key_check_value(self, label: str) -> str:
+        return await self._call(self._kcv, label)
 
     def _delete(self, label: str) -> None:
         stored = self._lookup(label)
@@ -617,7 +654,13 @@ class Pkcs11Hsm:
         if not self._closed:
             self._closed = True
             self._keys = {}
-            _OPEN_SESSIONS[0] -= 1
+            key = self._shared_key
+            shared = _SESSIONS.get(key) if key is not None else None
+            if key is not None and shared is not None:
+                shared.users -= 1
+                if shared.users > 0:
+                    return
+                del _SESSIONS[key]
             with contextlib.suppress(p11e.PKCS11Error):
                 self._session.close()
 

@@ -21,7 +21,8 @@ COMMAND_MODULES = (
     "switch.send",  # send
     "switch.pki",  # pki init
     "hsm.cli",  # hsm ..., keys ...
-    "switch.provision",  # cards ..., accounts ..., dev-setup
+    "switch.provision",  # cards ..., accounts ...
+    "switch.devsetup",  # dev-setup
 )
 
 #: Exit status for usage and configuration errors (argparse uses the same).

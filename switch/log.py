@@ -144,5 +144,9 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
 
 
 def get_logger(name: str) -> Any:
-    """A bound structlog logger carrying ``logger=name``."""
-    return structlog.get_logger().bind(logger=name)
+    """A structlog logger carrying ``logger_name=name``.
+
+    Lazy: it follows the configuration in force when it logs, so module-level loggers created
+    at import time honour ``configure`` called later.
+    """
+    return structlog.get_logger(logger_name=name)

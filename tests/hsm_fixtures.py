@@ -1,6 +1,6 @@
 """Fixtures of the HSM tests: a SoftHSM2 token in a temporary directory and both backends.
 
-What lives here: the session-scoped dev token (created through ``hsm.token``, as the switch
+What lives here: the module-scoped dev token (created through ``hsm.token``, as the switch
 does), the PKCS#11 and software backends loaded with the same published test keys, and the
 published vectors. Registered with ``pytest_plugins = ["hsm_fixtures"]`` (tests/ is on sys.path).
 
@@ -58,16 +58,20 @@ async def _load_keys(hsm: Hsm) -> None:
         await hsm.import_key(label, usage, value, algorithm)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def hsm_config(tmp_path_factory: pytest.TempPathFactory) -> HsmConfig:
     """An HSM configuration whose SoftHSM token lives in a temporary directory."""
     var = tmp_path_factory.mktemp("var")
     return HsmConfig(softhsm_conf=var / "softhsm" / "softhsm2.conf", timeout=5.0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pkcs11_hsm(hsm_config: HsmConfig) -> Iterator[Pkcs11Hsm]:
-    """The PKCS#11 backend on a fresh SoftHSM token, with ``TEST_KEYS`` imported."""
+    """The PKCS#11 backend on a fresh SoftHSM token, with ``TEST_KEYS`` imported.
+
+    Module-scoped and closed at the end of the module: the process has one session, and other
+    test modules may use a SoftHSM configuration of their own.
+    """
     status = ensure_token(hsm_config)
     assert status.created
     hsm = Pkcs11Hsm.open(

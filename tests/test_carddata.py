@@ -10,17 +10,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
+import trio
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from hsm.api import Hsm, KeyUsage
 from hsm.carddata import CardVault, HsmVault, KmsVault, open_vault
 from hsm.errors import DecryptionFailed, HsmError, InvalidInput, KeyNotFound
+from hsm.pkcs11 import Pkcs11Hsm
 from hsm.software import SoftwareHsm
-from switch.config import CardDataConfig, Config
+from hsm.token import ensure_token
+from switch.config import CardDataConfig, Config, HsmConfig
 
 #: Public test PANs (from the published CVV vectors).
 PAN = "4123456789012345"
@@ -36,22 +38,32 @@ async def _load_keys(hsm: Hsm) -> None:
     await hsm.import_key("pan-encryption", KeyUsage.DATA, AES_KEY)
 
 
-@pytest.fixture(params=["software", "pkcs11"])
-async def hsm(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Hsm]:
-    if request.param == "software":
-        backend: Hsm = SoftwareHsm()
-    else:
-        token = pytest.importorskip("hsm.token")
-        from switch.config import HsmConfig
+@pytest.fixture(scope="module")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pkcs11Hsm]:
+    """A SoftHSM token of this module, created through ``hsm.token`` as the switch does.
 
-        cfg = HsmConfig(softhsm_conf=tmp_path / "softhsm" / "softhsm2.conf")
-        token.init_dev_token(cfg)
-        backend = await token.open_hsm(cfg)
+    Closed when the module ends: SoftHSM allows one logged-in session per process.
+    """
+    var = tmp_path_factory.mktemp("carddata-var")
+    cfg = HsmConfig(softhsm_conf=var / "softhsm" / "softhsm2.conf", timeout=5.0)
+    assert ensure_token(cfg).created
+    hsm = Pkcs11Hsm.open(cfg.module, cfg.token_label, cfg.user_pin, timeout=5.0)
     try:
-        await _load_keys(backend)
-        yield backend
+        trio.run(_load_keys, hsm)
+        yield hsm
     finally:
-        await backend.aclose()
+        trio.run(hsm.aclose)
+
+
+@pytest.fixture(params=["software", "pkcs11"])
+def hsm(request: pytest.FixtureRequest) -> Hsm:
+    """Each backend in turn: a fresh software HSM, or this module's SoftHSM token."""
+    if request.param == "pkcs11":
+        token: Hsm = request.getfixturevalue("softhsm")
+        return token
+    software = SoftwareHsm()
+    trio.run(_load_keys, software)
+    return software
 
 
 @pytest.fixture
@@ -118,9 +130,12 @@ async def test_blob_opens_after_key_rotation(hsm: Hsm, vault: HsmVault) -> None:
     """The blob names its key, so a vault configured with a newer key still opens old blobs."""
     blob = await vault.seal(PAN, CONTEXT)
     await hsm.import_key("pan-encryption-2", KeyUsage.DATA, bytes(32))
-    rotated = HsmVault(hsm, "pan-fingerprint", "pan-encryption-2")
-    assert await rotated.unseal(blob, CONTEXT) == PAN
-    assert (await rotated.seal(PAN, CONTEXT))[2 : 2 + 16] == b"pan-encryption-2"
+    try:
+        rotated = HsmVault(hsm, "pan-fingerprint", "pan-encryption-2")
+        assert await rotated.unseal(blob, CONTEXT) == PAN
+        assert (await rotated.seal(PAN, CONTEXT))[2 : 2 + 16] == b"pan-encryption-2"
+    finally:
+        await hsm.delete_key("pan-encryption-2")
 
 
 async def test_bad_pan_is_refused_without_echo(vault: HsmVault) -> None:

@@ -166,7 +166,9 @@ async def test_pinblock_iso0_twelve_digit_vector(backend: Hsm) -> None:
     assert len(offset) == 12
     block = _tdes(ZPK_2, bytes.fromhex(v["expected"]))
     ref = Ibm3624Reference("pvk", offset, dec, val)
-    assert (await backend.verify_pin(PinVerification("zpk-2", block, PinBlockFormat.ISO_0, pan, ref))).ok
+    assert (
+        await backend.verify_pin(PinVerification("zpk-2", block, PinBlockFormat.ISO_0, pan, ref))
+    ).ok
     wrong = _tdes(ZPK_2, psec_pinblock.encode_pinblock_iso_0("123456789013", pan))
     assert not (
         await backend.verify_pin(PinVerification("zpk-2", wrong, PinBlockFormat.ISO_0, pan, ref))

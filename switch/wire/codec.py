@@ -252,4 +252,7 @@ def format_error_response(err: FormatError, spec: SpecKind = "ascii") -> bytes |
         terminal_id=err.terminal_id,
         network_code=err.network_code,
     )
-    return encode(answer, spec)
+    try:
+        return encode(answer, spec)
+    except ValueError:  # pragma: no cover - recovered values are validated; defensive
+        return None

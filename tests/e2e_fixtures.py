@@ -1,0 +1,144 @@
+"""A whole switch for end-to-end tests: server + pipeline + SQLite store + SoftHSM (PKCS#11).
+
+What lives here: the session token (shared with the HSM tests: SoftHSM reads its
+configuration once per process) with the demo keys added, the demo cards plus a few test
+cards, and ``running_switch``, which starts the real server over mutual TLS on 127.0.0.1 with
+a fresh store per test. Logs of the run go to a file the test can search for card data.
+
+What does not: assertions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from hsm.api import Hsm
+from hsm.carddata import HsmVault
+from hsm.errors import KeyExists
+from hsm.pkcs11 import Pkcs11Hsm
+from switch import log as log_mod
+from switch.config import Config, StoreConfig
+from switch.pipeline import Pipeline
+from switch.pki import PkiPaths
+from switch.provision import import_cards, load_keys, load_rows
+from switch.server import Server
+from switch.store import open_store
+from switch.store.sqlite import SqliteStore
+from switch.tls import server_context
+
+from server_fixtures import make_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CARDS = REPO / "config" / "demo" / "cards.json"
+DEMO_KEYS = REPO / "config" / "demo" / "keys.json"
+#: Cards only the tests use, next to the demo set (public test PANs, own accounts).
+EXTRA_CARDS: list[dict[str, Any]] = [
+    {
+        "pan": "4000001234567899",
+        "expiry": "3012",
+        "service_code": "101",
+        "account": "acct-velocity",
+        "currency": "978",
+        "balance": 1000000,
+        "cvk": "demo-cvk",
+        "daily_count": 2,
+        "daily_amount": 5000,
+    },
+    {
+        "pan": "4000009876543210",
+        "expiry": "3012",
+        "service_code": "101",
+        "account": "acct-race",
+        "currency": "978",
+        "balance": 20 * 700,
+        "cvk": "demo-cvk",
+    },
+    {
+        "pan": "4000005555555555",
+        "expiry": "3012",
+        "service_code": "101",
+        "account": "acct-pin",
+        "currency": "978",
+        "balance": 1000000,
+        "cvk": "demo-cvk",
+        "pvk": "demo-pvk",
+        "pvki": "1",
+        "pin": "2468",
+    },
+]
+
+
+@pytest.fixture(scope="session")
+def demo_hsm(pkcs11_hsm: Pkcs11Hsm) -> Pkcs11Hsm:
+    """The session SoftHSM token with the demo keys (public test keys) added."""
+
+    async def load() -> None:
+        for key in load_keys(DEMO_KEYS):
+            from hsm.api import KeyAlgorithm, KeyUsage  # noqa: PLC0415
+
+            algorithm = KeyAlgorithm(key.algorithm) if key.algorithm else None
+            try:
+                await pkcs11_hsm.import_key(
+                    key.label, KeyUsage(key.usage), bytes.fromhex(key.clear_hex), algorithm
+                )
+            except KeyExists:
+                pass
+
+    trio.run(load)
+    return pkcs11_hsm
+
+
+@pytest.fixture(scope="session")
+def card_rows(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    path = tmp_path_factory.mktemp("cards") / "cards.json"
+    demo = json.loads(DEMO_CARDS.read_text())["cards"]
+    path.write_text(json.dumps({"cards": demo + EXTRA_CARDS}))
+    return load_rows(path)
+
+
+@dataclass
+class Switch:
+    port: int
+    store: SqliteStore
+    hsm: Hsm
+    config: Config
+    log: io.StringIO
+    db_path: Path
+
+
+@asynccontextmanager
+async def running_switch(
+    pki: PkiPaths, hsm: Hsm, rows: list[Any], tmp: Path, **listener: Any
+) -> AsyncIterator[Switch]:
+    """A switch with a fresh store holding ``rows``, serving on an ephemeral port."""
+    base = make_config(pki, zpk="demo-zpk", **listener)
+    cfg = replace(
+        base,
+        store=StoreConfig(path=tmp / "cardswitch.db"),
+        card_data=replace(base.card_data, fingerprint_key="fp", encryption_key="pan"),
+    )
+    logs = io.StringIO()
+    log_mod.configure("info", "json", stream=logs)
+    vault = HsmVault(hsm, "fp", "pan")
+    async with open_store(cfg.store) as store:
+        report = await import_cards(store, hsm, vault, rows)
+        assert report.ok, report.failures
+        assert isinstance(store, SqliteStore)
+        pipeline = Pipeline(cfg, store=store, hsm=hsm, vault=vault)
+        server = Server(cfg, pipeline, server_context(cfg.tls))
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(server.serve)
+            try:
+                yield Switch(bound[0][2], store, hsm, cfg, logs, cfg.store.path)
+            finally:
+                server.shutdown()
+    log_mod.configure("info", "console")
