@@ -58,15 +58,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def serve(cfg: Config, ready_file: Path | None = None, engine: bool = True) -> None:
-    """Run the switch until SIGTERM/SIGINT, then drain and return."""
+async def serve(
+    cfg: Config,
+    ready_file: Path | None = None,
+    engine: bool = True,
+    handler: RequestHandler | None = None,
+) -> None:
+    """Run the switch until SIGTERM/SIGINT, then drain and return.
+
+    Args:
+        cfg: the configuration.
+        ready_file: where to write the bound listeners once accepting.
+        engine: open the HSM, vault and store and decide with the pipeline; without it every
+            authorization is answered 91.
+        handler: decide with this handler instead (tests); ``engine`` is then ignored.
+    """
     tls = TlsContextHolder(cfg.tls)
     if cfg.metrics.port:
         metrics.serve(cfg.metrics.host, cfg.metrics.port)
     async with AsyncExitStack() as stack:
-        handler: RequestHandler = UnavailableHandler()
-        if engine:
-            handler = await _open_engine(cfg, stack)
+        if handler is None:
+            handler = await _open_engine(cfg, stack) if engine else UnavailableHandler()
         server = Server(cfg, handler, tls.get)
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(server.serve)

@@ -230,6 +230,7 @@ class Server:
             conn.cancel_scope = conn_nursery.cancel_scope
             conn_nursery.start_soon(self._writer, conn)
             async with trio.open_nursery() as requests:
+                kind: str | None = None  # stays None when the drain cancels the reader
                 with conn.reader_scope:
                     kind = await self._reader(conn, requests)
                 if kind is not None:

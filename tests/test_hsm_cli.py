@@ -38,8 +38,9 @@ def vectors(category: str) -> list[dict[str, Any]]:
 
 def vector(name: str) -> dict[str, Any]:
     doc = json.loads(VECTORS_PATH.read_text(encoding="utf-8"))
-    (found,) = [v for v in doc["vectors"] if v["name"] == name]
-    return found
+    found: list[dict[str, Any]] = [v for v in doc["vectors"] if v["name"] == name]
+    assert len(found) == 1, name
+    return found[0]
 
 
 def tdes_kcv(key_hex: str) -> str:

@@ -1,0 +1,102 @@
+"""The switch as a real process: SIGTERM drains in-flight requests and exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from switch.client import Client
+from switch.pki import PkiPaths
+from switch.send import build_auth, echo
+from switch.wire.messages import AuthResponse, NetworkResponse
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(path: Path, pki: PkiPaths, **extra: str) -> Path:
+    """A TOML configuration with one listener on port 0 and metrics off."""
+    lines = [
+        "[[listener]]",
+        'host = "127.0.0.1"',
+        "port = 0",
+        "[tls]",
+        f'ca = "{pki.ca}"',
+        f'cert = "{pki.server_cert}"',
+        f'key = "{pki.server_key}"',
+        "[server]",
+        "drain_timeout = 10.0",
+        "[metrics]",
+        "port = 0",
+    ]
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def wait_ready(ready: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> int:
+    """The port the process reported, once it is accepting."""
+    with trio.fail_after(timeout):
+        while not ready.exists():
+            assert proc.poll() is None, "switch exited before it was ready"
+            await trio.sleep(0.05)
+    port: int = json.loads(ready.read_text())["listeners"][0]["port"]
+    return port
+
+
+async def test_sigterm_answers_in_flight_and_exits_0(
+    pki: PkiPaths, client_ctx: ssl.SSLContext, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "switch.toml", pki)
+    ready = tmp_path / "ready.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "slow_switch.py"), str(cfg), str(ready), "1.0"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        port = await wait_ready(ready, proc)
+        answers: list[AuthResponse] = []
+        async with Client.connect("127.0.0.1", port, client_ctx) as client:
+            # The switch works before the signal.
+            with trio.fail_after(5):
+                assert isinstance(await client.request(echo()), NetworkResponse)
+
+            async def one(i: int) -> None:
+                answer = await client.request(build_auth("4123456789012345", 100 + i))
+                assert isinstance(answer, AuthResponse)
+                answers.append(answer)
+
+            with trio.fail_after(15):
+                async with trio.open_nursery() as nursery:
+                    for i in range(20):
+                        nursery.start_soon(one, i)
+                    await trio.sleep(0.3)  # all 20 are now inside the 1 s handler
+                    proc.send_signal(signal.SIGTERM)
+        assert len(answers) == 20
+        assert {a.response_code for a in answers} == {"00"}
+        with trio.fail_after(15):
+            while proc.poll() is None:  # noqa: ASYNC110 - waiting on a child process
+                await trio.sleep(0.05)
+        assert proc.returncode == 0
+        # It no longer accepts connections.
+        try:
+            await trio.open_tcp_stream("127.0.0.1", port)
+        except OSError:
+            pass
+        else:
+            raise AssertionError("switch still accepting after drain")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()
