@@ -77,9 +77,9 @@ EXTRA_CARDS: list[dict[str, Any]] = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def demo_hsm(pkcs11_hsm: Pkcs11Hsm) -> Pkcs11Hsm:
-    """The session SoftHSM token with the demo keys (public test keys) added."""
+    """The module's SoftHSM token (see hsm_fixtures) with the demo keys (public test keys)."""
 
     async def load() -> None:
         for key in load_keys(DEMO_KEYS):
