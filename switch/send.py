@@ -218,7 +218,7 @@ def to_json(message: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"type": type(message).__name__}
     for f in dataclasses.fields(message):
         value = getattr(message, f.name)
-        if value is None or value == () or not f.repr and f.name != "emv":
+        if value is None or value == () or (not f.repr and f.name != "emv"):
             continue
         if f.name == "pan":
             value = mask_pan(value)

@@ -10,6 +10,7 @@ What does not: assertions.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from collections.abc import AsyncIterator
@@ -20,8 +21,9 @@ from typing import Any
 
 import pytest
 import trio
+from server_fixtures import make_config
 
-from hsm.api import Hsm
+from hsm.api import Hsm, KeyAlgorithm, KeyUsage
 from hsm.carddata import HsmVault
 from hsm.errors import KeyExists
 from hsm.pkcs11 import Pkcs11Hsm
@@ -34,8 +36,6 @@ from switch.server import Server
 from switch.store import open_store
 from switch.store.sqlite import SqliteStore
 from switch.tls import server_context
-
-from server_fixtures import make_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CARDS = REPO / "config" / "demo" / "cards.json"
@@ -83,15 +83,11 @@ def demo_hsm(pkcs11_hsm: Pkcs11Hsm) -> Pkcs11Hsm:
 
     async def load() -> None:
         for key in load_keys(DEMO_KEYS):
-            from hsm.api import KeyAlgorithm, KeyUsage  # noqa: PLC0415
-
             algorithm = KeyAlgorithm(key.algorithm) if key.algorithm else None
-            try:
+            with contextlib.suppress(KeyExists):
                 await pkcs11_hsm.import_key(
                     key.label, KeyUsage(key.usage), bytes.fromhex(key.clear_hex), algorithm
                 )
-            except KeyExists:
-                pass
 
     trio.run(load)
     return pkcs11_hsm

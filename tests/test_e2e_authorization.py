@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+from e2e_fixtures import Switch, running_switch
 
 from hsm.pkcs11 import Pkcs11Hsm
 from switch.client import Client
@@ -20,9 +21,6 @@ from switch.send import build_auth, build_reversal, encipher_pin
 from switch.store.models import CardStatus
 from switch.wire import emv
 from switch.wire.messages import AuthRequest, AuthResponse, ReversalResponse, Track2
-
-from e2e_fixtures import Switch, running_switch
-
 
 #: Visa CVV table vector: PAN, expiry 8701, service code 101 -> CVV 561 (under demo-cvk).
 APPROVAL_PAN = "4123456789012345"
@@ -54,9 +52,7 @@ CVN10_ARPC_ARC_3030 = "28993816AFAE4AEB"
 
 
 @pytest.fixture
-async def switch(
-    pki: PkiPaths, demo_hsm: Pkcs11Hsm, card_rows: list[Any], tmp_path: Path
-) -> Any:
+async def switch(pki: PkiPaths, demo_hsm: Pkcs11Hsm, card_rows: list[Any], tmp_path: Path) -> Any:
     async with running_switch(pki, demo_hsm, card_rows, tmp_path) as sw:
         yield sw
 
@@ -78,7 +74,9 @@ async def _available(sw: Switch, account: str) -> int:
 
 async def test_approval_with_track2_cvv(switch: Switch, client_ctx: ssl.SSLContext) -> None:
     (answer,) = await _ask(
-        switch, client_ctx, build_auth(APPROVAL_PAN, 1000, track2=APPROVAL_TRACK2, pos_entry_mode="901")
+        switch,
+        client_ctx,
+        build_auth(APPROVAL_PAN, 1000, track2=APPROVAL_TRACK2, pos_entry_mode="901"),
     )
     assert isinstance(answer, AuthResponse)
     assert answer.response_code == "00"
@@ -186,7 +184,9 @@ async def test_full_and_partial_reversal(switch: Switch, client_ctx: ssl.SSLCont
 async def test_repeat_reversal_releases_once(switch: Switch, client_ctx: ssl.SSLContext) -> None:
     original = build_auth(APPROVAL_PAN, 10_000)
     reversal = build_reversal(original)
-    repeat = build_reversal(original, mti="0401", stan=reversal.stan, when=reversal.transmission_time)
+    repeat = build_reversal(
+        original, mti="0401", stan=reversal.stan, when=reversal.transmission_time
+    )
     advice = build_reversal(original, mti="0420")  # another reversal of the same original
     answers = await _ask(switch, client_ctx, original, reversal, repeat, advice)
     assert [a.response_code for a in answers] == ["00", "00", "00", "00"]
@@ -274,13 +274,15 @@ async def test_pin_try_counter_resets_and_replay_counts_once(
 
 async def test_50_concurrent_on_balance_for_20(switch: Switch, client_ctx: ssl.SSLContext) -> None:
     codes: list[str] = []
-    async with Client.connect("127.0.0.1", switch.port, client_ctx) as one, Client.connect(
-        "127.0.0.1", switch.port, client_ctx
-    ) as two:
+    async with (
+        Client.connect("127.0.0.1", switch.port, client_ctx) as one,
+        Client.connect("127.0.0.1", switch.port, client_ctx) as two,
+    ):
 
         async def send(i: int) -> None:
             client = one if i % 2 else two
             answer = await client.request(build_auth(RACE_PAN, 700, stan=f"{i + 1:06d}"))
+            assert isinstance(answer, AuthResponse)
             codes.append(answer.response_code)
 
         with trio.fail_after(30):
@@ -293,9 +295,7 @@ async def test_50_concurrent_on_balance_for_20(switch: Switch, client_ctx: ssl.S
     assert await switch.store.active_holds_total("acct-race") == 20 * 700
 
 
-async def test_no_card_data_in_database_or_logs(
-    switch: Switch, client_ctx: ssl.SSLContext
-) -> None:
+async def test_no_card_data_in_database_or_logs(switch: Switch, client_ctx: ssl.SSLContext) -> None:
     pin_block = _pin("2468")
     await _ask(
         switch,

@@ -40,13 +40,13 @@ def write_config(path: Path, pki: PkiPaths, **extra: str) -> Path:
     return path
 
 
-async def wait_ready(ready: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> int:
-    """The port the process reported, once it is accepting."""
-    with trio.fail_after(timeout):
-        while not ready.exists():
-            assert proc.poll() is None, "switch exited before it was ready"
-            await trio.sleep(0.05)
-    port: int = json.loads(ready.read_text())["listeners"][0]["port"]
+async def wait_ready(ready: Path, proc: trio.Process) -> int:
+    """The port the process reported, once it is accepting (bound it with a cancel scope)."""
+    path = trio.Path(ready)
+    while not await path.exists():
+        assert proc.poll() is None, "switch exited before it was ready"
+        await trio.sleep(0.05)
+    port: int = json.loads(await path.read_text())["listeners"][0]["port"]
     return port
 
 
@@ -56,14 +56,15 @@ async def test_sigterm_answers_in_flight_and_exits_0(
     cfg = write_config(tmp_path / "switch.toml", pki)
     ready = tmp_path / "ready.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
+    proc = await trio.lowlevel.open_process(
         [sys.executable, str(REPO / "tests" / "slow_switch.py"), str(cfg), str(ready), "1.0"],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
     try:
-        port = await wait_ready(ready, proc)
+        with trio.fail_after(20):
+            port = await wait_ready(ready, proc)
         answers: list[AuthResponse] = []
         async with Client.connect("127.0.0.1", port, client_ctx) as client:
             # The switch works before the signal.
@@ -84,9 +85,7 @@ async def test_sigterm_answers_in_flight_and_exits_0(
         assert len(answers) == 20
         assert {a.response_code for a in answers} == {"00"}
         with trio.fail_after(15):
-            while proc.poll() is None:  # noqa: ASYNC110 - waiting on a child process
-                await trio.sleep(0.05)
-        assert proc.returncode == 0
+            assert await proc.wait() == 0
         # It no longer accepts connections.
         try:
             await trio.open_tcp_stream("127.0.0.1", port)
@@ -97,6 +96,5 @@ async def test_sigterm_answers_in_flight_and_exits_0(
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.wait(10)
-        if proc.stderr:
-            proc.stderr.close()
+        with trio.move_on_after(10):
+            await proc.wait()

@@ -9,22 +9,6 @@ from pathlib import Path
 import iso8583
 import pytest
 import trio
-
-from switch.client import Client
-from switch.handler import RequestContext
-from switch.pki import PkiPaths
-from switch.send import build_auth, echo
-from switch.wire import codec
-from switch.wire.framing import encode_frame
-from switch.wire.spec import spec_for
-from switch.wire.messages import (
-    AuthRequest,
-    AuthResponse,
-    NetworkResponse,
-    ReversalRequest,
-    ReversalResponse,
-)
-
 from server_fixtures import (
     anonymous_client_ctx,
     expired_client_ctx,
@@ -34,6 +18,21 @@ from server_fixtures import (
     tls11_client_ctx,
 )
 
+from switch.client import Client
+from switch.handler import RequestContext
+from switch.pki import PkiPaths
+from switch.send import build_auth, echo
+from switch.wire import codec
+from switch.wire.framing import encode_frame
+from switch.wire.messages import (
+    AuthRequest,
+    AuthResponse,
+    ErrorResponse,
+    NetworkResponse,
+    ReversalRequest,
+    ReversalResponse,
+)
+from switch.wire.spec import spec_for
 
 PAN = "4123456789012345"
 
@@ -204,6 +203,7 @@ async def test_garbage_body_with_mti_and_stan_gets_30(
                 while not client.unmatched:  # noqa: ASYNC110 - the reader fills it
                     await trio.sleep(0.01)
                 answer = client.unmatched[0]
+                assert isinstance(answer, ErrorResponse)
                 assert answer.mti == "0110"
                 assert answer.stan == "004242"
                 assert answer.response_code == "30"
@@ -245,7 +245,7 @@ class _ShuffledHandler:
 
     async def authorize(self, request: AuthRequest, context: RequestContext) -> AuthResponse:
         self.seen += 1
-        await trio.sleep(random.uniform(0, 0.2))  # noqa: S311 - test jitter
+        await trio.sleep(random.uniform(0, 0.2))
         return AuthResponse.answer(request, "00", approval_code=request.stan)
 
     async def reverse(self, request: ReversalRequest, context: RequestContext) -> ReversalResponse:
