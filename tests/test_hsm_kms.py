@@ -24,6 +24,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from hsm.carddata import CardVault
 from hsm.errors import DecryptionFailed, HsmUnavailable, InvalidInput
 from hsm.kms import (
     KmsKeyError,
@@ -139,6 +140,7 @@ CONTEXT = {"card_id": "card-0001"}
 
 
 async def test_round_trip(kms: KmsVault) -> None:
+    assert isinstance(kms, CardVault)
     blob = await kms.seal(PAN, CONTEXT)
     assert PAN.encode() not in blob
     assert await kms.unseal(blob, CONTEXT) == PAN
