@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 import structlog
 import trio
 
+from hsm.algorithms.emv import arqc_data
 from hsm.api import (
     ArpcGeneration,
     ArpcRequest,
@@ -46,7 +47,7 @@ from hsm.api import (
     PvvReference,
 )
 from hsm.carddata import CardVault
-from hsm.errors import HsmError
+from hsm.errors import HsmError, InvalidInput
 from switch import metrics
 from switch.config import Config, ListenerConfig
 from switch.decisions import Profile, Reason, check_controls, profile
@@ -106,13 +107,9 @@ _CSU_APPROVED = b"\x00\x80\x00\x00"
 _ARPC_TIMEOUT = 0.5
 #: Issuer Authentication Data (ARPC || ARC or ARPC || CSU) in the response DE55.
 _TAG_ISSUER_AUTH_DATA = 0x91
-#: Tags of the transaction data an ARQC is computed over (EMV Book 2 recommended minimum /
-#: Visa VIS and M/Chip CDOL1), in order; the CVN adds issuer application data.
-_ARQC_TAGS = (0x9F02, 0x9F03, 0x9F1A, 0x95, 0x5F2A, 0x9A, 0x9C, 0x9F37, 0x82, 0x9F36)
 _TAG_ARQC = 0x9F26
 _TAG_ATC = 0x9F36
 _TAG_UN = 0x9F37
-_TAG_IAD = 0x9F10
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,36 +313,50 @@ class Pipeline:
     async def _security(
         self, req: AuthRequest, card: Card, listener: ListenerConfig | None
     ) -> tuple[Reason | None, PinCheck | None, _EmvContext | None]:
-        """CVV/iCVV from track 2, CVV2 from DE48, PIN from DE52, ARQC from DE55."""
+        """CVV/iCVV from track 2, CVV2 from DE48, ARQC from DE55, PIN from DE52.
+
+        Data the HSM rejects as malformed (``InvalidInput``: a CVV with letters, a PIN block
+        that does not decipher to a PIN) fails the check it was offered to; an HSM that
+        cannot answer makes the whole request unanswerable (91, nothing kept).
+        """
         hsm = self._hsm
+        failing = Reason.CVV_MISMATCH
         try:
             if req.track2 is not None and card.cvk:
                 chip = (req.pos_entry_mode or "")[:2] in _CHIP_ENTRY_MODES
+                failing = Reason.ICVV_MISMATCH if chip else Reason.CVV_MISMATCH
                 disc = req.track2.discretionary
                 cvv = disc[_TRACK2_CVV_OFFSET : _TRACK2_CVV_OFFSET + _CVV_LENGTH]
                 service = _ICVV_SERVICE_CODE if chip else req.track2.service_code
                 result = await hsm.verify_cvv(card.cvk, req.pan, req.track2.expiry, service, cvv)
                 if not result.ok:
-                    return (Reason.ICVV_MISMATCH if chip else Reason.CVV_MISMATCH), None, None
+                    return failing, None, None
             if req.cvv2 is not None and card.cvk:
+                failing = Reason.CVV2_MISMATCH
                 expiry = req.expiry or card.expiry
                 result = await hsm.verify_cvv(
                     card.cvk, req.pan, expiry, _CVV2_SERVICE_CODE, req.cvv2
                 )
                 if not result.ok:
-                    return Reason.CVV2_MISMATCH, None, None
+                    return failing, None, None
             emv_ctx = None
             if req.emv is not None and card.imk_ac and card.emv_cvn:
+                failing = Reason.ARQC_FAILED
                 emv_ctx = await self._verify_arqc(req, card)
                 if emv_ctx is None:
-                    return Reason.ARQC_FAILED, None, None
+                    return failing, None, None
             pin_check: PinCheck | None = None
             if req.pin_block is not None:
                 if card.pin_tries >= card.pin_try_limit:
                     # Already locked: the store answers 75 without counting again.
                     return None, "bad", emv_ctx
-                pin_check = await self._verify_pin(req, card, listener)
+                try:
+                    pin_check = await self._verify_pin(req, card, listener)
+                except InvalidInput:
+                    pin_check = "bad"  # a block that is no PIN block counts as a wrong PIN
             return None, pin_check, emv_ctx
+        except InvalidInput:
+            return failing, None, None
         except HsmError as exc:
             raise _Unavailable(type(exc).__name__) from exc
 
@@ -382,10 +393,10 @@ class Pipeline:
         try:
             tlv = emv.TlvMap.from_bytes(req.emv)
             cvn = Cvn(card.emv_cvn)
-            data = arqc_input(cvn, tlv)
+            data = arqc_data(cvn, {f"{tag:X}": value for tag, value in tlv.items()})
             arqc, atc, un = tlv[_TAG_ARQC], tlv[_TAG_ATC], tlv.get(_TAG_UN, b"")
-        except (emv.EmvFormatError, KeyError, ValueError):
-            return None
+        except (emv.EmvFormatError, InvalidInput, KeyError, ValueError):
+            return None  # no usable cryptogram: a chip transaction that cannot be verified
         emv_card = EmvCard(
             imk=card.imk_ac, cvn=cvn, pan=req.pan, psn=req.pan_sequence or card.pan_sequence
         )
@@ -453,24 +464,6 @@ class Pipeline:
 
 
 # -- pure helpers -------------------------------------------------------------------------------
-
-
-def arqc_input(cvn: Cvn, tlv: emv.TlvMap) -> bytes:
-    """The transaction data an ARQC of this CVN is computed over, from the DE55 tags.
-
-    Visa CVN 10 appends the 4-byte CVR (issuer application data bytes 4-7); CVN 18 appends
-    the whole issuer application data; Mastercard CVN 16 appends the 6-byte CVR (bytes 3-8).
-
-    Raises:
-        KeyError: a required tag is missing.
-    """
-    data = b"".join(tlv[tag] for tag in _ARQC_TAGS)
-    iad = tlv[_TAG_IAD]
-    if cvn is Cvn.VISA_10:
-        return data + iad[3:7]
-    if cvn is Cvn.VISA_18:
-        return data + iad
-    return data + iad[2:8]
 
 
 def _utc_now() -> datetime:
@@ -567,4 +560,4 @@ def _step(name: str) -> Iterator[None]:
         metrics.STEP_SECONDS.labels(name).observe(time.perf_counter() - t0)
 
 
-__all__ = ["Account", "Pipeline", "arqc_input"]
+__all__ = ["Account", "Pipeline"]

@@ -203,7 +203,7 @@ async def test_garbage_body_with_mti_and_stan_gets_30(
                 while not client.unmatched:  # noqa: ASYNC110 - the reader fills it
                     await trio.sleep(0.01)
                 answer = client.unmatched[0]
-                assert isinstance(answer, ErrorResponse)
+                assert isinstance(answer, AuthResponse | ErrorResponse)
                 assert answer.mti == "0110"
                 assert answer.stan == "004242"
                 assert answer.response_code == "30"

@@ -8,7 +8,6 @@ ISO 8583 dissector, and the fields must be the ones our client decoded.
 
 from __future__ import annotations
 
-import os
 import shutil
 import ssl
 import subprocess
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+from e2e_fixtures import running_switch
 
 from hsm.pkcs11 import Pkcs11Hsm
 from switch.client import Client
@@ -24,8 +24,6 @@ from switch.pki import PkiPaths
 from switch.send import build_auth, echo
 from switch.tls import client_context
 from switch.wire.messages import AuthResponse, NetworkResponse, Track2
-
-from e2e_fixtures import running_switch
 
 pytestmark = pytest.mark.skipif(
     any(shutil.which(tool) is None for tool in ("tshark", "text2pcap", "dumpcap")),
@@ -60,8 +58,18 @@ async def _start_capture(port: int, pcap: Path) -> trio.Process:
 def _server_records(pcap: Path, keylog: Path, port: int) -> list[bytes]:
     """The decrypted TLS records the server sent, as tshark's own TLS decryption gives them."""
     out = subprocess.run(
-        ["tshark", "-r", str(pcap), "-q", "-o", f"tls.keylog_file:{keylog}"]
-        + ["-d", f"tcp.port=={port},tls", "-z", "follow,tls,raw,0"],
+        [
+            "tshark",
+            "-r",
+            str(pcap),
+            "-q",
+            "-o",
+            f"tls.keylog_file:{keylog}",
+            "-d",
+            f"tcp.port=={port},tls",
+            "-z",
+            "follow,tls,raw,0",
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -126,7 +134,7 @@ async def test_tshark_decodes_what_the_switch_sends(
                             stan="000322",
                             track2=track2,
                             pos_entry_mode="901",
-                        )  # fmt: skip
+                        )
                     )
             await trio.sleep(1.0)  # let the capture see the last packets
         finally:
@@ -161,4 +169,3 @@ async def test_tshark_decodes_what_the_switch_sends(
             "bit54": f"0002978C{balance.amount:012d}",
         },
     ]
-    assert os.path.getsize(pcap) > 0
