@@ -30,7 +30,7 @@ RUN apt-get update \
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --upgrade pip
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml README.md ./
 COPY switch/ switch/
 COPY hsm/ hsm/
 RUN /opt/venv/bin/pip install . \

@@ -122,31 +122,14 @@ class KmsSettings:
 
     @classmethod
     def from_config(cls, cfg: CardDataConfig) -> KmsSettings:
-        """Read the KMS settings of ``cfg``.
-
-        ``CardDataConfig`` has a single ``kms_key_id`` (the wrapping key). The fingerprint key
-        is named by ``fingerprint_key``: used as is when it already looks like a KMS key id
-        (``alias/...``, an ARN or a key UUID), else as an alias name (``alias/<label>``).
-        """
+        """Read the KMS settings of ``cfg``: ``kms_key_id`` wraps the data keys,
+        ``kms_mac_key_id`` (an HMAC_256 key) fingerprints PANs."""
         return cls(
             encryption_key_id=cfg.kms_key_id,
-            mac_key_id=_as_kms_key_id(cfg.fingerprint_key),
+            mac_key_id=cfg.kms_mac_key_id,
             region=cfg.kms_region,
             endpoint=cfg.kms_endpoint,
         )
-
-
-def _as_kms_key_id(name: str) -> str:
-    if name.startswith(("alias/", "arn:")) or _looks_like_uuid(name):
-        return name
-    return f"alias/{name}"
-
-
-def _looks_like_uuid(name: str) -> bool:
-    parts = name.split("-")
-    return [len(p) for p in parts] == [8, 4, 4, 4, 12] and all(
-        c in "0123456789abcdef" for c in name.replace("-", "").lower()
-    )
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,8 @@ class CardDataConfig:
     encryption_key: str = "pan-encryption"
     #: KMS key id or alias (backend "kms").
     kms_key_id: str = "alias/cardswitch-pan"
+    #: KMS HMAC_256 key that fingerprints PANs (backend "kms").
+    kms_mac_key_id: str = "alias/cardswitch-pan-fingerprint"
     #: KMS endpoint override (a moto server in tests); empty uses the AWS default.
     kms_endpoint: str = ""
     kms_region: str = "eu-west-1"

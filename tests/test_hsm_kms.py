@@ -124,7 +124,7 @@ def moto_kms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoKms]:
 def card_data_config(moto_kms: MotoKms) -> CardDataConfig:
     return CardDataConfig(
         backend="kms",
-        fingerprint_key="pan-fingerprint",
+        kms_mac_key_id="alias/pan-fingerprint",
         kms_key_id=moto_kms.encryption_key_id,
         kms_endpoint=moto_kms.endpoint,
         kms_region="eu-west-1",
@@ -244,7 +244,7 @@ async def test_missing_key_is_a_key_error(
 ) -> None:
     cfg = CardDataConfig(
         backend="kms",
-        fingerprint_key="alias/no-such-mac-key",
+        kms_mac_key_id="alias/no-such-mac-key",
         kms_key_id="alias/no-such-key",
         kms_endpoint=card_data_config.kms_endpoint,
         kms_region="eu-west-1",
@@ -269,8 +269,11 @@ async def test_unreachable_kms_is_unavailable(moto_kms: MotoKms) -> None:
     assert PAN not in str(info.value)
 
 
-def test_settings_name_the_mac_key_as_alias() -> None:
-    as_label = KmsSettings.from_config(CardDataConfig(fingerprint_key="pan-fingerprint"))
-    assert as_label.mac_key_id == "alias/pan-fingerprint"
-    uuid = "1234abcd-12ab-34cd-56ef-1234567890ab"
-    assert KmsSettings.from_config(CardDataConfig(fingerprint_key=uuid)).mac_key_id == uuid
+def test_settings_come_from_the_card_data_config() -> None:
+    cfg = CardDataConfig(kms_key_id="alias/wrap", kms_mac_key_id="alias/mac", kms_region="x-1")
+    settings = KmsSettings.from_config(cfg)
+    assert (settings.encryption_key_id, settings.mac_key_id, settings.region) == (
+        "alias/wrap",
+        "alias/mac",
+        "x-1",
+    )

@@ -1,0 +1,620 @@
+"""Helpers of the crash-safety test: a real switch process killed with SIGKILL under load.
+
+What lives here: the test's own configuration and seed data (``write_config``, ``seed``,
+``SEED_CARDS``), starting the switch as a subprocess (``start_switch``), the load generator
+that records every request and the answers that came back (``Load``), and the checks of the
+SQLite file against what the clients were told (``check_database``), which return the list
+of violations instead of asserting so the test can report them all at once.
+
+What does not: the test itself (test_crash_safety.py). Expected values come from what the
+clients sent and received and from the opening balances written here, never from the
+switch's own code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import ssl
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from switch.client import Client, ClientError
+from switch.pki import PkiPaths
+from switch.send import build_auth, build_reversal
+from switch.wire.messages import AuthRequest, AuthResponse, ReversalRequest, ReversalResponse
+
+REPO = Path(__file__).resolve().parents[1]
+#: The demo key list (public test keys); dev-setup needs one, these cards use none of them.
+DEMO_KEYS = REPO / "config" / "demo" / "keys.json"
+#: Network (listener profile) of the test listener, as the journal records it.
+NETWORK = "visa"
+#: Acquirer id (DE32) and terminal (DE41) that ``build_auth`` puts in every request.
+ACQUIRER = "12345678"
+#: Currency of every account and request (EUR).
+CURRENCY = "978"
+#: Seconds the switch may take to start (import, SoftHSM login, SQLite recovery, bind).
+START_TIMEOUT = 20.0
+#: Seconds one request may wait for its answer while the switch is alive.
+REQUEST_TIMEOUT = 10.0
+#: Connections per round and requests each keeps in flight (one task per slot).
+CONNECTIONS = 4
+SLOTS_PER_CONNECTION = 6
+#: Amount range of a new request, minor units.
+MIN_AMOUNT, MAX_AMOUNT = 100, 3000
+#: Share of each action in the load (the rest are new 0100 authorizations).
+P_DUPLICATE = 0.12
+P_REVERSAL = 0.14
+P_FINANCIAL = 0.08
+#: Share of first reversals that are partial (DE95 keeps half of the amount).
+P_PARTIAL = 0.3
+
+
+@dataclass(frozen=True)
+class SeedCard:
+    """A test card and its account; ``balance`` is the account's opening balance."""
+
+    pan: str = field(repr=False)
+    account: str
+    balance: int
+
+
+#: Test PANs on three accounts. The low account is shared by two cards and covers only a
+#: handful of requests, so insufficient-funds declines (51) are part of every run.
+SEED_CARDS: tuple[SeedCard, ...] = (
+    SeedCard("4000002000000001", "crash-acct-a", 5_000_000),
+    SeedCard("4000002000000019", "crash-acct-a", 5_000_000),
+    SeedCard("4000002000000027", "crash-acct-b", 2_000_000),
+    SeedCard("4000002000000035", "crash-acct-low", 20_000),
+    SeedCard("4000002000000043", "crash-acct-low", 20_000),
+)
+#: Opening balance (ledger = available) of each account.
+OPENING: dict[str, int] = {c.account: c.balance for c in SEED_CARDS}
+#: Account of each PAN.
+ACCOUNT_OF: dict[str, str] = {c.pan: c.account for c in SEED_CARDS}
+
+
+def write_config(tmp: Path, pki: PkiPaths) -> Path:
+    """The switch's TOML: one listener on port 0, the test PKI, SoftHSM, store under ``tmp``."""
+    path = tmp / "switch.toml"
+    path.write_text(
+        "\n".join(
+            [
+                "[[listener]]",
+                f'name = "{NETWORK}"',
+                f'network = "{NETWORK}"',
+                'host = "127.0.0.1"',
+                "port = 0",
+                "[tls]",
+                f'ca = "{pki.ca}"',
+                f'cert = "{pki.server_cert}"',
+                f'key = "{pki.server_key}"',
+                "[hsm]",
+                'backend = "pkcs11"',
+                f'softhsm_conf = "{tmp / "softhsm" / "softhsm2.conf"}"',
+                "timeout = 5.0",
+                "[store]",
+                f'path = "{tmp / "cardswitch.db"}"',
+                "[card-data]",
+                'backend = "hsm"',
+                'fingerprint_key = "crash-fp"',
+                'encryption_key = "crash-pan"',
+                "[metrics]",
+                "port = 0",
+                "[pipeline]",
+                "budget = 5.0",
+                "[server]",
+                "drain_timeout = 5.0",
+                "[log]",
+                'level = "info"',
+                'format = "json"',
+            ]
+        )
+        + "\n"
+    )
+    return path
+
+
+def switch_env(tmp: Path) -> dict[str, str]:
+    """Environment of the switch processes: the repository on the path, our SoftHSM conf."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "SOFTHSM2_CONF": str(tmp / "softhsm" / "softhsm2.conf"),
+    }
+
+
+async def seed(config: Path, tmp: Path) -> None:
+    """Card-data keys, demo keys and the test cards, through ``cardswitch dev-setup``.
+
+    Raises:
+        AssertionError: dev-setup failed (its output is in the message).
+    """
+    cards = tmp / "cards.json"
+    rows = [
+        {
+            "pan": c.pan,
+            "expiry": "3012",
+            "service_code": "101",
+            "account": c.account,
+            "currency": CURRENCY,
+            "balance": c.balance,
+        }
+        for c in SEED_CARDS
+    ]
+    cards.write_text(json.dumps({"cards": rows}))
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, "-m", "switch", "dev-setup", "--config", str(config)]
+            + ["--keys", str(DEMO_KEYS), "--cards", str(cards)],
+            env=switch_env(tmp),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode == 0, f"dev-setup failed ({done.returncode}):\n{output}"
+
+
+async def start_switch(config: Path, tmp: Path, tag: str) -> tuple[trio.Process, int]:
+    """Start ``python -m switch serve`` and return it with its port once it accepts.
+
+    Its stdout and stderr go to ``tmp/switch-<tag>.log``.
+    """
+    ready = tmp / f"ready-{tag}.json"
+    ready.unlink(missing_ok=True)
+    with (tmp / f"switch-{tag}.log").open("wb") as logfile:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "switch", "serve", "--config", str(config)]
+            + ["--ready-file", str(ready)],
+            env=switch_env(tmp),
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        with trio.fail_after(START_TIMEOUT):
+            while not ready.exists():
+                if proc.poll() is not None:
+                    raise AssertionError(f"switch {tag} exited with {proc.returncode} at start")
+                await trio.sleep(0.02)
+        port = int(json.loads(ready.read_text())["listeners"][0]["port"])
+    except BaseException:
+        stop_now(proc)
+        raise
+    return proc, port
+
+
+def stop_now(proc: trio.Process) -> None:
+    """SIGKILL ``proc`` if it still runs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+
+
+# -- the load ---------------------------------------------------------------------------------
+
+Request = AuthRequest | ReversalRequest
+Response = AuthResponse | ReversalResponse
+
+
+@dataclass
+class Exchange:
+    """One request as sent, and its answer if one came."""
+
+    request: Request
+    round: int
+    response: Response | None = None
+
+
+@dataclass
+class RoundStats:
+    """What one round did: requests sent and answered, approvals, requests in flight at the
+    kill."""
+
+    round: int
+    sent: int = 0
+    answered: int = 0
+    approvals: int = 0
+    in_flight_at_kill: int = 0
+    load_seconds: float = 0.0
+
+
+#: Errors that mean the connection to the switch is gone (it was killed).
+_CONNECTION_LOST = (
+    ClientError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+    OSError,
+)
+
+
+class Load:
+    """Concurrent acquirers sending new 0100/0200s, duplicates and reversals; keeps a record.
+
+    ``exchanges`` lists every request sent, in sending order, with its answer or ``None``.
+    """
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.exchanges: list[Exchange] = []
+        self.timeouts = 0
+        self._stan = 0
+        self._round = 0
+        self._in_flight: set[str] = set()
+        #: New authorizations that are complete (answered, or their switch is dead).
+        self._completed: list[AuthRequest] = []
+        #: Answered in the current round or still in flight (moved to completed at its end).
+        self._current: list[AuthRequest] = []
+        #: Authorizations the clients saw approved: what reversals are sent for.
+        self._approved: list[AuthRequest] = []
+        self._approved_stans: set[str] = set()
+        #: The first reversal sent for an original (by the original's STAN).
+        self._first_reversal: dict[str, ReversalRequest] = {}
+
+    def new_stan(self) -> str:
+        """A STAN used by no other request of the test (DE11, six digits)."""
+        self._stan += 1
+        return f"{self._stan:06d}"
+
+    # -- choosing requests ----------------------------------------------------------------------
+
+    def _next(self) -> tuple[Request, bool]:
+        """The next request and whether it is a new authorization."""
+        rng = self.rng
+        r = rng.random()
+        if r < P_DUPLICATE and self._completed:
+            again = rng.choice(self._completed)
+            if again.stan not in self._in_flight:
+                return again, False
+        elif P_DUPLICATE <= r < P_DUPLICATE + P_REVERSAL and self._approved:
+            rev = self._reversal(rng.choice(self._approved))
+            if rev.stan not in self._in_flight:
+                return rev, False
+        card = rng.choice(SEED_CARDS)
+        mti = "0200" if rng.random() < P_FINANCIAL else "0100"
+        amount = rng.randint(MIN_AMOUNT, MAX_AMOUNT)
+        return build_auth(card.pan, amount, mti=mti, stan=self.new_stan()), True
+
+    def _reversal(self, original: AuthRequest) -> ReversalRequest:
+        """A first reversal of ``original``, or one of its repeats.
+
+        Repeats are the same message again (a duplicate), its 0401 repeat, or another
+        reversal (0400 or 0420, new STAN) with the same DE95: each must release nothing more.
+        """
+        rng = self.rng
+        first = self._first_reversal.get(original.stan)
+        if first is None:
+            keep = original.amount // 2 if rng.random() < P_PARTIAL else None
+            first = build_reversal(original, replacement_amount=keep, stan=self.new_stan())
+            self._first_reversal[original.stan] = first
+            return first
+        v = rng.random()
+        if v < 0.35:
+            return first
+        if v < 0.7:
+            return replace(first, mti="0401")
+        return build_reversal(
+            original,
+            mti=rng.choice(["0400", "0420"]),
+            replacement_amount=first.replacement_amount,
+            stan=self.new_stan(),
+        )
+
+    # -- running -----------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def _slot(self, client: Client, stats: RoundStats) -> None:
+        while True:
+            request, new = self._next()
+            exchange = Exchange(request, self._round)
+            self.exchanges.append(exchange)
+            stats.sent += 1
+            if new:
+                assert isinstance(request, AuthRequest)
+                self._current.append(request)
+            self._in_flight.add(request.stan)
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT):
+                    response = await client.request(request)
+            except _CONNECTION_LOST as exc:
+                if isinstance(exc, trio.TooSlowError):
+                    self.timeouts += 1
+                return
+            finally:
+                self._in_flight.discard(request.stan)
+            assert isinstance(response, AuthResponse | ReversalResponse), type(response)
+            exchange.response = response
+            stats.answered += 1
+            if isinstance(response, AuthResponse) and response.response_code == "00":
+                stats.approvals += 1
+                assert isinstance(request, AuthRequest)
+                if request.stan not in self._approved_stans:
+                    self._approved_stans.add(request.stan)
+                    self._approved.append(request)
+            if new:
+                assert isinstance(request, AuthRequest)
+                self._current.remove(request)
+                self._completed.append(request)
+
+    async def _connection(self, port: int, ctx: ssl.SSLContext, stats: RoundStats) -> None:
+        try:
+            async with Client.connect("127.0.0.1", port, ctx, connect_timeout=5.0) as client:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(SLOTS_PER_CONNECTION):
+                        nursery.start_soon(self._slot, client, stats)
+        except _CONNECTION_LOST:
+            return
+
+    async def round(
+        self, number: int, proc: trio.Process, port: int, ctx: ssl.SSLContext, kill_after: float
+    ) -> RoundStats:
+        """Load the switch, SIGKILL it after ``kill_after`` s with requests in flight, and
+        return once every client has seen its connection close."""
+        self._round = number
+        stats = RoundStats(number)
+        started = trio.current_time()
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for _ in range(CONNECTIONS):
+                    nursery.start_soon(self._connection, port, ctx, stats)
+                await trio.sleep(kill_after)
+                with trio.move_on_after(5):
+                    while not self._in_flight:
+                        await trio.sleep(0.001)
+                stats.in_flight_at_kill = self.in_flight
+                proc.send_signal(signal.SIGKILL)
+                stats.load_seconds = trio.current_time() - started
+                await proc.wait()
+        # The process is dead: whatever was unanswered is complete too (a later duplicate
+        # finds its commit, or is decided afresh).
+        self._completed.extend(self._current)
+        self._current.clear()
+        return stats
+
+
+# -- the checks of the database ---------------------------------------------------------------
+
+
+def _dup_params(req: Request) -> tuple[str, ...]:
+    """The duplicate key columns of ``req``'s journal row, from the fields it was sent with."""
+    return (
+        NETWORK,
+        (req.acquirer_id or "").lstrip("0") or "0",
+        req.transmission_time,
+        req.stan,
+        req.rrn or "",
+        req.terminal_id or "",
+        req.mti[:3],
+    )
+
+
+_JOURNAL_BY_KEY = (
+    "SELECT * FROM journal WHERE network = ? AND acquirer_id = ? AND transmission_time = ? "
+    "AND stan = ? AND rrn = ? AND terminal_id = ? AND mti_class = ?"
+)
+
+
+@dataclass
+class DbReport:
+    """Violations found and figures of the database after the run."""
+
+    violations: list[str] = field(default_factory=list)
+    journal_rows: int = 0
+    holds: int = 0
+    #: Approvals the journal holds whose answer no client received (committed, then killed).
+    approvals_unanswered: int = 0
+    #: Answered requests (other than 91 stand-ins) by response code.
+    codes: dict[str, int] = field(default_factory=dict)
+
+
+def open_readonly(db: Path) -> sqlite3.Connection:
+    """A read-only connection to the switch's database file."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def check_database(db: Path, exchanges: Iterable[Exchange]) -> DbReport:
+    """Compare the database with what the clients sent and were told.
+
+    Checked: the file's integrity; one journal row per duplicate key and one hold per
+    original; every answer except a 91 stand-in is journaled with the same response code
+    (and approval code); every approval has its hold of the right kind, amount and account;
+    every acknowledged reversal is journaled as matched; per hold, what reversals released
+    adds up to what it lost, never more than its amount, and matches the reversals the
+    clients had acknowledged; every account's balances equal the opening balance minus what
+    its holds and debits still keep; no journal row or hold comes from a request not sent.
+    """
+    report = DbReport()
+    bad = report.violations
+    exchanges = list(exchanges)
+    with open_readonly(db) as conn:
+        integrity = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+        if integrity != ["ok"]:
+            bad.append(f"integrity_check: {integrity[:5]}")
+        fk = conn.execute("PRAGMA foreign_key_check").fetchall()
+        if fk:
+            bad.append(f"foreign_key_check: {len(fk)} rows, e.g. {tuple(fk[0])}")
+        journal = conn.execute("SELECT * FROM journal ORDER BY id").fetchall()
+        holds = conn.execute("SELECT * FROM holds ORDER BY id").fetchall()
+        accounts = {r["id"]: r for r in conn.execute("SELECT * FROM accounts")}
+        unmatched = conn.execute("SELECT count(*) FROM unmatched_reversals").fetchone()[0]
+        report.journal_rows, report.holds = len(journal), len(holds)
+
+        _check_uniqueness(conn, bad)
+        _check_answers(conn, exchanges, report)
+        _check_reversals(exchanges, journal, holds, bad)
+        _check_balances(accounts, holds, bad)
+
+    if unmatched:
+        bad.append(f"{unmatched} unmatched reversals, but only approved originals were reversed")
+    sent_stans = {x.request.stan for x in exchanges}
+    strangers = [r["id"] for r in journal if r["stan"] not in sent_stans]
+    if strangers:
+        bad.append(f"journal rows {strangers[:5]} belong to no request that was sent")
+    answered_keys = {_dup_params(x.request) for x in exchanges if x.response is not None}
+    report.approvals_unanswered = sum(
+        1
+        for r in journal
+        if r["kind"] != "reversal"
+        and r["response_code"] == "00"
+        and tuple(r[c] for c in _KEY_COLUMNS) not in answered_keys
+    )
+    return report
+
+
+_KEY_COLUMNS = (
+    "network",
+    "acquirer_id",
+    "transmission_time",
+    "stan",
+    "rrn",
+    "terminal_id",
+    "mti_class",
+)
+
+
+def _check_uniqueness(conn: sqlite3.Connection, bad: list[str]) -> None:
+    cols = ", ".join(_KEY_COLUMNS)
+    twice = conn.execute(
+        f"SELECT {cols}, count(*) AS n FROM journal GROUP BY {cols} HAVING n > 1"  # noqa: S608 - constant columns
+    ).fetchall()
+    for row in twice:
+        bad.append(f"duplicate key stan={row['stan']} has {row['n']} journal rows")
+    doubled = conn.execute(
+        "SELECT orig_network, orig_acquirer_id, orig_stan, orig_transmission_time, "
+        "count(*) AS n FROM holds GROUP BY orig_network, orig_acquirer_id, orig_stan, "
+        "orig_transmission_time HAVING n > 1"
+    ).fetchall()
+    for row in doubled:
+        bad.append(f"original stan={row['orig_stan']} has {row['n']} holds")
+
+
+def _check_answers(conn: sqlite3.Connection, exchanges: list[Exchange], report: DbReport) -> None:
+    bad = report.violations
+    seen: dict[tuple[str, ...], tuple[str, str | None]] = {}
+    codes: dict[str, int] = defaultdict(int)
+    for x in exchanges:
+        resp = x.response
+        if resp is None:
+            continue
+        req = x.request
+        code = resp.response_code
+        if code == "91":  # stand-in: nothing is kept, the network may ask again
+            codes[code] += 1
+            continue
+        codes[code] += 1
+        key = _dup_params(req)
+        approval = resp.approval_code if isinstance(resp, AuthResponse) else None
+        earlier = seen.setdefault(key, (code, approval))
+        if earlier != (code, approval):
+            bad.append(
+                f"stan={req.stan} mti={req.mti}: answered {code}/{approval} after "
+                f"{earlier[0]}/{earlier[1]} for the same duplicate key"
+            )
+        row = conn.execute(_JOURNAL_BY_KEY, key).fetchone()
+        where = f"round {x.round} stan={req.stan} mti={req.mti}"
+        if row is None:
+            bad.append(f"{where}: answered {code}/{approval} but not in the journal")
+            continue
+        if isinstance(req, ReversalRequest):
+            if code != "00":
+                bad.append(f"{where}: reversal answered {code}")
+            if row["kind"] != "reversal" or row["matched"] != 1:
+                bad.append(f"{where}: reversal of an approval journaled unmatched ({row['kind']})")
+            continue
+        if (row["response_code"], row["approval_code"]) != (code, approval):
+            bad.append(
+                f"{where}: answered {code}/{approval}, journal has "
+                f"{row['response_code']}/{row['approval_code']}"
+            )
+        if code != "00":
+            continue
+        if not approval:
+            bad.append(f"{where}: approval without DE38")
+        hold = conn.execute("SELECT * FROM holds WHERE journal_id = ?", (row["id"],)).fetchone()
+        kind = "debit" if req.mti[1] == "2" else "hold"
+        expected = (kind, req.amount, ACCOUNT_OF[req.pan])
+        if hold is None:
+            bad.append(f"{where}: approved without a hold")
+        elif (hold["kind"], hold["amount"], hold["account_id"]) != expected:
+            found = (hold["kind"], hold["amount"], hold["account_id"])
+            bad.append(f"{where}: hold {found}, expected {expected}")
+    report.codes = dict(sorted(codes.items()))
+
+
+def _check_reversals(
+    exchanges: list[Exchange], journal: list[Any], holds: list[Any], bad: list[str]
+) -> None:
+    released: dict[int, int] = defaultdict(int)
+    for row in journal:
+        if row["kind"] == "reversal" and row["original_journal_id"] is not None:
+            released[row["original_journal_id"]] += row["released_amount"] or 0
+    by_stan = {h["orig_stan"]: h for h in holds}
+    for h in holds:
+        lost = h["amount"] - h["remaining"]
+        if not 0 <= h["remaining"] <= h["amount"]:
+            bad.append(f"hold of stan={h['orig_stan']}: remaining {h['remaining']} of {h['amount']}")
+        if released[h["journal_id"]] != lost:
+            bad.append(
+                f"hold of stan={h['orig_stan']}: reversals released "
+                f"{released[h['journal_id']]}, the hold lost {lost}"
+            )
+    # What remains of each reversed original, from what the clients were told.
+    sent: dict[str, list[Exchange]] = defaultdict(list)
+    for x in exchanges:
+        if isinstance(x.request, ReversalRequest):
+            sent[x.request.original.stan].append(x)
+    for stan, revs in sent.items():
+        hold = by_stan.get(stan)
+        if hold is None:
+            bad.append(f"original stan={stan}: reversed after its approval, but no hold")
+            continue
+        keep = revs[0].request.replacement_amount or 0
+        if any(x.response is not None and x.response.response_code == "00" for x in revs):
+            allowed = {keep}
+        else:
+            allowed = {keep, hold["amount"]}
+        if hold["remaining"] not in allowed:
+            bad.append(
+                f"original stan={stan}: {hold['remaining']} of {hold['amount']} remains, "
+                f"expected one of {sorted(allowed)} after {len(revs)} reversal messages"
+            )
+
+
+def _check_balances(accounts: dict[str, Any], holds: list[Any], bad: list[str]) -> None:
+    on_hold: dict[str, int] = defaultdict(int)
+    debited: dict[str, int] = defaultdict(int)
+    for h in holds:
+        (debited if h["kind"] == "debit" else on_hold)[h["account_id"]] += h["remaining"]
+    for account_id, opening in OPENING.items():
+        acct = accounts.get(account_id)
+        if acct is None:
+            bad.append(f"account {account_id} missing")
+            continue
+        ledger, available = acct["ledger_balance"], acct["available_balance"]
+        if available != ledger - on_hold[account_id]:
+            bad.append(
+                f"account {account_id}: available {available} != ledger {ledger} - "
+                f"active holds {on_hold[account_id]}"
+            )
+        if ledger != opening - debited[account_id]:
+            bad.append(
+                f"account {account_id}: ledger {ledger} != opening {opening} - "
+                f"debits {debited[account_id]}"
+            )
+        if available < 0:
+            bad.append(f"account {account_id}: available {available} < 0 without advices")
