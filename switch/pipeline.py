@@ -270,7 +270,8 @@ class Pipeline:
                 return decline(reason)
 
         with _step("card"):
-            fingerprint = await self._vault.fingerprint(req.pan)
+            with _hsm_command("fingerprint"):
+                fingerprint = await self._vault.fingerprint(req.pan)
             card = await self._store.get_card_by_fingerprint(fingerprint)
             account = await self._store.get_account(card.account_id) if card else None
         if card is None or account is None:
@@ -328,15 +329,19 @@ class Pipeline:
                 disc = req.track2.discretionary
                 cvv = disc[_TRACK2_CVV_OFFSET : _TRACK2_CVV_OFFSET + _CVV_LENGTH]
                 service = _ICVV_SERVICE_CODE if chip else req.track2.service_code
-                result = await hsm.verify_cvv(card.cvk, req.pan, req.track2.expiry, service, cvv)
+                with _hsm_command("verify_cvv"):
+                    result = await hsm.verify_cvv(
+                        card.cvk, req.pan, req.track2.expiry, service, cvv
+                    )
                 if not result.ok:
                     return failing, None, None
             if req.cvv2 is not None and card.cvk:
                 failing = Reason.CVV2_MISMATCH
                 expiry = req.expiry or card.expiry
-                result = await hsm.verify_cvv(
-                    card.cvk, req.pan, expiry, _CVV2_SERVICE_CODE, req.cvv2
-                )
+                with _hsm_command("verify_cvv2"):
+                    result = await hsm.verify_cvv(
+                        card.cvk, req.pan, expiry, _CVV2_SERVICE_CODE, req.cvv2
+                    )
                 if not result.ok:
                     return failing, None, None
             emv_ctx = None
@@ -380,11 +385,12 @@ class Pipeline:
             )
         zpk = listener.zpk if listener else "zpk"
         fmt = PinBlockFormat(listener.pin_block_format if listener else 0)
-        result = await self._hsm.verify_pin(
-            PinVerification(
-                zpk=zpk, pin_block=req.pin_block, format=fmt, pan=req.pan, reference=reference
+        with _hsm_command("verify_pin"):
+            result = await self._hsm.verify_pin(
+                PinVerification(
+                    zpk=zpk, pin_block=req.pin_block, format=fmt, pan=req.pan, reference=reference
+                )
             )
-        )
         return "ok" if result.ok else "bad"
 
     async def _verify_arqc(self, req: AuthRequest, card: Card) -> _EmvContext | None:
@@ -400,9 +406,10 @@ class Pipeline:
         emv_card = EmvCard(
             imk=card.imk_ac, cvn=cvn, pan=req.pan, psn=req.pan_sequence or card.pan_sequence
         )
-        result = await self._hsm.verify_arqc(
-            ArqcVerification(card=emv_card, atc=atc, transaction_data=data, arqc=arqc, un=un)
-        )
+        with _hsm_command("verify_arqc"):
+            result = await self._hsm.verify_arqc(
+                ArqcVerification(card=emv_card, atc=atc, transaction_data=data, arqc=arqc, un=un)
+            )
         return _EmvContext(emv_card, atc, arqc, un) if result.ok else None
 
     async def _arpc(self, ctx: _EmvContext, *, approved: bool) -> bytes | None:
@@ -416,7 +423,7 @@ class Pipeline:
             arpc_req = ArpcRequest(arc=arc)
             suffix = arc
         try:
-            with trio.fail_after(_ARPC_TIMEOUT):
+            with trio.fail_after(_ARPC_TIMEOUT), _hsm_command("generate_arpc"):
                 arpc = await self._hsm.generate_arpc(
                     ArpcGeneration(
                         card=ctx.card, atc=ctx.atc, arqc=ctx.arqc, arpc=arpc_req, un=ctx.un
@@ -549,6 +556,19 @@ def _cause(exc: BaseException) -> str:
 def _bind(**values: object) -> None:
     """Attach values to the current request's log line (server.py logs it once)."""
     structlog.contextvars.bind_contextvars(**values)
+
+
+@contextmanager
+def _hsm_command(command: str) -> Iterator[None]:
+    """Time one HSM (or vault) command; count it as an error when it raises one."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    except HsmError as exc:
+        metrics.HSM_ERRORS.labels(command, type(exc).__name__).inc()
+        raise
+    finally:
+        metrics.HSM_SECONDS.labels(command).observe(time.perf_counter() - t0)
 
 
 @contextmanager
