@@ -439,15 +439,7 @@ class Pipeline:
     async def reverse(self, request: ReversalRequest, context: RequestContext) -> ReversalResponse:
         original = request.original
         intent = ReversalIntent(
-            dup_key=DuplicateKey(
-                network=context.network,
-                acquirer_id=request.acquirer_id or "",
-                transmission_time=request.transmission_time,
-                stan=request.stan,
-                rrn=request.rrn or "",
-                terminal_id=request.terminal_id or "",
-                mti_class=request.mti,
-            ),
+            dup_key=_duplicate_key(request, context),
             original_key=OriginalKey(
                 network=context.network,
                 acquirer_id=original.acquirer_id,
@@ -521,7 +513,8 @@ def _approval_code() -> str:
     return f"{secrets.randbelow(1_000_000):06d}"
 
 
-def _duplicate_key(req: AuthRequest, ctx: RequestContext) -> DuplicateKey:
+def _duplicate_key(req: AuthRequest | ReversalRequest, ctx: RequestContext) -> DuplicateKey:
+    """Network, acquirer (DE32), DE7, DE11, DE37, DE41 and MTI class: unique in the journal."""
     return DuplicateKey(
         network=ctx.network,
         acquirer_id=req.acquirer_id or "",
