@@ -197,7 +197,6 @@ def load(path: Path | str) -> Config:
         raise ConfigError(source, "", f"cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "", f"not valid TOML: {exc}") from None
-    raw = {_TABLE_ALIASES.get(k, k): v for k, v in raw.items()}
     return from_mapping(raw, source)
 
 
@@ -216,7 +215,7 @@ def _build(cls: type[Any], raw: Any, source: str, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
-        attr = key.replace("-", "_")
+        attr = _TABLE_ALIASES.get(key, key.replace("-", "_"))
         dotted = f"{prefix}.{key}" if prefix else key
         if attr not in names:
             raise ConfigError(source, dotted, "unknown key")

@@ -20,9 +20,10 @@ from typing import Any, TextIO
 
 import structlog
 
-#: Digit runs a PAN can be (ISO/IEC 7812: 12 to 19 digits), possibly inside longer text such as
+#: Digit runs a card number can be (13 to 19 digits), possibly inside longer text such as
 #: track 2 ("4761...D2512..."). Lookarounds stop us from cutting a longer number in the middle.
-_PAN_RE = re.compile(r"(?<!\d)(\d{6})(\d{2,9})(\d{4})(?!\d)")
+#: Twelve-digit runs are left alone: they are amounts and RRNs far more often than PANs.
+_PAN_RE = re.compile(r"(?<!\d)(\d{6})(\d{3,9})(\d{4})(?!\d)")
 #: Track-2-equivalent data: PAN, separator '=' or 'D', then expiry/service code/discretionary.
 _TRACK2_RE = re.compile(r"(?<![0-9A-F])\d{12,19}[=D]\d{4,}[0-9A-F?]*", re.IGNORECASE)
 #: Long hex runs (PIN blocks, cryptograms, keys) that could appear in a raw-bytes repr.

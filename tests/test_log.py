@@ -1,0 +1,75 @@
+"""Logs never carry card data: masking, redaction, and exceptions that hold raw bytes."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import iso8583
+import pytest
+
+from switch import log as log_mod
+from switch.wire import codec
+from switch.wire.spec import spec_for
+
+PAN = "4123456789012345"
+
+
+@pytest.fixture
+def captured() -> io.StringIO:
+    stream = io.StringIO()
+    log_mod.configure("debug", "json", stream=stream)
+    yield stream
+    log_mod.configure("info", "console")
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_sensitive_keys_are_redacted_and_pan_masked(captured: io.StringIO) -> None:
+    logger = log_mod.get_logger("test")
+    logger.info(
+        "event",
+        pan=PAN,
+        pin_block=b"\x12\x34\x56\x78\x9a\xbc\xde\xf0",
+        cvv2="123",
+        track2=f"{PAN}=87011010000056100000",
+        note=f"card {PAN} declined",
+    )
+    (line,) = _lines(captured)
+    text = captured.getvalue()
+    assert line["pan"] == "412345******2345"
+    assert line["pin_block"] == line["cvv2"] == line["track2"] == "<redacted>"
+    assert line["note"] == "card 412345******2345 declined"
+    assert PAN not in text and "123456789abcdef0" not in text
+
+
+def test_pyiso8583_decode_error_is_scrubbed(captured: io.StringIO) -> None:
+    spec = spec_for("ascii")
+    raw, _ = iso8583.encode({"t": "0100", "2": PAN, "3": "000000", "4": "000000000100"}, spec)
+    broken = bytes(raw)[:-3]  # DE4 cut short: pyiso8583 quotes the raw bytes in its error
+    try:
+        iso8583.decode(broken, spec)
+    except iso8583.DecodeError as exc:
+        assert PAN in str(exc.doc_dec)  # the raw message rides along on the exception
+        log_mod.get_logger("test").error(
+            "decode_failed", exc_info=exc, error=exc, decoded=exc.doc_dec
+        )
+    text = captured.getvalue()
+    assert PAN not in text
+    assert "decode_failed" in text
+
+
+def test_codec_format_errors_carry_no_raw_bytes() -> None:
+    spec = spec_for("ascii")
+    raw, _ = iso8583.encode({"t": "0100", "2": PAN, "3": "000000", "4": "000000000100"}, spec)
+    with pytest.raises(codec.FormatError) as info:
+        codec.decode(bytes(raw)[:-3])
+    assert PAN not in str(info.value) and PAN not in repr(info.value)
+
+
+def test_scrub_masks_pan_shapes_in_free_text() -> None:
+    assert log_mod.scrub(f"x{PAN}y") == "x412345******2345y"
+    assert log_mod.scrub("stan 000123 amount 000000001000") == "stan 000123 amount 000000001000"
+    assert "4761739001010010" not in log_mod.scrub("4761739001010010D25122011143878089")
