@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 
 import iso8583
 import pytest
@@ -16,7 +17,7 @@ PAN = "4123456789012345"
 
 
 @pytest.fixture
-def captured() -> io.StringIO:
+def captured() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     log_mod.configure("debug", "json", stream=stream)
     yield stream
