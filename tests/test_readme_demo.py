@@ -1,0 +1,105 @@
+"""The README stays true: its demo `cardswitch send` lines, against a switch set up as
+`make run` sets it up (dev-setup, then serve), all as real processes in a scratch directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+REPO = Path(__file__).resolve().parents[1]
+#: A README demo line: the command (with continuations joined) and the DE39 its comment expects.
+_COMMAND = re.compile(r"^\.venv/bin/cardswitch send .*$")
+_EXPECT = re.compile(r"-> (?:\d+\w*, )?DE39 (\w\w)")
+
+
+def readme_commands() -> list[tuple[list[str], str | None]]:
+    """(argv after 'cardswitch', expected DE39 or None) for each demo line of the README."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    out: list[tuple[list[str], str | None]] = []
+    expected: str | None = None
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            found = _EXPECT.search(line)
+            expected = found.group(1) if found else expected
+        elif _COMMAND.match(line):
+            text = line
+            while text.endswith("\\"):
+                i += 1
+                text = text[:-1] + " " + lines[i].strip()
+            out.append((shlex.split(text)[1:], expected))
+            expected = None
+        i += 1
+    return out
+
+
+def _scratch_config(root: Path) -> None:
+    shutil.copytree(REPO / "config", root / "config")
+    path = root / "config" / "switch.toml"
+    text = path.read_text()
+    text = text.replace("port = 8583", "port = 0").replace("port = 9583", "port = 0")
+    path.write_text(text)
+
+
+def _run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "switch", *args],
+        cwd=cwd,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_readme_has_the_demo_lines() -> None:
+    expectations = [e for _, e in readme_commands()]
+    assert len(expectations) >= 5
+    assert {"00", "51", "82"} <= set(filter(None, expectations))
+
+
+async def test_readme_demo_lines_against_a_dev_setup_switch(tmp_path: Path) -> None:
+    await trio.to_thread.run_sync(_scratch_config, tmp_path)
+    setup = await trio.to_thread.run_sync(_run, ["dev-setup"], tmp_path)
+    assert setup.returncode == 0, setup.stderr
+    assert "demo cards" in setup.stdout
+    ready = trio.Path(tmp_path / "ready.json")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "switch", "serve", "--ready-file", str(ready)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with trio.fail_after(30):
+            while not await ready.exists():
+                assert proc.poll() is None, "serve exited early"
+                await trio.sleep(0.05)
+        port = json.loads(await ready.read_text())["listeners"][0]["port"]
+        for argv, expected in readme_commands():
+            argv = [argv[0], "--port", str(port), *argv[1:]]
+            result = await trio.to_thread.run_sync(_run, argv, tmp_path)
+            assert result.returncode == 0, (argv, result.stderr)
+            answer = json.loads(result.stdout)
+            assert "4123456789012345" not in result.stdout  # the PAN is printed masked
+            if expected is not None:
+                assert answer["response_code"] == expected, (argv, answer)
+    finally:
+        proc.terminate()
+        with trio.move_on_after(15):
+            assert await proc.wait() == 0
+        if proc.poll() is None:
+            proc.kill()
