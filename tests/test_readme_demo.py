@@ -89,8 +89,8 @@ async def test_readme_demo_lines_against_a_dev_setup_switch(tmp_path: Path) -> N
                 assert proc.poll() is None, "serve exited early"
                 await trio.sleep(0.05)
         port = json.loads(await ready.read_text())["listeners"][0]["port"]
-        for argv, expected in readme_commands():
-            argv = [argv[0], "--port", str(port), *argv[1:]]
+        for readme_argv, expected in readme_commands():
+            argv = [readme_argv[0], "--port", str(port), *readme_argv[1:]]
             result = await trio.to_thread.run_sync(_run, argv, tmp_path)
             assert result.returncode == 0, (argv, result.stderr)
             answer = json.loads(result.stdout)
