@@ -28,7 +28,7 @@ from hsm.carddata import HsmVault
 from hsm.errors import KeyExists
 from hsm.pkcs11 import Pkcs11Hsm
 from switch import log as log_mod
-from switch.config import Config, StoreConfig
+from switch.config import Config, PipelineConfig, StoreConfig
 from switch.pipeline import Pipeline
 from switch.pki import PkiPaths
 from switch.provision import import_cards, load_keys, load_rows
@@ -113,12 +113,24 @@ class Switch:
 
 @asynccontextmanager
 async def running_switch(
-    pki: PkiPaths, hsm: Hsm, rows: list[Any], tmp: Path, **listener: Any
+    pki: PkiPaths,
+    hsm: Hsm,
+    rows: list[Any],
+    tmp: Path,
+    *,
+    pipeline_hsm: Hsm | None = None,
+    pipeline: PipelineConfig | None = None,
+    **listener: Any,
 ) -> AsyncIterator[Switch]:
-    """A switch with a fresh store holding ``rows``, serving on an ephemeral port."""
+    """A switch with a fresh store holding ``rows``, serving on an ephemeral port.
+
+    ``pipeline_hsm`` replaces the HSM the pipeline talks to (provisioning still uses ``hsm``),
+    for tests of a slow or failing HSM; ``pipeline`` sets the budget and stand-in code.
+    """
     base = make_config(pki, zpk="demo-zpk", **listener)
     cfg = replace(
         base,
+        pipeline=pipeline or base.pipeline,
         store=StoreConfig(path=tmp / "cardswitch.db"),
         card_data=replace(base.card_data, fingerprint_key="fp", encryption_key="pan"),
     )
@@ -129,8 +141,8 @@ async def running_switch(
         report = await import_cards(store, hsm, vault, rows)
         assert report.ok, report.failures
         assert isinstance(store, SqliteStore)
-        pipeline = Pipeline(cfg, store=store, hsm=hsm, vault=vault)
-        server = Server(cfg, pipeline, server_context(cfg.tls))
+        engine = Pipeline(cfg, store=store, hsm=pipeline_hsm or hsm, vault=vault)
+        server = Server(cfg, engine, server_context(cfg.tls))
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(server.serve)
             try:
