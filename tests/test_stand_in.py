@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from e2e_fixtures import running_switch
 
 from hsm.errors import HsmUnavailable
 from hsm.pkcs11 import Pkcs11Hsm
@@ -15,8 +16,6 @@ from switch.config import PipelineConfig
 from switch.pki import PkiPaths
 from switch.send import build_auth
 from switch.wire.messages import AuthResponse, Track2
-
-from e2e_fixtures import running_switch
 
 PAN = "4123456789012345"
 TRACK2 = Track2(PAN, "8701", "101", "1" + "0000" + "561")
@@ -67,7 +66,7 @@ async def test_budget_expiry_answers_stand_in_and_holds_nothing(
         card_rows,
         tmp_path,
         pipeline_hsm=slow,
-        pipeline=budget,  # type: ignore[arg-type]
+        pipeline=budget,
     ) as sw:
         t0 = trio.current_time()
         answer = await _one(sw.port, client_ctx)
@@ -93,7 +92,7 @@ async def test_hsm_unavailable_answers_91_and_holds_nothing(
         demo_hsm,
         card_rows,
         tmp_path,
-        pipeline_hsm=down,  # type: ignore[arg-type]
+        pipeline_hsm=down,
     ) as sw:
         answer = await _one(sw.port, client_ctx)
         account = await sw.store.get_account("demo-acct-main")
