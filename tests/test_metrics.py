@@ -6,6 +6,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+from e2e_fixtures import running_switch
 from prometheus_client.parser import text_string_to_metric_families
 
 from hsm.pkcs11 import Pkcs11Hsm
@@ -13,8 +14,6 @@ from switch import metrics
 from switch.client import Client
 from switch.pki import PkiPaths
 from switch.send import build_auth, echo
-
-from e2e_fixtures import running_switch
 
 PAN = "4123456789012345"
 #: Labels a metric may carry: bounded sets only (no PAN, STAN, terminal, peer address).
