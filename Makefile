@@ -27,8 +27,10 @@ unit: setup
 
 test: lint typecheck unit
 
-bench: dev-setup
-	$(BIN)/python -m benchmarks.run_all
+# HSM command latency, then the full authorization path against the echo-only baseline.
+bench: setup
+	$(BIN)/python -m benchmarks.hsm_bench
+	$(BIN)/python -m benchmarks.load
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -95,6 +95,8 @@ STOP_TIMEOUT = 20.0
 SETUP_TIMEOUT = 60.0
 #: Client CPU share of wall time above which a phase is flagged as client-bound.
 CLIENT_BOUND_SHARE = 0.9
+#: Share of the switch's core used by other processes above which a phase gets a note.
+OTHERS_NOTE_SHARE = 0.1
 #: Samples per second asked of py-spy.
 PY_SPY_RATE = 200
 #: Frames shown per profile table.
@@ -108,7 +110,7 @@ class LoadOptions:
     #: In-flight requests per phase, one phase pair (echo, auth) per level.
     levels: tuple[int, ...] = (1, 8, 64)
     #: Requests per phase (the same in both modes); a phase also stops at ``phase_timeout``.
-    requests: int = 2000
+    requests: int = 3000
     #: Untimed requests per mode before the measured phases.
     warmup: int = 200
     #: TLS connections opened once and shared by every phase.
@@ -131,7 +133,7 @@ class LoadOptions:
     py_spy: Path | None = None
     #: Concurrency and requests of the profiled phase.
     profile_level: int = 8
-    profile_requests: int = 2000
+    profile_requests: int = 4000
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,14 @@ class PhaseResult:
     per_second: float
     latency_ms: Latency | None
     server_cpu_ms: float
+    #: The system (kernel) part of ``server_cpu_ms``.
+    server_sys_ms: float
     client_cpu_ms: float
+    #: Busy share of the switch's CPU over the phase, by the switch and anything else the
+    #: kernel ran there (other processes on a shared machine); NaN when unpinned.
+    server_core_busy: float
+    #: The same for the generator's CPU.
+    client_core_busy: float
     truncated: bool
 
     @property
@@ -203,6 +212,9 @@ class ProfileResult:
     inclusive_top: list[ProfileEntry]
     #: Samples by coarse category (HSM, store, TLS, codec, log, ...).
     categories: list[ProfileEntry]
+    #: CPU of the switch per request (all threads, /proc) in the sampled phase, to set the
+    #: GIL-held samples against.
+    server_cpu_ms_per_request: float
 
 
 @dataclass(frozen=True)
@@ -231,6 +243,10 @@ class LoadReport:
             row["server_cpu_per_request"] = _ratio(
                 auth.server_cpu_ms_per_request, echo.server_cpu_ms_per_request
             )
+            # Derived, not measured: requests per second if the switch had its core to itself
+            # and only its own CPU time per request limited it.
+            row["cpu_capacity_auth"] = _ratio(1000, auth.server_cpu_ms_per_request)
+            row["cpu_capacity_echo"] = _ratio(1000, echo.server_cpu_ms_per_request)
             out.append(row)
         return out
 
@@ -347,14 +363,33 @@ def _stop(proc: subprocess.Popen[bytes]) -> int | None:
     return proc.returncode
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads), from /proc/PID/stat."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid`` (all its threads), from /proc/PID/stat."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     # Fields after the parenthesised command name (which may itself contain spaces).
     rest = stat[stat.rindex(")") + 2 :].split()
     # utime and stime are fields 14 and 15 of stat(5); rest starts at field 3.
-    ticks = int(rest[14 - 3]) + int(rest[15 - 3])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(rest[14 - 3]) / tick, int(rest[15 - 3]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads)."""
+    return sum(cpu_times(pid))
+
+
+def core_ticks(cpu: int | None) -> tuple[int, int]:
+    """Busy and total ticks of CPU ``cpu`` since boot, from /proc/stat ((0, 0) if unknown)."""
+    if cpu is None:
+        return 0, 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name == f"cpu{cpu}":
+            # user nice system idle iowait irq softirq steal (guest time is inside user).
+            # Busy leaves out irq and softirq: loopback TCP of our own traffic lands there.
+            user, nice, system, _idle, _iowait, _irq, _softirq, steal = map(int, values[:8])
+            return user + nice + system + steal, sum(int(v) for v in values[:8])
+    return 0, 0
 
 
 # -- the load -------------------------------------------------------------------------------
@@ -454,6 +489,11 @@ async def _phase(
     return tally, elapsed, tally.sent < count and trio.current_time() >= stop_issuing
 
 
+def _busy(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total else math.nan
+
+
 def percentile(sorted_values: Sequence[float], pct: float) -> float:
     """Nearest-rank percentile of already sorted values."""
     rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
@@ -482,7 +522,8 @@ async def _measured(
     opts: LoadOptions,
     pid: int,
 ) -> PhaseResult:
-    cpu0, own0 = cpu_seconds(pid), time.process_time()
+    (user0, sys0), own0 = cpu_times(pid), time.process_time()
+    core0, client0 = core_ticks(opts.server_cpu), core_ticks(opts.client_cpu)
     tally, elapsed, truncated = await _phase(
         clients,
         requests,
@@ -491,7 +532,8 @@ async def _measured(
         count=opts.requests,
         issue_for=opts.phase_timeout,
     )
-    cpu1, own1 = cpu_seconds(pid), time.process_time()
+    (user1, sys1), own1 = cpu_times(pid), time.process_time()
+    core1, client1 = core_ticks(opts.server_cpu), core_ticks(opts.client_cpu)
     answered = sum(tally.codes.values())
     return PhaseResult(
         mode=mode,
@@ -505,8 +547,11 @@ async def _measured(
         elapsed_s=elapsed,
         per_second=answered / elapsed if elapsed else math.nan,
         latency_ms=_latency(tally.latencies),
-        server_cpu_ms=(cpu1 - cpu0) * 1000,
+        server_cpu_ms=(user1 + sys1 - user0 - sys0) * 1000,
+        server_sys_ms=(sys1 - sys0) * 1000,
         client_cpu_ms=(own1 - own0) * 1000,
+        server_core_busy=_busy(core0, core1),
+        client_core_busy=_busy(client0, client1),
         truncated=truncated,
     )
 
@@ -575,13 +620,17 @@ async def _profiled(
     assert opts.py_spy is not None
     raw = work / "py-spy.txt"
     cmd = [str(opts.py_spy), "record", "--pid", str(pid), "--format", "raw"]
-    cmd += ["--rate", str(PY_SPY_RATE), "--output", str(raw), "--nonblocking"]
+    # --gil: only samples of the thread holding the GIL, i.e. where the interpreter spends
+    # CPU (py-spy's idle detection misreads threads parked on locks as busy). Work done with
+    # the GIL released (fdatasync, SQLite, SoftHSM if it releases it) is not in these samples.
+    cmd += ["--rate", str(PY_SPY_RATE), "--output", str(raw), "--gil"]
     spy = await trio.lowlevel.open_process(
         cmd, stdout=subprocess.DEVNULL, stderr=(work / "py-spy.log").open("wb")
     )
     await trio.sleep(1.0)  # py-spy attaches and starts sampling
     if spy.poll() is not None:
         raise RuntimeError(f"py-spy exited {spy.returncode}, see {work / 'py-spy.log'}")
+    cpu0 = cpu_seconds(pid)
     tally, _elapsed, _truncated = await _phase(
         clients,
         requests,
@@ -590,24 +639,31 @@ async def _profiled(
         count=opts.profile_requests,
         issue_for=opts.phase_timeout,
     )
+    cpu_ms = (cpu_seconds(pid) - cpu0) * 1000
     spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
     with trio.fail_after(30):
         await spy.wait()
     answered = sum(tally.codes.values())
-    return summarize_profile(raw.read_text(), answered, opts.profile_level)
+    per_request = cpu_ms / answered if answered else math.nan
+    return summarize_profile(raw.read_text(), answered, opts.profile_level, per_request)
 
 
-#: Coarse categories of profile frames, first match wins (frame text contains the needle).
+#: Coarse categories of profile frames: a sample goes to the innermost frame that matches one
+#: (trio's own frames are looked through, so a thread hop is charged to its caller's step).
 _CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("HSM (PKCS#11 on SoftHSM)", ("pkcs11", "hsm/")),
-    ("store (SQLite)", ("sqlite",)),
-    ("TLS", ("ssl.py", "_ssl.py")),
-    ("logging", ("structlog", "switch/log.py")),
-    ("codec (pyiso8583 + typed messages)", ("iso8583", "switch/wire/")),
-    ("pipeline and decisions", ("switch/pipeline.py", "switch/decisions.py")),
-    ("server loop", ("switch/server.py",)),
-    ("trio scheduler and threads", ("trio/",)),
+    ("HSM commands (PKCS#11 on SoftHSM, with thread hop)", ("(hsm/", "(pkcs11/")),
+    ("store (SQLite, with thread hop and group commit)", ("(switch/store/", "sqlite3")),
+    ("TLS (ssl module)", ("(ssl.py)",)),
+    ("logging (structlog)", ("(structlog/", "(switch/log.py)", "(logging/")),
+    ("metrics (prometheus_client)", ("(prometheus_client/", "(switch/metrics.py)")),
+    ("codec (pyiso8583 and typed messages)", ("(iso8583/", "(switch/wire/")),
+    ("pipeline steps and decisions", ("(switch/pipeline.py)", "(switch/decisions.py)")),
+    ("server connection loop", ("(switch/server.py)",)),
 )
+#: Frames every sample of the main thread passes through (start-up of the process).
+_ROOT_FRAMES = ("(switch/__main__.py)", "_cmd_serve (switch/app.py)")
+#: Samples in trio frames only (run loop, epoll, scheduling, thread cache).
+_TRIO_CATEGORY = "trio run loop and scheduling"
 
 
 def _frames(stack: str) -> list[str]:
@@ -631,13 +687,16 @@ def _short(frame: str) -> str:
     return f"{name} ({path})"
 
 
-def summarize_profile(raw: str, requests: int, level: int) -> ProfileResult:
+def summarize_profile(
+    raw: str, requests: int, level: int, server_cpu_ms_per_request: float = math.nan
+) -> ProfileResult:
     """Sum py-spy ``--format raw`` collapsed stacks into self, inclusive and category tables.
 
     Args:
         raw: lines of ``frame;frame;... count``.
         requests: authorizations answered while sampling (the denominator per request).
         level: the in-flight level of the sampled phase.
+        server_cpu_ms_per_request: CPU of the switch per request in the sampled phase.
     """
     self_counts: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -654,7 +713,7 @@ def summarize_profile(raw: str, requests: int, level: int) -> ProfileResult:
         total += count
         self_counts[frames[-1]] += count
         for f in set(frames):
-            if "(switch/" in f or "(hsm/" in f:
+            if ("(switch/" in f or "(hsm/" in f) and not f.endswith(_ROOT_FRAMES):
                 inclusive[f] += count
         categories[_category(frames)] += count
 
@@ -676,16 +735,21 @@ def summarize_profile(raw: str, requests: int, level: int) -> ProfileResult:
         rate=PY_SPY_RATE,
         self_top=entries(self_counts, PROFILE_TOP),
         inclusive_top=entries(inclusive, PROFILE_TOP),
-        categories=entries(categories, len(_CATEGORIES) + 1),
+        categories=entries(categories, len(_CATEGORIES) + 2),
+        server_cpu_ms_per_request=server_cpu_ms_per_request,
     )
 
 
 def _category(frames: list[str]) -> str:
-    """The category of the innermost frame that has one (leaf first), else "other"."""
+    """The category of the innermost frame that has one, trio's frames looked through."""
     for frame in reversed(frames):
+        if "(trio/" in frame or "(outcome/" in frame:
+            continue
         for name, needles in _CATEGORIES:
             if any(n in frame for n in needles):
                 return name
+    if any("(trio/" in f for f in frames):
+        return _TRIO_CATEGORY
     return "other"
 
 
@@ -735,6 +799,18 @@ def _notes(report: LoadReport) -> list[str]:
             notes.append(f"{tag}: errors {p.errors}")
         if p.mode == "auth" and set(p.codes) - {"00"}:
             notes.append(f"{tag}: non-approvals in the mix {p.codes}")
+        others = p.server_core_busy - p.server_cpu_share
+        if others > OTHERS_NOTE_SHARE:
+            notes.append(
+                f"{tag}: other processes used about {others:.0%} of the switch's core "
+                "(shared machine): throughput and tail latency are lower than alone"
+            )
+        client_others = p.client_core_busy - p.client_cpu_share
+        if client_others > OTHERS_NOTE_SHARE:
+            notes.append(
+                f"{tag}: other processes used about {client_others:.0%} of the load "
+                "generator's core (shared machine)"
+            )
         if p.client_cpu_share > CLIENT_BOUND_SHARE:
             notes.append(
                 f"{tag}: load generator used {p.client_cpu_share:.0%} of its core: "
@@ -792,8 +868,9 @@ def to_markdown(report: LoadReport) -> str:
         f"switch log level {s['log_level']}.",
         "",
         "| in flight | mode | answered/sent | errors | per s | p50 ms | p90 ms | p99 ms "
-        "| max ms | server CPU ms/req | server CPU | client CPU | DE39 |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| max ms | switch CPU ms/req (sys) | switch CPU | its core busy | client CPU "
+        "| its core busy | DE39 |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p in report.phases:
         lat = p.latency_ms
@@ -804,21 +881,32 @@ def to_markdown(report: LoadReport) -> str:
             f"| {_f(p.per_second, 0)} | {_f(lat.p50 if lat else nan)} "
             f"| {_f(lat.p90 if lat else nan)} | {_f(lat.p99 if lat else nan)} "
             f"| {_f(lat.max if lat else nan)} | {_f(p.server_cpu_ms_per_request, 3)} "
-            f"| {_f(p.server_cpu_share * 100, 0)}% | {_f(p.client_cpu_share * 100, 0)}% "
+            f"({_f(p.server_sys_ms / p.answered if p.answered else nan, 3)}) "
+            f"| {_f(p.server_cpu_share * 100, 0)}% | {_f(p.server_core_busy * 100, 0)}% "
+            f"| {_f(p.client_cpu_share * 100, 0)}% | {_f(p.client_core_busy * 100, 0)}% "
             f"| {codes} |"
         )
     lines += [
         "",
         "Auth relative to echo (auth / echo):",
         "",
-        "| in flight | throughput | p50 | p99 | server CPU per request |",
-        "|---:|---:|---:|---:|---:|",
+        "| in flight | throughput | p50 | p99 | switch CPU per request "
+        "| derived: auth/s at 100% of one core | echo/s at 100% of one core |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report.ratios():
         lines.append(
             f"| {r['level']} | {_f(r['throughput'])} | {_f(r.get('p50', math.nan))} "
-            f"| {_f(r.get('p99', math.nan))} | {_f(r['server_cpu_per_request'])} |"
+            f"| {_f(r.get('p99', math.nan))} | {_f(r['server_cpu_per_request'])} "
+            f"| {_f(r['cpu_capacity_auth'], 0)} | {_f(r['cpu_capacity_echo'], 0)} |"
         )
+    lines += [
+        "",
+        "The derived columns are 1000 / (switch CPU ms per request): the rate the switch "
+        "would reach if its own CPU time were the only limit. On a shared machine the measured "
+        "rate is lower when other processes take the switch's core (column 'its core busy' "
+        "minus 'switch CPU').",
+    ]
     if report.profile is not None:
         lines += _profile_markdown(report.profile)
     lines += ["", "Notes:", ""]
@@ -830,8 +918,15 @@ def _profile_markdown(prof: ProfileResult) -> list[str]:
     lines = [
         "",
         f"## Profile: py-spy on the switch, auth at {prof.level} in flight, "
-        f"{prof.requests} authorizations, {prof.samples} samples at {prof.rate} Hz "
-        "(all threads, idle excluded)",
+        f"{prof.requests} authorizations, {prof.samples} samples at {prof.rate} Hz",
+        "",
+        "Samples are taken only from the thread holding the GIL (`py-spy --gil`): they show "
+        "where the interpreter spends CPU. Work with the GIL released (fdatasync, SQLite "
+        "internals, native code that releases it) is not in them. GIL-held time: "
+        f"{_f(prof.samples / prof.rate * 1000 / prof.requests if prof.requests else math.nan, 3)}"
+        f" ms per auth; CPU of the switch in that phase (all threads, /proc): "
+        f"{_f(prof.server_cpu_ms_per_request, 3)} ms per auth (py-spy pauses the process to "
+        "sample, so the phase itself runs slower).",
         "",
     ]
     for title, rows in (

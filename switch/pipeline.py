@@ -203,7 +203,10 @@ class Pipeline:
         self, request: AuthRequest, outcome: AuthOutcome, issuer_auth: bytes | None
     ) -> AuthResponse:
         balance = None
-        if outcome.available_balance is not None:
+        # A balance DE54 cannot carry (13+ digits) is left out rather than sent wrong.
+        if outcome.available_balance is not None and AdditionalAmount.fits(
+            outcome.available_balance
+        ):
             balance = AdditionalAmount(
                 account_type=_DE54_ACCOUNT_TYPE,
                 amount_type=_DE54_AVAILABLE,

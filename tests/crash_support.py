@@ -39,8 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_KEYS = REPO / "config" / "demo" / "keys.json"
 #: Network (listener profile) of the test listener, as the journal records it.
 NETWORK = "visa"
-#: Acquirer id (DE32) and terminal (DE41) that ``build_auth`` puts in every request.
-ACQUIRER = "12345678"
 #: Currency of every account and request (EUR).
 CURRENCY = "978"
 #: Seconds the switch may take to start (import, SoftHSM login, SQLite recovery, bind).
@@ -56,6 +54,8 @@ MIN_AMOUNT, MAX_AMOUNT = 100, 3000
 P_DUPLICATE = 0.12
 P_REVERSAL = 0.14
 P_FINANCIAL = 0.08
+#: Share of duplicates sent as an 0101 repeat (same duplicate key as their 0100).
+P_REPEAT_MTI = 0.3
 #: Share of first reversals that are partial (DE95 keeps half of the amount).
 P_PARTIAL = 0.3
 
@@ -72,9 +72,9 @@ class SeedCard:
 #: Test PANs on three accounts. The low account is shared by two cards and covers only a
 #: handful of requests, so insufficient-funds declines (51) are part of every run.
 SEED_CARDS: tuple[SeedCard, ...] = (
-    SeedCard("4000002000000001", "crash-acct-a", 5_000_000),
-    SeedCard("4000002000000019", "crash-acct-a", 5_000_000),
-    SeedCard("4000002000000027", "crash-acct-b", 2_000_000),
+    SeedCard("4000002000000001", "crash-acct-a", 50_000_000),
+    SeedCard("4000002000000019", "crash-acct-a", 50_000_000),
+    SeedCard("4000002000000027", "crash-acct-b", 20_000_000),
     SeedCard("4000002000000035", "crash-acct-low", 20_000),
     SeedCard("4000002000000043", "crash-acct-low", 20_000),
 )
@@ -155,8 +155,10 @@ async def seed(config: Path, tmp: Path) -> None:
     cards.write_text(json.dumps({"cards": rows}))
     with trio.fail_after(60):
         done = await trio.run_process(
-            [sys.executable, "-m", "switch", "dev-setup", "--config", str(config)]
-            + ["--keys", str(DEMO_KEYS), "--cards", str(cards)],
+            [
+                *(sys.executable, "-m", "switch", "dev-setup", "--config", str(config)),
+                *("--keys", str(DEMO_KEYS), "--cards", str(cards)),
+            ],
             env=switch_env(tmp),
             capture_stdout=True,
             capture_stderr=True,
@@ -175,8 +177,10 @@ async def start_switch(config: Path, tmp: Path, tag: str) -> tuple[trio.Process,
     ready.unlink(missing_ok=True)
     with (tmp / f"switch-{tag}.log").open("wb") as logfile:
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "switch", "serve", "--config", str(config)]
-            + ["--ready-file", str(ready)],
+            [
+                *(sys.executable, "-m", "switch", "serve", "--config", str(config)),
+                *("--ready-file", str(ready)),
+            ],
             env=switch_env(tmp),
             stdout=logfile,
             stderr=subprocess.STDOUT,
@@ -239,7 +243,8 @@ _CONNECTION_LOST = (
 
 
 class Load:
-    """Concurrent acquirers sending new 0100/0200s, duplicates and reversals; keeps a record.
+    """Concurrent acquirers sending new 0100/0200s, duplicates (some as 0101 repeats) and
+    reversals (with 0401 repeats and second reversals); keeps a record.
 
     ``exchanges`` lists every request sent, in sending order, with its answer or ``None``.
     """
@@ -251,6 +256,8 @@ class Load:
         self._stan = 0
         self._round = 0
         self._in_flight: set[str] = set()
+        #: Set when a request goes in flight (the kill waits for one).
+        self._busy = trio.Event()
         #: New authorizations that are complete (answered, or their switch is dead).
         self._completed: list[AuthRequest] = []
         #: Answered in the current round or still in flight (moved to completed at its end).
@@ -275,6 +282,8 @@ class Load:
         if r < P_DUPLICATE and self._completed:
             again = rng.choice(self._completed)
             if again.stan not in self._in_flight:
+                if again.mti == "0100" and rng.random() < P_REPEAT_MTI:
+                    again = replace(again, mti="0101")  # the acquirer's repeat: same key
                 return again, False
         elif P_DUPLICATE <= r < P_DUPLICATE + P_REVERSAL and self._approved:
             rev = self._reversal(rng.choice(self._approved))
@@ -326,6 +335,7 @@ class Load:
                 assert isinstance(request, AuthRequest)
                 self._current.append(request)
             self._in_flight.add(request.stan)
+            self._busy.set()
             try:
                 with trio.fail_after(REQUEST_TIMEOUT):
                     response = await client.request(request)
@@ -373,7 +383,8 @@ class Load:
                 await trio.sleep(kill_after)
                 with trio.move_on_after(5):
                     while not self._in_flight:
-                        await trio.sleep(0.001)
+                        self._busy = trio.Event()
+                        await self._busy.wait()
                 stats.in_flight_at_kill = self.in_flight
                 proc.send_signal(signal.SIGKILL)
                 stats.load_seconds = trio.current_time() - started
@@ -436,7 +447,8 @@ def check_database(db: Path, exchanges: Iterable[Exchange]) -> DbReport:
     every acknowledged reversal is journaled as matched; per hold, what reversals released
     adds up to what it lost, never more than its amount, and matches the reversals the
     clients had acknowledged; every account's balances equal the opening balance minus what
-    its holds and debits still keep; no journal row or hold comes from a request not sent.
+    its holds and debits still keep, and every card's velocity counters what its holds keep;
+    no journal row or hold comes from a request not sent.
     """
     report = DbReport()
     bad = report.violations
@@ -458,6 +470,7 @@ def check_database(db: Path, exchanges: Iterable[Exchange]) -> DbReport:
         _check_answers(conn, exchanges, report)
         _check_reversals(exchanges, journal, holds, bad)
         _check_balances(accounts, holds, bad)
+        _check_velocity(conn, holds, bad)
 
     if unmatched:
         bad.append(f"{unmatched} unmatched reversals, but only approved originals were reversed")
@@ -567,7 +580,9 @@ def _check_reversals(
     for h in holds:
         lost = h["amount"] - h["remaining"]
         if not 0 <= h["remaining"] <= h["amount"]:
-            bad.append(f"hold of stan={h['orig_stan']}: remaining {h['remaining']} of {h['amount']}")
+            bad.append(
+                f"hold of stan={h['orig_stan']}: remaining {h['remaining']} of {h['amount']}"
+            )
         if released[h["journal_id"]] != lost:
             bad.append(
                 f"hold of stan={h['orig_stan']}: reversals released "
@@ -583,7 +598,9 @@ def _check_reversals(
         if hold is None:
             bad.append(f"original stan={stan}: reversed after its approval, but no hold")
             continue
-        keep = revs[0].request.replacement_amount or 0
+        first = revs[0].request
+        assert isinstance(first, ReversalRequest)
+        keep = first.replacement_amount or 0
         if any(x.response is not None and x.response.response_code == "00" for x in revs):
             allowed = {keep}
         else:
@@ -593,6 +610,25 @@ def _check_reversals(
                 f"original stan={stan}: {hold['remaining']} of {hold['amount']} remains, "
                 f"expected one of {sorted(allowed)} after {len(revs)} reversal messages"
             )
+
+
+def _check_velocity(conn: sqlite3.Connection, holds: list[Any], bad: list[str]) -> None:
+    """Each card's day and month counters equal what its holds keep: the amount that
+    remains, and the number of holds not fully reversed (committed with the decision)."""
+    expected: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for h in holds:
+        for period in ("D" + h["velocity_day"], "M" + h["velocity_month"]):
+            totals = expected[(h["card_id"], period)]
+            totals[0] += h["remaining"]
+            totals[1] += 1 if h["remaining"] > 0 else 0
+    found = {
+        (r["card_id"], r["period"]): [r["amount"], r["count"]]
+        for r in conn.execute("SELECT card_id, period, amount, count FROM velocity")
+    }
+    for key in sorted(set(expected) | set(found)):
+        want, got = expected.get(key, [0, 0]), found.get(key, [0, 0])
+        if want != got:
+            bad.append(f"velocity {key[1]} of card {key[0]}: [amount, count] {got}, holds {want}")
 
 
 def _check_balances(accounts: dict[str, Any], holds: list[Any], bad: list[str]) -> None:

@@ -282,6 +282,15 @@ class AdditionalAmount:
     currency: str
     amount: int
 
+    def __post_init__(self) -> None:
+        if abs(self.amount) > _AMOUNT_MAX:
+            raise ValueError("an additional amount carries at most 12 digits")
+
+    @classmethod
+    def fits(cls, amount: int) -> bool:
+        """Whether ``amount`` can be carried in DE54 (12 digits and a sign)."""
+        return abs(amount) <= _AMOUNT_MAX
+
     def to_text(self) -> str:
         """The 20-character DE54 entry."""
         sign = "C" if self.amount >= 0 else "D"

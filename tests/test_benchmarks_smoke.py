@@ -1,0 +1,87 @@
+"""Smoke run of the load harness (benchmarks/load.py): it runs and its counts add up.
+
+A few dozen requests through the real switch process (dev-setup, mutual TLS, SoftHSM,
+SQLite); no timing is asserted, only that the report is written and is consistent. Plus the
+pure helpers on hand-made input.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.load import percentile, summarize_profile
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Requests per phase and the levels of the smoke run.
+REQUESTS = 24
+LEVELS = (1, 4)
+
+
+def test_smoke_run_writes_a_consistent_report(tmp_path: Path) -> None:
+    out = tmp_path / "reports"
+    cmd = [sys.executable, "-m", "benchmarks.load", "--levels", ",".join(map(str, LEVELS))]
+    cmd += ["--requests", str(REQUESTS), "--warmup", "4", "--connections", "2"]
+    cmd += ["--no-pin-cpus", "--out", str(out), "--name", "smoke"]
+    cmd += ["--work-dir", str(tmp_path / "work"), "--log-level", "warning"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    report = json.loads((out / "smoke.json").read_text())
+    markdown = (out / "smoke.md").read_text()
+    phases = report["phases"]
+    assert [(p["level"], p["mode"]) for p in phases] == [
+        (level, mode) for level in LEVELS for mode in ("echo", "auth")
+    ]
+    for p in phases:
+        assert p["planned"] == p["sent"] == REQUESTS
+        assert not p["truncated"]
+        assert p["answered"] + sum(p["errors"].values()) == p["sent"]
+        assert sum(p["codes"].values()) == p["answered"]
+        # Loopback, a handful of requests, a card with funds and no limits: no errors, and
+        # the published CVV vector (561 for 4123456789012345, 8701, 101) approves.
+        assert p["errors"] == {}
+        assert p["codes"] == {"00": REQUESTS}
+        assert p["latency_ms"]["p50"] <= p["latency_ms"]["p99"] <= p["latency_ms"]["max"]
+    assert [r["level"] for r in report["ratios"]] == list(LEVELS)
+    assert report["server_exit"] == 0
+    assert report["machine"]["python"]
+    for level in LEVELS:
+        assert f"| {level} | auth | {REQUESTS}/{REQUESTS} | 0 |" in markdown
+    # The work directory keeps the switch log; no full PAN of the load card in it.
+    assert "4123456789012345" not in (tmp_path / "work" / "switch.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("pct", "expected"), [(50, 3.0), (90, 5.0), (99, 5.0), (1, 1.0), (100, 5.0)]
+)
+def test_percentile_is_nearest_rank(pct: float, expected: float) -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], pct) == expected
+
+
+def test_profile_summary_counts_samples_per_category() -> None:
+    site = "/venv/lib/python3.11/site-packages"
+    raw = "\n".join(
+        [
+            # 3 samples in an HSM call reached through trio's thread hop.
+            f"serve (/work/main/switch/server.py:10);verify_cvv (/work/main/hsm/pkcs11.py:5);"
+            f"run_sync ({site}/trio/_threads.py:1) 3",
+            # 1 sample in trio's run loop alone.
+            f"unrolled_run ({site}/trio/_core/_run.py:2) 1",
+        ]
+    )
+    prof = summarize_profile(raw, requests=2, level=1)
+    assert prof.samples == 4
+    by_name = {e.frame: e.samples for e in prof.categories}
+    assert by_name == {
+        "HSM commands (PKCS#11 on SoftHSM, with thread hop)": 3,
+        "trio run loop and scheduling": 1,
+    }
+    # 3 samples at 200 Hz are 15 ms, over 2 requests.
+    hsm = prof.categories[0]
+    assert hsm.ms_per_request == pytest.approx(7.5)
