@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+
+#: The published vectors (shared/ sits beside the repository).
+from data_paths import VECTORS_PATH
 
 from hsm.api import Hsm, KeyAlgorithm, KeyUsage
 from hsm.pkcs11 import Pkcs11Hsm
@@ -23,8 +25,6 @@ from hsm.software import SoftwareHsm
 from hsm.token import ensure_token
 from switch.config import HsmConfig
 
-#: The published vectors (shared/ sits beside the repository).
-VECTORS_PATH = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "payment_crypto.json"
 #: Public test key of the Visa CVV table, psec and pyemv vectors (CVK, PVK, IMK).
 TEST_KEY = bytes.fromhex("0123456789ABCDEFFEDCBA9876543210")
 #: Two TDES zone PIN keys and the AES one of psec's format 4 vectors; an HMAC and a data key.

@@ -2,7 +2,7 @@
 
 Commands run in-process through ``switch.__main__.main`` (each opens and closes the token, as
 separate invocations do) and once through the installed ``cardswitch`` script. Expected
-outputs are the published vectors (../shared/vectors/payment_crypto.json); key check values
+outputs are the published vectors (tests/data/payment_crypto.json); key check values
 are recomputed with ``cryptography``.
 """
 
@@ -21,10 +21,11 @@ import pytest
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
+#: The published vectors (shared/ sits beside the repository).
+from data_paths import VECTORS_PATH
+
 from switch.__main__ import main
 
-#: The published vectors (shared/ sits beside the repository).
-VECTORS_PATH = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "payment_crypto.json"
 #: Public test key of the Visa CVV table, psec and pyemv vectors (CVK, PVK, IMK).
 TEST_KEY_HEX = "0123456789ABCDEFFEDCBA9876543210"
 #: EMV context of the vectors' cited source (pyemv tests/test_cvn_hsm.py).

@@ -20,7 +20,8 @@ from switch.store import CardStatus, SqliteStore, open_store
 from switch.store.sqlite import open_sqlite_store
 
 DEMO = Path(__file__).resolve().parent.parent / "config" / "demo"
-VECTORS = Path("/work/shared/vectors/payment_crypto.json")
+from data_paths import VECTORS_PATH as VECTORS  # noqa: E402
+
 FP_KEY, DATA_KEY = "test-fp", "test-data"
 
 

@@ -1,6 +1,6 @@
 """Real ISO 8583 messages from other projects decode with our specs to their expected fields.
 
-The corpus (/work/shared/corpus/iso8583_messages.json) records, for each message, the fields
+The corpus (tests/data/iso8583_messages.json) records, for each message, the fields
 other decoders (pyiso8583, tshark, jPOS) found. We check at two levels: the raw field
 dictionary (codec.decode_fields) and, for MTIs the switch types, the typed message or the
 format error that its content deserves.
@@ -9,10 +9,10 @@ format error that its content deserves.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
+from data_paths import CORPUS_PATH as CORPUS
 
 from switch.config import SpecKind
 from switch.wire import codec
@@ -26,9 +26,6 @@ from switch.wire.messages import (
     ReversalResponse,
 )
 
-CORPUS = Path("/work/shared/corpus/iso8583_messages.json")
-if not CORPUS.exists():  # pragma: no cover - the corpus is shared team data
-    pytest.skip("shared corpus not present", allow_module_level=True)
 DATA = json.loads(CORPUS.read_text())
 MESSAGES = {m["id"]: m for m in DATA["messages"]}
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from data_paths import CORPUS_PATH
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -141,10 +141,7 @@ def test_corpus_mastercard_sample() -> None:
     encrypted/masked tags (e.g. ``56 A1 29`` inside template FF8105), which are not BER: strict
     parsing stops there,
     while the DE55 bytes still travel unchanged through every spec."""
-    corpus = Path("/work/shared/corpus/iso8583_messages.json")
-    if not corpus.exists():  # pragma: no cover
-        pytest.skip("shared corpus not present")
-    sample = bytes.fromhex(json.loads(corpus.read_text())["field55_samples"][0]["hex"])
+    sample = bytes.fromhex(json.loads(CORPUS_PATH.read_text())["field55_samples"][0]["hex"])
     marker = sample.index(bytes.fromhex("56A129"))
     with pytest.raises(EmvFormatError, match=f"length form of tag at offset {marker}"):
         emv.parse(sample)
