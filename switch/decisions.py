@@ -45,6 +45,8 @@ class Reason(enum.Enum):
     CURRENCY_NOT_SUPPORTED = "currency_not_supported"
     INSUFFICIENT_FUNDS = "insufficient_funds"
     ORIGINAL_ALREADY_REVERSED = "original_already_reversed"
+    #: An advice of a request the network declined in our place: recorded, no money moves.
+    ADVICE_OF_DECLINE = "advice_of_decline"
     SECURITY_UNAVAILABLE = "security_unavailable"
     ISSUER_UNAVAILABLE = "issuer_unavailable"
     SYSTEM_ERROR = "system_error"
@@ -76,6 +78,7 @@ _BASE: dict[Reason, str] = {
     Reason.CURRENCY_NOT_SUPPORTED: "57",
     Reason.INSUFFICIENT_FUNDS: "51",
     Reason.ORIGINAL_ALREADY_REVERSED: "05",
+    Reason.ADVICE_OF_DECLINE: "00",
     Reason.SECURITY_UNAVAILABLE: "91",
     Reason.ISSUER_UNAVAILABLE: "91",
     Reason.SYSTEM_ERROR: "96",

@@ -27,7 +27,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import structlog
@@ -182,7 +182,7 @@ class Pipeline:
                     stored = await self._store.find_outcome(dup_key)
                 if isinstance(stored, AuthOutcome):
                     _bind(reason="replayed")
-                    return self._respond(request, stored, None)
+                    return self._respond(request, stored, None, prof)
                 prepared = await self._prepare(request, context, prof, dup_key)
         except (_Unavailable, StoreError, HsmError) as exc:
             return self._stand_in(request, context, prof, _cause(exc))
@@ -197,11 +197,20 @@ class Pipeline:
         issuer_auth = None
         if prepared.emv is not None and not outcome.replayed:
             issuer_auth = await self._arpc(prepared.emv, approved=outcome.approved)
-        return self._respond(request, outcome, issuer_auth)
+        return self._respond(request, outcome, issuer_auth, prof)
 
     def _respond(
-        self, request: AuthRequest, outcome: AuthOutcome, issuer_auth: bytes | None
+        self,
+        request: AuthRequest,
+        outcome: AuthOutcome,
+        issuer_auth: bytes | None,
+        prof: Profile,
     ) -> AuthResponse:
+        """The answer for a committed (or replayed) outcome.
+
+        An advice is acknowledged with 00 whatever was recorded for it: the network has
+        already answered the cardholder and only needs to know that we have it.
+        """
         balance = None
         # A balance DE54 cannot carry (13+ digits) is left out rather than sent wrong.
         if outcome.available_balance is not None and AdditionalAmount.fits(
@@ -213,9 +222,11 @@ class Pipeline:
                 currency=outcome.currency,
                 amount=outcome.available_balance,
             )
+        advice = message_class(request.mti) == "advice"
+        code = prof.code(Reason.APPROVED) if advice else outcome.response_code
         return AuthResponse.answer(
             request,
-            outcome.response_code,
+            code,
             approval_code=outcome.approval_code if outcome.approved else None,
             available_balance=balance,
             emv=emv.build([(_TAG_ISSUER_AUTH_DATA, issuer_auth)]) if issuer_auth else None,
@@ -242,27 +253,32 @@ class Pipeline:
         else:
             kind = "debit" if financial else "hold"
         now = self._now()
-        base = dict(
+        # Every outcome of this request is this intent with some fields replaced.
+        declined = AuthIntent(
             dup_key=dup_key,
             original_key=_original_key_of(req, ctx),
             mti=req.mti,
+            card_id=None,
+            account_id=None,
             masked_pan=mask_pan(req.pan),
             amount=req.amount,
             currency=req.currency,
+            kind="decline",
             approval_code=_approval_code(),
             velocity_day=now.strftime("%Y%m%d"),
             velocity_month=now.strftime("%Y%m"),
             stand_in=advice,
         )
 
-        def decline(reason: Reason, card: Card | None = None, **extra: object) -> _Prepared:
-            intent = AuthIntent(
+        def decline(
+            reason: Reason, card: Card | None = None, pin_check: PinCheck | None = None
+        ) -> _Prepared:
+            intent = replace(
+                declined,
                 card_id=card.id if card else None,
                 account_id=card.account_id if card else None,
-                kind="decline",
                 decline_code=prof.code(reason),
-                **base,  # type: ignore[arg-type]
-                **extra,  # type: ignore[arg-type]
+                pin_check=pin_check,
             )
             return _Prepared(intent, reason)
 
@@ -285,8 +301,17 @@ class Pipeline:
             return decline(Reason.CURRENCY_NOT_SUPPORTED)
 
         if advice:
-            # The network already answered the cardholder: apply, never decline.
-            intent = AuthIntent(card_id=card.id, account_id=card.account_id, kind=kind, **base)  # type: ignore[arg-type]
+            # The network already answered the cardholder. What it approved is applied
+            # whatever our own rules say; what it declined is recorded and moves no money.
+            if req.response_code not in (None, prof.code(Reason.APPROVED)):
+                intent = replace(
+                    declined,
+                    card_id=card.id,
+                    account_id=card.account_id,
+                    decline_code=req.response_code,
+                )
+                return _Prepared(intent, Reason.ADVICE_OF_DECLINE)
+            intent = replace(declined, card_id=card.id, account_id=card.account_id, kind=kind)
             return _Prepared(intent, Reason.APPROVED)
 
         reason = _status_and_expiry(card, req, now)
@@ -304,13 +329,13 @@ class Pipeline:
         if reason is not None:
             return decline(reason, card, pin_check=pin_check)
 
-        intent = AuthIntent(
+        intent = replace(
+            declined,
             card_id=card.id,
             account_id=card.account_id,
             kind=kind,
             pin_check=pin_check,
             velocity=card.controls if card.controls.has_velocity else None,
-            **base,  # type: ignore[arg-type]
         )
         return _Prepared(intent, Reason.APPROVED, emv_ctx)
 

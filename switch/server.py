@@ -52,6 +52,7 @@ from switch.wire.messages import (
     ReversalRequest,
     ReversalResponse,
     UnsupportedMessage,
+    is_request,
 )
 
 log = get_logger("switch.server")
@@ -342,6 +343,8 @@ class Server:
                 answered=answer is not None,
             )
             if answer is None:
+                if err.mti is not None and not is_request(err.mti):
+                    return None  # a garbled response-class message: nothing to answer, drop it
                 raise _CloseConnection("undecodable") from None
             metrics.observe_request(lst.network, err.mti or "????", "30", _since(received_at))
             return answer

@@ -7,6 +7,7 @@ ARQC/ARPC), not from our own code.
 from __future__ import annotations
 
 import ssl
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,25 @@ async def test_advice_applied_never_declined(switch: Switch, client_ctx: ssl.SSL
     (answer,) = await _ask(switch, client_ctx, build_auth(SMALL_PAN, 1000, mti="0120"))
     assert (answer.mti, answer.response_code) == ("0130", "00")
     assert await _available(switch, "demo-acct-small") == 100 - 1000
+
+
+async def test_advice_repeat_applied_once(switch: Switch, client_ctx: ssl.SSLContext) -> None:
+    advice = build_auth(SMALL_PAN, 40, mti="0120")
+    repeat = replace(advice, mti="0121")
+    answers = await _ask(switch, client_ctx, advice, repeat, advice)
+    assert [(a.mti, a.response_code) for a in answers] == [("0130", "00")] * 3
+    assert await _available(switch, "demo-acct-small") == 100 - 40
+
+
+async def test_advice_of_a_network_decline_moves_no_money(
+    switch: Switch, client_ctx: ssl.SSLContext
+) -> None:
+    declined = replace(build_auth(APPROVAL_PAN, 5000, mti="0120"), response_code="05")
+    unknown = build_auth("4999999999999999", 5000, mti="0220")
+    answers = await _ask(switch, client_ctx, declined, unknown)
+    assert [(a.mti, a.response_code) for a in answers] == [("0130", "00"), ("0230", "00")]
+    assert await _available(switch, "demo-acct-main") == 1_000_000
+    assert await switch.store.active_holds_total("demo-acct-main") == 0
 
 
 async def test_financial_0200_debits(switch: Switch, client_ctx: ssl.SSLContext) -> None:

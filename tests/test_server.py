@@ -211,6 +211,27 @@ async def test_garbage_body_with_mti_and_stan_gets_30(
                 assert isinstance(await client.request(echo()), NetworkResponse)
 
 
+async def test_garbled_response_class_message_is_dropped_connection_kept(
+    pki: PkiPaths, client_ctx: ssl.SSLContext
+) -> None:
+    good = codec.encode(AuthResponse.answer(build_auth(PAN, 1000, stan="004343"), "00"))
+    fields = codec.decode_fields(good)
+    bad = good.replace(fields["4"].encode(), b"00000000ABCD", 1)
+    async with running_server(make_config(pki)) as (_, port):
+        async with Client.connect("127.0.0.1", port, client_ctx) as client:
+            await client.send_frame(bad)
+            with trio.fail_after(5):
+                assert isinstance(await client.request(echo()), NetworkResponse)
+            assert client.unmatched == []
+
+
+async def test_unrecoverable_body_closes_the_connection(
+    pki: PkiPaths, client_ctx: ssl.SSLContext
+) -> None:
+    async with running_server(make_config(pki)) as (_, port):
+        await _closed_without_answer(port, client_ctx, encode_frame(b"\xff\xfe garbage"))
+
+
 async def test_unknown_request_mti_gets_12_and_response_mti_is_dropped(
     pki: PkiPaths, client_ctx: ssl.SSLContext
 ) -> None:
@@ -242,10 +263,17 @@ class _ShuffledHandler:
 
     def __init__(self) -> None:
         self.seen = 0
+        self.running = 0
+        self.most_running = 0
 
     async def authorize(self, request: AuthRequest, context: RequestContext) -> AuthResponse:
         self.seen += 1
-        await trio.sleep(random.uniform(0, 0.2))
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await trio.sleep(random.uniform(0, 0.2))
+        finally:
+            self.running -= 1
         return AuthResponse.answer(request, "00", approval_code=request.stan)
 
     async def reverse(self, request: ReversalRequest, context: RequestContext) -> ReversalResponse:
@@ -278,3 +306,24 @@ async def test_64_in_flight_on_one_connection_answered_out_of_order(
         assert answer.stan == stan and answer.approval_code == stan
         assert answer.amount == 100 + int(stan) - 1
     assert order != sorted(order)  # out of order, matched by STAN
+
+
+async def test_in_flight_caps_apply_backpressure(pki: PkiPaths, client_ctx: ssl.SSLContext) -> None:
+    handler = _ShuffledHandler()
+    cfg = make_config(pki, max_in_flight=2)
+    answered = 0
+    async with running_server(cfg, handler) as (_, port):
+        async with Client.connect("127.0.0.1", port, client_ctx) as client:
+
+            async def one(i: int) -> None:
+                nonlocal answered
+                answer = await client.request(build_auth(PAN, 100, stan=f"{i + 1:06d}"))
+                assert isinstance(answer, AuthResponse) and answer.response_code == "00"
+                answered += 1
+
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    for i in range(24):
+                        nursery.start_soon(one, i)
+    assert answered == 24
+    assert handler.most_running == 2  # the per-connection cap, reached and never passed

@@ -124,6 +124,7 @@ def auth_requests(draw: st.DrawFn) -> AuthRequest:
         pin_block=draw(opt(st.binary(min_size=8, max_size=8))),
         security_control=draw(opt(digits(16))),
         emv=draw(opt(st.binary(min_size=1, max_size=300))),
+        response_code=draw(opt(response_codes)),
     )
 
 

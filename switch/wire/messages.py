@@ -353,6 +353,8 @@ class AuthRequest:
     pin_block: bytes | None = field(default=None, repr=False)
     security_control: str | None = None
     emv: bytes | None = field(default=None, repr=False)
+    #: DE39 of an advice (0120/0220): the answer the network gave in the issuer's place.
+    response_code: str | None = None
 
     __repr__ = _safe_repr
 
@@ -875,6 +877,7 @@ def _read_auth_request(mti: str, r: _Reader) -> AuthRequest:
         pin_block=None if pin is None else _hex_bytes(_PIN_BLOCK, pin),
         security_control=r.digits(_SECURITY, 16),
         emv=r.emv(),
+        response_code=_response_code(r),
     )
 
 
@@ -1120,6 +1123,7 @@ def to_fields(msg: Message) -> dict[str, str]:
         _put(out, _PIN_BLOCK, _hex(msg.pin_block))
         _put(out, _SECURITY, msg.security_control)
         _put(out, _ICC, _hex(msg.emv))
+        _put(out, _RESPONSE, msg.response_code)
     elif isinstance(msg, AuthResponse):
         _echo(out, msg)
         _put(out, _APPROVAL, msg.approval_code)
