@@ -119,6 +119,9 @@ class LoadOptions:
     phase_timeout: float = 60.0
     #: Send a PIN block (DE52) as well, so the PIN translation and PVV check run in the HSM.
     pin: bool = False
+    #: Force the switch's PKCS#11 calls into a worker thread (true) or onto the event loop
+    #: (false); None leaves the switch's configuration default.
+    hsm_offload: bool | None = None
     #: CPUs for the switch and for this generator; None leaves affinity alone.
     server_cpu: int | None = 0
     client_cpu: int | None = 1
@@ -258,7 +261,7 @@ def _ratio(a: float, b: float) -> float:
 # -- the switch process ---------------------------------------------------------------------
 
 
-def _write_config(work: Path, log_level: str) -> Path:
+def _write_config(work: Path, log_level: str, hsm_offload: bool | None = None) -> Path:
     """A switch configuration whose every file lives under ``work``; port 0, metrics off."""
     pki = work / "pki"
     lines = [
@@ -280,6 +283,8 @@ def _write_config(work: Path, log_level: str) -> Path:
         f'level = "{log_level}"',
         'format = "json"',
     ]
+    if hsm_offload is not None:
+        lines.insert(lines.index("[store]"), f"offload = {'true' if hsm_offload else 'false'}")
     path = work / "switch.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -949,7 +954,7 @@ def run(opts: LoadOptions, command: str = "python -m benchmarks.load") -> LoadRe
     with tempfile.TemporaryDirectory(prefix="cardswitch-load-") as tmp:
         work = opts.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        config = _write_config(work, opts.log_level)
+        config = _write_config(work, opts.log_level, opts.hsm_offload)
         _seed(config, _write_cards(work), work)
         pin_block = None
         if opts.pin:
@@ -1006,6 +1011,12 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadOptions:
     p.add_argument("--connections", type=int, default=d.connections)
     p.add_argument("--phase-timeout", type=float, default=d.phase_timeout, help="seconds")
     p.add_argument("--pin", action="store_true", help="send a PIN block too (PVV check)")
+    p.add_argument(
+        "--hsm-offload",
+        choices=["true", "false"],
+        default=None,
+        help="force the switch's PKCS#11 calls into a worker thread or onto its event loop",
+    )
     p.add_argument("--server-cpu", type=int, default=d.server_cpu)
     p.add_argument("--client-cpu", type=int, default=d.client_cpu)
     p.add_argument("--no-pin-cpus", action="store_true", help="leave CPU affinity alone")
@@ -1033,6 +1044,7 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadOptions:
         connections=a.connections,
         phase_timeout=a.phase_timeout,
         pin=a.pin,
+        hsm_offload=None if a.hsm_offload is None else a.hsm_offload == "true",
         server_cpu=server_cpu,
         client_cpu=client_cpu,
         log_level=a.log_level,

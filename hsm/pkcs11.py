@@ -26,9 +26,14 @@ in a worker thread (``trio.to_thread.run_sync`` with a ``CapacityLimiter(1)``) b
 that the event loop is never blocked by the token and a command stuck in the token can be
 abandoned on timeout; ``offload=False`` runs them inline. Measured (benchmarks/hsm_bench.py,
 one task, 2-core x86_64): the hop adds ~50 us per command (CVV verify 114 us median vs 61 inline,
-CVN 18 ARQC+ARPC 720 vs 562), but inline blocks the event loop for the whole command (p99 of an
-inline ARQC reached 3.3 ms) and cannot be abandoned; the token serialises commands either way,
-so the hop is the default: network I/O and the store keep running while the token works.
+CVN 18 ARQC+ARPC 720 vs 562), and inline blocks the event loop for the whole command (p99 of an
+inline ARQC reached 3.3 ms) and cannot be abandoned. The token serialises commands and the
+binding does not run them in parallel with Python work, so under load the hop is pure cost:
+the whole switch does 1018 auth/s inline against 752 with the hop (benchmarks/load.py, 8 in
+flight, one core). The daemon therefore runs SoftHSM inline (``hsm.offload = false``, the
+configuration default); this class keeps the hop as its default for callers that cannot
+afford a blocked loop, and for network-attached tokens where a stuck command must be
+abandonable.
 
 Clear PIN in host memory: a general-purpose PKCS#11 token has no PIN commands, so verifying a
 PIN decrypts the PIN block into this process. The PIN and clear PIN blocks are kept in

@@ -147,7 +147,7 @@ def init_dev_token(cfg: HsmConfig) -> bool:
     return ensure_token(cfg).created
 
 
-def open_hsm(cfg: HsmConfig, *, offload: bool = True) -> Hsm:
+def open_hsm(cfg: HsmConfig, *, offload: bool | None = None) -> Hsm:
     """Return the configured backend, ready to use.
 
     ``backend = "pkcs11"`` (the default): for SoftHSM (a module path containing ``softhsm``)
@@ -165,5 +165,9 @@ def open_hsm(cfg: HsmConfig, *, offload: bool = True) -> Hsm:
         ensure_token(cfg)
     pin = os.environ.get(USER_PIN_ENV, cfg.user_pin)
     return pkcs11_backend.Pkcs11Hsm.open(
-        cfg.module, cfg.token_label, pin, timeout=cfg.timeout, offload=offload
+        cfg.module,
+        cfg.token_label,
+        pin,
+        timeout=cfg.timeout,
+        offload=cfg.offload if offload is None else offload,
     )
