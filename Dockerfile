@@ -8,8 +8,8 @@
 # State (dev PKI, SoftHSM token directory, SQLite journal) lives in /srv/cardswitch/var, a
 # volume owned by the cardswitch user. Create it once, then serve:
 #   docker build -t cardswitch .
-#   docker run --rm -v cardswitch-var:/srv/cardswitch/var cardswitch dev-setup --config config/switch.toml
-#   docker run -v cardswitch-var:/srv/cardswitch/var -p 8583:8583 cardswitch
+#   docker run --rm -v cardswitch-var:/srv/cardswitch/var cardswitch dev-setup --config config/container.toml
+#   docker run -v cardswitch-var:/srv/cardswitch/var -p 8583:8583 -p 9583:9583 cardswitch
 # The embedded config/switch.toml listens on 127.0.0.1; a published port needs a configuration
 # whose listener (and metrics) host is 0.0.0.0, mounted or baked in and passed with --config.
 
@@ -64,4 +64,4 @@ EXPOSE 8583 9583
 # The switch drains in-flight requests on SIGTERM (server.drain_timeout) and exits 0.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["cardswitch"]
-CMD ["serve", "--config", "config/switch.toml"]
+CMD ["serve", "--config", "config/container.toml"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,12 @@ def test_cli_process_exit_status_for_missing_file(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [
         f"cardswitch: {tmp_path / 'nope.toml'}: file not found"
     ]
+
+
+def test_container_config_differs_only_in_bind_addresses() -> None:
+    local = load(REPO / "config" / "switch.toml")
+    container = load(REPO / "config" / "container.toml")
+    assert container.listeners[0].host == "0.0.0.0"
+    assert container.metrics.host == "0.0.0.0"
+    assert replace(container.listeners[0], host="127.0.0.1") == local.listeners[0]
+    assert replace(container, listeners=local.listeners, metrics=local.metrics) == local
