@@ -10,8 +10,8 @@
 #   docker build -t cardswitch .
 #   docker run --rm -v cardswitch-var:/srv/cardswitch/var cardswitch dev-setup --config config/container.toml
 #   docker run -v cardswitch-var:/srv/cardswitch/var -p 8583:8583 -p 9583:9583 cardswitch
-# The embedded config/switch.toml listens on 127.0.0.1; a published port needs a configuration
-# whose listener (and metrics) host is 0.0.0.0, mounted or baked in and passed with --config.
+# config/switch.toml listens on 127.0.0.1; the image serves config/container.toml, the same
+# settings bound to 0.0.0.0 so that published ports reach the listener and the metrics.
 
 #: Base image of both stages (Debian bookworm, CPython 3.11).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
