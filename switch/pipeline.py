@@ -75,7 +75,8 @@ from switch.wire.messages import (
     AuthResponse,
     ReversalRequest,
     ReversalResponse,
-    message_class,
+    is_advice,
+    is_financial,
 )
 
 log = get_logger("switch.pipeline")
@@ -222,8 +223,7 @@ class Pipeline:
                 currency=outcome.currency,
                 amount=outcome.available_balance,
             )
-        advice = message_class(request.mti) == "advice"
-        code = prof.code(Reason.APPROVED) if advice else outcome.response_code
+        code = prof.code(Reason.APPROVED) if is_advice(request.mti) else outcome.response_code
         return AuthResponse.answer(
             request,
             code,
@@ -245,8 +245,8 @@ class Pipeline:
     async def _prepare(
         self, req: AuthRequest, ctx: RequestContext, prof: Profile, dup_key: DuplicateKey
     ) -> _Prepared:
-        advice = message_class(req.mti) == "advice"
-        financial = req.mti[1] == "2"
+        advice = is_advice(req.mti)
+        financial = is_financial(req.mti)
         kind: AuthKind
         if advice:
             kind = "advice_debit" if financial else "advice_hold"
@@ -479,7 +479,7 @@ class Pipeline:
             replacement_amount=request.replacement_amount or None,
             currency=request.currency or "",
             masked_pan=mask_pan(request.pan) if request.pan else "",
-            stand_in=request.mti[2] == "2",  # 0420/0421: the network reversed in our place
+            stand_in=is_advice(request.mti),  # 0420/0421: the network reversed in our place
         )
         with _step("commit"):
             outcome: ReversalOutcome = await self._store.commit_reversal(intent)

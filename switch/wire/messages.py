@@ -185,6 +185,33 @@ def message_class(mti: str) -> MessageClass:
     return "other"
 
 
+def is_financial(mti: str) -> bool:
+    """Whether ``mti`` is of the financial class (02xx: funds move at once, not a hold).
+
+    >>> is_financial("0200"), is_financial("0220"), is_financial("0100")
+    (True, True, False)
+
+    Raises:
+        ValueError: ``mti`` is not four digits.
+    """
+    _check_mti(mti)
+    return mti[1] == "2"
+
+
+def is_advice(mti: str) -> bool:
+    """Whether ``mti`` is an advice (function 2: 0120, 0220, 0420 and their repeats), which
+    tells of something the network already did in the issuer's place.
+
+    >>> is_advice("0120"), is_advice("0421"), is_advice("0400")
+    (True, True, False)
+
+    Raises:
+        ValueError: ``mti`` is not four digits.
+    """
+    _check_mti(mti)
+    return mti[2] == "2"
+
+
 def is_repeat(mti: str) -> bool:
     """Whether ``mti`` is a repeat (last digit 1 or 3): ``is_repeat("0401") is True``.
 
