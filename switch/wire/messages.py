@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypedDict
 
 from switch.log import mask_pan
 
@@ -386,6 +386,40 @@ class AuthRequest:
     __repr__ = _safe_repr
 
 
+class _Echo(TypedDict):
+    """What a response repeats of its request besides MTI and STAN: DE2, 3, 4, 7, 12, 13, 32,
+    37, 41, 42 and 49 (each optional in a response)."""
+
+    transmission_time: str | None
+    pan: str | None
+    processing_code: str | None
+    amount: int | None
+    local_time: str | None
+    local_date: str | None
+    acquirer_id: str | None
+    rrn: str | None
+    terminal_id: str | None
+    merchant_id: str | None
+    currency: str | None
+
+
+def _echo_of(req: AuthRequest | ReversalRequest) -> _Echo:
+    """The fields of ``req`` its answer repeats."""
+    return _Echo(
+        transmission_time=req.transmission_time,
+        pan=req.pan,
+        processing_code=req.processing_code,
+        amount=req.amount,
+        local_time=req.local_time,
+        local_date=req.local_date,
+        acquirer_id=req.acquirer_id,
+        rrn=req.rrn,
+        terminal_id=req.terminal_id,
+        merchant_id=req.merchant_id,
+        currency=req.currency,
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthResponse:
     """0110, 0130, 0210, 0230: the answer to an :class:`AuthRequest`."""
@@ -437,17 +471,7 @@ class AuthResponse:
             mti=response_mti(req.mti),
             stan=req.stan,
             response_code=response_code,
-            transmission_time=req.transmission_time,
-            pan=req.pan,
-            processing_code=req.processing_code,
-            amount=req.amount,
-            local_time=req.local_time,
-            local_date=req.local_date,
-            acquirer_id=req.acquirer_id,
-            rrn=req.rrn,
-            terminal_id=req.terminal_id,
-            merchant_id=req.merchant_id,
-            currency=req.currency,
+            **_echo_of(req),
             approval_code=approval_code,
             additional_amounts=() if available_balance is None else (available_balance,),
             emv=emv,
@@ -518,17 +542,7 @@ class ReversalResponse:
             mti=response_mti(req.mti),
             stan=req.stan,
             response_code=response_code,
-            transmission_time=req.transmission_time,
-            pan=req.pan,
-            processing_code=req.processing_code,
-            amount=req.amount,
-            local_time=req.local_time,
-            local_date=req.local_date,
-            acquirer_id=req.acquirer_id,
-            rrn=req.rrn,
-            terminal_id=req.terminal_id,
-            merchant_id=req.merchant_id,
-            currency=req.currency,
+            **_echo_of(req),
             original=req.original,
         )
 
@@ -914,6 +928,16 @@ def _read_auth_response(mti: str, r: _Reader) -> AuthResponse:
         mti=mti,
         stan=r.req_digits(_STAN, 6),
         response_code=_response_code(r, required=True) or "",
+        **_read_echo(r),
+        approval_code=r.text(_APPROVAL, 6),
+        additional_amounts=() if de54 is None else _parse_de54(de54),
+        emv=r.emv(),
+    )
+
+
+def _read_echo(r: _Reader) -> _Echo:
+    """The echoed fields of a response, each optional (see :func:`_echo_of`)."""
+    return _Echo(
         transmission_time=r.transmission_time(required=False),
         pan=r.pan(),
         processing_code=r.digits(_PROC, 6),
@@ -925,9 +949,6 @@ def _read_auth_response(mti: str, r: _Reader) -> AuthResponse:
         terminal_id=r.text(_TERMINAL, 8),
         merchant_id=r.text(_MERCHANT, 15),
         currency=r.currency(),
-        approval_code=r.text(_APPROVAL, 6),
-        additional_amounts=() if de54 is None else _parse_de54(de54),
-        emv=r.emv(),
     )
 
 
@@ -971,17 +992,7 @@ def _read_reversal_response(mti: str, r: _Reader) -> ReversalResponse:
         mti=mti,
         stan=r.req_digits(_STAN, 6),
         response_code=_response_code(r, required=True) or "",
-        transmission_time=r.transmission_time(required=False),
-        pan=r.pan(),
-        processing_code=r.digits(_PROC, 6),
-        amount=r.amount(),
-        local_time=r.local_time(),
-        local_date=r.local_date(),
-        acquirer_id=r.institution(_ACQUIRER),
-        rrn=r.text(_RRN, 12),
-        terminal_id=r.text(_TERMINAL, 8),
-        merchant_id=r.text(_MERCHANT, 15),
-        currency=r.currency(),
+        **_read_echo(r),
         original=None if de90 is None else _parse_de90(de90),
     )
 
