@@ -194,7 +194,7 @@ class Pipeline:
                 outcome = await self._store.commit_auth(prepared.intent)
         except StoreError as exc:
             return self._stand_in(request, context, prof, _cause(exc))
-        _bind(reason=prepared.reason.value if not outcome.replayed else "replayed")
+        _bind(reason=_final_reason(prepared.reason, outcome, prof))
         issuer_auth = None
         if prepared.emv is not None and not outcome.replayed:
             issuer_auth = await self._arpc(prepared.emv, approved=outcome.approved)
@@ -561,6 +561,16 @@ def _original_key_of(req: AuthRequest, ctx: RequestContext) -> OriginalKey:
         stan=req.stan,
         transmission_time=req.transmission_time,
     )
+
+
+def _final_reason(prepared: Reason, outcome: AuthOutcome, prof: Profile) -> str:
+    """What the log line says decided the request: the pipeline's reason, unless the store's
+    atomic rules (funds, PIN tries, velocity, an earlier reversal) answered otherwise."""
+    if outcome.replayed:
+        return "replayed"
+    if outcome.response_code == prof.code(prepared):
+        return prepared.value
+    return prof.reason_for(outcome.response_code).value
 
 
 def _cause(exc: BaseException) -> str:

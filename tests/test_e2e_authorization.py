@@ -348,3 +348,13 @@ async def test_no_card_data_in_database_or_logs(switch: Switch, client_ctx: ssl.
 
 def _fields(message: Any) -> dict[str, Any]:
     return {name: getattr(message, name) for name in message.__dataclass_fields__}
+
+
+async def test_log_line_names_the_reason_the_store_decided(
+    switch: Switch, client_ctx: ssl.SSLContext
+) -> None:
+    (answer,) = await _ask(switch, client_ctx, build_auth(SMALL_PAN, 1000, stan="005151"))
+    assert answer.response_code == "51"
+    lines = [line for line in switch.log.getvalue().splitlines() if '"answered"' in line]
+    (line,) = [line for line in lines if '"005151"' in line]
+    assert '"reason": "insufficient_funds"' in line
