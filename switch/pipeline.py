@@ -183,7 +183,8 @@ class Pipeline:
                     stored = await self._store.find_outcome(dup_key)
                 if isinstance(stored, AuthOutcome):
                     _bind(reason="replayed")
-                    return self._respond(request, stored, None, prof)
+                    issuer_auth = await self._replayed_arpc(request, stored)
+                    return self._respond(request, stored, issuer_auth, prof)
                 prepared = await self._prepare(request, context, prof, dup_key)
         except (_Unavailable, StoreError, HsmError) as exc:
             return self._stand_in(request, context, prof, _cause(exc))
@@ -196,7 +197,7 @@ class Pipeline:
             return self._stand_in(request, context, prof, _cause(exc))
         _bind(reason=_final_reason(prepared.reason, outcome, prof))
         issuer_auth = None
-        if prepared.emv is not None and not outcome.replayed:
+        if prepared.emv is not None:
             issuer_auth = await self._arpc(prepared.emv, approved=outcome.approved)
         return self._respond(request, outcome, issuer_auth, prof)
 
@@ -439,6 +440,24 @@ class Pipeline:
                 ArqcVerification(card=emv_card, atc=atc, transaction_data=data, arqc=arqc, un=un)
             )
         return _EmvContext(emv_card, atc, arqc, un) if result.ok else None
+
+    async def _replayed_arpc(self, request: AuthRequest, stored: AuthOutcome) -> bytes | None:
+        """The ARPC of a repeated chip request: the card needs it as much as the first time.
+
+        Cryptograms are never stored, so the ARQC is verified again and the ARPC computed for
+        the stored decision; when that is not possible the answer goes without DE55.
+        """
+        if request.emv is None:
+            return None
+        with _hsm_command("fingerprint"):
+            fingerprint = await self._vault.fingerprint(request.pan)
+        card = await self._store.get_card_by_fingerprint(fingerprint)
+        if card is None or not card.imk_ac or not card.emv_cvn:
+            return None
+        emv_ctx = await self._verify_arqc(request, card)
+        if emv_ctx is None:
+            return None
+        return await self._arpc(emv_ctx, approved=stored.approved)
 
     async def _arpc(self, ctx: _EmvContext, *, approved: bool) -> bytes | None:
         """Issuer authentication data (tag 91) for the card: ARPC with ARC or CSU."""

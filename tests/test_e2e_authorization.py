@@ -159,6 +159,21 @@ async def test_arqc_verified_and_arpc_returned(switch: Switch, client_ctx: ssl.S
     assert issuer_auth.hex().upper() == CVN10_ARPC_ARC_3030 + "3030"
 
 
+async def test_repeated_chip_request_gets_the_same_arpc(
+    switch: Switch, client_ctx: ssl.SSLContext
+) -> None:
+    request = build_auth(EMV_PAN, 4000, emv=_cvn10_de55(), pos_entry_mode="051")
+    repeat = replace(request, mti="0101")
+    first, again = await _ask(switch, client_ctx, request, repeat)
+    assert first.response_code == again.response_code == "00"
+    assert first.approval_code == again.approval_code
+    for answer in (first, again):
+        assert answer.emv is not None
+        issuer_auth = emv.TlvMap.from_bytes(answer.emv)[0x91]
+        assert issuer_auth.hex().upper() == CVN10_ARPC_ARC_3030 + "3030"
+    assert await _available(switch, "demo-acct-emv") == 500_000 - 4000
+
+
 async def test_tampered_arqc_declined(switch: Switch, client_ctx: ssl.SSLContext) -> None:
     tampered = CVN10_ARQC[:-1] + ("F" if CVN10_ARQC[-1] != "F" else "E")
     request = build_auth(EMV_PAN, 4000, emv=_cvn10_de55(tampered), pos_entry_mode="051")
