@@ -290,9 +290,7 @@ class Pipeline:
                 return decline(reason)
 
         with _step("card"):
-            with _hsm_command("fingerprint"):
-                fingerprint = await self._vault.fingerprint(req.pan)
-            card = await self._store.get_card_by_fingerprint(fingerprint)
+            card = await self._card_for(req.pan)
             account = await self._store.get_account(card.account_id) if card else None
         if card is None or account is None:
             return decline(Reason.UNKNOWN_CARD)
@@ -441,6 +439,12 @@ class Pipeline:
             )
         return _EmvContext(emv_card, atc, arqc, un) if result.ok else None
 
+    async def _card_for(self, pan: str) -> Card | None:
+        """The card provisioned for ``pan``, found by its keyed fingerprint."""
+        with _hsm_command("fingerprint"):
+            fingerprint = await self._vault.fingerprint(pan)
+        return await self._store.get_card_by_fingerprint(fingerprint)
+
     async def _replayed_arpc(self, request: AuthRequest, stored: AuthOutcome) -> bytes | None:
         """The ARPC of a repeated chip request: the card needs it as much as the first time.
 
@@ -449,9 +453,7 @@ class Pipeline:
         """
         if request.emv is None:
             return None
-        with _hsm_command("fingerprint"):
-            fingerprint = await self._vault.fingerprint(request.pan)
-        card = await self._store.get_card_by_fingerprint(fingerprint)
+        card = await self._card_for(request.pan)
         if card is None or not card.imk_ac or not card.emv_cvn:
             return None
         emv_ctx = await self._verify_arqc(request, card)
