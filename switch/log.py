@@ -59,8 +59,8 @@ PAN_KEYS = frozenset({"pan", "primary_account_number"})
 def mask_pan(pan: str) -> str:
     """Mask a PAN to its first six and last four digits.
 
-    >>> mask_pan("4123456789012345")
-    '412345******2345'
+    >>> mask_pan("4000123412341234")
+    '400012******1234'
     >>> mask_pan("123")
     '***'
     """
@@ -72,8 +72,8 @@ def mask_pan(pan: str) -> str:
 def scrub(text: str) -> str:
     """Mask PAN-shaped digit runs and remove track data, raw bytes and long hex from ``text``.
 
-    >>> scrub("bad field 2: '4123456789012345' at 4")
-    "bad field 2: '412345******2345' at 4"
+    >>> scrub("bad field 2: '4000123412341234' at 4")
+    "bad field 2: '400012******1234' at 4"
     """
     text = _BYTES_RE.sub("b'<redacted>'", text)
     text = _TRACK2_RE.sub("<track-redacted>", text)
