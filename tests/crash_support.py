@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from server_fixtures import wait_ready
 
 from switch.client import Client, ClientError
 from switch.pki import PkiPaths
@@ -187,11 +188,7 @@ async def start_switch(config: Path, tmp: Path, tag: str) -> tuple[trio.Process,
         )
     try:
         with trio.fail_after(START_TIMEOUT):
-            while not ready.exists():
-                if proc.poll() is not None:
-                    raise AssertionError(f"switch {tag} exited with {proc.returncode} at start")
-                await trio.sleep(0.02)
-        port = int(json.loads(ready.read_text())["listeners"][0]["port"])
+            port = await wait_ready(ready, proc)
     except BaseException:
         stop_now(proc)
         raise

@@ -8,6 +8,7 @@ What does not: assertions (the test modules).
 from __future__ import annotations
 
 import datetime
+import json
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -58,6 +59,20 @@ async def running_server(
         finally:
             server.shutdown()
             nursery.cancel_scope.deadline = trio.current_time() + 5
+
+
+async def wait_ready(ready: Path, proc: trio.Process) -> int:
+    """The first listener's port, once ``cardswitch serve --ready-file`` reports it.
+
+    Bound it with a cancel scope; fails at once if the process exits first.
+    """
+    path = trio.Path(ready)
+    while not await path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"switch exited with {proc.returncode} before it was ready")
+        await trio.sleep(0.02)
+    port: int = json.loads(await path.read_text())["listeners"][0]["port"]
+    return port
 
 
 def foreign_client_ctx(pki: PkiPaths, tmp: Path) -> ssl.SSLContext:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import ssl
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import trio
+from server_fixtures import wait_ready
 
 from switch.client import Client
 from switch.pki import PkiPaths
@@ -20,7 +20,7 @@ from switch.wire.messages import AuthResponse, NetworkResponse
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_config(path: Path, pki: PkiPaths, **extra: str) -> Path:
+def write_config(path: Path, pki: PkiPaths) -> Path:
     """A TOML configuration with one listener on port 0 and metrics off."""
     lines = [
         "[[listener]]",
@@ -35,19 +35,8 @@ def write_config(path: Path, pki: PkiPaths, **extra: str) -> Path:
         "[metrics]",
         "port = 0",
     ]
-    lines += [f"{k} = {v}" for k, v in extra.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-async def wait_ready(ready: Path, proc: trio.Process) -> int:
-    """The port the process reported, once it is accepting (bound it with a cancel scope)."""
-    path = trio.Path(ready)
-    while not await path.exists():
-        assert proc.poll() is None, "switch exited before it was ready"
-        await trio.sleep(0.05)
-    port: int = json.loads(await path.read_text())["listeners"][0]["port"]
-    return port
 
 
 async def test_sigterm_answers_in_flight_and_exits_0(

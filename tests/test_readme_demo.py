@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import trio
+from server_fixtures import wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 #: A README demo line: the command (with continuations joined) and the DE39 its comment expects.
@@ -74,7 +75,7 @@ async def test_readme_demo_lines_against_a_dev_setup_switch(tmp_path: Path) -> N
     setup = await trio.to_thread.run_sync(_run, ["dev-setup"], tmp_path)
     assert setup.returncode == 0, setup.stderr
     assert "demo cards" in setup.stdout
-    ready = trio.Path(tmp_path / "ready.json")
+    ready = tmp_path / "ready.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "switch", "serve", "--ready-file", str(ready)],
@@ -85,10 +86,7 @@ async def test_readme_demo_lines_against_a_dev_setup_switch(tmp_path: Path) -> N
     )
     try:
         with trio.fail_after(30):
-            while not await ready.exists():
-                assert proc.poll() is None, "serve exited early"
-                await trio.sleep(0.05)
-        port = json.loads(await ready.read_text())["listeners"][0]["port"]
+            port = await wait_ready(ready, proc)
         for readme_argv, expected in readme_commands():
             argv = [readme_argv[0], "--port", str(port), *readme_argv[1:]]
             result = await trio.to_thread.run_sync(_run, argv, tmp_path)
