@@ -25,7 +25,7 @@ from switch import config as config_mod
 from switch import log as log_mod
 from switch import metrics
 from switch.config import Config
-from switch.handler import RequestHandler, UnavailableHandler
+from switch.handler import Dispatcher, Engine, RequestHandler, UnavailableEngine
 from switch.pipeline import Pipeline
 from switch.server import Server
 from switch.store import open_store
@@ -78,7 +78,7 @@ async def serve(
         metrics.serve(cfg.metrics.host, cfg.metrics.port)
     async with AsyncExitStack() as stack:
         if handler is None:
-            handler = await _open_engine(cfg, stack) if engine else UnavailableHandler()
+            handler = Dispatcher(await _open_engine(cfg, stack) if engine else UnavailableEngine())
         server = Server(cfg, handler, tls.get)
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(server.serve)
@@ -88,7 +88,7 @@ async def serve(
         log.info("exit", reason="drained")
 
 
-async def _open_engine(cfg: Config, stack: AsyncExitStack) -> RequestHandler:
+async def _open_engine(cfg: Config, stack: AsyncExitStack) -> Engine:
     """Open the HSM, the vault and the store and return the pipeline over them."""
     hsm = open_hsm(cfg.hsm)  # opens the token and logs in once, at start-up
     stack.push_async_callback(hsm.aclose)

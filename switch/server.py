@@ -31,27 +31,24 @@ from __future__ import annotations
 import contextlib
 import math
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
 from switch import metrics
 from switch.config import Config, ListenerConfig
-from switch.handler import RequestContext, RequestHandler
-from switch.log import get_logger, mask_pan
+from switch.decisions import Reason, profile
+from switch.handler import Decision, RequestContext, RequestHandler
+from switch.log import get_logger
 from switch.tls import identity_allowed, peer_identities
 from switch.wire import codec
 from switch.wire.framing import FrameDecoder, FramingError, encode_frame
 from switch.wire.messages import (
-    AuthRequest,
     AuthResponse,
-    NetworkRequest,
+    ErrorResponse,
     NetworkResponse,
-    ReversalRequest,
     ReversalResponse,
-    UnsupportedMessage,
     is_request,
 )
 
@@ -59,12 +56,6 @@ log = get_logger("switch.server")
 
 #: Bytes asked of the TLS stream per read; frames are at most a few KiB.
 _RECEIVE_SIZE = 65536
-#: DE70 network-management codes answered 00: sign-on, sign-off, echo test.
-_NETWORK_CODES_OK = frozenset({"001", "002", "301"})
-#: DE39 for a well-formed request of a kind we do not serve ("invalid transaction").
-_INVALID_TRANSACTION = "12"
-#: DE39 when the handler raised instead of deciding ("system malfunction").
-_SYSTEM_MALFUNCTION = "96"
 
 
 class _CloseConnection(Exception):
@@ -346,82 +337,50 @@ class Server:
                 if err.mti is not None and not is_request(err.mti):
                     return None  # a garbled response-class message: nothing to answer, drop it
                 raise _CloseConnection("undecodable") from None
-            metrics.observe_request(lst.network, err.mti or "????", "30", _since(received_at))
+            code = profile(lst.network).code(Reason.FORMAT_ERROR)
+            metrics.observe_request(lst.network, err.mti or "????", code, _since(received_at))
             return answer
 
-        context = RequestContext(lst.name, lst.network, conn.peer, received_at)
-        response: Any
-        if isinstance(message, NetworkRequest):
-            code = "00" if message.code in _NETWORK_CODES_OK else _INVALID_TRANSACTION
-            response = NetworkResponse.answer(message, code)
-        elif isinstance(message, AuthRequest):
-            response = await self._decide(
-                self._handler.authorize, message, context, AuthResponse.answer
-            )
-        elif isinstance(message, ReversalRequest):
-            response = await self._decide(
-                self._handler.reverse, message, context, ReversalResponse.answer
-            )
-        elif isinstance(message, UnsupportedMessage) and (
-            response := message.answer(_INVALID_TRANSACTION)
-        ):
-            pass
-        else:
+        context = RequestContext(lst, profile(lst.network), conn.peer, received_at)
+        if not is_request(message.mti):
             metrics.observe_protocol_error(lst.name, "unsolicited_response")
-            log.warning(
-                "unsolicited_message_dropped",
-                listener=lst.name,
-                mti=message.mti,
-                stan=getattr(message, "stan", None),
-            )
+            log.warning("unsolicited_message_dropped", listener=lst.name, mti=message.mti,
+                        stan=getattr(message, "stan", None))  # fmt: skip
             return None
-        code = response.response_code
-        self._log_answer(
-            lst, message.mti, message.stan, code, received_at, pan=getattr(message, "pan", None)
+        assert not isinstance(
+            message, AuthResponse | ReversalResponse | NetworkResponse | ErrorResponse
         )
-        return codec.encode(response, lst.spec)
-
-    async def _decide(
-        self,
-        decide: Callable[[Any, RequestContext], Awaitable[Any]],
-        message: Any,
-        ctx: RequestContext,
-        fallback: Callable[[Any, str], Any],
-    ) -> Any:
-        try:
-            return await decide(message, ctx)
-        except Exception as exc:
-            # The engine could not decide: say so (96) rather than drop the request.
-            log.error(
-                "handler_failed",
-                listener=ctx.listener,
-                mti=message.mti,
-                stan=message.stan,
-                error=_describe(exc),
-            )
-            metrics.observe_protocol_error(ctx.listener, "handler_error")
-            return fallback(message, _SYSTEM_MALFUNCTION)
+        decision = await self._handler.handle(message, context)
+        if decision is None:
+            metrics.observe_protocol_error(lst.name, "unsolicited_response")
+            log.warning("unanswerable_message_dropped", listener=lst.name, mti=message.mti)
+            return None
+        if decision.stand_in is not None:
+            metrics.observe_stand_in(lst.network, decision.stand_in)
+        self._log_answer(lst, message.mti, getattr(message, "stan", None), decision, received_at)
+        return codec.encode(decision.response, lst.spec)
 
     @staticmethod
     def _log_answer(
         lst: ListenerConfig,
         mti: str,
         stan: str | None,
-        code: str,
+        decision: Decision,
         received_at: float,
-        *,
-        pan: str | None = None,
     ) -> None:
         seconds = _since(received_at)
-        metrics.observe_request(lst.network, mti, code, seconds)
+        metrics.observe_request(lst.network, mti, decision.response_code, seconds)
         log.info(
             "answered",
             listener=lst.name,
             network=lst.network,
             mti=mti,
             stan=stan,
-            response_code=code,
-            masked_pan=mask_pan(pan) if pan else None,
+            response_code=decision.response_code,
+            reason=decision.reason.value,
+            stand_in_cause=decision.stand_in,
+            replayed=decision.replayed or None,
+            masked_pan=decision.masked_pan,
             ms=round(seconds * 1000, 3),
         )
 

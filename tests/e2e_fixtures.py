@@ -29,6 +29,7 @@ from hsm.errors import KeyExists
 from hsm.pkcs11 import Pkcs11Hsm
 from switch import log as log_mod
 from switch.config import Config, PipelineConfig, StoreConfig
+from switch.handler import Dispatcher
 from switch.pipeline import Pipeline
 from switch.pki import PkiPaths
 from switch.provision import import_cards, load_keys, load_rows
@@ -142,7 +143,7 @@ async def running_switch(
         assert report.ok, report.failures
         assert isinstance(store, SqliteStore)
         engine = Pipeline(cfg, store=store, hsm=pipeline_hsm or hsm, vault=vault)
-        server = Server(cfg, engine, server_context(cfg.tls))
+        server = Server(cfg, Dispatcher(engine), server_context(cfg.tls))
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(server.serve)
             try:

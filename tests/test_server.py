@@ -19,7 +19,8 @@ from server_fixtures import (
 )
 
 from switch.client import Client
-from switch.handler import RequestContext
+from switch.decisions import Reason
+from switch.handler import Decision, Dispatcher, RequestContext
 from switch.pki import PkiPaths
 from switch.send import build_auth, echo
 from switch.wire import codec
@@ -266,7 +267,7 @@ class _ShuffledHandler:
         self.running = 0
         self.most_running = 0
 
-    async def authorize(self, request: AuthRequest, context: RequestContext) -> AuthResponse:
+    async def authorize(self, request: AuthRequest, context: RequestContext) -> Decision:
         self.seen += 1
         self.running += 1
         self.most_running = max(self.most_running, self.running)
@@ -274,10 +275,11 @@ class _ShuffledHandler:
             await trio.sleep(random.uniform(0, 0.2))
         finally:
             self.running -= 1
-        return AuthResponse.answer(request, "00", approval_code=request.stan)
+        response = AuthResponse.answer(request, "00", approval_code=request.stan)
+        return Decision(response, Reason.APPROVED)
 
-    async def reverse(self, request: ReversalRequest, context: RequestContext) -> ReversalResponse:
-        return ReversalResponse.answer(request, "00")
+    async def reverse(self, request: ReversalRequest, context: RequestContext) -> Decision:
+        return Decision(ReversalResponse.answer(request, "00"), Reason.REVERSAL_MATCHED)
 
 
 async def test_64_in_flight_on_one_connection_answered_out_of_order(
@@ -286,7 +288,7 @@ async def test_64_in_flight_on_one_connection_answered_out_of_order(
     handler = _ShuffledHandler()
     order: list[str] = []
     results: dict[str, AuthResponse] = {}
-    async with running_server(make_config(pki), handler) as (_, port):
+    async with running_server(make_config(pki), Dispatcher(handler)) as (_, port):
         async with Client.connect("127.0.0.1", port, client_ctx) as client:
 
             async def one(i: int) -> None:
@@ -312,7 +314,7 @@ async def test_in_flight_caps_apply_backpressure(pki: PkiPaths, client_ctx: ssl.
     handler = _ShuffledHandler()
     cfg = make_config(pki, max_in_flight=2)
     answered = 0
-    async with running_server(cfg, handler) as (_, port):
+    async with running_server(cfg, Dispatcher(handler)) as (_, port):
         async with Client.connect("127.0.0.1", port, client_ctx) as client:
 
             async def one(i: int) -> None:

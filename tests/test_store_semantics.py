@@ -19,6 +19,7 @@ from test_store_support import (
     seeded_store,
 )
 
+from switch.decisions import Reason
 from switch.store import (
     AuthOutcome,
     CardStatus,
@@ -99,7 +100,9 @@ async def test_advices_are_applied_even_beyond_funds_and_never_declined(tmp_path
         # Lock the PIN first: advices must still be applied.
         for i in range(3):
             await store.commit_auth(
-                auth(f"00009{i}", 1, kind="decline", decline_code="55", pin_check="bad")
+                auth(
+                    f"00009{i}", 1, kind="decline", decline_reason=Reason.WRONG_PIN, pin_check="bad"
+                )
             )
         hold = await store.commit_auth(
             auth("000001", 800, kind="advice_hold", pin_check="bad", velocity=limits)
@@ -115,7 +118,9 @@ async def test_advices_are_applied_even_beyond_funds_and_never_declined(tmp_path
 
 async def test_pipeline_decline_is_recorded_without_money(tmp_path: Path) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE) as store:
-        out = await store.commit_auth(auth("000001", 100, kind="decline", decline_code="54"))
+        out = await store.commit_auth(
+            auth("000001", 100, kind="decline", decline_reason=Reason.EXPIRED_CARD)
+        )
         assert (out.response_code, out.approval_code, out.hold_id) == ("54", None, None)
         assert await balances(store) == (BALANCE, BALANCE)
         stored = await store.find_outcome(dup_key("000001"))
@@ -128,7 +133,14 @@ async def test_pipeline_decline_is_recorded_without_money(tmp_path: Path) -> Non
 async def test_unknown_card_decline_needs_no_account(tmp_path: Path) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE) as store:
         out = await store.commit_auth(
-            auth("000001", 100, kind="decline", decline_code="14", card_id=None, account_id=None)
+            auth(
+                "000001",
+                100,
+                kind="decline",
+                decline_reason=Reason.UNKNOWN_CARD,
+                card_id=None,
+                account_id=None,
+            )
         )
         assert out.response_code == "14"
         assert out.available_balance is None
@@ -236,7 +248,7 @@ async def test_full_reversal_releases_the_hold_once(tmp_path: Path) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE) as store:
         await store.commit_auth(auth("000001", 1000))
         out = await store.commit_reversal(reversal("000101", "000001", 1000))
-        assert out == ReversalOutcome("00", True, 1000, BALANCE, False)
+        assert out == ReversalOutcome(Reason.REVERSAL_MATCHED, "00", True, 1000, BALANCE, False)
         assert await store.active_holds_total(ACCOUNT_ID) == 0
         repeat = await store.commit_reversal(reversal("000101", "000001", 1000, mti="0401"))
         assert repeat.replayed and repeat.released_amount == 1000
@@ -300,7 +312,7 @@ async def test_reversal_releases_velocity_of_the_original(tmp_path: Path) -> Non
 async def test_unmatched_reversal_is_kept_and_late_original_declined(tmp_path: Path) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE) as store:
         early = await store.commit_reversal(reversal("000101", "000001", 1000))
-        assert early == ReversalOutcome("00", False, 0, None, False)
+        assert early == ReversalOutcome(Reason.REVERSAL_UNMATCHED, "00", False, 0, None, False)
         late = await store.commit_auth(auth("000001", 1000))
         assert (late.response_code, late.hold_id, late.approval_code) == ("05", None, None)
         assert await balances(store) == (BALANCE, BALANCE)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from switch.config import StoreConfig
+from switch.decisions import profile
 from switch.log import mask_pan
 from switch.store import (
     Account,
@@ -32,6 +33,7 @@ ACCOUNT_ID = "acct-1"
 CARD_ID = "card-1"
 CURRENCY = "978"
 NETWORK = "visa"
+PROFILE = profile(NETWORK)
 #: DE32 as the original carries it (LLVAR, no padding).
 ACQUIRER = "12345"
 #: DE7 of every test request.
@@ -91,6 +93,7 @@ def auth(stan: str, amount: int = 1000, kind: str = "hold", **changes: Any) -> A
         "amount": amount,
         "currency": CURRENCY,
         "kind": kind,
+        "profile": PROFILE,
         "approval_code": f"A{stan[-5:]:>05}",
         "velocity_day": "20250101",
         "velocity_month": "202501",
@@ -116,6 +119,7 @@ def reversal(
         replacement_amount=replacement,
         currency=CURRENCY,
         masked_pan=mask_pan(PAN),
+        profile=PROFILE,
     )
 
 
