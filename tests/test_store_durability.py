@@ -12,6 +12,7 @@ from test_store_support import ACCOUNT_ID, CARD_ID, PAN, auth, dup_key, reversal
 
 from switch import metrics
 from switch.config import StoreConfig
+from switch.decisions import Reason
 from switch.store import AuthOutcome, StoreError, open_store
 from switch.store.sqlite import SCHEMA_VERSION, open_sqlite_store
 
@@ -132,3 +133,24 @@ async def test_database_files_hold_no_card_data(tmp_path: Path) -> None:
         for sentinel in (PAN, track2, pin_block):
             assert sentinel.encode() not in blob
             assert sentinel.encode("utf-16-le") not in blob
+
+
+async def test_schema_1_database_is_migrated_with_reasons_inferred(tmp_path: Path) -> None:
+    """A journal written before reasons were recorded opens, its rows get a reason, and its
+    stored answers still replay with the DE39 that was sent."""
+    path = tmp_path / "old.db"
+    async with seeded_store(path, 10_000) as store:
+        assert (await store.commit_auth(auth("000001", 1000))).response_code == "00"
+        assert (await store.commit_auth(auth("000002", 50_000))).response_code == "51"
+    conn = sqlite3.connect(path)
+    conn.executescript("ALTER TABLE journal DROP COLUMN reason; PRAGMA user_version = 1;")
+    conn.close()
+    async with seeded_store(path, 10_000) as store:
+        approved = await store.find_outcome(dup_key("000001"))
+        declined = await store.find_outcome(dup_key("000002"))
+    assert isinstance(approved, AuthOutcome) and isinstance(declined, AuthOutcome)
+    assert (approved.reason, approved.response_code) == (Reason.APPROVED, "00")
+    assert (declined.reason, declined.response_code) == (Reason.INSUFFICIENT_FUNDS, "51")
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()

@@ -24,6 +24,7 @@ loss. Nothing in the schema holds a clear PAN, PIN block, CVV, track data or a c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import sqlite3
 import time
@@ -79,7 +80,7 @@ REVERSAL_KIND = "reversal"
 #: Separator of the blocked MCC / country lists in their TEXT columns.
 _LIST_SEP = ","
 
-_SCHEMA = """
+_SCHEMA_TEMPLATE = """
 CREATE TABLE accounts (
     id                TEXT PRIMARY KEY,
     currency          TEXT NOT NULL CHECK (length(currency) = 3),
@@ -87,38 +88,7 @@ CREATE TABLE accounts (
     available_balance INTEGER NOT NULL
 ) STRICT;
 
-CREATE TABLE cards (
-    id                     TEXT PRIMARY KEY,
-    account_id             TEXT NOT NULL REFERENCES accounts(id),
-    pan_fingerprint        BLOB NOT NULL UNIQUE,
-    pan_ciphertext         BLOB NOT NULL,
-    first6                 TEXT NOT NULL,
-    last4                  TEXT NOT NULL,
-    pan_length             INTEGER NOT NULL,
-    expiry                 TEXT NOT NULL,
-    status                 TEXT NOT NULL
-        CHECK (status IN ('active', 'blocked', 'lost', 'stolen', 'closed')),
-    service_code           TEXT NOT NULL,
-    pan_sequence           TEXT NOT NULL,
-    cvk                    TEXT,
-    pvk                    TEXT,
-    imk_ac                 TEXT,
-    emv_cvn                TEXT,
-    pin_method             TEXT CHECK (pin_method IN ('pvv', 'ibm3624')),
-    pvki                   TEXT,
-    pin_verification_value TEXT,
-    ibm_dec_table          TEXT,
-    ibm_validation_data    TEXT,
-    pin_tries              INTEGER NOT NULL DEFAULT 0,
-    pin_try_limit          INTEGER NOT NULL,
-    per_txn_max            INTEGER,
-    daily_amount           INTEGER,
-    daily_count            INTEGER,
-    monthly_amount         INTEGER,
-    monthly_count          INTEGER,
-    blocked_mccs           TEXT NOT NULL DEFAULT '',
-    blocked_countries      TEXT NOT NULL DEFAULT ''
-) STRICT;
+{cards_table}
 CREATE INDEX cards_account ON cards(account_id);
 
 -- Velocity counters of approved requests per card and period ('D'||YYYYMMDD, 'M'||YYYYMM).
@@ -201,36 +171,80 @@ CREATE TABLE unmatched_reversals (
 ) STRICT, WITHOUT ROWID;
 """
 
-_CARD_COLUMNS = (
-    "id",
-    "account_id",
-    "pan_fingerprint",
-    "pan_ciphertext",
-    "first6",
-    "last4",
-    "pan_length",
-    "expiry",
-    "status",
-    "service_code",
-    "pan_sequence",
-    "cvk",
-    "pvk",
-    "imk_ac",
-    "emv_cvn",
-    "pin_method",
-    "pvki",
-    "pin_verification_value",
-    "ibm_dec_table",
-    "ibm_validation_data",
-    "pin_tries",
-    "pin_try_limit",
-    "per_txn_max",
-    "daily_amount",
-    "daily_count",
-    "monthly_amount",
-    "monthly_count",
-    "blocked_mccs",
-    "blocked_countries",
+
+@dataclass(frozen=True, slots=True)
+class _Column:
+    """One column of the cards table and how it maps to a ``Card`` attribute (or, with
+    ``controls``, to an attribute of its ``SpendControls``)."""
+
+    name: str
+    sql: str
+    controls: bool = False
+    dump: Callable[[Any], Any] | None = None
+    load: Callable[[Any], Any] | None = None
+
+
+def _join(items: frozenset[str]) -> str:
+    for item in items:
+        if _LIST_SEP in item or not item:
+            raise StoreError("invalid", "blocked MCC/country codes must be non-empty, no commas")
+    return _LIST_SEP.join(sorted(items))
+
+
+def _split(text: str) -> frozenset[str]:
+    return frozenset(t for t in text.split(_LIST_SEP) if t)
+
+
+#: The cards table, the one place its columns are written: the DDL, the SELECT, the upsert
+#: and the mapping to and from ``Card`` are all generated from it.
+_CARD_TABLE = (
+    _Column("id", "TEXT PRIMARY KEY"),
+    _Column("account_id", "TEXT NOT NULL REFERENCES accounts(id)"),
+    _Column("pan_fingerprint", "BLOB NOT NULL UNIQUE", load=bytes),
+    _Column("pan_ciphertext", "BLOB NOT NULL", load=bytes),
+    _Column("first6", "TEXT NOT NULL"),
+    _Column("last4", "TEXT NOT NULL"),
+    _Column("pan_length", "INTEGER NOT NULL"),
+    _Column("expiry", "TEXT NOT NULL"),
+    _Column(
+        "status",
+        "TEXT NOT NULL\n        "
+        "CHECK (status IN ('active', 'blocked', 'lost', 'stolen', 'closed'))",
+        dump=lambda status: status.value,
+        load=CardStatus,
+    ),
+    _Column("service_code", "TEXT NOT NULL"),
+    _Column("pan_sequence", "TEXT NOT NULL"),
+    _Column("cvk", "TEXT"),
+    _Column("pvk", "TEXT"),
+    _Column("imk_ac", "TEXT"),
+    _Column("emv_cvn", "TEXT"),
+    _Column("pin_method", "TEXT CHECK (pin_method IN ('pvv', 'ibm3624'))"),
+    _Column("pvki", "TEXT"),
+    _Column("pin_verification_value", "TEXT"),
+    _Column("ibm_dec_table", "TEXT"),
+    _Column("ibm_validation_data", "TEXT"),
+    _Column("pin_tries", "INTEGER NOT NULL DEFAULT 0"),
+    _Column("pin_try_limit", "INTEGER NOT NULL"),
+    _Column("per_txn_max", "INTEGER", controls=True),
+    _Column("daily_amount", "INTEGER", controls=True),
+    _Column("daily_count", "INTEGER", controls=True),
+    _Column("monthly_amount", "INTEGER", controls=True),
+    _Column("monthly_count", "INTEGER", controls=True),
+    _Column("blocked_mccs", "TEXT NOT NULL DEFAULT ''", controls=True, dump=_join, load=_split),
+    _Column(
+        "blocked_countries", "TEXT NOT NULL DEFAULT ''", controls=True, dump=_join, load=_split
+    ),
+)
+_CARD_COLUMNS = tuple(c.name for c in _CARD_TABLE)
+if set(_CARD_COLUMNS) != ({f.name for f in dataclasses.fields(Card)} - {"controls"}) | {
+    f.name for f in dataclasses.fields(SpendControls)
+}:  # pragma: no cover - a schema bug
+    raise RuntimeError("the cards table and the Card record disagree")
+_SCHEMA = _SCHEMA_TEMPLATE.format(
+    cards_table="CREATE TABLE cards (\n"
+    + ",\n".join(f"    {c.name:<22} {c.sql}" for c in _CARD_TABLE)
+    + "\n) STRICT;"
 )
 _CARD_SELECT = f"SELECT {', '.join(_CARD_COLUMNS)} FROM cards"  # noqa: S608 - constant columns
 _CARD_UPSERT = (
@@ -256,86 +270,21 @@ class WriterStats:
 # -- row mapping ----------------------------------------------------------------------------
 
 
-def _join(items: frozenset[str]) -> str:
-    for item in items:
-        if _LIST_SEP in item or not item:
-            raise StoreError("invalid", "blocked MCC/country codes must be non-empty, no commas")
-    return _LIST_SEP.join(sorted(items))
-
-
-def _split(text: str) -> frozenset[str]:
-    return frozenset(t for t in text.split(_LIST_SEP) if t)
-
-
 def _card_params(card: Card) -> tuple[Any, ...]:
-    c = card.controls
-    return (
-        card.id,
-        card.account_id,
-        card.pan_fingerprint,
-        card.pan_ciphertext,
-        card.first6,
-        card.last4,
-        card.pan_length,
-        card.expiry,
-        card.status.value,
-        card.service_code,
-        card.pan_sequence,
-        card.cvk,
-        card.pvk,
-        card.imk_ac,
-        card.emv_cvn,
-        card.pin_method,
-        card.pvki,
-        card.pin_verification_value,
-        card.ibm_dec_table,
-        card.ibm_validation_data,
-        card.pin_tries,
-        card.pin_try_limit,
-        c.per_txn_max,
-        c.daily_amount,
-        c.daily_count,
-        c.monthly_amount,
-        c.monthly_count,
-        _join(c.blocked_mccs),
-        _join(c.blocked_countries),
-    )
+    values = []
+    for col in _CARD_TABLE:
+        value = getattr(card.controls if col.controls else card, col.name)
+        values.append(col.dump(value) if col.dump else value)
+    return tuple(values)
 
 
 def _card_from_row(row: sqlite3.Row) -> Card:
-    return Card(
-        id=row["id"],
-        account_id=row["account_id"],
-        pan_fingerprint=bytes(row["pan_fingerprint"]),
-        pan_ciphertext=bytes(row["pan_ciphertext"]),
-        first6=row["first6"],
-        last4=row["last4"],
-        pan_length=row["pan_length"],
-        expiry=row["expiry"],
-        status=CardStatus(row["status"]),
-        service_code=row["service_code"],
-        pan_sequence=row["pan_sequence"],
-        cvk=row["cvk"],
-        pvk=row["pvk"],
-        imk_ac=row["imk_ac"],
-        emv_cvn=row["emv_cvn"],
-        pin_method=row["pin_method"],
-        pvki=row["pvki"],
-        pin_verification_value=row["pin_verification_value"],
-        ibm_dec_table=row["ibm_dec_table"],
-        ibm_validation_data=row["ibm_validation_data"],
-        pin_tries=row["pin_tries"],
-        pin_try_limit=row["pin_try_limit"],
-        controls=SpendControls(
-            per_txn_max=row["per_txn_max"],
-            daily_amount=row["daily_amount"],
-            daily_count=row["daily_count"],
-            monthly_amount=row["monthly_amount"],
-            monthly_count=row["monthly_count"],
-            blocked_mccs=_split(row["blocked_mccs"]),
-            blocked_countries=_split(row["blocked_countries"]),
-        ),
-    )
+    card: dict[str, Any] = {}
+    controls: dict[str, Any] = {}
+    for col in _CARD_TABLE:
+        value = row[col.name]
+        (controls if col.controls else card)[col.name] = col.load(value) if col.load else value
+    return Card(**card, controls=SpendControls(**controls))
 
 
 def _account_from_row(row: sqlite3.Row) -> Account:
