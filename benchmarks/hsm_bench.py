@@ -28,7 +28,6 @@ import trio
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
-from hsm.algorithms import emv as emv_alg
 from hsm.api import (
     ArpcRequest,
     ArqcVerification,
@@ -42,11 +41,12 @@ from hsm.api import (
     PinTranslation,
     PinVerification,
     PvvReference,
+    arqc_data,
 )
+from hsm.config import HsmConfig
 from hsm.pkcs11 import Pkcs11Hsm
 from hsm.software import SoftwareHsm
 from hsm.token import ensure_token
-from switch.config import HsmConfig
 
 #: Calls per command and configuration (after WARMUP untimed calls).
 DEFAULT_ITERATIONS = 2000
@@ -102,7 +102,7 @@ async def _setup(hsm: Hsm) -> dict[str, Command]:
     blob = await hsm.encrypt("b-data", PAN.encode(), b"card-1")
 
     def arqc_req(cvn: Cvn, arqc: bytes) -> ArqcVerification:
-        data = emv_alg.arqc_data(cvn, {**TAGS, "9F10": IAD[cvn]})
+        data = arqc_data(cvn, {**TAGS, "9F10": IAD[cvn]})
         arpc = ArpcRequest(csu=bytes(4)) if cvn is Cvn.VISA_18 else ArpcRequest(arc=b"00")
         return ArqcVerification(EmvCard("b-imk", cvn, PAN, "01"), ATC, data, arqc, UN, arpc)
 

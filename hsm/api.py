@@ -25,19 +25,12 @@ Conventions:
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from hsm.errors import InvalidInput
-from switch.log import mask_pan
-
-#: Shortest and longest PAN accepted (ISO/IEC 7812-1: up to 19 digits; 12 is the shortest
-#: length the PIN block formats and card schemes use).
-PAN_MIN_DIGITS = 12
-PAN_MAX_DIGITS = 19
-#: PIN length bounds of ISO 9564-1 (4 to 12 digits).
-PIN_MIN_DIGITS = 4
-PIN_MAX_DIGITS = 12
+from hsm.pan import PAN_MAX_DIGITS, PAN_MIN_DIGITS, is_digits, mask_pan
 
 
 class KeyUsage(enum.StrEnum):
@@ -321,6 +314,42 @@ class ArpcRequest:
     proprietary_auth_data: bytes = b""
 
 
+#: DE55 tags (hex names) the ARQC commands read: the tags every supported CVN MACs, in order
+#: (EMV Book 2 recommended minimum set), then the cryptogram, ATC, unpredictable number and
+#: Issuer Application Data.
+ARQC_COMMON_TAGS = ("9F02", "9F03", "9F1A", "95", "5F2A", "9A", "9C", "9F37", "82", "9F36")
+TAG_ARQC, TAG_ATC, TAG_UN, TAG_IAD = "9F26", "9F36", "9F37", "9F10"
+
+
+def arqc_data(cvn: Cvn, tags: Mapping[str, bytes]) -> bytes:
+    """Assemble the data the CVN's AC covers from DE55 tag values (tag names in hex).
+
+    The common tags (``ARQC_COMMON_TAGS``) in order, then from the Issuer Application Data
+    (9F10): the 4-byte CVR (Visa CVN 10, IAD bytes 4-7), the whole IAD (Visa CVN 18), or the
+    6-byte CVR (Mastercard CVN 16, IAD bytes 3-8).
+
+    Raises:
+        InvalidInput: a tag is missing or the IAD is too short.
+    """
+    wanted = {name.upper(): value for name, value in tags.items()}
+    for tag in (*ARQC_COMMON_TAGS, TAG_IAD):
+        if tag not in wanted:
+            raise InvalidInput(f"tag {tag}", "missing")
+    parts = [wanted[tag] for tag in ARQC_COMMON_TAGS]
+    iad = wanted[TAG_IAD]
+    if cvn is Cvn.VISA_10:
+        if len(iad) < 7:
+            raise InvalidInput(f"tag {TAG_IAD}", "too short for CVN 10")
+        parts.append(iad[3:7])
+    elif cvn is Cvn.VISA_18:
+        parts.append(iad)
+    else:
+        if len(iad) < 8:
+            raise InvalidInput(f"tag {TAG_IAD}", "too short for CVN 16")
+        parts.append(iad[2:8])
+    return b"".join(parts)
+
+
 @dataclass(frozen=True)
 class ArqcVerification:
     """Verify an ARQC and, if asked and it verifies, compute the ARPC.
@@ -329,7 +358,7 @@ class ArqcVerification:
         card: the card key (issuer key, CVN, PAN, PSN).
         atc: application transaction counter (tag 9F36), 2 bytes.
         transaction_data: the data the card MACed, assembled in the CVN's order (see
-            ``hsm.algorithms.emv.arqc_data``), unpadded.
+            ``arqc_data``; ``from_tags`` builds the whole request from DE55), unpadded.
         arqc: the cryptogram (tag 9F26), 8 bytes.
         un: unpredictable number (tag 9F37), 4 bytes; required by ``MC_16``.
         arpc: if given, the ARPC is returned in the result when the ARQC verifies.
@@ -341,6 +370,31 @@ class ArqcVerification:
     arqc: bytes = field(repr=False)
     un: bytes = b""
     arpc: ArpcRequest | None = None
+
+    @classmethod
+    def from_tags(
+        cls, card: EmvCard, tags: Mapping[str, bytes], arpc: ArpcRequest | None = None
+    ) -> ArqcVerification:
+        """The verification of the ARQC in DE55 tag values (tag names in hex).
+
+        Takes the ARQC (9F26), the ATC (9F36), the unpredictable number (9F37, empty when
+        absent) and the transaction data the card's CVN MACs (``arqc_data``).
+
+        Raises:
+            InvalidInput: a tag is missing or the IAD is too short.
+        """
+        wanted = {name.upper(): value for name, value in tags.items()}
+        for tag in (TAG_ARQC, TAG_ATC):
+            if tag not in wanted:
+                raise InvalidInput(f"tag {tag}", "missing")
+        return cls(
+            card=card,
+            atc=wanted[TAG_ATC],
+            transaction_data=arqc_data(card.cvn, wanted),
+            arqc=wanted[TAG_ARQC],
+            un=wanted.get(TAG_UN, b""),
+            arpc=arpc,
+        )
 
 
 @dataclass(frozen=True)
@@ -516,7 +570,7 @@ class Hsm(Protocol):
 def check_digits(name: str, value: str, min_len: int, max_len: int | None = None) -> None:
     """Raise ``InvalidInput`` unless ``value`` is ``min_len``..``max_len`` ASCII digits."""
     upper = min_len if max_len is None else max_len
-    if not (value.isascii() and value.isdigit()):
+    if not is_digits(value):
         raise InvalidInput(name, "must be decimal digits")
     if not min_len <= len(value) <= upper:
         span = str(min_len) if min_len == upper else f"{min_len} to {upper}"

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from hsm import pkcs11 as pkcs11_backend
 from hsm.api import Hsm
+from hsm.config import HsmConfig
 from hsm.errors import HsmUnavailable
-from switch.config import HsmConfig
 
 #: Environment variable SoftHSM2 reads its configuration file name from.
 SOFTHSM_CONF_ENV = "SOFTHSM2_CONF"

@@ -18,8 +18,7 @@ from typing import Any
 import trio
 
 from hsm.api import Hsm, KeyAlgorithm, KeyUsage
-from hsm.carddata import open_vault
-from hsm.cli import ensure_card_data_keys
+from hsm.carddata import ensure_card_data_keys, open_vault
 from hsm.errors import KeyExists
 from hsm.token import open_hsm
 from switch import config as config_mod
@@ -54,10 +53,10 @@ def _cmd_dev_setup(args: argparse.Namespace) -> int:
 async def _seed(cfg: Config, keys_path: Path, cards_path: Path) -> int:
     hsm = open_hsm(cfg.hsm)
     try:
-        for line in await ensure_card_data_keys(hsm, cfg):
+        for line in await ensure_card_data_keys(hsm, cfg.card_data):
             print(line)
         await _import_demo_keys(hsm, keys_path)
-        vault = open_vault(cfg, hsm)
+        vault = open_vault(cfg.card_data, hsm)
         async with open_store(cfg.store) as store:
             if await store.list_cards():
                 print(f"store {cfg.store.path}: cards present, demo data not imported again")

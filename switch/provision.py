@@ -35,8 +35,8 @@ from typing import Any, Protocol, TextIO
 
 import trio
 
+from hsm.pan import mask_pan
 from switch.config import Config, load_default_or_embedded
-from switch.log import mask_pan
 from switch.store import (
     Account,
     Card,
@@ -517,7 +517,7 @@ async def _import_with_config(cfg: Config, rows: Sequence[CardRow]) -> ImportRep
 
     hsm = open_hsm(cfg.hsm)
     try:
-        vault = open_vault(cfg, hsm)
+        vault = open_vault(cfg.card_data, hsm)
         async with open_store(cfg.store) as store:
             return await import_cards(store, hsm, vault, rows)
     finally:

@@ -37,10 +37,11 @@ from typing import Any
 
 import trio
 
+from hsm.pan import mask_pan
 from switch import metrics
 from switch.config import Config, ListenerConfig
 from switch.handler import RequestContext, RequestHandler
-from switch.log import get_logger, mask_pan
+from switch.log import get_logger
 from switch.tls import identity_allowed, peer_identities
 from switch.wire import codec
 from switch.wire.framing import FrameDecoder, FramingError, encode_frame

@@ -20,10 +20,10 @@ import trio
 from data_paths import VECTORS_PATH
 
 from hsm.api import Hsm, KeyAlgorithm, KeyUsage
+from hsm.config import HsmConfig
 from hsm.pkcs11 import Pkcs11Hsm
 from hsm.software import SoftwareHsm
 from hsm.token import ensure_token
-from switch.config import HsmConfig
 
 #: Public test key of the Visa CVV table, psec and pyemv vectors (CVK, PVK, IMK).
 TEST_KEY = bytes.fromhex("0123456789ABCDEFFEDCBA9876543210")

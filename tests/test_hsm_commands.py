@@ -13,7 +13,6 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from psec import pinblock as psec_pinblock
 
-from hsm.algorithms import emv as emv_alg
 from hsm.api import (
     ArpcGeneration,
     ArpcRequest,
@@ -30,6 +29,7 @@ from hsm.api import (
     PinVerification,
     PvvReference,
     VerifyReason,
+    arqc_data,
 )
 from hsm.errors import (
     DecryptionFailed,
@@ -147,7 +147,7 @@ IAD = {
 @pytest.mark.parametrize("cvn", list(Cvn))
 async def test_tampered_arqc_is_a_mismatch(backend: Hsm, cvn: Cvn) -> None:
     card = EmvCard("imk", cvn, PAN, "01")
-    data = emv_alg.arqc_data(cvn, {**TAGS, "9F10": IAD[cvn]})
+    data = arqc_data(cvn, {**TAGS, "9F10": IAD[cvn]})
     arqc = await backend.generate_arqc(ArqcGeneration(card, ATC, data, UN))
     assert (await backend.verify_arqc(ArqcVerification(card, ATC, data, arqc, UN))).ok
     flipped = bytes([arqc[0] ^ 0x01]) + arqc[1:]
@@ -172,7 +172,7 @@ async def test_arqc_and_arpc_match_pyemv(backend: Hsm, cvn: Cvn, pan: str, psn: 
     CVN 16 (MC SKD) and Option B for a 19-digit PAN under CVN 18."""
     ref = _pyemv_cvn(cvn, pan, psn)
     tags = {**TAGS, "9F10": IAD[cvn]}
-    data = emv_alg.arqc_data(cvn, tags)
+    data = arqc_data(cvn, tags)
     common = {f"tag_{t.lower()}": v for t, v in TAGS.items()}
     if cvn is Cvn.VISA_10:
         expected = ref.generate_ac(**common, cvr=IAD[cvn][3:7])

@@ -23,10 +23,10 @@ from hsm.api import (
     PinVerification,
     PvvReference,
 )
+from hsm.config import HsmConfig
 from hsm.errors import HsmTimeout, HsmUnavailable
 from hsm.pkcs11 import Pkcs11Hsm
 from hsm.token import ensure_token, token_labels
-from switch.config import HsmConfig
 
 pytest.register_assert_rewrite("hsm_fixtures")
 from hsm_fixtures import ZPK_1, load_vectors  # noqa: E402
