@@ -1,14 +1,17 @@
 """The HSM command interface: what the switch asks of a hardware security module.
 
-What lives here: the ``Hsm`` protocol (one async method per payment-security command, in the
-spirit of a payment HSM's host commands: PIN verification and translation, CVV/CVV2/iCVV,
-EMV ARQC/ARPC, PVV/IBM offset generation for provisioning, keyed fingerprint and AES-GCM
-for card data at rest, key import/generation/listing), the typed request and result values
-those commands take and return, and the input validation shared by every backend.
+What lives here: three protocols, one async method per command in the spirit of a payment
+HSM's host commands, and ``Hsm``, their union: ``PaymentHsm`` (PIN verification and
+translation, CVV/CVV2/iCVV, EMV ARQC/ARPC, PVV/IBM offset generation for provisioning),
+``CardDataCrypto`` (keyed fingerprint and AES-GCM for card data at rest) and ``KeyAdmin``
+(key import, generation, listing, check values, deletion); the typed request object each
+command takes and the result values it returns; assembling the ARQC's data from DE55 tags;
+the input validation shared by every backend.
 
-What does not: any cryptography (``hsm.algorithms`` composes it over a block cipher), any
-backend (``hsm.pkcs11`` on SoftHSM/PKCS#11, ``hsm.software`` on ``cryptography``), opening the
-configured backend (``hsm.token.open_hsm``), KMS (``hsm.kms``).
+What does not: any cryptography (``hsm.algorithms`` composes it over a block cipher), the
+command logic shared by the backends (``hsm.backend``), any backend (``hsm.pkcs11`` on
+SoftHSM/PKCS#11, ``hsm.software`` on ``cryptography``), opening the configured backend
+(``hsm.token.open_hsm``), KMS (``hsm.kms``), PAN bounds and masking (``hsm.pan``).
 
 Conventions:
     * Keys are referenced by label; values never cross this interface outwards.
@@ -17,8 +20,8 @@ Conventions:
     * The switch passes encrypted PIN blocks and reference data (PVV, IBM offset), never a
       clear PIN, so that a payment HSM backend keeps the PIN inside its boundary. Only the
       provisioning commands (``generate_pvv``, ``generate_ibm_offset``) take a clear PIN.
-    * ``repr()`` of every request masks the PAN (first six, last four) and hides PIN blocks,
-      cryptograms and transaction data.
+    * ``repr()`` of every request masks the PAN (first six, last four) and hides PINs, PIN
+      blocks, CVVs, expiry dates, cryptograms, transaction data, key values and plaintexts.
     * All methods are safe to call concurrently from many trio tasks.
 """
 
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol, runtime_checkable
 
 from hsm.errors import InvalidInput
@@ -71,6 +74,10 @@ KEY_LENGTHS: dict[KeyAlgorithm, int] = {
     KeyAlgorithm.AES_192: 24,
     KeyAlgorithm.AES_256: 32,
 }
+#: AES-GCM nonce and tag lengths of ``CardDataCrypto.encrypt`` blobs, in bytes (NIST SP 800-38D
+#: recommended 96-bit nonce, full 128-bit tag).
+GCM_NONCE_BYTES = 12
+GCM_TAG_BYTES = 16
 #: HMAC key length bounds in bytes (at least 128 bits, at most one SHA-256 block).
 HMAC_KEY_MIN = 16
 HMAC_KEY_MAX = 64
@@ -242,6 +249,86 @@ class PinTranslation:
             f"destination_zpk={self.destination_zpk!r}, "
             f"destination_format={self.destination_format.name}, pan={mask_pan(self.pan)!r})"
         )
+
+
+class _MaskedRepr:
+    """``repr()`` of a request: fields declared ``repr=False`` are left out and a field named
+    ``pan`` is masked (first six, last four), so no request ever prints card data."""
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):  # type: ignore[arg-type]
+            if not f.repr:
+                continue
+            value = getattr(self, f.name)
+            text = repr(mask_pan(value)) if f.name == "pan" else repr(value)
+            shown.append(f"{f.name}={text}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+@dataclass(frozen=True, repr=False)
+class PvvGeneration(_MaskedRepr):
+    """Compute the Visa PVV of a clear PIN (provisioning).
+
+    Attributes:
+        pvk: label of the PIN verification key.
+        pan: the card's PAN.
+        pvki: PIN verification key index, one digit.
+        pin: the clear PIN, 4 to 12 digits.
+    """
+
+    pvk: str
+    pan: str
+    pvki: str
+    pin: str = field(repr=False)
+
+
+@dataclass(frozen=True, repr=False)
+class IbmOffsetGeneration(_MaskedRepr):
+    """Compute the IBM 3624 offset of a clear PIN (provisioning).
+
+    Attributes:
+        pvk: label of the PIN verification key.
+        pan: the card's PAN.
+        pin: the clear PIN, 4 to 12 digits.
+        dec_table: 16-digit decimalization table.
+        validation_data: as ``Ibm3624Reference.validation_data`` (``N`` = last five digits of
+            the account number taken from ``pan``).
+    """
+
+    pvk: str
+    pan: str
+    pin: str = field(repr=False)
+    dec_table: str = ""
+    validation_data: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True, repr=False)
+class CvvGeneration(_MaskedRepr):
+    """Compute a CVV (service code as on the stripe), CVV2 (``000``) or iCVV (``999``).
+
+    Attributes:
+        cvk: label of the card verification key.
+        pan: the card's PAN.
+        expiry: YYMM, as on the magnetic stripe.
+        service_code: three digits.
+    """
+
+    cvk: str
+    pan: str
+    expiry: str = field(repr=False)
+    service_code: str
+
+
+@dataclass(frozen=True, repr=False)
+class CvvVerification(_MaskedRepr):
+    """Verify a CVV, CVV2 or iCVV: the fields of ``CvvGeneration`` and the value offered."""
+
+    cvk: str
+    pan: str
+    expiry: str = field(repr=False)
+    service_code: str
+    cvv: str = field(repr=False)
 
 
 class Cvn(enum.StrEnum):
@@ -438,9 +525,67 @@ class EmvKeyCheckValues:
     session_key: str
 
 
+@dataclass(frozen=True)
+class EmvKeyCheck:
+    """Ask for the check values of the keys an EMV command derives for ``card`` at ``atc``
+    (and ``un``, which ``MC_16`` needs)."""
+
+    card: EmvCard
+    atc: bytes
+    un: bytes = b""
+
+
+@dataclass(frozen=True, repr=False)
+class Fingerprint(_MaskedRepr):
+    """HMAC-SHA-256 of ``data`` (a PAN's bytes, typically) under the ``hmac`` key ``key``."""
+
+    key: str
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, repr=False)
+class Encryption(_MaskedRepr):
+    """AES-GCM encryption of ``plaintext`` bound to ``aad`` under the ``data`` key ``key``."""
+
+    key: str
+    plaintext: bytes = field(repr=False)
+    aad: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, repr=False)
+class Decryption(_MaskedRepr):
+    """AES-GCM decryption of a blob ``Encryption`` produced, with the same ``aad``."""
+
+    key: str
+    blob: bytes = field(repr=False)
+    aad: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, repr=False)
+class KeyImport(_MaskedRepr):
+    """Import the clear key ``value`` (development and test keys only).
+
+    ``algorithm`` is needed only when the length does not decide (see ``USAGE_ALGORITHMS``).
+    """
+
+    label: str
+    usage: KeyUsage
+    value: bytes = field(repr=False)
+    algorithm: KeyAlgorithm | None = None
+
+
+@dataclass(frozen=True)
+class KeyGeneration:
+    """Generate a key inside the HSM; ``algorithm`` defaults to the usage's first."""
+
+    label: str
+    usage: KeyUsage
+    algorithm: KeyAlgorithm | None = None
+
+
 @runtime_checkable
-class Hsm(Protocol):
-    """The payment-security commands of an HSM; every method is a coroutine for trio.
+class PaymentHsm(Protocol):
+    """The payment-security commands: PIN, CVV, PVV/IBM offset and EMV; coroutines for trio.
 
     Every command checks the key's usage (``KeyUsageError``), validates inputs
     (``InvalidInput``) and may raise ``KeyNotFound``, ``HsmUnavailable`` and ``HsmTimeout``.
@@ -463,31 +608,19 @@ class Hsm(Protocol):
         """
         ...
 
-    async def generate_pvv(self, pvk: str, pan: str, pvki: str, pin: str) -> str:
-        """Return the 4-digit Visa PVV of ``pin`` (provisioning; takes a clear PIN)."""
+    async def generate_pvv(self, req: PvvGeneration) -> str:
+        """Return the 4-digit Visa PVV of ``req.pin`` (provisioning; takes a clear PIN)."""
         ...
 
-    async def generate_ibm_offset(
-        self, pvk: str, pan: str, pin: str, dec_table: str, validation_data: str
-    ) -> str:
-        """Return the IBM 3624 offset of ``pin`` (as long as the PIN; provisioning).
-
-        ``validation_data`` follows ``Ibm3624Reference.validation_data`` (``N`` = last five
-        digits of the account number taken from ``pan``).
-        """
+    async def generate_ibm_offset(self, req: IbmOffsetGeneration) -> str:
+        """Return the IBM 3624 offset of ``req.pin`` (as long as the PIN; provisioning)."""
         ...
 
-    async def generate_cvv(self, cvk: str, pan: str, expiry: str, service_code: str) -> str:
-        """Return the 3-digit CVV; service code ``000`` gives CVV2, ``999`` iCVV.
-
-        Args:
-            expiry: YYMM, as on the magnetic stripe.
-        """
+    async def generate_cvv(self, req: CvvGeneration) -> str:
+        """Return the 3-digit CVV; service code ``000`` gives CVV2, ``999`` iCVV."""
         ...
 
-    async def verify_cvv(
-        self, cvk: str, pan: str, expiry: str, service_code: str, cvv: str
-    ) -> VerifyResult:
+    async def verify_cvv(self, req: CvvVerification) -> VerifyResult:
         """Verify a CVV/CVV2/iCVV; a wrong value is ``MISMATCH``."""
         ...
 
@@ -503,21 +636,24 @@ class Hsm(Protocol):
         """Return the ARPC (8 bytes for method 1, 4 for method 2) for ``req.arqc``."""
         ...
 
-    async def emv_key_check_values(
-        self, card: EmvCard, atc: bytes, un: bytes = b""
-    ) -> EmvKeyCheckValues:
+    async def emv_key_check_values(self, req: EmvKeyCheck) -> EmvKeyCheckValues:
         """Return the check values of the derived ICC master key and AC session key."""
         ...
 
-    async def fingerprint(self, key: str, data: bytes) -> bytes:
-        """Return HMAC-SHA-256 of ``data`` under an ``hmac`` key (32 bytes)."""
+
+@runtime_checkable
+class CardDataCrypto(Protocol):
+    """Keyed fingerprint and authenticated encryption of card data at rest (``hsm.carddata``)."""
+
+    async def fingerprint(self, req: Fingerprint) -> bytes:
+        """Return HMAC-SHA-256 of ``req.data`` under an ``hmac`` key (32 bytes)."""
         ...
 
-    async def encrypt(self, key: str, plaintext: bytes, aad: bytes) -> bytes:
+    async def encrypt(self, req: Encryption) -> bytes:
         """AES-GCM encrypt under a ``data`` key; returns nonce (12) || ciphertext || tag (16)."""
         ...
 
-    async def decrypt(self, key: str, blob: bytes, aad: bytes) -> bytes:
+    async def decrypt(self, req: Decryption) -> bytes:
         """Inverse of ``encrypt``.
 
         Raises:
@@ -525,13 +661,12 @@ class Hsm(Protocol):
         """
         ...
 
-    async def import_key(
-        self,
-        label: str,
-        usage: KeyUsage,
-        value: bytes,
-        algorithm: KeyAlgorithm | None = None,
-    ) -> KeyInfo:
+
+@runtime_checkable
+class KeyAdmin(Protocol):
+    """Key custody: import, generation, listing, check values and deletion."""
+
+    async def import_key(self, req: KeyImport) -> KeyInfo:
         """Import a clear key (development and test keys only) and return its KCV.
 
         Raises:
@@ -540,10 +675,12 @@ class Hsm(Protocol):
         """
         ...
 
-    async def generate_key(
-        self, label: str, usage: KeyUsage, algorithm: KeyAlgorithm | None = None
-    ) -> KeyInfo:
-        """Generate a random key inside the HSM and return its KCV."""
+    async def generate_key(self, req: KeyGeneration) -> KeyInfo:
+        """Generate a random key inside the HSM and return its KCV.
+
+        Raises:
+            KeyExists: the label is taken.
+        """
         ...
 
     async def list_keys(self) -> list[KeyInfo]:
@@ -557,6 +694,15 @@ class Hsm(Protocol):
     async def delete_key(self, label: str) -> None:
         """Destroy a key."""
         ...
+
+
+@runtime_checkable
+class Hsm(PaymentHsm, CardDataCrypto, KeyAdmin, Protocol):
+    """Everything a backend offers: the three command families and closing the session.
+
+    Callers that need one family only should ask for that Protocol (the pipeline needs
+    ``PaymentHsm``, a vault ``CardDataCrypto``, the key custodian's CLI ``KeyAdmin``).
+    """
 
     async def aclose(self) -> None:
         """Release the HSM (log out, close the session); idempotent."""

@@ -46,11 +46,15 @@ from hsm.api import (
     ArqcGeneration,
     ArqcVerification,
     Cvn,
+    CvvGeneration,
     EmvCard,
     Hsm,
+    IbmOffsetGeneration,
     KeyAlgorithm,
+    KeyImport,
     KeyInfo,
     KeyUsage,
+    PvvGeneration,
 )
 from hsm.errors import HsmError, InvalidInput, KeyNotFound
 from hsm.pan import mask_pan, scrub
@@ -291,7 +295,9 @@ async def _cmd_init(args: argparse.Namespace, cfg: Config) -> int:
 
 async def _cmd_cvv(args: argparse.Namespace, cfg: Config) -> int:
     async with _OpenHsm(cfg) as hsm:
-        value = await hsm.generate_cvv(args.cvk, args.pan, args.expiry, args.service_code)
+        value = await hsm.generate_cvv(
+            CvvGeneration(args.cvk, args.pan, args.expiry, args.service_code)
+        )
     fields = {"cvk": args.cvk, "pan": mask_pan(args.pan), "service_code": args.service_code}
     _emit(args, value, {**fields, "cvv": value})
     return EXIT_OK
@@ -300,7 +306,7 @@ async def _cmd_cvv(args: argparse.Namespace, cfg: Config) -> int:
 async def _cmd_pvv(args: argparse.Namespace, cfg: Config) -> int:
     pin = _secret(args.pin, "--pin")
     async with _OpenHsm(cfg) as hsm:
-        value = await hsm.generate_pvv(args.pvk, args.pan, args.pvki, pin)
+        value = await hsm.generate_pvv(PvvGeneration(args.pvk, args.pan, args.pvki, pin))
     del pin
     fields = {"pvk": args.pvk, "pan": mask_pan(args.pan), "pvki": args.pvki, "pvv": value}
     _emit(args, value, fields)
@@ -311,7 +317,7 @@ async def _cmd_ibm_offset(args: argparse.Namespace, cfg: Config) -> int:
     pin = _secret(args.pin, "--pin")
     async with _OpenHsm(cfg) as hsm:
         value = await hsm.generate_ibm_offset(
-            args.pvk, args.pan, pin, args.dec_table, args.validation_data
+            IbmOffsetGeneration(args.pvk, args.pan, pin, args.dec_table, args.validation_data)
         )
     del pin
     _emit(args, value, {"pvk": args.pvk, "pan": mask_pan(args.pan), "offset": value})
@@ -392,7 +398,7 @@ async def _cmd_keys_import(args: argparse.Namespace, cfg: Config) -> int:
                 },
                 "kek": args.kek,
             }
-        info = await hsm.import_key(args.label, usage, value, algorithm)
+        info = await hsm.import_key(KeyImport(args.label, usage, value, algorithm))
         del value
     _emit(args, info.kcv, {**_key_fields(info), **extra})
     return EXIT_OK

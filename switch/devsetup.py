@@ -4,7 +4,7 @@ What lives here: the idempotent first-run sequence of ``make run``: the dev PKI,
 dev token with the card-data keys, the public demo test keys, and the demo cards and accounts
 (only when the store has no cards yet). Everything it creates lives under ``var/``.
 
-What does not: the operations themselves (switch.pki, hsm.token, hsm.cli, switch.provision);
+What does not: the operations themselves (switch.pki, hsm.token, hsm.carddata, switch.provision);
 this module only sequences them. Never run it against production configuration: the demo
 keys are public test keys.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from hsm.api import Hsm, KeyAlgorithm, KeyUsage
+from hsm.api import Hsm, KeyAlgorithm, KeyImport, KeyUsage
 from hsm.carddata import ensure_card_data_keys, open_vault
 from hsm.errors import KeyExists
 from hsm.token import open_hsm
@@ -78,7 +78,7 @@ async def _import_demo_keys(hsm: Hsm, path: Path) -> None:
         algorithm = KeyAlgorithm(key.algorithm) if key.algorithm else None
         try:
             info = await hsm.import_key(
-                key.label, KeyUsage(key.usage), bytes.fromhex(key.clear_hex), algorithm
+                KeyImport(key.label, KeyUsage(key.usage), bytes.fromhex(key.clear_hex), algorithm)
             )
         except KeyExists:
             print(f"key {key.label!r}: present")

@@ -38,6 +38,7 @@ from hsm.api import (
     ArpcRequest,
     ArqcVerification,
     Cvn,
+    CvvVerification,
     EmvCard,
     Hsm,
     Ibm3624Reference,
@@ -355,7 +356,7 @@ class Pipeline:
                 service = _ICVV_SERVICE_CODE if chip else req.track2.service_code
                 with _hsm_command("verify_cvv"):
                     result = await hsm.verify_cvv(
-                        card.cvk, req.pan, req.track2.expiry, service, cvv
+                        CvvVerification(card.cvk, req.pan, req.track2.expiry, service, cvv)
                     )
                 if not result.ok:
                     return failing, None, None
@@ -364,7 +365,7 @@ class Pipeline:
                 expiry = req.expiry or card.expiry
                 with _hsm_command("verify_cvv2"):
                     result = await hsm.verify_cvv(
-                        card.cvk, req.pan, expiry, _CVV2_SERVICE_CODE, req.cvv2
+                        CvvVerification(card.cvk, req.pan, expiry, _CVV2_SERVICE_CODE, req.cvv2)
                     )
                 if not result.ok:
                     return failing, None, None

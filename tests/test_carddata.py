@@ -16,7 +16,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from hsm.api import Hsm, KeyUsage
+from hsm.api import Hsm, KeyImport, KeyUsage
 from hsm.carddata import CardVault, HsmVault, KmsVault, open_vault
 from hsm.config import CardDataConfig, HsmConfig
 from hsm.errors import DecryptionFailed, HsmError, InvalidInput, KeyNotFound
@@ -35,8 +35,8 @@ CONTEXT = {"card_id": "card-0001"}
 
 
 async def _load_keys(hsm: Hsm) -> None:
-    await hsm.import_key("pan-fingerprint", KeyUsage.HMAC, HMAC_KEY)
-    await hsm.import_key("pan-encryption", KeyUsage.DATA, AES_KEY)
+    await hsm.import_key(KeyImport("pan-fingerprint", KeyUsage.HMAC, HMAC_KEY))
+    await hsm.import_key(KeyImport("pan-encryption", KeyUsage.DATA, AES_KEY))
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ async def test_tampered_blob_fails(vault: HsmVault) -> None:
 async def test_blob_opens_after_key_rotation(hsm: Hsm, vault: HsmVault) -> None:
     """The blob names its key, so a vault configured with a newer key still opens old blobs."""
     blob = await vault.seal(PAN, CONTEXT)
-    await hsm.import_key("pan-encryption-2", KeyUsage.DATA, bytes(32))
+    await hsm.import_key(KeyImport("pan-encryption-2", KeyUsage.DATA, bytes(32)))
     try:
         rotated = HsmVault(hsm, "pan-fingerprint", "pan-encryption-2")
         assert await rotated.unseal(blob, CONTEXT) == PAN
