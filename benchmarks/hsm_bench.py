@@ -28,25 +28,34 @@ import trio
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
-from hsm.algorithms import emv as emv_alg
 from hsm.api import (
     ArpcRequest,
     ArqcVerification,
     Cvn,
+    CvvGeneration,
+    CvvVerification,
+    Decryption,
     EmvCard,
+    Encryption,
+    Fingerprint,
     Hsm,
     Ibm3624Reference,
+    IbmOffsetGeneration,
     KeyAlgorithm,
+    KeyGeneration,
+    KeyImport,
     KeyUsage,
     PinBlockFormat,
     PinTranslation,
     PinVerification,
+    PvvGeneration,
     PvvReference,
+    arqc_data,
 )
+from hsm.config import HsmConfig
 from hsm.pkcs11 import Pkcs11Hsm
 from hsm.software import SoftwareHsm
 from hsm.token import ensure_token
-from switch.config import HsmConfig
 
 #: Calls per command and configuration (after WARMUP untimed calls).
 DEFAULT_ITERATIONS = 2000
@@ -83,26 +92,28 @@ Command = Callable[[], Awaitable[object]]
 
 
 async def _setup(hsm: Hsm) -> dict[str, Command]:
-    await hsm.import_key("b-cvk", KeyUsage.CVK, TEST_KEY)
-    await hsm.import_key("b-pvk", KeyUsage.PVK, TEST_KEY)
-    await hsm.import_key("b-imk", KeyUsage.IMK_AC, TEST_KEY)
-    await hsm.import_key("b-zpk", KeyUsage.ZPK, ZPK_1)
-    await hsm.import_key("b-zpk2", KeyUsage.ZPK, TEST_KEY)
-    await hsm.import_key("b-zpk-aes", KeyUsage.ZPK, ZPK_AES, KeyAlgorithm.AES_128)
-    await hsm.generate_key("b-fp", KeyUsage.HMAC)
-    await hsm.generate_key("b-data", KeyUsage.DATA)
+    await hsm.import_key(KeyImport("b-cvk", KeyUsage.CVK, TEST_KEY))
+    await hsm.import_key(KeyImport("b-pvk", KeyUsage.PVK, TEST_KEY))
+    await hsm.import_key(KeyImport("b-imk", KeyUsage.IMK_AC, TEST_KEY))
+    await hsm.import_key(KeyImport("b-zpk", KeyUsage.ZPK, ZPK_1))
+    await hsm.import_key(KeyImport("b-zpk2", KeyUsage.ZPK, TEST_KEY))
+    await hsm.import_key(KeyImport("b-zpk-aes", KeyUsage.ZPK, ZPK_AES, KeyAlgorithm.AES_128))
+    await hsm.generate_key(KeyGeneration("b-fp", KeyUsage.HMAC))
+    await hsm.generate_key(KeyGeneration("b-data", KeyUsage.DATA))
 
     enc = Cipher(TripleDES(ZPK_1 + ZPK_1[:8]), modes.ECB()).encryptor()  # noqa: S305
     field = bytes.fromhex(f"04{PIN}FFFFFFFFFF")
     account = bytes.fromhex("0000" + PAN[-13:-1])
     block = enc.update(bytes(a ^ b for a, b in zip(field, account, strict=True)))
-    pvv = await hsm.generate_pvv("b-pvk", PAN, "1", PIN)
-    offset = await hsm.generate_ibm_offset("b-pvk", PAN, PIN, "0123456789012345", "N")
-    cvv = await hsm.generate_cvv("b-cvk", PAN, "2512", "101")
-    blob = await hsm.encrypt("b-data", PAN.encode(), b"card-1")
+    pvv = await hsm.generate_pvv(PvvGeneration("b-pvk", PAN, "1", PIN))
+    offset = await hsm.generate_ibm_offset(
+        IbmOffsetGeneration("b-pvk", PAN, PIN, "0123456789012345", "N")
+    )
+    cvv = await hsm.generate_cvv(CvvGeneration("b-cvk", PAN, "2512", "101"))
+    blob = await hsm.encrypt(Encryption("b-data", PAN.encode(), b"card-1"))
 
     def arqc_req(cvn: Cvn, arqc: bytes) -> ArqcVerification:
-        data = emv_alg.arqc_data(cvn, {**TAGS, "9F10": IAD[cvn]})
+        data = arqc_data(cvn, {**TAGS, "9F10": IAD[cvn]})
         arpc = ArpcRequest(csu=bytes(4)) if cvn is Cvn.VISA_18 else ArpcRequest(arc=b"00")
         return ArqcVerification(EmvCard("b-imk", cvn, PAN, "01"), ATC, data, arqc, UN, arpc)
 
@@ -131,7 +142,7 @@ async def _setup(hsm: Hsm) -> dict[str, Command]:
         "b-zpk", PinBlockFormat.ISO_0, block, "b-zpk-aes", PinBlockFormat.ISO_4, PAN
     )
     return {
-        "verify_cvv": lambda: hsm.verify_cvv("b-cvk", PAN, "2512", "101", cvv),
+        "verify_cvv": lambda: hsm.verify_cvv(CvvVerification("b-cvk", PAN, "2512", "101", cvv)),
         "verify_pin (PVV)": lambda: hsm.verify_pin(pvv_req),
         "verify_pin (IBM 3624)": lambda: hsm.verify_pin(ibm_req),
         "translate_pin ISO0->ISO0": lambda: hsm.translate_pin(tr_00),
@@ -139,9 +150,9 @@ async def _setup(hsm: Hsm) -> dict[str, Command]:
         "verify_arqc CVN10 + ARPC": lambda: hsm.verify_arqc(arqc_reqs[Cvn.VISA_10]),
         "verify_arqc CVN18 + ARPC": lambda: hsm.verify_arqc(arqc_reqs[Cvn.VISA_18]),
         "verify_arqc MC16 + ARPC": lambda: hsm.verify_arqc(arqc_reqs[Cvn.MC_16]),
-        "fingerprint": lambda: hsm.fingerprint("b-fp", PAN.encode()),
-        "encrypt": lambda: hsm.encrypt("b-data", PAN.encode(), b"card-1"),
-        "decrypt": lambda: hsm.decrypt("b-data", blob, b"card-1"),
+        "fingerprint": lambda: hsm.fingerprint(Fingerprint("b-fp", PAN.encode())),
+        "encrypt": lambda: hsm.encrypt(Encryption("b-data", PAN.encode(), b"card-1")),
+        "decrypt": lambda: hsm.decrypt(Decryption("b-data", blob, b"card-1")),
     }
 
 

@@ -1,14 +1,17 @@
 """The HSM command interface: what the switch asks of a hardware security module.
 
-What lives here: the ``Hsm`` protocol (one async method per payment-security command, in the
-spirit of a payment HSM's host commands: PIN verification and translation, CVV/CVV2/iCVV,
-EMV ARQC/ARPC, PVV/IBM offset generation for provisioning, keyed fingerprint and AES-GCM
-for card data at rest, key import/generation/listing), the typed request and result values
-those commands take and return, and the input validation shared by every backend.
+What lives here: three protocols, one async method per command in the spirit of a payment
+HSM's host commands, and ``Hsm``, their union: ``PaymentHsm`` (PIN verification and
+translation, CVV/CVV2/iCVV, EMV ARQC/ARPC, PVV/IBM offset generation for provisioning),
+``CardDataCrypto`` (keyed fingerprint and AES-GCM for card data at rest) and ``KeyAdmin``
+(key import, generation, listing, check values, deletion); the typed request object each
+command takes and the result values it returns; assembling the ARQC's data from DE55 tags;
+the input validation shared by every backend.
 
-What does not: any cryptography (``hsm.algorithms`` composes it over a block cipher), any
-backend (``hsm.pkcs11`` on SoftHSM/PKCS#11, ``hsm.software`` on ``cryptography``), opening the
-configured backend (``hsm.token.open_hsm``), KMS (``hsm.kms``).
+What does not: any cryptography (``hsm.algorithms`` composes it over a block cipher), the
+command logic shared by the backends (``hsm.backend``), any backend (``hsm.pkcs11`` on
+SoftHSM/PKCS#11, ``hsm.software`` on ``cryptography``), opening the configured backend
+(``hsm.token.open_hsm``), KMS (``hsm.kms``), PAN bounds and masking (``hsm.pan``).
 
 Conventions:
     * Keys are referenced by label; values never cross this interface outwards.
@@ -17,27 +20,20 @@ Conventions:
     * The switch passes encrypted PIN blocks and reference data (PVV, IBM offset), never a
       clear PIN, so that a payment HSM backend keeps the PIN inside its boundary. Only the
       provisioning commands (``generate_pvv``, ``generate_ibm_offset``) take a clear PIN.
-    * ``repr()`` of every request masks the PAN (first six, last four) and hides PIN blocks,
-      cryptograms and transaction data.
+    * ``repr()`` of every request masks the PAN (first six, last four) and hides PINs, PIN
+      blocks, CVVs, expiry dates, cryptograms, transaction data, key values and plaintexts.
     * All methods are safe to call concurrently from many trio tasks.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Protocol, runtime_checkable
 
 from hsm.errors import InvalidInput
-from switch.log import mask_pan
-
-#: Shortest and longest PAN accepted (ISO/IEC 7812-1: up to 19 digits; 12 is the shortest
-#: length the PIN block formats and card schemes use).
-PAN_MIN_DIGITS = 12
-PAN_MAX_DIGITS = 19
-#: PIN length bounds of ISO 9564-1 (4 to 12 digits).
-PIN_MIN_DIGITS = 4
-PIN_MAX_DIGITS = 12
+from hsm.pan import PAN_MAX_DIGITS, PAN_MIN_DIGITS, is_digits, mask_pan
 
 
 class KeyUsage(enum.StrEnum):
@@ -78,6 +74,10 @@ KEY_LENGTHS: dict[KeyAlgorithm, int] = {
     KeyAlgorithm.AES_192: 24,
     KeyAlgorithm.AES_256: 32,
 }
+#: AES-GCM nonce and tag lengths of ``CardDataCrypto.encrypt`` blobs, in bytes (NIST SP 800-38D
+#: recommended 96-bit nonce, full 128-bit tag).
+GCM_NONCE_BYTES = 12
+GCM_TAG_BYTES = 16
 #: HMAC key length bounds in bytes (at least 128 bits, at most one SHA-256 block).
 HMAC_KEY_MIN = 16
 HMAC_KEY_MAX = 64
@@ -251,6 +251,86 @@ class PinTranslation:
         )
 
 
+class _MaskedRepr:
+    """``repr()`` of a request: fields declared ``repr=False`` are left out and a field named
+    ``pan`` is masked (first six, last four), so no request ever prints card data."""
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):  # type: ignore[arg-type]
+            if not f.repr:
+                continue
+            value = getattr(self, f.name)
+            text = repr(mask_pan(value)) if f.name == "pan" else repr(value)
+            shown.append(f"{f.name}={text}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+@dataclass(frozen=True, repr=False)
+class PvvGeneration(_MaskedRepr):
+    """Compute the Visa PVV of a clear PIN (provisioning).
+
+    Attributes:
+        pvk: label of the PIN verification key.
+        pan: the card's PAN.
+        pvki: PIN verification key index, one digit.
+        pin: the clear PIN, 4 to 12 digits.
+    """
+
+    pvk: str
+    pan: str
+    pvki: str
+    pin: str = field(repr=False)
+
+
+@dataclass(frozen=True, repr=False)
+class IbmOffsetGeneration(_MaskedRepr):
+    """Compute the IBM 3624 offset of a clear PIN (provisioning).
+
+    Attributes:
+        pvk: label of the PIN verification key.
+        pan: the card's PAN.
+        pin: the clear PIN, 4 to 12 digits.
+        dec_table: 16-digit decimalization table.
+        validation_data: as ``Ibm3624Reference.validation_data`` (``N`` = last five digits of
+            the account number taken from ``pan``).
+    """
+
+    pvk: str
+    pan: str
+    pin: str = field(repr=False)
+    dec_table: str = ""
+    validation_data: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True, repr=False)
+class CvvGeneration(_MaskedRepr):
+    """Compute a CVV (service code as on the stripe), CVV2 (``000``) or iCVV (``999``).
+
+    Attributes:
+        cvk: label of the card verification key.
+        pan: the card's PAN.
+        expiry: YYMM, as on the magnetic stripe.
+        service_code: three digits.
+    """
+
+    cvk: str
+    pan: str
+    expiry: str = field(repr=False)
+    service_code: str
+
+
+@dataclass(frozen=True, repr=False)
+class CvvVerification(_MaskedRepr):
+    """Verify a CVV, CVV2 or iCVV: the fields of ``CvvGeneration`` and the value offered."""
+
+    cvk: str
+    pan: str
+    expiry: str = field(repr=False)
+    service_code: str
+    cvv: str = field(repr=False)
+
+
 class Cvn(enum.StrEnum):
     """EMV cryptogram versions supported, with what each one fixes.
 
@@ -321,6 +401,42 @@ class ArpcRequest:
     proprietary_auth_data: bytes = b""
 
 
+#: DE55 tags (hex names) the ARQC commands read: the tags every supported CVN MACs, in order
+#: (EMV Book 2 recommended minimum set), then the cryptogram, ATC, unpredictable number and
+#: Issuer Application Data.
+ARQC_COMMON_TAGS = ("9F02", "9F03", "9F1A", "95", "5F2A", "9A", "9C", "9F37", "82", "9F36")
+TAG_ARQC, TAG_ATC, TAG_UN, TAG_IAD = "9F26", "9F36", "9F37", "9F10"
+
+
+def arqc_data(cvn: Cvn, tags: Mapping[str, bytes]) -> bytes:
+    """Assemble the data the CVN's AC covers from DE55 tag values (tag names in hex).
+
+    The common tags (``ARQC_COMMON_TAGS``) in order, then from the Issuer Application Data
+    (9F10): the 4-byte CVR (Visa CVN 10, IAD bytes 4-7), the whole IAD (Visa CVN 18), or the
+    6-byte CVR (Mastercard CVN 16, IAD bytes 3-8).
+
+    Raises:
+        InvalidInput: a tag is missing or the IAD is too short.
+    """
+    wanted = {name.upper(): value for name, value in tags.items()}
+    for tag in (*ARQC_COMMON_TAGS, TAG_IAD):
+        if tag not in wanted:
+            raise InvalidInput(f"tag {tag}", "missing")
+    parts = [wanted[tag] for tag in ARQC_COMMON_TAGS]
+    iad = wanted[TAG_IAD]
+    if cvn is Cvn.VISA_10:
+        if len(iad) < 7:
+            raise InvalidInput(f"tag {TAG_IAD}", "too short for CVN 10")
+        parts.append(iad[3:7])
+    elif cvn is Cvn.VISA_18:
+        parts.append(iad)
+    else:
+        if len(iad) < 8:
+            raise InvalidInput(f"tag {TAG_IAD}", "too short for CVN 16")
+        parts.append(iad[2:8])
+    return b"".join(parts)
+
+
 @dataclass(frozen=True)
 class ArqcVerification:
     """Verify an ARQC and, if asked and it verifies, compute the ARPC.
@@ -329,7 +445,7 @@ class ArqcVerification:
         card: the card key (issuer key, CVN, PAN, PSN).
         atc: application transaction counter (tag 9F36), 2 bytes.
         transaction_data: the data the card MACed, assembled in the CVN's order (see
-            ``hsm.algorithms.emv.arqc_data``), unpadded.
+            ``arqc_data``; ``from_tags`` builds the whole request from DE55), unpadded.
         arqc: the cryptogram (tag 9F26), 8 bytes.
         un: unpredictable number (tag 9F37), 4 bytes; required by ``MC_16``.
         arpc: if given, the ARPC is returned in the result when the ARQC verifies.
@@ -341,6 +457,31 @@ class ArqcVerification:
     arqc: bytes = field(repr=False)
     un: bytes = b""
     arpc: ArpcRequest | None = None
+
+    @classmethod
+    def from_tags(
+        cls, card: EmvCard, tags: Mapping[str, bytes], arpc: ArpcRequest | None = None
+    ) -> ArqcVerification:
+        """The verification of the ARQC in DE55 tag values (tag names in hex).
+
+        Takes the ARQC (9F26), the ATC (9F36), the unpredictable number (9F37, empty when
+        absent) and the transaction data the card's CVN MACs (``arqc_data``).
+
+        Raises:
+            InvalidInput: a tag is missing or the IAD is too short.
+        """
+        wanted = {name.upper(): value for name, value in tags.items()}
+        for tag in (TAG_ARQC, TAG_ATC):
+            if tag not in wanted:
+                raise InvalidInput(f"tag {tag}", "missing")
+        return cls(
+            card=card,
+            atc=wanted[TAG_ATC],
+            transaction_data=arqc_data(card.cvn, wanted),
+            arqc=wanted[TAG_ARQC],
+            un=wanted.get(TAG_UN, b""),
+            arpc=arpc,
+        )
 
 
 @dataclass(frozen=True)
@@ -384,9 +525,67 @@ class EmvKeyCheckValues:
     session_key: str
 
 
+@dataclass(frozen=True)
+class EmvKeyCheck:
+    """Ask for the check values of the keys an EMV command derives for ``card`` at ``atc``
+    (and ``un``, which ``MC_16`` needs)."""
+
+    card: EmvCard
+    atc: bytes
+    un: bytes = b""
+
+
+@dataclass(frozen=True, repr=False)
+class Fingerprint(_MaskedRepr):
+    """HMAC-SHA-256 of ``data`` (a PAN's bytes, typically) under the ``hmac`` key ``key``."""
+
+    key: str
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, repr=False)
+class Encryption(_MaskedRepr):
+    """AES-GCM encryption of ``plaintext`` bound to ``aad`` under the ``data`` key ``key``."""
+
+    key: str
+    plaintext: bytes = field(repr=False)
+    aad: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, repr=False)
+class Decryption(_MaskedRepr):
+    """AES-GCM decryption of a blob ``Encryption`` produced, with the same ``aad``."""
+
+    key: str
+    blob: bytes = field(repr=False)
+    aad: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, repr=False)
+class KeyImport(_MaskedRepr):
+    """Import the clear key ``value`` (development and test keys only).
+
+    ``algorithm`` is needed only when the length does not decide (see ``USAGE_ALGORITHMS``).
+    """
+
+    label: str
+    usage: KeyUsage
+    value: bytes = field(repr=False)
+    algorithm: KeyAlgorithm | None = None
+
+
+@dataclass(frozen=True)
+class KeyGeneration:
+    """Generate a key inside the HSM; ``algorithm`` defaults to the usage's first."""
+
+    label: str
+    usage: KeyUsage
+    algorithm: KeyAlgorithm | None = None
+
+
 @runtime_checkable
-class Hsm(Protocol):
-    """The payment-security commands of an HSM; every method is a coroutine for trio.
+class PaymentHsm(Protocol):
+    """The payment-security commands: PIN, CVV, PVV/IBM offset and EMV; coroutines for trio.
 
     Every command checks the key's usage (``KeyUsageError``), validates inputs
     (``InvalidInput``) and may raise ``KeyNotFound``, ``HsmUnavailable`` and ``HsmTimeout``.
@@ -409,31 +608,19 @@ class Hsm(Protocol):
         """
         ...
 
-    async def generate_pvv(self, pvk: str, pan: str, pvki: str, pin: str) -> str:
-        """Return the 4-digit Visa PVV of ``pin`` (provisioning; takes a clear PIN)."""
+    async def generate_pvv(self, req: PvvGeneration) -> str:
+        """Return the 4-digit Visa PVV of ``req.pin`` (provisioning; takes a clear PIN)."""
         ...
 
-    async def generate_ibm_offset(
-        self, pvk: str, pan: str, pin: str, dec_table: str, validation_data: str
-    ) -> str:
-        """Return the IBM 3624 offset of ``pin`` (as long as the PIN; provisioning).
-
-        ``validation_data`` follows ``Ibm3624Reference.validation_data`` (``N`` = last five
-        digits of the account number taken from ``pan``).
-        """
+    async def generate_ibm_offset(self, req: IbmOffsetGeneration) -> str:
+        """Return the IBM 3624 offset of ``req.pin`` (as long as the PIN; provisioning)."""
         ...
 
-    async def generate_cvv(self, cvk: str, pan: str, expiry: str, service_code: str) -> str:
-        """Return the 3-digit CVV; service code ``000`` gives CVV2, ``999`` iCVV.
-
-        Args:
-            expiry: YYMM, as on the magnetic stripe.
-        """
+    async def generate_cvv(self, req: CvvGeneration) -> str:
+        """Return the 3-digit CVV; service code ``000`` gives CVV2, ``999`` iCVV."""
         ...
 
-    async def verify_cvv(
-        self, cvk: str, pan: str, expiry: str, service_code: str, cvv: str
-    ) -> VerifyResult:
+    async def verify_cvv(self, req: CvvVerification) -> VerifyResult:
         """Verify a CVV/CVV2/iCVV; a wrong value is ``MISMATCH``."""
         ...
 
@@ -449,21 +636,24 @@ class Hsm(Protocol):
         """Return the ARPC (8 bytes for method 1, 4 for method 2) for ``req.arqc``."""
         ...
 
-    async def emv_key_check_values(
-        self, card: EmvCard, atc: bytes, un: bytes = b""
-    ) -> EmvKeyCheckValues:
+    async def emv_key_check_values(self, req: EmvKeyCheck) -> EmvKeyCheckValues:
         """Return the check values of the derived ICC master key and AC session key."""
         ...
 
-    async def fingerprint(self, key: str, data: bytes) -> bytes:
-        """Return HMAC-SHA-256 of ``data`` under an ``hmac`` key (32 bytes)."""
+
+@runtime_checkable
+class CardDataCrypto(Protocol):
+    """Keyed fingerprint and authenticated encryption of card data at rest (``hsm.carddata``)."""
+
+    async def fingerprint(self, req: Fingerprint) -> bytes:
+        """Return HMAC-SHA-256 of ``req.data`` under an ``hmac`` key (32 bytes)."""
         ...
 
-    async def encrypt(self, key: str, plaintext: bytes, aad: bytes) -> bytes:
+    async def encrypt(self, req: Encryption) -> bytes:
         """AES-GCM encrypt under a ``data`` key; returns nonce (12) || ciphertext || tag (16)."""
         ...
 
-    async def decrypt(self, key: str, blob: bytes, aad: bytes) -> bytes:
+    async def decrypt(self, req: Decryption) -> bytes:
         """Inverse of ``encrypt``.
 
         Raises:
@@ -471,13 +661,12 @@ class Hsm(Protocol):
         """
         ...
 
-    async def import_key(
-        self,
-        label: str,
-        usage: KeyUsage,
-        value: bytes,
-        algorithm: KeyAlgorithm | None = None,
-    ) -> KeyInfo:
+
+@runtime_checkable
+class KeyAdmin(Protocol):
+    """Key custody: import, generation, listing, check values and deletion."""
+
+    async def import_key(self, req: KeyImport) -> KeyInfo:
         """Import a clear key (development and test keys only) and return its KCV.
 
         Raises:
@@ -486,10 +675,12 @@ class Hsm(Protocol):
         """
         ...
 
-    async def generate_key(
-        self, label: str, usage: KeyUsage, algorithm: KeyAlgorithm | None = None
-    ) -> KeyInfo:
-        """Generate a random key inside the HSM and return its KCV."""
+    async def generate_key(self, req: KeyGeneration) -> KeyInfo:
+        """Generate a random key inside the HSM and return its KCV.
+
+        Raises:
+            KeyExists: the label is taken.
+        """
         ...
 
     async def list_keys(self) -> list[KeyInfo]:
@@ -504,6 +695,15 @@ class Hsm(Protocol):
         """Destroy a key."""
         ...
 
+
+@runtime_checkable
+class Hsm(PaymentHsm, CardDataCrypto, KeyAdmin, Protocol):
+    """Everything a backend offers: the three command families and closing the session.
+
+    Callers that need one family only should ask for that Protocol (the pipeline needs
+    ``PaymentHsm``, a vault ``CardDataCrypto``, the key custodian's CLI ``KeyAdmin``).
+    """
+
     async def aclose(self) -> None:
         """Release the HSM (log out, close the session); idempotent."""
         ...
@@ -516,7 +716,7 @@ class Hsm(Protocol):
 def check_digits(name: str, value: str, min_len: int, max_len: int | None = None) -> None:
     """Raise ``InvalidInput`` unless ``value`` is ``min_len``..``max_len`` ASCII digits."""
     upper = min_len if max_len is None else max_len
-    if not (value.isascii() and value.isdigit()):
+    if not is_digits(value):
         raise InvalidInput(name, "must be decimal digits")
     if not min_len <= len(value) <= upper:
         span = str(min_len) if min_len == upper else f"{min_len} to {upper}"

@@ -2,11 +2,13 @@
 
 What lives here: the ``CardVault`` protocol (keyed fingerprint for lookups, seal/unseal of the
 PAN bound to the card record), ``HsmVault`` (HMAC-SHA-256 and AES-GCM inside the HSM through
-``hsm.api.Hsm``), ``KmsVault`` re-exported from ``hsm.kms`` (envelope encryption on AWS KMS),
-and ``open_vault`` choosing one from the configuration.
+``hsm.api.CardDataCrypto``), ``KmsVault`` re-exported from ``hsm.kms`` (envelope encryption on
+AWS KMS),
+``open_vault`` choosing one from the configuration, and ``ensure_card_data_keys`` creating
+the HSM keys the configuration names (``cardswitch hsm init`` and the dev setup call it).
 
-What does not: the cryptography itself (the HSM backends and KMS do it), the card store, key
-creation (``cardswitch hsm init`` creates the HSM keys; KMS keys are an operator's job).
+What does not: the cryptography itself (the HSM backends and KMS do it), the card store, KMS
+key creation (an operator's job).
 
 Errors, for both vaults: ``hsm.errors.InvalidInput`` for a malformed PAN or context,
 ``hsm.errors.DecryptionFailed`` when a blob does not open (wrong context, tampered, other
@@ -29,18 +31,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
-from hsm.api import Hsm, check_label
-from hsm.errors import DecryptionFailed, InvalidInput
+from hsm.api import (
+    GCM_NONCE_BYTES,
+    GCM_TAG_BYTES,
+    CardDataCrypto,
+    Decryption,
+    Encryption,
+    Fingerprint,
+    KeyAdmin,
+    KeyGeneration,
+    KeyUsage,
+    check_label,
+)
+from hsm.config import CardDataConfig
+from hsm.errors import DecryptionFailed, InvalidInput, KeyUsageError
 from hsm.kms import KmsVault, canonical_context, pan_bytes, pan_context
-from switch.config import Config
 
-__all__ = ["CardVault", "HsmVault", "KmsVault", "open_vault"]
+__all__ = ["CardVault", "HsmVault", "KmsVault", "ensure_card_data_keys", "open_vault"]
 
 #: First byte of an ``HsmVault`` version-1 blob; distinct from the KMS blob's 0x01 so that a
 #: blob given to the wrong vault fails with a clear message.
 HSM_BLOB_VERSION_1 = 0x11
 #: Bytes the HSM adds around the ciphertext: 12-byte nonce and 16-byte GCM tag.
-_HSM_OVERHEAD = 12 + 16
+_HSM_OVERHEAD = GCM_NONCE_BYTES + GCM_TAG_BYTES
 
 
 @runtime_checkable
@@ -69,7 +82,9 @@ class HsmVault:
         encryption_key_label: label of a ``data`` (AES) key used by ``seal``.
     """
 
-    def __init__(self, hsm: Hsm, fingerprint_key_label: str, encryption_key_label: str) -> None:
+    def __init__(
+        self, hsm: CardDataCrypto, fingerprint_key_label: str, encryption_key_label: str
+    ) -> None:
         check_label(fingerprint_key_label)
         check_label(encryption_key_label)
         self._hsm = hsm
@@ -83,13 +98,13 @@ class HsmVault:
         )
 
     async def fingerprint(self, pan: str) -> bytes:
-        return await self._hsm.fingerprint(self._fingerprint_key, pan_bytes(pan))
+        return await self._hsm.fingerprint(Fingerprint(self._fingerprint_key, pan_bytes(pan)))
 
     async def seal(self, pan: str, context: Mapping[str, str]) -> bytes:
         plain = pan_bytes(pan)
         header = _hsm_header(self._encryption_key)
         aad = header + canonical_context(pan_context(context))
-        return header + await self._hsm.encrypt(self._encryption_key, plain, aad)
+        return header + await self._hsm.encrypt(Encryption(self._encryption_key, plain, aad))
 
     async def unseal(self, blob: bytes, context: Mapping[str, str]) -> str:
         ctx = canonical_context(pan_context(context))
@@ -103,7 +118,7 @@ class HsmVault:
             check_label(label)
         except (UnicodeDecodeError, InvalidInput):
             raise DecryptionFailed("HSM-sealed PAN blob has a malformed key label") from None
-        plain = await self._hsm.decrypt(label, blob[end:], blob[:end] + ctx)
+        plain = await self._hsm.decrypt(Decryption(label, blob[end:], blob[:end] + ctx))
         try:
             return pan_bytes(plain.decode("ascii")).decode("ascii")
         except (UnicodeDecodeError, InvalidInput):
@@ -115,19 +130,51 @@ def _hsm_header(label: str) -> bytes:
     return bytes([HSM_BLOB_VERSION_1, len(raw)]) + raw
 
 
-def open_vault(cfg: Config, hsm: Hsm | None) -> CardVault:
-    """The vault ``cfg.card_data.backend`` names.
+def open_vault(cfg: CardDataConfig, hsm: CardDataCrypto | None) -> CardVault:
+    """The vault ``cfg.backend`` names.
 
     Args:
-        cfg: the switch configuration (``card_data`` section).
+        cfg: the card-data section of the configuration.
         hsm: the open HSM; required for backend ``hsm``, unused for ``kms``.
 
     Raises:
         ValueError: backend ``hsm`` without an HSM.
     """
-    card = cfg.card_data
-    if card.backend == "kms":
-        return KmsVault.from_config(card)
+    if cfg.backend == "kms":
+        return KmsVault.from_config(cfg)
     if hsm is None:
         raise ValueError("card_data.backend 'hsm' needs an open HSM")
-    return HsmVault(hsm, card.fingerprint_key, card.encryption_key)
+    return HsmVault(hsm, cfg.fingerprint_key, cfg.encryption_key)
+
+
+async def ensure_card_data_keys(hsm: KeyAdmin, cfg: CardDataConfig) -> list[str]:
+    """Generate the card-data keys named in ``cfg`` that the HSM lacks; idempotent.
+
+    For backend ``hsm``: an ``hmac`` key (fingerprint) and a ``data`` AES key (PAN
+    encryption), generated inside the HSM. For backend ``kms`` nothing is created (the keys
+    live in KMS).
+
+    Returns:
+        One human-readable line per key (label, usage, algorithm, KCV, generated/present).
+
+    Raises:
+        KeyUsageError: a key with that label exists with another usage.
+    """
+    if cfg.backend != "hsm":
+        return [f"card data backend {cfg.backend!r}: no card-data keys in the HSM"]
+    present = {info.label: info for info in await hsm.list_keys()}
+    lines = []
+    for label, usage in (
+        (cfg.fingerprint_key, KeyUsage.HMAC),
+        (cfg.encryption_key, KeyUsage.DATA),
+    ):
+        info = present.get(label)
+        if info is None:
+            info = await hsm.generate_key(KeyGeneration(label, usage))
+            action = "generated"
+        elif info.usage is not usage:
+            raise KeyUsageError(label, str(usage), str(info.usage))
+        else:
+            action = "present"
+        lines.append(f"key {label!r} ({info.usage}, {info.algorithm}) KCV {info.kcv}: {action}")
+    return lines

@@ -46,16 +46,20 @@ from hsm.api import (
     ArqcGeneration,
     ArqcVerification,
     Cvn,
+    CvvGeneration,
     EmvCard,
     Hsm,
+    IbmOffsetGeneration,
     KeyAlgorithm,
+    KeyImport,
     KeyInfo,
     KeyUsage,
+    PvvGeneration,
 )
-from hsm.errors import HsmError, InvalidInput, KeyNotFound, KeyUsageError
+from hsm.errors import HsmError, InvalidInput, KeyNotFound
+from hsm.pan import mask_pan, scrub
 from hsm.software import software_kcv
 from switch.config import Config, load_default_or_embedded
-from switch.log import mask_pan, scrub
 
 #: Exit statuses (the same as ``switch.__main__``): success, operation failed or mismatch,
 #: usage or configuration error.
@@ -274,57 +278,26 @@ def _hex(value: str, option: str, lengths: tuple[int, ...] | None = None) -> byt
 # ------------------------------------------------------------------------------ commands
 
 
-async def ensure_card_data_keys(hsm: Hsm, cfg: Config) -> list[str]:
-    """Generate the card-data keys named in ``cfg.card_data`` that the HSM lacks; idempotent.
-
-    For backend ``hsm``: an ``hmac`` key (fingerprint) and a ``data`` AES key (PAN
-    encryption), generated inside the HSM. For backend ``kms`` nothing is created (the keys
-    live in KMS).
-
-    Returns:
-        One human-readable line per key (label, usage, algorithm, KCV, generated/present).
-
-    Raises:
-        KeyUsageError: a key with that label exists with another usage.
-    """
-    card = cfg.card_data
-    if card.backend != "hsm":
-        return [f"card data backend {card.backend!r}: no card-data keys in the HSM"]
-    present = {info.label: info for info in await hsm.list_keys()}
-    lines = []
-    for label, usage in (
-        (card.fingerprint_key, KeyUsage.HMAC),
-        (card.encryption_key, KeyUsage.DATA),
-    ):
-        info = present.get(label)
-        if info is None:
-            info = await hsm.generate_key(label, usage)
-            action = "generated"
-        elif info.usage is not usage:
-            raise KeyUsageError(label, str(usage), str(info.usage))
-        else:
-            action = "present"
-        lines.append(f"key {label!r} ({info.usage}, {info.algorithm}) KCV {info.kcv}: {action}")
-    return lines
-
-
 async def _cmd_init(args: argparse.Namespace, cfg: Config) -> int:
     if cfg.hsm.backend != "pkcs11":
         raise UsageError("hsm init needs hsm.backend = 'pkcs11' (software keys are not kept)")
     from hsm import token  # noqa: PLC0415
+    from hsm.carddata import ensure_card_data_keys  # noqa: PLC0415 - boto3 only when needed
 
     created = await trio.to_thread.run_sync(token.init_dev_token, cfg.hsm)
     state = "created" if created else "opened"
     print(f"token {cfg.hsm.token_label!r} {state} (SOFTHSM2_CONF={cfg.hsm.softhsm_conf})")
     async with _OpenHsm(cfg) as hsm:
-        for line in await ensure_card_data_keys(hsm, cfg):
+        for line in await ensure_card_data_keys(hsm, cfg.card_data):
             print(line)
     return EXIT_OK
 
 
 async def _cmd_cvv(args: argparse.Namespace, cfg: Config) -> int:
     async with _OpenHsm(cfg) as hsm:
-        value = await hsm.generate_cvv(args.cvk, args.pan, args.expiry, args.service_code)
+        value = await hsm.generate_cvv(
+            CvvGeneration(args.cvk, args.pan, args.expiry, args.service_code)
+        )
     fields = {"cvk": args.cvk, "pan": mask_pan(args.pan), "service_code": args.service_code}
     _emit(args, value, {**fields, "cvv": value})
     return EXIT_OK
@@ -333,7 +306,7 @@ async def _cmd_cvv(args: argparse.Namespace, cfg: Config) -> int:
 async def _cmd_pvv(args: argparse.Namespace, cfg: Config) -> int:
     pin = _secret(args.pin, "--pin")
     async with _OpenHsm(cfg) as hsm:
-        value = await hsm.generate_pvv(args.pvk, args.pan, args.pvki, pin)
+        value = await hsm.generate_pvv(PvvGeneration(args.pvk, args.pan, args.pvki, pin))
     del pin
     fields = {"pvk": args.pvk, "pan": mask_pan(args.pan), "pvki": args.pvki, "pvv": value}
     _emit(args, value, fields)
@@ -344,7 +317,7 @@ async def _cmd_ibm_offset(args: argparse.Namespace, cfg: Config) -> int:
     pin = _secret(args.pin, "--pin")
     async with _OpenHsm(cfg) as hsm:
         value = await hsm.generate_ibm_offset(
-            args.pvk, args.pan, pin, args.dec_table, args.validation_data
+            IbmOffsetGeneration(args.pvk, args.pan, pin, args.dec_table, args.validation_data)
         )
     del pin
     _emit(args, value, {"pvk": args.pvk, "pan": mask_pan(args.pan), "offset": value})
@@ -425,7 +398,7 @@ async def _cmd_keys_import(args: argparse.Namespace, cfg: Config) -> int:
                 },
                 "kek": args.kek,
             }
-        info = await hsm.import_key(args.label, usage, value, algorithm)
+        info = await hsm.import_key(KeyImport(args.label, usage, value, algorithm))
         del value
     _emit(args, info.kcv, {**_key_fields(info), **extra})
     return EXIT_OK

@@ -47,8 +47,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from hsm.api import check_pan
+from hsm.config import CardDataConfig
 from hsm.errors import DecryptionFailed, HsmError, HsmUnavailable, InvalidInput
-from switch.config import CardDataConfig
 
 if TYPE_CHECKING:
     from mypy_boto3_kms.client import KMSClient

@@ -1,11 +1,13 @@
 """PKCS#11 backend of the HSM interface: SoftHSM2 (the default) or any PKCS#11 token.
 
-What lives here: ``Pkcs11Hsm`` (the ``Hsm`` on one logged-in session), ``Pkcs11Cipher`` (the
-block primitive the shared commands in ``hsm.algorithms.commands`` run over, with EMV key
-derivation inside the token) and the token object conventions.
+What lives here: ``Pkcs11Hsm`` (the ``Hsm`` on one logged-in session: the token's primitives,
+key store and locking under ``hsm.backend.CommandHsm``), ``Pkcs11Cipher`` (the block
+primitive the commands run over, with EMV key derivation inside the token) and the token
+object conventions.
 
-What does not: creating the SoftHSM token or its configuration (``hsm.token``), the payment
-algorithms (``hsm.algorithms``), KMS (``hsm.kms``).
+What does not: the commands' validation and composition (``hsm.backend``), creating the
+SoftHSM token or its configuration (``hsm.token``), the payment algorithms
+(``hsm.algorithms``), KMS (``hsm.kms``).
 
 Keys in the token:
     * Secret key objects, ``CKA_TOKEN``, ``CKA_PRIVATE``, ``CKA_SENSITIVE`` true and
@@ -20,20 +22,19 @@ Keys in the token:
     * EMV ICC master keys and session keys are derived with CKM_DES3_ECB_ENCRYPT_DATA as
       session objects (sensitive, non-extractable) and destroyed after the command.
 
-Concurrency: SoftHSM 2.6 is not thread-safe across sessions in one process, so the process
-has one logged-in session and every PKCS#11 call holds one process-wide lock. Commands run
-in a worker thread (``trio.to_thread.run_sync`` with a ``CapacityLimiter(1)``) by default, so
+Concurrency: SoftHSM 2.6 is not thread-safe across sessions in one process, so the process has
+one logged-in session and every PKCS#11 call holds one process-wide lock. With ``offload=True``
+commands run in a worker thread (``trio.to_thread.run_sync`` with a ``CapacityLimiter(1)``), so
 that the event loop is never blocked by the token and a command stuck in the token can be
-abandoned on timeout; ``offload=False`` runs them inline. Measured (benchmarks/hsm_bench.py,
-one task, 2-core x86_64): the hop adds ~50 us per command (CVV verify 114 us median vs 61 inline,
+abandoned on timeout; ``offload=False`` runs them inline. Measured (benchmarks/hsm_bench.py, one
+task, 2-core x86_64): the hop adds ~50 us per command (CVV verify 114 us median vs 61 inline,
 CVN 18 ARQC+ARPC 720 vs 562), and inline blocks the event loop for the whole command (p99 of an
 inline ARQC reached 3.3 ms) and cannot be abandoned. The token serialises commands and the
-binding does not run them in parallel with Python work, so under load the hop is pure cost:
-the whole switch does 1018 auth/s inline against 752 with the hop (benchmarks/load.py, 8 in
-flight, one core). The daemon therefore runs SoftHSM inline (``hsm.offload = false``, the
-configuration default); this class keeps the hop as its default for callers that cannot
-afford a blocked loop, and for network-attached tokens where a stuck command must be
-abandonable.
+binding does not run them in parallel with Python work, so under load the hop is pure cost: the
+whole switch does 1018 auth/s inline against 752 with the hop (benchmarks/load.py, 8 in flight,
+one core). SoftHSM therefore runs inline by default: ``hsm.config.DEFAULT_OFFLOAD`` is the one
+default, of the configuration and of this class alike; offload a network-attached token, where a
+stuck command must be abandonable.
 
 Clear PIN in host memory: a general-purpose PKCS#11 token has no PIN commands, so verifying a
 PIN decrypts the PIN block into this process. The PIN and clear PIN blocks are kept in
@@ -67,36 +68,12 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.constants import DEFAULT
 from pkcs11.mechanisms import GCMParams
 
-from hsm.algorithms.commands import Commands, StoredKey
 from hsm.algorithms.pinblock import RandomBytes
 from hsm.algorithms.primitive import AES_BLOCK, DES_BLOCK, KCV_BYTES
-from hsm.api import (
-    AES_ALGORITHMS,
-    KEY_LENGTHS,
-    ArpcGeneration,
-    ArqcGeneration,
-    ArqcResult,
-    ArqcVerification,
-    EmvCard,
-    EmvKeyCheckValues,
-    KeyAlgorithm,
-    KeyInfo,
-    KeyUsage,
-    PinTranslation,
-    PinVerification,
-    VerifyResult,
-    check_label,
-    resolve_algorithm,
-)
-from hsm.errors import (
-    DecryptionFailed,
-    HsmError,
-    HsmTimeout,
-    HsmUnavailable,
-    InvalidInput,
-    KeyExists,
-    KeyNotFound,
-)
+from hsm.api import AES_ALGORITHMS, GCM_TAG_BYTES, KEY_LENGTHS, KeyAlgorithm, KeyInfo, KeyUsage
+from hsm.backend import CommandHsm, StoredKey
+from hsm.config import DEFAULT_OFFLOAD
+from hsm.errors import DecryptionFailed, HsmError, HsmTimeout, HsmUnavailable, KeyNotFound
 
 T = TypeVar("T")
 
@@ -115,10 +92,8 @@ _SOFTHSM_CONF_ENV = "SOFTHSM2_CONF"
 _ID_PREFIX = "cardswitch:1"
 _PART_KEY = "key"
 _PART_LEFT = "left"
-#: AES-GCM nonce and tag lengths in bytes.
-GCM_NONCE_BYTES = 12
-GCM_TAG_BYTES = 16
-GCM_TAG_BITS = 128
+#: AES-GCM tag length in bits, as CK_GCM_PARAMS takes it.
+GCM_TAG_BITS = GCM_TAG_BYTES * 8
 #: Length of generated HMAC keys (256 bits).
 HMAC_GENERATED_BYTES = 32
 #: CK_KEY_DERIVATION_STRING_DATA {CK_BYTE_PTR pData; CK_ULONG ulLen} in native layout.
@@ -286,7 +261,7 @@ def _kcv_capability(algorithm: KeyAlgorithm) -> Attribute:
     return Attribute.ENCRYPT
 
 
-class Pkcs11Hsm:
+class Pkcs11Hsm(CommandHsm[TokenKey]):
     """``Hsm`` on one logged-in PKCS#11 session (see the module docstring)."""
 
     def __init__(
@@ -294,21 +269,19 @@ class Pkcs11Hsm:
         session: Any,
         *,
         timeout: float,
-        offload: bool = True,
+        offload: bool = DEFAULT_OFFLOAD,
         rng: RandomBytes = secrets.token_bytes,
     ) -> None:
         """Use ``open`` rather than this constructor."""
         self._session = session
         self._timeout = timeout
         self._offload = offload
-        self._rng = rng
         self._limiter = trio.CapacityLimiter(1)
         self._inline_lock = trio.Lock()
+        super().__init__(Pkcs11Cipher(), rng)
         self._keys: dict[str, StoredKey[TokenKey]] = {}
         self._closed = False
         self._shared_key: tuple[str, str] | None = None
-        self._cipher = Pkcs11Cipher()
-        self._commands = Commands(self._cipher, self._lookup, rng)
         with _PROCESS_LOCK:
             self._load_keys()
 
@@ -320,7 +293,7 @@ class Pkcs11Hsm:
         user_pin: str,
         *,
         timeout: float = 1.0,
-        offload: bool = True,
+        offload: bool = DEFAULT_OFFLOAD,
     ) -> Pkcs11Hsm:
         """Load the PKCS#11 module, find the token, log in, index the keys.
 
@@ -401,7 +374,7 @@ class Pkcs11Hsm:
             except p11e.PKCS11Error as exc:
                 raise HsmUnavailable(f"PKCS#11 error {type(exc).__name__}") from None
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             with trio.fail_after(self._timeout):
                 if self._offload:
@@ -415,84 +388,22 @@ class Pkcs11Hsm:
         except trio.TooSlowError:
             raise HsmTimeout(f"HSM command exceeded {self._timeout}s") from None
 
-    # ------------------------------------------------------------------ payment commands
-    async def verify_pin(self, req: PinVerification) -> VerifyResult:
-        return await self._call(self._commands.verify_pin, req)
+    # ------------------------------------------------------------------ card-data primitives
+    def _hmac_sha256(self, key: TokenKey, data: bytes) -> bytes:
+        return bytes(key.obj.sign(data, mechanism=Mechanism.SHA256_HMAC))
 
-    async def translate_pin(self, req: PinTranslation) -> bytes:
-        return await self._call(self._commands.translate_pin, req)
+    def _gcm_seal(self, key: TokenKey, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        params = GCMParams(nonce, aad, GCM_TAG_BITS)
+        body = key.obj.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params)
+        return bytes(body)
 
-    async def generate_pvv(self, pvk: str, pan: str, pvki: str, pin: str) -> str:
-        return await self._call(self._commands.generate_pvv, pvk, pan, pvki, pin)
-
-    async def generate_ibm_offset(
-        self, pvk: str, pan: str, pin: str, dec_table: str, validation_data: str
-    ) -> str:
-        return await self._call(
-            self._commands.generate_ibm_offset, pvk, pan, pin, dec_table, validation_data
-        )
-
-    async def generate_cvv(self, cvk: str, pan: str, expiry: str, service_code: str) -> str:
-        return await self._call(self._commands.generate_cvv, cvk, pan, expiry, service_code)
-
-    async def verify_cvv(
-        self, cvk: str, pan: str, expiry: str, service_code: str, cvv: str
-    ) -> VerifyResult:
-        return await self._call(self._commands.verify_cvv, cvk, pan, expiry, service_code, cvv)
-
-    async def verify_arqc(self, req: ArqcVerification) -> ArqcResult:
-        return await self._call(self._commands.verify_arqc, req)
-
-    async def generate_arqc(self, req: ArqcGeneration) -> bytes:
-        return await self._call(self._commands.generate_arqc, req)
-
-    async def generate_arpc(self, req: ArpcGeneration) -> bytes:
-        return await self._call(self._commands.generate_arpc, req)
-
-    async def emv_key_check_values(
-        self, card: EmvCard, atc: bytes, un: bytes = b""
-    ) -> EmvKeyCheckValues:
-        return await self._call(self._commands.emv_key_check_values, card, atc, un)
-
-    # ------------------------------------------------------------------ card data
-    def _fingerprint(self, key: str, data: bytes) -> bytes:
-        stored = self._commands.key(key, KeyUsage.HMAC)
-        return bytes(stored.handle.obj.sign(bytes(data), mechanism=Mechanism.SHA256_HMAC))
-
-    async def fingerprint(self, key: str, data: bytes) -> bytes:
-        return await self._call(self._fingerprint, key, data)
-
-    def _encrypt(self, key: str, plaintext: bytes, aad: bytes) -> bytes:
-        stored = self._commands.key(key, KeyUsage.DATA)
-        nonce = self._rng(GCM_NONCE_BYTES)
-        params = GCMParams(nonce, bytes(aad), GCM_TAG_BITS)
-        body = stored.handle.obj.encrypt(
-            bytes(plaintext), mechanism=Mechanism.AES_GCM, mechanism_param=params
-        )
-        return nonce + bytes(body)
-
-    async def encrypt(self, key: str, plaintext: bytes, aad: bytes) -> bytes:
-        return await self._call(self._encrypt, key, plaintext, aad)
-
-    def _decrypt(self, key: str, blob: bytes, aad: bytes) -> bytes:
-        stored = self._commands.key(key, KeyUsage.DATA)
-        if len(blob) < GCM_NONCE_BYTES + GCM_TAG_BYTES:
-            raise InvalidInput("blob", "shorter than nonce and tag")
-        params = GCMParams(bytes(blob[:GCM_NONCE_BYTES]), bytes(aad), GCM_TAG_BITS)
+    def _gcm_open(self, key: TokenKey, nonce: bytes, body: bytes, aad: bytes) -> bytes:
+        params = GCMParams(nonce, aad, GCM_TAG_BITS)
         try:
-            return bytes(
-                stored.handle.obj.decrypt(
-                    bytes(blob[GCM_NONCE_BYTES:]),
-                    mechanism=Mechanism.AES_GCM,
-                    mechanism_param=params,
-                )
-            )
+            return bytes(key.obj.decrypt(body, mechanism=Mechanism.AES_GCM, mechanism_param=params))
         except (p11e.EncryptedDataInvalid, p11e.GeneralError, p11e.FunctionFailed):
             # SoftHSM reports a failed GCM tag check as CKR_GENERAL_ERROR.
             raise DecryptionFailed("authentication failed") from None
-
-    async def decrypt(self, key: str, blob: bytes, aad: bytes) -> bytes:
-        return await self._call(self._decrypt, key, blob, aad)
 
     # ------------------------------------------------------------------ key management
     def _template(
@@ -528,8 +439,6 @@ class Pkcs11Hsm:
     def _import(
         self, label: str, usage: KeyUsage, value: bytes, algorithm: KeyAlgorithm
     ) -> KeyInfo:
-        if label in self._keys:
-            raise KeyExists(label)
         created: list[Any] = []
         try:
             template = self._template(label, usage, algorithm, _PART_KEY, "")
@@ -552,8 +461,6 @@ class Pkcs11Hsm:
         return info
 
     def _generate(self, label: str, usage: KeyUsage, algorithm: KeyAlgorithm) -> KeyInfo:
-        if label in self._keys:
-            raise KeyExists(label)
         template = self._template(label, usage, algorithm, _PART_KEY, "")
         created: list[Any] = []
         try:
@@ -616,48 +523,22 @@ class Pkcs11Hsm:
             mech, key_type, bits = Mechanism.DES2_KEY_GEN, KeyType.DES2, 128
         return self._session.generate_key(key_type, bits, store=True, mechanism=mech, template=tpl)
 
-    async def import_key(
-        self,
-        label: str,
-        usage: KeyUsage,
-        value: bytes,
-        algorithm: KeyAlgorithm | None = None,
+    def _create_key(
+        self, label: str, usage: KeyUsage, algorithm: KeyAlgorithm, value: bytes | None
     ) -> KeyInfo:
-        check_label(label)
-        usage = KeyUsage(usage)
-        algorithm = resolve_algorithm(usage, algorithm, len(value))
-        return await self._call(self._import, label, usage, bytes(value), algorithm)
+        if value is None:
+            return self._generate(label, usage, algorithm)
+        return self._import(label, usage, value, algorithm)
 
-    async def generate_key(
-        self, label: str, usage: KeyUsage, algorithm: KeyAlgorithm | None = None
-    ) -> KeyInfo:
-        check_label(label)
-        usage = KeyUsage(usage)
-        algorithm = resolve_algorithm(usage, algorithm, None)
-        return await self._call(self._generate, label, usage, algorithm)
-
-    def _list(self) -> list[KeyInfo]:
+    def _key_infos(self) -> list[KeyInfo]:
         self._load_keys()
-        return sorted((k.info for k in self._keys.values()), key=lambda i: i.label)
+        return [stored.info for stored in self._keys.values()]
 
-    async def list_keys(self) -> list[KeyInfo]:
-        return await self._call(self._list)
-
-    def _kcv(self, label: str) -> str:
-        return self._lookup(label).info.kcv
-
-    async def key_check_value(self, label: str) -> str:
-        return await self._call(self._kcv, label)
-
-    def _delete(self, label: str) -> None:
-        stored = self._lookup(label)
+    def _destroy_key(self, stored: StoredKey[TokenKey]) -> None:
         stored.handle.obj.destroy()
         if stored.left is not None:
             stored.left.obj.destroy()
-        del self._keys[label]
-
-    async def delete_key(self, label: str) -> None:
-        await self._call(self._delete, label)
+        del self._keys[stored.info.label]
 
     def _close(self) -> None:
         if not self._closed:

@@ -1,7 +1,8 @@
 """Software reference backend of the HSM interface, on ``cryptography``.
 
 What lives here: ``SoftwareHsm``, an in-memory ``Hsm`` whose keys are clear bytes in the
-process, and ``SoftwareCipher``, the block primitive the shared commands run over. It exists
+process (the primitives under ``hsm.backend.CommandHsm``, which holds the commands), and
+``SoftwareCipher``, the block primitive the commands run over. It exists
 for tests, development and as the baseline the PKCS#11 backend is benchmarked against.
 
 What does not: persistence (keys live as long as the object), the default backend (the switch
@@ -16,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import trio
 from cryptography.exceptions import InvalidTag
@@ -25,32 +28,14 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.cmac import CMAC
 
-from hsm.algorithms.commands import Commands, StoredKey
 from hsm.algorithms.pinblock import RandomBytes
 from hsm.algorithms.primitive import AES_BLOCK, DES_BLOCK, KCV_BYTES
-from hsm.api import (
-    AES_ALGORITHMS,
-    KEY_LENGTHS,
-    ArpcGeneration,
-    ArqcGeneration,
-    ArqcResult,
-    ArqcVerification,
-    EmvCard,
-    EmvKeyCheckValues,
-    KeyAlgorithm,
-    KeyInfo,
-    KeyUsage,
-    PinTranslation,
-    PinVerification,
-    VerifyResult,
-    check_label,
-    resolve_algorithm,
-)
-from hsm.errors import DecryptionFailed, InvalidInput, KeyExists, KeyNotFound
+from hsm.api import AES_ALGORITHMS, KEY_LENGTHS, KeyAlgorithm, KeyInfo, KeyUsage
+from hsm.backend import CommandHsm, StoredKey
+from hsm.errors import DecryptionFailed, KeyNotFound
 
-#: AES-GCM nonce and tag lengths in bytes (NIST SP 800-38D recommended 96-bit nonce).
-GCM_NONCE_BYTES = 12
-GCM_TAG_BYTES = 16
+T = TypeVar("T")
+
 #: Length of generated HMAC keys (256 bits).
 HMAC_GENERATED_BYTES = 32
 #: Length of a two-key TDES value.
@@ -107,17 +92,20 @@ def software_kcv(algorithm: KeyAlgorithm, value: bytes) -> str:
     return digest[:KCV_BYTES].hex().upper()
 
 
-class SoftwareHsm:
+class SoftwareHsm(CommandHsm[SoftKey]):
     """In-memory ``Hsm`` on ``cryptography`` (tests and development only)."""
 
     def __init__(self, rng: RandomBytes = secrets.token_bytes) -> None:
+        super().__init__(SoftwareCipher(), rng)
         self._keys: dict[str, StoredKey[SoftKey]] = {}
-        self._rng = rng
-        self._cipher = SoftwareCipher()
-        self._commands = Commands(self._cipher, self._lookup, rng)
 
     def __repr__(self) -> str:
         return f"SoftwareHsm(keys={len(self._keys)})"
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        # Commands take microseconds in process: run inline, but stay a checkpoint.
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
 
     def _lookup(self, label: str) -> StoredKey[SoftKey]:
         try:
@@ -125,123 +113,34 @@ class SoftwareHsm:
         except KeyError:
             raise KeyNotFound(label) from None
 
-    # ------------------------------------------------------------------ payment commands
-    async def verify_pin(self, req: PinVerification) -> VerifyResult:
-        await trio.lowlevel.checkpoint()
-        return self._commands.verify_pin(req)
+    def _hmac_sha256(self, key: SoftKey, data: bytes) -> bytes:
+        return hmac.new(key.value, data, hashlib.sha256).digest()
 
-    async def translate_pin(self, req: PinTranslation) -> bytes:
-        await trio.lowlevel.checkpoint()
-        return self._commands.translate_pin(req)
+    def _gcm_seal(self, key: SoftKey, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        return AESGCM(key.value).encrypt(nonce, plaintext, aad)
 
-    async def generate_pvv(self, pvk: str, pan: str, pvki: str, pin: str) -> str:
-        await trio.lowlevel.checkpoint()
-        return self._commands.generate_pvv(pvk, pan, pvki, pin)
-
-    async def generate_ibm_offset(
-        self, pvk: str, pan: str, pin: str, dec_table: str, validation_data: str
-    ) -> str:
-        await trio.lowlevel.checkpoint()
-        return self._commands.generate_ibm_offset(pvk, pan, pin, dec_table, validation_data)
-
-    async def generate_cvv(self, cvk: str, pan: str, expiry: str, service_code: str) -> str:
-        await trio.lowlevel.checkpoint()
-        return self._commands.generate_cvv(cvk, pan, expiry, service_code)
-
-    async def verify_cvv(
-        self, cvk: str, pan: str, expiry: str, service_code: str, cvv: str
-    ) -> VerifyResult:
-        await trio.lowlevel.checkpoint()
-        return self._commands.verify_cvv(cvk, pan, expiry, service_code, cvv)
-
-    async def verify_arqc(self, req: ArqcVerification) -> ArqcResult:
-        await trio.lowlevel.checkpoint()
-        return self._commands.verify_arqc(req)
-
-    async def generate_arqc(self, req: ArqcGeneration) -> bytes:
-        await trio.lowlevel.checkpoint()
-        return self._commands.generate_arqc(req)
-
-    async def generate_arpc(self, req: ArpcGeneration) -> bytes:
-        await trio.lowlevel.checkpoint()
-        return self._commands.generate_arpc(req)
-
-    async def emv_key_check_values(
-        self, card: EmvCard, atc: bytes, un: bytes = b""
-    ) -> EmvKeyCheckValues:
-        await trio.lowlevel.checkpoint()
-        return self._commands.emv_key_check_values(card, atc, un)
-
-    # ------------------------------------------------------------------ card data
-    async def fingerprint(self, key: str, data: bytes) -> bytes:
-        await trio.lowlevel.checkpoint()
-        stored = self._commands.key(key, KeyUsage.HMAC)
-        return hmac.new(stored.handle.value, data, hashlib.sha256).digest()
-
-    async def encrypt(self, key: str, plaintext: bytes, aad: bytes) -> bytes:
-        await trio.lowlevel.checkpoint()
-        stored = self._commands.key(key, KeyUsage.DATA)
-        nonce = self._rng(GCM_NONCE_BYTES)
-        return nonce + AESGCM(stored.handle.value).encrypt(nonce, plaintext, aad)
-
-    async def decrypt(self, key: str, blob: bytes, aad: bytes) -> bytes:
-        await trio.lowlevel.checkpoint()
-        stored = self._commands.key(key, KeyUsage.DATA)
-        if len(blob) < GCM_NONCE_BYTES + GCM_TAG_BYTES:
-            raise InvalidInput("blob", "shorter than nonce and tag")
-        nonce, body = blob[:GCM_NONCE_BYTES], blob[GCM_NONCE_BYTES:]
+    def _gcm_open(self, key: SoftKey, nonce: bytes, body: bytes, aad: bytes) -> bytes:
         try:
-            return AESGCM(stored.handle.value).decrypt(nonce, body, aad)
+            return AESGCM(key.value).decrypt(nonce, body, aad)
         except InvalidTag:
             raise DecryptionFailed("authentication failed") from None
 
-    # ------------------------------------------------------------------ key management
-    def _store(self, label: str, usage: KeyUsage, algorithm: KeyAlgorithm, value: bytes) -> KeyInfo:
+    def _create_key(
+        self, label: str, usage: KeyUsage, algorithm: KeyAlgorithm, value: bytes | None
+    ) -> KeyInfo:
+        if value is None:
+            value = secrets.token_bytes(KEY_LENGTHS.get(algorithm, HMAC_GENERATED_BYTES))
         info = KeyInfo(label, usage, algorithm, software_kcv(algorithm, value))
         aes = algorithm in AES_ALGORITHMS
         left = SoftKey(value[:DES_BLOCK] * 2) if usage is KeyUsage.CVK else None
         self._keys[label] = StoredKey(info, SoftKey(bytes(value), aes), left)
         return info
 
-    async def import_key(
-        self,
-        label: str,
-        usage: KeyUsage,
-        value: bytes,
-        algorithm: KeyAlgorithm | None = None,
-    ) -> KeyInfo:
-        await trio.lowlevel.checkpoint()
-        check_label(label)
-        usage = KeyUsage(usage)
-        algorithm = resolve_algorithm(usage, algorithm, len(value))
-        if label in self._keys:
-            raise KeyExists(label)
-        return self._store(label, usage, algorithm, value)
+    def _key_infos(self) -> list[KeyInfo]:
+        return [stored.info for stored in self._keys.values()]
 
-    async def generate_key(
-        self, label: str, usage: KeyUsage, algorithm: KeyAlgorithm | None = None
-    ) -> KeyInfo:
-        await trio.lowlevel.checkpoint()
-        check_label(label)
-        usage = KeyUsage(usage)
-        algorithm = resolve_algorithm(usage, algorithm, None)
-        if label in self._keys:
-            raise KeyExists(label)
-        length = KEY_LENGTHS.get(algorithm, HMAC_GENERATED_BYTES)
-        return self._store(label, usage, algorithm, secrets.token_bytes(length))
-
-    async def list_keys(self) -> list[KeyInfo]:
-        await trio.lowlevel.checkpoint()
-        return sorted((k.info for k in self._keys.values()), key=lambda i: i.label)
-
-    async def key_check_value(self, label: str) -> str:
-        await trio.lowlevel.checkpoint()
-        return self._lookup(label).info.kcv
-
-    async def delete_key(self, label: str) -> None:
-        await trio.lowlevel.checkpoint()
-        self._lookup(label)
-        del self._keys[label]
+    def _destroy_key(self, stored: StoredKey[SoftKey]) -> None:
+        del self._keys[stored.info.label]
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()

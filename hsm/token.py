@@ -21,8 +21,8 @@ from pathlib import Path
 
 from hsm import pkcs11 as pkcs11_backend
 from hsm.api import Hsm
+from hsm.config import HsmConfig
 from hsm.errors import HsmUnavailable
-from switch.config import HsmConfig
 
 #: Environment variable SoftHSM2 reads its configuration file name from.
 SOFTHSM_CONF_ENV = "SOFTHSM2_CONF"
@@ -147,7 +147,7 @@ def init_dev_token(cfg: HsmConfig) -> bool:
     return ensure_token(cfg).created
 
 
-def open_hsm(cfg: HsmConfig, *, offload: bool | None = None) -> Hsm:
+def open_hsm(cfg: HsmConfig) -> Hsm:
     """Return the configured backend, ready to use.
 
     ``backend = "pkcs11"`` (the default): for SoftHSM (a module path containing ``softhsm``)
@@ -169,5 +169,5 @@ def open_hsm(cfg: HsmConfig, *, offload: bool | None = None) -> Hsm:
         cfg.token_label,
         pin,
         timeout=cfg.timeout,
-        offload=cfg.offload if offload is None else offload,
+        offload=cfg.offload,
     )

@@ -92,7 +92,7 @@ async def _open_engine(cfg: Config, stack: AsyncExitStack) -> Engine:
     """Open the HSM, the vault and the store and return the pipeline over them."""
     hsm = open_hsm(cfg.hsm)  # opens the token and logs in once, at start-up
     stack.push_async_callback(hsm.aclose)
-    vault = open_vault(cfg, hsm)
+    vault = open_vault(cfg.card_data, hsm)
     store = await stack.enter_async_context(open_store(cfg.store))
     return Pipeline(cfg, store=store, hsm=hsm, vault=vault)
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import trio
 
-from switch.config import HeaderKind, SpecKind
 from switch.wire import codec
-from switch.wire.framing import FrameDecoder, FramingError, encode_frame
+from switch.wire.framing import FrameDecoder, FramingError, HeaderKind, encode_frame
 from switch.wire.messages import Message
+from switch.wire.spec import SpecKind
 
 #: Bytes asked of the TLS stream per read.
 _RECEIVE_SIZE = 65536

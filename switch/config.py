@@ -1,7 +1,8 @@
 """Typed switch configuration loaded from TOML.
 
-What lives here: the frozen dataclasses that describe a running switch (listeners, TLS, HSM,
-store, pipeline budget, metrics, logging), their embedded defaults, and the loader that turns
+What lives here: the frozen dataclasses that describe a running switch (listeners, TLS, store,
+pipeline budget, metrics, logging; the HSM and card-data sections are ``hsm.config``'s, used
+here as they are), their embedded defaults, and the loader that turns
 a TOML file into them. Every error names the file and the dotted key and is a single line.
 
 What does not: reading certificates or keys (tls.py), opening the store or the HSM (their own
@@ -23,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hsm.config import CardDataConfig, HsmConfig
 from switch.decisions import NETWORKS, STAND_IN_REASONS
+from switch.wire.framing import HeaderKind
+from switch.wire.spec import SpecKind
 
-HeaderKind = Literal["binary2", "ascii4", "bcd2"]
-SpecKind = Literal["ascii", "binary", "bcd"]
-HsmBackend = Literal["pkcs11", "software"]
-CardDataBackend = Literal["hsm", "kms"]
 StoreBackend = Literal["sqlite"]
 LogFormat = Literal["json", "console"]
 
@@ -105,47 +105,6 @@ class PipelineConfig:
     #: ("issuer_unavailable" is 91, which lets the network stand in; "system_error" is 96).
     #: An approving stand-in is not a choice here: nothing would be journaled behind it.
     stand_in: str = "issuer_unavailable"
-
-
-@dataclass(frozen=True)
-class HsmConfig:
-    """Which HSM the card-security commands go to."""
-
-    backend: HsmBackend = "pkcs11"
-    #: PKCS#11 module; Debian's softhsm2 package installs it here.
-    module: Path = Path("/usr/lib/softhsm/libsofthsm2.so")
-    token_label: str = "cardswitch-dev"  # noqa: S105 - a label, not a secret
-    #: User PIN of the token. Development only: production reads it from CARDSWITCH_HSM_PIN.
-    user_pin: str = "1234"
-    so_pin: str = "12345678"
-    #: SOFTHSM2_CONF written by `cardswitch hsm init`, with its token directory under var/.
-    softhsm_conf: Path = Path("var/softhsm/softhsm2.conf")
-    #: Seconds one HSM command may take before it counts as unavailable.
-    timeout: float = 1.0
-    #: Run PKCS#11 commands on the event loop (false) or in a worker thread (true). For an
-    #: in-process token such as SoftHSM, inline is faster: the token serialises commands and
-    #: holds the GIL, so the hop only adds its cost (benchmarks/reports/load.md against
-    #: load_hsm_offload.md: 1018 vs 752 auth/s at 8 in flight, 0.95 vs 1.30 CPU-ms per auth).
-    #: Set true for a network-attached token, so a stuck command can be abandoned on timeout.
-    offload: bool = False
-
-
-@dataclass(frozen=True)
-class CardDataConfig:
-    """Protection of card data at rest: PAN fingerprint key and PAN encryption."""
-
-    backend: CardDataBackend = "hsm"
-    #: Label of the HMAC key in the HSM that fingerprints PANs for lookup.
-    fingerprint_key: str = "pan-fingerprint"
-    #: Label of the AES key in the HSM that encrypts PANs (backend "hsm").
-    encryption_key: str = "pan-encryption"
-    #: KMS key id or alias (backend "kms").
-    kms_key_id: str = "alias/cardswitch-pan"
-    #: KMS HMAC_256 key that fingerprints PANs (backend "kms").
-    kms_mac_key_id: str = "alias/cardswitch-pan-fingerprint"
-    #: KMS endpoint override (a moto server in tests); empty uses the AWS default.
-    kms_endpoint: str = ""
-    kms_region: str = "eu-west-1"
 
 
 @dataclass(frozen=True)

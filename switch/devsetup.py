@@ -4,7 +4,7 @@ What lives here: the idempotent first-run sequence of ``make run``: the dev PKI,
 dev token with the card-data keys, the public demo test keys, and the demo cards and accounts
 (only when the store has no cards yet). Everything it creates lives under ``var/``.
 
-What does not: the operations themselves (switch.pki, hsm.token, hsm.cli, switch.provision);
+What does not: the operations themselves (switch.pki, hsm.token, hsm.carddata, switch.provision);
 this module only sequences them. Never run it against production configuration: the demo
 keys are public test keys.
 """
@@ -17,9 +17,8 @@ from typing import Any
 
 import trio
 
-from hsm.api import Hsm, KeyAlgorithm, KeyUsage
-from hsm.carddata import open_vault
-from hsm.cli import ensure_card_data_keys
+from hsm.api import Hsm, KeyAlgorithm, KeyImport, KeyUsage
+from hsm.carddata import ensure_card_data_keys, open_vault
 from hsm.errors import KeyExists
 from hsm.token import open_hsm
 from switch import config as config_mod
@@ -54,10 +53,10 @@ def _cmd_dev_setup(args: argparse.Namespace) -> int:
 async def _seed(cfg: Config, keys_path: Path, cards_path: Path) -> int:
     hsm = open_hsm(cfg.hsm)
     try:
-        for line in await ensure_card_data_keys(hsm, cfg):
+        for line in await ensure_card_data_keys(hsm, cfg.card_data):
             print(line)
         await _import_demo_keys(hsm, keys_path)
-        vault = open_vault(cfg, hsm)
+        vault = open_vault(cfg.card_data, hsm)
         async with open_store(cfg.store) as store:
             if await store.list_cards():
                 print(f"store {cfg.store.path}: cards present, demo data not imported again")
@@ -79,7 +78,7 @@ async def _import_demo_keys(hsm: Hsm, path: Path) -> None:
         algorithm = KeyAlgorithm(key.algorithm) if key.algorithm else None
         try:
             info = await hsm.import_key(
-                key.label, KeyUsage(key.usage), bytes.fromhex(key.clear_hex), algorithm
+                KeyImport(key.label, KeyUsage(key.usage), bytes.fromhex(key.clear_hex), algorithm)
             )
         except KeyExists:
             print(f"key {key.label!r}: present")

@@ -1,18 +1,18 @@
 """Structured JSON logging with card data kept out.
 
-What lives here: structlog configuration for the daemon and the CLI, ``mask_pan`` (first six,
-last four), ``scrub`` (masks anything PAN-shaped in free text such as an exception message),
-and the processor that applies both to every event before it is rendered. Keys that name
+What lives here: structlog configuration for the daemon and the CLI, and the processor that
+applies ``hsm.pan.mask_pan`` (first six, last four) and ``hsm.pan.scrub`` (anything PAN-shaped
+in free text such as an exception message) to every event before it is rendered. Keys that name
 sensitive authentication data (PIN block, CVV, track, cryptogram) are dropped whatever
 their value.
 
-What does not: deciding what to log (callers log one line per request in server.py), metrics.
+What does not: the masking rules themselves (``hsm.pan``, their one owner), deciding what to
+log (callers log one line per request in server.py), metrics.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import traceback
 from collections.abc import Mapping, MutableMapping
@@ -20,16 +20,7 @@ from typing import Any, TextIO
 
 import structlog
 
-#: Digit runs a card number can be (13 to 19 digits), possibly inside longer text such as
-#: track 2 ("4761...D2512..."). Lookarounds stop us from cutting a longer number in the middle.
-#: Twelve-digit runs are left alone: they are amounts and RRNs far more often than PANs.
-_PAN_RE = re.compile(r"(?<!\d)(\d{6})(\d{3,9})(\d{4})(?!\d)")
-#: Track-2-equivalent data: PAN, separator '=' or 'D', then expiry/service code/discretionary.
-_TRACK2_RE = re.compile(r"(?<![0-9A-F])\d{12,19}[=D]\d{4,}[0-9A-F?]*", re.IGNORECASE)
-#: Long hex runs (PIN blocks, cryptograms, keys) that could appear in a raw-bytes repr.
-_HEX_RE = re.compile(r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{16,}(?![0-9A-Fa-f])")
-#: Python bytes reprs of raw message data (b'...'): replaced wholesale.
-_BYTES_RE = re.compile(r"""b(['"])(?:\\.|(?!\1).)*\1""")
+from hsm.pan import mask_pan, scrub
 
 #: Event keys whose values are sensitive authentication data: never rendered.
 SENSITIVE_KEYS = frozenset(
@@ -54,31 +45,6 @@ SENSITIVE_KEYS = frozenset(
 )
 #: Event keys whose value is a PAN: rendered masked.
 PAN_KEYS = frozenset({"pan", "primary_account_number"})
-
-
-def mask_pan(pan: str) -> str:
-    """Mask a PAN to its first six and last four digits.
-
-    >>> mask_pan("4000123412341234")
-    '400012******1234'
-    >>> mask_pan("123")
-    '***'
-    """
-    if len(pan) < 13:
-        return "*" * len(pan)
-    return pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
-
-
-def scrub(text: str) -> str:
-    """Mask PAN-shaped digit runs and remove track data, raw bytes and long hex from ``text``.
-
-    >>> scrub("bad field 2: '4000123412341234' at 4")
-    "bad field 2: '400012******1234' at 4"
-    """
-    text = _BYTES_RE.sub("b'<redacted>'", text)
-    text = _TRACK2_RE.sub("<track-redacted>", text)
-    text = _PAN_RE.sub(lambda m: m.group(1) + "*" * len(m.group(2)) + m.group(3), text)
-    return _HEX_RE.sub("<hex-redacted>", text)
 
 
 def _scrub_value(value: Any) -> Any:

@@ -36,12 +36,12 @@ from datetime import UTC, datetime
 
 import trio
 
-from hsm.algorithms.emv import arqc_data
 from hsm.api import (
     ArpcGeneration,
     ArpcRequest,
     ArqcVerification,
     Cvn,
+    CvvVerification,
     EmvCard,
     Hsm,
     Ibm3624Reference,
@@ -51,11 +51,12 @@ from hsm.api import (
 )
 from hsm.carddata import CardVault
 from hsm.errors import HsmError, InvalidInput
+from hsm.pan import mask_pan
 from switch import metrics
 from switch.config import Config, ListenerConfig
 from switch.decisions import Reason, check_controls
 from switch.handler import Decision, RequestContext, StandInCause
-from switch.log import get_logger, mask_pan
+from switch.log import get_logger
 from switch.store.api import Store
 from switch.store.models import (
     Account,
@@ -111,9 +112,6 @@ _CSU_APPROVED = b"\x00\x80\x00\x00"
 _ARPC_TIMEOUT = 0.5
 #: Issuer Authentication Data (ARPC || ARC or ARPC || CSU) in the response DE55.
 _TAG_ISSUER_AUTH_DATA = 0x91
-_TAG_ARQC = 0x9F26
-_TAG_ATC = 0x9F36
-_TAG_UN = 0x9F37
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,7 +355,7 @@ class Pipeline:
         try:
             with _hsm_command("verify_cvv"):
                 result = await self._hsm.verify_cvv(
-                    card.cvk, req.pan, req.track2.expiry, service, cvv
+                    CvvVerification(card.cvk, req.pan, req.track2.expiry, service, cvv)
                 )
         except InvalidInput:
             return failing
@@ -371,7 +369,7 @@ class Pipeline:
         try:
             with _hsm_command("verify_cvv2"):
                 result = await self._hsm.verify_cvv(
-                    card.cvk, req.pan, expiry, _CVV2_SERVICE_CODE, req.cvv2
+                    CvvVerification(card.cvk, req.pan, expiry, _CVV2_SERVICE_CODE, req.cvv2)
                 )
         except InvalidInput:
             return Reason.CVV2_MISMATCH
@@ -423,19 +421,22 @@ class Pipeline:
         assert req.emv is not None and card.imk_ac and card.emv_cvn
         try:
             tlv = emv.TlvMap.from_bytes(req.emv)
-            cvn = Cvn(card.emv_cvn)
-            data = arqc_data(cvn, {f"{tag:X}": value for tag, value in tlv.items()})
-            arqc, atc, un = tlv[_TAG_ARQC], tlv[_TAG_ATC], tlv.get(_TAG_UN, b"")
-        except (emv.EmvFormatError, InvalidInput, KeyError, ValueError):
-            return None  # no usable cryptogram: a chip transaction that cannot be verified
-        emv_card = EmvCard(
-            imk=card.imk_ac, cvn=cvn, pan=req.pan, psn=req.pan_sequence or card.pan_sequence
-        )
-        with _hsm_command("verify_arqc"):
-            result = await self._hsm.verify_arqc(
-                ArqcVerification(card=emv_card, atc=atc, transaction_data=data, arqc=arqc, un=un)
+            emv_card = EmvCard(
+                imk=card.imk_ac,
+                cvn=Cvn(card.emv_cvn),
+                pan=req.pan,
+                psn=req.pan_sequence or card.pan_sequence,
             )
-        return _EmvContext(emv_card, atc, arqc, un) if result.ok else None
+            verification = ArqcVerification.from_tags(
+                emv_card, {f"{tag:X}": value for tag, value in tlv.items()}
+            )
+        except (emv.EmvFormatError, InvalidInput, ValueError):
+            return None  # no usable cryptogram: a chip transaction that cannot be verified
+        with _hsm_command("verify_arqc"):
+            result = await self._hsm.verify_arqc(verification)
+        if not result.ok:
+            return None
+        return _EmvContext(emv_card, verification.atc, verification.arqc, verification.un)
 
     async def _card_for(self, pan: str) -> Card | None:
         """The card provisioned for ``pan``, found by its keyed fingerprint."""

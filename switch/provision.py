@@ -35,8 +35,9 @@ from typing import Any, Protocol, TextIO
 
 import trio
 
+from hsm.api import IbmOffsetGeneration, PvvGeneration
+from hsm.pan import mask_pan
 from switch.config import Config, load_default_or_embedded
-from switch.log import mask_pan
 from switch.store import (
     Account,
     Card,
@@ -79,13 +80,11 @@ class ProvisionError(ValueError):
 
 
 class PinReferenceHsm(Protocol):
-    """The two HSM commands provisioning needs (``hsm.api.Hsm`` provides them)."""
+    """The two HSM commands provisioning needs (``hsm.api.PaymentHsm`` provides them)."""
 
-    async def generate_pvv(self, pvk: str, pan: str, pvki: str, pin: str) -> str: ...
+    async def generate_pvv(self, req: PvvGeneration) -> str: ...
 
-    async def generate_ibm_offset(
-        self, pvk: str, pan: str, pin: str, dec_table: str, validation_data: str
-    ) -> str: ...
+    async def generate_ibm_offset(self, req: IbmOffsetGeneration) -> str: ...
 
 
 class PanVault(Protocol):
@@ -371,11 +370,13 @@ async def _import_one(
         if row.method == "ibm3624":
             assert row.ibm_dec_table is not None and row.ibm_validation_data is not None
             reference = await hsm.generate_ibm_offset(
-                row.pvk, row.pan, row.pin, row.ibm_dec_table, row.ibm_validation_data
+                IbmOffsetGeneration(
+                    row.pvk, row.pan, row.pin, row.ibm_dec_table, row.ibm_validation_data
+                )
             )
         else:
             assert row.pvki is not None
-            reference = await hsm.generate_pvv(row.pvk, row.pan, row.pvki, row.pin)
+            reference = await hsm.generate_pvv(PvvGeneration(row.pvk, row.pan, row.pvki, row.pin))
     fingerprint = await vault.fingerprint(row.pan)
     existing = await store.get_card_by_fingerprint(fingerprint)
     card_id = existing.id if existing is not None else str(uuid.uuid4())
@@ -517,7 +518,7 @@ async def _import_with_config(cfg: Config, rows: Sequence[CardRow]) -> ImportRep
 
     hsm = open_hsm(cfg.hsm)
     try:
-        vault = open_vault(cfg, hsm)
+        vault = open_vault(cfg.card_data, hsm)
         async with open_store(cfg.store) as store:
             return await import_cards(store, hsm, vault, rows)
     finally:

@@ -24,10 +24,10 @@ import trio
 
 from hsm.algorithms import pinblock
 from hsm.api import PinBlockFormat
+from hsm.pan import mask_pan
 from hsm.software import SoftKey, SoftwareCipher
 from switch import config as config_mod
 from switch.client import Client, ClientError
-from switch.log import mask_pan
 from switch.pki import pki_paths
 from switch.tls import client_context
 from switch.wire.messages import (

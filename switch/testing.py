@@ -18,9 +18,10 @@ from pathlib import Path
 
 import trio
 
-from hsm.api import Hsm, KeyAlgorithm, KeyUsage
+from hsm.api import Hsm, KeyAlgorithm, KeyGeneration, KeyImport, KeyUsage
 from hsm.carddata import HsmVault
-from hsm.software import SoftwareHsm
+from hsm.config import HsmConfig
+from hsm.token import open_hsm
 from switch.config import Config, ListenerConfig, PipelineConfig
 from switch.decisions import profile
 from switch.handler import RequestContext
@@ -43,7 +44,7 @@ class SoftwareEngine:
 
     pipeline: Pipeline
     store: MemoryStore
-    hsm: SoftwareHsm
+    hsm: Hsm
     config: Config
 
 
@@ -52,7 +53,7 @@ async def software_engine(
     *,
     network: str = "visa",
     pipeline: PipelineConfig | None = None,
-    hsm_wrapper: Callable[[SoftwareHsm], Hsm] | None = None,
+    hsm_wrapper: Callable[[Hsm], Hsm] | None = None,
     clock: Callable[[], datetime] = lambda: PINNED_NOW,
 ) -> SoftwareEngine:
     """Provision ``rows`` into a fresh in-memory store and return the engine over them.
@@ -65,14 +66,13 @@ async def software_engine(
             provisioning talks to the software HSM itself.
         clock: the pipeline's clock (expiry, velocity periods).
     """
-    hsm = SoftwareHsm()
+    hsm = open_hsm(HsmConfig(backend="software"))
     for key in load_keys(DEMO_KEYS):
         algorithm = KeyAlgorithm(key.algorithm) if key.algorithm else None
-        await hsm.import_key(
-            key.label, KeyUsage(key.usage), bytes.fromhex(key.clear_hex), algorithm
-        )
-    await hsm.generate_key(FINGERPRINT_KEY, KeyUsage.HMAC)
-    await hsm.generate_key(ENCRYPTION_KEY, KeyUsage.DATA)
+        value = bytes.fromhex(key.clear_hex)
+        await hsm.import_key(KeyImport(key.label, KeyUsage(key.usage), value, algorithm))
+    await hsm.generate_key(KeyGeneration(FINGERPRINT_KEY, KeyUsage.HMAC))
+    await hsm.generate_key(KeyGeneration(ENCRYPTION_KEY, KeyUsage.DATA))
     vault = HsmVault(hsm, FINGERPRINT_KEY, ENCRYPTION_KEY)
     store = MemoryStore()
     report = await import_cards(store, hsm, vault, rows)

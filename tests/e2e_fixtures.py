@@ -23,7 +23,7 @@ import pytest
 import trio
 from server_fixtures import make_config
 
-from hsm.api import Hsm, KeyAlgorithm, KeyUsage
+from hsm.api import Hsm, KeyAlgorithm, KeyImport, KeyUsage
 from hsm.carddata import HsmVault
 from hsm.errors import KeyExists
 from hsm.pkcs11 import Pkcs11Hsm
@@ -87,7 +87,9 @@ def demo_hsm(pkcs11_hsm: Pkcs11Hsm) -> Pkcs11Hsm:
             algorithm = KeyAlgorithm(key.algorithm) if key.algorithm else None
             with contextlib.suppress(KeyExists):
                 await pkcs11_hsm.import_key(
-                    key.label, KeyUsage(key.usage), bytes.fromhex(key.clear_hex), algorithm
+                    KeyImport(
+                        key.label, KeyUsage(key.usage), bytes.fromhex(key.clear_hex), algorithm
+                    )
                 )
 
     trio.run(load)

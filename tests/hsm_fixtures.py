@@ -19,11 +19,11 @@ import trio
 #: The published vectors (shared/ sits beside the repository).
 from data_paths import VECTORS_PATH
 
-from hsm.api import Hsm, KeyAlgorithm, KeyUsage
+from hsm.api import Hsm, KeyAlgorithm, KeyImport, KeyUsage
+from hsm.config import HsmConfig
 from hsm.pkcs11 import Pkcs11Hsm
 from hsm.software import SoftwareHsm
 from hsm.token import ensure_token
-from switch.config import HsmConfig
 
 #: Public test key of the Visa CVV table, psec and pyemv vectors (CVK, PVK, IMK).
 TEST_KEY = bytes.fromhex("0123456789ABCDEFFEDCBA9876543210")
@@ -55,7 +55,7 @@ def load_vectors(category: str) -> list[dict[str, Any]]:
 
 async def _load_keys(hsm: Hsm) -> None:
     for label, (usage, value, algorithm) in TEST_KEYS.items():
-        await hsm.import_key(label, usage, value, algorithm)
+        await hsm.import_key(KeyImport(label, usage, value, algorithm))
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +74,9 @@ def pkcs11_hsm(hsm_config: HsmConfig) -> Iterator[Pkcs11Hsm]:
     """
     status = ensure_token(hsm_config)
     assert status.created
+    # Offloaded, so that the suite runs both modes (the default, inline, is tested apart).
     hsm = Pkcs11Hsm.open(
-        hsm_config.module, hsm_config.token_label, hsm_config.user_pin, timeout=5.0
+        hsm_config.module, hsm_config.token_label, hsm_config.user_pin, timeout=5.0, offload=True
     )
     trio.run(_load_keys, hsm)
     yield hsm

@@ -16,13 +16,14 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from hsm.api import Hsm, KeyUsage
+from hsm.api import Hsm, KeyImport, KeyUsage
 from hsm.carddata import CardVault, HsmVault, KmsVault, open_vault
+from hsm.config import CardDataConfig, HsmConfig
 from hsm.errors import DecryptionFailed, HsmError, InvalidInput, KeyNotFound
 from hsm.pkcs11 import Pkcs11Hsm
 from hsm.software import SoftwareHsm
 from hsm.token import ensure_token
-from switch.config import CardDataConfig, Config, HsmConfig
+from switch.config import Config
 
 #: Public test PANs (from the published CVV vectors).
 PAN = "4123456789012345"
@@ -34,8 +35,8 @@ CONTEXT = {"card_id": "card-0001"}
 
 
 async def _load_keys(hsm: Hsm) -> None:
-    await hsm.import_key("pan-fingerprint", KeyUsage.HMAC, HMAC_KEY)
-    await hsm.import_key("pan-encryption", KeyUsage.DATA, AES_KEY)
+    await hsm.import_key(KeyImport("pan-fingerprint", KeyUsage.HMAC, HMAC_KEY))
+    await hsm.import_key(KeyImport("pan-encryption", KeyUsage.DATA, AES_KEY))
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ async def test_tampered_blob_fails(vault: HsmVault) -> None:
 async def test_blob_opens_after_key_rotation(hsm: Hsm, vault: HsmVault) -> None:
     """The blob names its key, so a vault configured with a newer key still opens old blobs."""
     blob = await vault.seal(PAN, CONTEXT)
-    await hsm.import_key("pan-encryption-2", KeyUsage.DATA, bytes(32))
+    await hsm.import_key(KeyImport("pan-encryption-2", KeyUsage.DATA, bytes(32)))
     try:
         rotated = HsmVault(hsm, "pan-fingerprint", "pan-encryption-2")
         assert await rotated.unseal(blob, CONTEXT) == PAN
@@ -164,9 +165,9 @@ async def test_repr_names_keys_only(vault: HsmVault) -> None:
 
 async def test_open_vault_chooses_by_backend() -> None:
     hsm = SoftwareHsm()
-    chosen = open_vault(Config(), hsm)
+    chosen = open_vault(Config().card_data, hsm)
     assert isinstance(chosen, HsmVault)
     kms_cfg = Config(card_data=CardDataConfig(backend="kms", kms_endpoint="http://127.0.0.1:9"))
-    assert isinstance(open_vault(kms_cfg, None), KmsVault)
+    assert isinstance(open_vault(kms_cfg.card_data, None), KmsVault)
     with pytest.raises(ValueError, match="needs an open HSM"):
-        open_vault(Config(), None)
+        open_vault(Config().card_data, None)

@@ -7,12 +7,13 @@ from types import ModuleType
 
 import pytest
 
-from switch import decisions, log
+from hsm import pan
+from switch import decisions
 from switch.store import models
 from switch.wire import emv, framing, messages, spec
 
 #: Modules whose docstrings carry examples.
-MODULES = [emv, framing, messages, spec, decisions, log, models]
+MODULES = [pan, emv, framing, messages, spec, decisions, models]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

@@ -13,23 +13,35 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from psec import pinblock as psec_pinblock
 
-from hsm.algorithms import emv as emv_alg
 from hsm.api import (
     ArpcGeneration,
     ArpcRequest,
     ArqcGeneration,
     ArqcVerification,
+    CardDataCrypto,
     Cvn,
+    CvvGeneration,
+    CvvVerification,
+    Decryption,
     EmvCard,
+    Encryption,
+    Fingerprint,
     Hsm,
     Ibm3624Reference,
+    IbmOffsetGeneration,
+    KeyAdmin,
     KeyAlgorithm,
+    KeyGeneration,
+    KeyImport,
     KeyUsage,
+    PaymentHsm,
     PinBlockFormat,
     PinTranslation,
     PinVerification,
+    PvvGeneration,
     PvvReference,
     VerifyReason,
+    arqc_data,
 )
 from hsm.errors import (
     DecryptionFailed,
@@ -78,22 +90,23 @@ def _iso0(pin: str, pan: str = PAN, key: bytes = ZPK_1) -> bytes:
 
 
 async def test_wrong_cvv_is_a_mismatch(backend: Hsm) -> None:
-    good = await backend.generate_cvv("cvk", PAN, "2512", "101")
+    good = await backend.generate_cvv(CvvGeneration("cvk", PAN, "2512", "101"))
     wrong = f"{(int(good) + 1) % 1000:03d}"
-    result = await backend.verify_cvv("cvk", PAN, "2512", "101", wrong)
+    result = await backend.verify_cvv(CvvVerification("cvk", PAN, "2512", "101", wrong))
     assert not result.ok and result.reason is VerifyReason.MISMATCH
 
 
 async def test_cvv2_and_icvv_differ_from_cvv(backend: Hsm) -> None:
     values = {
-        sc: await backend.generate_cvv("cvk", PAN, "2512", sc) for sc in ("101", "000", "999")
+        sc: await backend.generate_cvv(CvvGeneration("cvk", PAN, "2512", sc))
+        for sc in ("101", "000", "999")
     }
     assert len(set(values.values())) == 3
-    assert (await backend.verify_cvv("cvk", PAN, "2512", "000", values["000"])).ok
+    assert (await backend.verify_cvv(CvvVerification("cvk", PAN, "2512", "000", values["000"]))).ok
 
 
 async def test_wrong_pin_is_a_mismatch_pvv(backend: Hsm) -> None:
-    pvv = await backend.generate_pvv("pvk", PAN, "1", PIN)
+    pvv = await backend.generate_pvv(PvvGeneration("pvk", PAN, "1", PIN))
     ref = PvvReference("pvk", "1", pvv)
     good = PinVerification("zpk-1", _iso0(PIN), PinBlockFormat.ISO_0, PAN, ref)
     assert (await backend.verify_pin(good)).ok
@@ -103,7 +116,9 @@ async def test_wrong_pin_is_a_mismatch_pvv(backend: Hsm) -> None:
 
 
 async def test_wrong_pin_is_a_mismatch_ibm(backend: Hsm) -> None:
-    offset = await backend.generate_ibm_offset("pvk", PAN, PIN, "0123456789012345", "N")
+    offset = await backend.generate_ibm_offset(
+        IbmOffsetGeneration("pvk", PAN, PIN, "0123456789012345", "N")
+    )
     ref = Ibm3624Reference("pvk", offset, "0123456789012345", "N")
     good = PinVerification("zpk-1", _iso0(PIN), PinBlockFormat.ISO_0, PAN, ref)
     assert (await backend.verify_pin(good)).ok
@@ -112,7 +127,7 @@ async def test_wrong_pin_is_a_mismatch_ibm(backend: Hsm) -> None:
 
 
 async def test_pin_block_under_another_key_is_invalid_not_an_error(backend: Hsm) -> None:
-    pvv = await backend.generate_pvv("pvk", PAN, "1", PIN)
+    pvv = await backend.generate_pvv(PvvGeneration("pvk", PAN, "1", PIN))
     block = _iso0(PIN, key=ZPK_2)  # sent under zpk-2, verified as if under zpk-1
     req = PinVerification("zpk-1", block, PinBlockFormat.ISO_0, PAN, PvvReference("pvk", "1", pvv))
     result = await backend.verify_pin(req)
@@ -121,7 +136,7 @@ async def test_pin_block_under_another_key_is_invalid_not_an_error(backend: Hsm)
 
 
 async def test_pin_block_of_another_pan_does_not_verify(backend: Hsm) -> None:
-    pvv = await backend.generate_pvv("pvk", PAN, "1", PIN)
+    pvv = await backend.generate_pvv(PvvGeneration("pvk", PAN, "1", PIN))
     block = _iso0(PIN, pan="4999988887777000")
     req = PinVerification("zpk-1", block, PinBlockFormat.ISO_0, PAN, PvvReference("pvk", "1", pvv))
     assert not (await backend.verify_pin(req)).ok
@@ -147,7 +162,7 @@ IAD = {
 @pytest.mark.parametrize("cvn", list(Cvn))
 async def test_tampered_arqc_is_a_mismatch(backend: Hsm, cvn: Cvn) -> None:
     card = EmvCard("imk", cvn, PAN, "01")
-    data = emv_alg.arqc_data(cvn, {**TAGS, "9F10": IAD[cvn]})
+    data = arqc_data(cvn, {**TAGS, "9F10": IAD[cvn]})
     arqc = await backend.generate_arqc(ArqcGeneration(card, ATC, data, UN))
     assert (await backend.verify_arqc(ArqcVerification(card, ATC, data, arqc, UN))).ok
     flipped = bytes([arqc[0] ^ 0x01]) + arqc[1:]
@@ -172,7 +187,7 @@ async def test_arqc_and_arpc_match_pyemv(backend: Hsm, cvn: Cvn, pan: str, psn: 
     CVN 16 (MC SKD) and Option B for a 19-digit PAN under CVN 18."""
     ref = _pyemv_cvn(cvn, pan, psn)
     tags = {**TAGS, "9F10": IAD[cvn]}
-    data = emv_alg.arqc_data(cvn, tags)
+    data = arqc_data(cvn, tags)
     common = {f"tag_{t.lower()}": v for t, v in TAGS.items()}
     if cvn is Cvn.VISA_10:
         expected = ref.generate_ac(**common, cvr=IAD[cvn][3:7])
@@ -237,14 +252,14 @@ async def test_translate_rejects_a_malformed_block(backend: Hsm) -> None:
 
 async def test_unknown_key(backend: Hsm) -> None:
     with pytest.raises(KeyNotFound):
-        await backend.generate_cvv("nope", PAN, "2512", "101")
+        await backend.generate_cvv(CvvGeneration("nope", PAN, "2512", "101"))
 
 
 async def test_key_usage_is_enforced(backend: Hsm) -> None:
     with pytest.raises(KeyUsageError):
-        await backend.generate_cvv("pvk", PAN, "2512", "101")
+        await backend.generate_cvv(CvvGeneration("pvk", PAN, "2512", "101"))
     with pytest.raises(KeyUsageError):
-        await backend.generate_pvv("cvk", PAN, "1", PIN)
+        await backend.generate_pvv(PvvGeneration("cvk", PAN, "1", PIN))
     with pytest.raises(KeyUsageError):  # format 4 needs an AES ZPK
         await backend.translate_pin(
             PinTranslation(
@@ -252,7 +267,7 @@ async def test_key_usage_is_enforced(backend: Hsm) -> None:
             )
         )
     with pytest.raises(KeyUsageError):
-        await backend.fingerprint("pan", b"x")
+        await backend.fingerprint(Fingerprint("pan", b"x"))
 
 
 @pytest.mark.parametrize(
@@ -266,7 +281,7 @@ async def test_key_usage_is_enforced(backend: Hsm) -> None:
 )
 async def test_invalid_cvv_inputs(backend: Hsm, pan: str, expiry: str, sc: str, field: str) -> None:
     with pytest.raises(InvalidInput) as info:
-        await backend.generate_cvv("cvk", pan, expiry, sc)
+        await backend.generate_cvv(CvvGeneration("cvk", pan, expiry, sc))
     assert info.value.field == field
     assert pan not in str(info.value)
 
@@ -274,7 +289,7 @@ async def test_invalid_cvv_inputs(backend: Hsm, pan: str, expiry: str, sc: str, 
 @pytest.mark.parametrize(("pin", "pvki"), [("123", "1"), ("12a4", "1"), ("1234", "12")])
 async def test_invalid_pvv_inputs(backend: Hsm, pin: str, pvki: str) -> None:
     with pytest.raises(InvalidInput):
-        await backend.generate_pvv("pvk", PAN, pvki, pin)
+        await backend.generate_pvv(PvvGeneration("pvk", PAN, pvki, pin))
 
 
 async def test_invalid_emv_inputs(backend: Hsm) -> None:
@@ -302,22 +317,22 @@ async def test_invalid_pin_block_length(backend: Hsm) -> None:
 
 async def test_fingerprint_is_hmac_sha256(backend: Hsm) -> None:
     expected = hmac.new(HMAC_KEY, PAN.encode(), hashlib.sha256).digest()
-    assert await backend.fingerprint("fp", PAN.encode()) == expected
+    assert await backend.fingerprint(Fingerprint("fp", PAN.encode())) == expected
 
 
 async def test_encrypt_round_trip_and_layout(backend: Hsm) -> None:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    blob = await backend.encrypt("pan", PAN.encode(), b"card-1")
+    blob = await backend.encrypt(Encryption("pan", PAN.encode(), b"card-1"))
     assert PAN.encode() not in blob
-    assert await backend.decrypt("pan", blob, b"card-1") == PAN.encode()
+    assert await backend.decrypt(Decryption("pan", blob, b"card-1")) == PAN.encode()
     # nonce || ciphertext || tag, as AES-GCM in cryptography reads it
     assert AESGCM(DATA_KEY).decrypt(blob[:12], blob[12:], b"card-1") == PAN.encode()
-    assert await backend.encrypt("pan", PAN.encode(), b"card-1") != blob
+    assert await backend.encrypt(Encryption("pan", PAN.encode(), b"card-1")) != blob
     with pytest.raises(DecryptionFailed):
-        await backend.decrypt("pan", blob, b"card-2")
+        await backend.decrypt(Decryption("pan", blob, b"card-2"))
     with pytest.raises(DecryptionFailed):
-        await backend.decrypt("pan", blob[:-1] + bytes([blob[-1] ^ 1]), b"card-1")
+        await backend.decrypt(Decryption("pan", blob[:-1] + bytes([blob[-1] ^ 1]), b"card-1"))
 
 
 # ------------------------------------------------------------------------------ keys
@@ -335,28 +350,30 @@ async def test_import_reports_kcv_and_list_never_shows_values(backend: Hsm) -> N
 
 async def test_import_existing_label_and_bad_lengths(backend: Hsm) -> None:
     with pytest.raises(KeyExists):
-        await backend.import_key("cvk", KeyUsage.CVK, TEST_KEY)
+        await backend.import_key(KeyImport("cvk", KeyUsage.CVK, TEST_KEY))
     with pytest.raises(InvalidInput):
-        await backend.import_key("short", KeyUsage.CVK, bytes(8))
+        await backend.import_key(KeyImport("short", KeyUsage.CVK, bytes(8)))
     with pytest.raises(InvalidInput):
-        await backend.import_key("aes-cvk", KeyUsage.CVK, bytes(16), KeyAlgorithm.AES_128)
+        await backend.import_key(
+            KeyImport("aes-cvk", KeyUsage.CVK, bytes(16), KeyAlgorithm.AES_128)
+        )
 
 
 @pytest.mark.parametrize("usage", list(KeyUsage))
 async def test_generate_use_and_delete(backend: Hsm, usage: KeyUsage) -> None:
     label = f"gen-{usage}-{id(backend)}"
-    info = await backend.generate_key(label, usage)
+    info = await backend.generate_key(KeyGeneration(label, usage))
     assert info.usage is usage and len(info.kcv) == 6
     assert await backend.key_check_value(label) == info.kcv
     if usage is KeyUsage.CVK:
-        cvv = await backend.generate_cvv(label, PAN, "2512", "101")
-        assert (await backend.verify_cvv(label, PAN, "2512", "101", cvv)).ok
+        cvv = await backend.generate_cvv(CvvGeneration(label, PAN, "2512", "101"))
+        assert (await backend.verify_cvv(CvvVerification(label, PAN, "2512", "101", cvv))).ok
     elif usage is KeyUsage.IMK_AC:
         card = EmvCard(label, Cvn.VISA_18, PAN, "00")
         arqc = await backend.generate_arqc(ArqcGeneration(card, ATC, b"abc"))
         assert (await backend.verify_arqc(ArqcVerification(card, ATC, b"abc", arqc))).ok
     elif usage is KeyUsage.HMAC:
-        assert len(await backend.fingerprint(label, b"x")) == 32
+        assert len(await backend.fingerprint(Fingerprint(label, b"x"))) == 32
     await backend.delete_key(label)
     with pytest.raises(KeyNotFound):
         await backend.key_check_value(label)
@@ -371,10 +388,21 @@ def test_reprs_mask_pan_and_hide_secrets() -> None:
         PinVerification("z", block, PinBlockFormat.ISO_0, PAN, PvvReference("p", "1", "9876")),
         PinTranslation("a", PinBlockFormat.ISO_0, block, "b", PinBlockFormat.ISO_3, PAN),
         ArqcVerification(EmvCard("i", Cvn.VISA_18, PAN), ATC, b"\x99" * 20, block),
+        PvvGeneration("p", PAN, "1", "9876"),
+        IbmOffsetGeneration("p", PAN, "9876", "0123456789012345", "N"),
+        CvvGeneration("c", PAN, "9876", "101"),
+        CvvVerification("c", PAN, "2512", "101", "9876"),
     ]
-    for req in reqs:
+    without_pan = [
+        Fingerprint("f", PAN.encode()),
+        Encryption("d", PAN.encode(), b"card-1"),
+        Decryption("d", block * 4, PAN.encode()),
+        KeyImport("k", KeyUsage.ZPK, block * 2),
+    ]
+    for req in [*reqs, *without_pan]:
         text = repr(req)
-        assert PAN not in text and "412345******2345" in text
+        assert PAN not in text
+        assert "412345******2345" in text or req in without_pan
         assert "1122334455667788" not in text and "9876" not in text
         assert block.hex() not in text and "\\x11" not in text
 
@@ -390,3 +418,23 @@ async def test_error_messages_carry_no_card_data(backend: Hsm) -> None:
         assert PAN not in str(exc) and "00000000" not in str(exc)
     else:
         pytest.fail("a 9-byte PIN block was accepted")
+
+
+def test_backends_are_the_three_command_families(backend: Hsm) -> None:
+    assert isinstance(backend, PaymentHsm)
+    assert isinstance(backend, CardDataCrypto)
+    assert isinstance(backend, KeyAdmin)
+
+
+async def test_arqc_verification_from_de55_tags(backend: Hsm) -> None:
+    card = EmvCard("imk", Cvn.VISA_18, PAN, "00")
+    tags = {**TAGS, "9F10": IAD[Cvn.VISA_18]}
+    arqc = await backend.generate_arqc(
+        ArqcGeneration(card, tags["9F36"], arqc_data(Cvn.VISA_18, tags))
+    )
+    lower_case = {name.lower(): value for name, value in {**tags, "9F26": arqc}.items()}
+    req = ArqcVerification.from_tags(card, lower_case)
+    assert req.transaction_data == arqc_data(Cvn.VISA_18, tags) and req.un == tags["9F37"]
+    assert (await backend.verify_arqc(req)).ok
+    with pytest.raises(InvalidInput, match="9F26"):
+        ArqcVerification.from_tags(card, tags)

@@ -25,6 +25,7 @@ import trio
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from hsm.carddata import CardVault
+from hsm.config import CardDataConfig
 from hsm.errors import DecryptionFailed, HsmUnavailable, InvalidInput
 from hsm.kms import (
     KmsKeyError,
@@ -35,7 +36,6 @@ from hsm.kms import (
     canonical_context,
     make_client,
 )
-from switch.config import CardDataConfig
 
 if TYPE_CHECKING:
     from mypy_boto3_kms.client import KMSClient

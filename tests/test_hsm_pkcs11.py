@@ -16,17 +16,19 @@ from hsm.api import (
     ArpcRequest,
     ArqcVerification,
     Cvn,
+    CvvGeneration,
     EmvCard,
     KeyAlgorithm,
+    KeyGeneration,
     KeyUsage,
     PinBlockFormat,
     PinVerification,
     PvvReference,
 )
+from hsm.config import HsmConfig
 from hsm.errors import HsmTimeout, HsmUnavailable
 from hsm.pkcs11 import Pkcs11Hsm
 from hsm.token import ensure_token, token_labels
-from switch.config import HsmConfig
 
 pytest.register_assert_rewrite("hsm_fixtures")
 from hsm_fixtures import ZPK_1, load_vectors  # noqa: E402
@@ -50,7 +52,9 @@ def _session_objects(hsm: Pkcs11Hsm) -> list[object]:
 
 
 async def test_key_values_cannot_be_read_back(pkcs11_hsm: Pkcs11Hsm) -> None:
-    kek = await pkcs11_hsm.generate_key("wrap-kek", KeyUsage.KEK, KeyAlgorithm.AES_256)
+    kek = await pkcs11_hsm.generate_key(
+        KeyGeneration("wrap-kek", KeyUsage.KEK, KeyAlgorithm.AES_256)
+    )
     assert kek.usage is KeyUsage.KEK
     with backend_module._PROCESS_LOCK:
         kek_obj = pkcs11_hsm._lookup("wrap-kek").handle.obj
@@ -104,7 +108,10 @@ async def test_keys_persist_in_the_token(pkcs11_hsm: Pkcs11Hsm, hsm_config: HsmC
         assert {k.label: k.kcv for k in await other.list_keys()} == {
             k.label: k.kcv for k in await pkcs11_hsm.list_keys()
         }
-        assert await other.generate_cvv("cvk", "4123456789012345", "8701", "101") == "561"
+        assert (
+            await other.generate_cvv(CvvGeneration("cvk", "4123456789012345", "8701", "101"))
+            == "561"
+        )
     finally:
         await other.aclose()
 
@@ -115,7 +122,7 @@ async def test_timeout_is_typed(pkcs11_hsm: Pkcs11Hsm, hsm_config: HsmConfig) ->
     )
     try:
         with pytest.raises(HsmTimeout):
-            await impatient.generate_cvv("cvk", "4123456789012345", "8701", "101")
+            await impatient.generate_cvv(CvvGeneration("cvk", "4123456789012345", "8701", "101"))
     finally:
         await impatient.aclose()
 
@@ -130,7 +137,9 @@ async def test_inline_mode_gives_the_same_answers(
         for v in load_vectors("cvv"):
             i = v["inputs"]
             assert (
-                await inline.generate_cvv("cvk", i["pan"], i["expiry"], i["service_code"])
+                await inline.generate_cvv(
+                    CvvGeneration("cvk", i["pan"], i["expiry"], i["service_code"])
+                )
                 == v["expected"]
             )
     finally:
@@ -162,7 +171,7 @@ async def test_after_close_commands_are_unavailable(
     await other.aclose()
     await other.aclose()  # idempotent
     with pytest.raises(HsmUnavailable):
-        await other.generate_cvv("cvk", "4123456789012345", "8701", "101")
+        await other.generate_cvv(CvvGeneration("cvk", "4123456789012345", "8701", "101"))
 
 
 async def test_eight_tasks_hammering_the_token(pkcs11_hsm: Pkcs11Hsm) -> None:
@@ -207,7 +216,9 @@ async def test_eight_tasks_hammering_the_token(pkcs11_hsm: Pkcs11Hsm) -> None:
             if k == 0:
                 v = cvv[rnd % len(cvv)]
                 i = v["inputs"]
-                got = await pkcs11_hsm.generate_cvv("cvk", i["pan"], i["expiry"], i["service_code"])
+                got = await pkcs11_hsm.generate_cvv(
+                    CvvGeneration("cvk", i["pan"], i["expiry"], i["service_code"])
+                )
                 assert got == v["expected"]
             elif k == 1:
                 assert (await pkcs11_hsm.verify_pin(pin_reqs[rnd % len(pin_reqs)])).ok

@@ -21,12 +21,17 @@ from hsm.api import (
     ArqcGeneration,
     ArqcVerification,
     Cvn,
+    CvvGeneration,
+    CvvVerification,
     EmvCard,
+    EmvKeyCheck,
     Hsm,
     Ibm3624Reference,
+    IbmOffsetGeneration,
     PinBlockFormat,
     PinTranslation,
     PinVerification,
+    PvvGeneration,
     PvvReference,
 )
 
@@ -83,10 +88,10 @@ def test_vector_file_has_the_expected_categories() -> None:
 async def test_cvv_vectors(backend: Hsm, vector: dict[str, Any]) -> None:
     i = vector["inputs"]
     assert bytes.fromhex(i["cvk"]) == TEST_KEY
-    cvv = await backend.generate_cvv("cvk", i["pan"], i["expiry"], i["service_code"])
+    cvv = await backend.generate_cvv(CvvGeneration("cvk", i["pan"], i["expiry"], i["service_code"]))
     assert cvv == vector["expected"]
     result = await backend.verify_cvv(
-        "cvk", i["pan"], i["expiry"], i["service_code"], vector["expected"]
+        CvvVerification("cvk", i["pan"], i["expiry"], i["service_code"], vector["expected"])
     )
     assert result.ok
 
@@ -98,7 +103,10 @@ async def test_cvv_vectors(backend: Hsm, vector: dict[str, Any]) -> None:
 async def test_pvv_vectors(backend: Hsm, vector: dict[str, Any]) -> None:
     i = vector["inputs"]
     assert bytes.fromhex(i["pvk"]) == TEST_KEY
-    assert await backend.generate_pvv("pvk", i["pan"], i["pvki"], i["pin"]) == vector["expected"]
+    assert (
+        await backend.generate_pvv(PvvGeneration("pvk", i["pan"], i["pvki"], i["pin"]))
+        == vector["expected"]
+    )
 
 
 @pytest.mark.parametrize("vector", PVV, ids=_ids(PVV))
@@ -120,7 +128,7 @@ async def test_pvv_vectors_verify_from_encrypted_pin_block(
 async def test_ibm3624_offset_vectors(backend: Hsm, vector: dict[str, Any]) -> None:
     i = vector["inputs"]
     offset = await backend.generate_ibm_offset(
-        "pvk", IBM_PAN, i["pin"], i["dectab"], i["validation_data"]
+        IbmOffsetGeneration("pvk", IBM_PAN, i["pin"], i["dectab"], i["validation_data"])
     )
     assert offset == vector["expected"]
 
@@ -146,10 +154,10 @@ async def test_pinblock_iso0_vector(backend: Hsm) -> None:
     v = PINBLOCK["ISO0 psec"]
     pan, pin = v["inputs"]["pan"], v["inputs"]["pin"]
     block = _tdes(ZPK_1, bytes.fromhex(v["expected"]))
-    pvv = await backend.generate_pvv("pvk", pan, "1", pin)
+    pvv = await backend.generate_pvv(PvvGeneration("pvk", pan, "1", pin))
     req = PinVerification("zpk-1", block, PinBlockFormat.ISO_0, pan, PvvReference("pvk", "1", pvv))
     assert (await backend.verify_pin(req)).ok
-    other = await backend.generate_pvv("pvk", pan, "1", "1235")
+    other = await backend.generate_pvv(PvvGeneration("pvk", pan, "1", "1235"))
     assert other != pvv
     req = PinVerification(
         "zpk-1", block, PinBlockFormat.ISO_0, pan, PvvReference("pvk", "1", other)
@@ -162,7 +170,7 @@ async def test_pinblock_iso0_twelve_digit_vector(backend: Hsm) -> None:
     v = PINBLOCK["ISO0 12-digit PIN psec"]
     pan, pin = v["inputs"]["pan"], v["inputs"]["pin"]
     dec, val = "0123456789012345", "N"
-    offset = await backend.generate_ibm_offset("pvk", pan, pin, dec, val)
+    offset = await backend.generate_ibm_offset(IbmOffsetGeneration("pvk", pan, pin, dec, val))
     assert len(offset) == 12
     block = _tdes(ZPK_2, bytes.fromhex(v["expected"]))
     ref = Ibm3624Reference("pvk", offset, dec, val)
@@ -241,7 +249,7 @@ async def test_emv_icc_master_key_kcv_vector(backend: Hsm) -> None:
     v = EMV["Option A ICC MK-AC KCV (PAN 1234567890123456 PSN 00)"]
     assert (v["inputs"]["pan"], v["inputs"]["psn"]) == (EMV_PAN, EMV_PSN)
     for cvn in Cvn:
-        kcvs = await backend.emv_key_check_values(_card(cvn), EMV_ATC, bytes(4))
+        kcvs = await backend.emv_key_check_values(EmvKeyCheck(_card(cvn), EMV_ATC, bytes(4)))
         assert kcvs.icc_master_key.startswith(v["expected"])
 
 
@@ -267,7 +275,7 @@ async def test_emv_cvn18_vectors(backend: Hsm) -> None:
     arpc_v = EMV["Visa CVN18 ARPC method 2 CSU 00000000"]
     card = _card(Cvn.VISA_18)
     atc = bytes.fromhex(sk_v["inputs"]["atc"])
-    kcvs = await backend.emv_key_check_values(card, atc)
+    kcvs = await backend.emv_key_check_values(EmvKeyCheck(card, atc))
     assert kcvs.session_key.startswith(sk_v["expected"])
     data = bytes.fromhex(arqc_v["inputs"]["data_hex"])
     arqc = bytes.fromhex(arqc_v["expected"])

@@ -16,7 +16,6 @@ import pytest
 import trio
 
 from hsm.errors import HsmUnavailable
-from hsm.software import SoftwareHsm
 from switch.config import PipelineConfig
 from switch.decisions import Reason
 from switch.handler import Decision
@@ -65,7 +64,7 @@ async def _check_invariants(engine: SoftwareEngine) -> None:
 class _Flaky:
     """The software HSM with commands that fail or stall on demand."""
 
-    def __init__(self, hsm: SoftwareHsm) -> None:
+    def __init__(self, hsm: Any) -> None:
         self._hsm = hsm
         self.down = False
         self.delay = 0.0
@@ -160,7 +159,7 @@ async def test_velocity_decline_is_the_velocity_reason() -> None:
 async def test_hsm_down_is_the_stand_in_policy_and_keeps_nothing() -> None:
     flaky: list[_Flaky] = []
 
-    def wrap(hsm: SoftwareHsm) -> Any:
+    def wrap(hsm: Any) -> Any:
         flaky.append(_Flaky(hsm))
         return flaky[0]
 
@@ -179,7 +178,7 @@ async def test_hsm_down_is_the_stand_in_policy_and_keeps_nothing() -> None:
 async def test_budget_expiry_before_commit_is_stand_in(autojump_clock: trio.abc.Clock) -> None:
     flaky: list[_Flaky] = []
 
-    def wrap(hsm: SoftwareHsm) -> Any:
+    def wrap(hsm: Any) -> Any:
         flaky.append(_Flaky(hsm))
         return flaky[0]
 
@@ -211,7 +210,7 @@ async def test_slow_store_not_yet_taken_is_withdrawn_at_the_budget(
 async def test_repeat_is_its_stored_answer_even_with_the_hsm_down() -> None:
     flaky: list[_Flaky] = []
 
-    def wrap(hsm: SoftwareHsm) -> Any:
+    def wrap(hsm: Any) -> Any:
         flaky.append(_Flaky(hsm))
         return flaky[0]
 

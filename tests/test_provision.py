@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from hsm.api import KeyAlgorithm, KeyUsage
+from hsm.api import KeyAlgorithm, KeyGeneration, KeyImport, KeyUsage
 from hsm.carddata import HsmVault
 from hsm.software import SoftwareHsm
 from switch.config import StoreConfig
@@ -37,10 +37,10 @@ async def demo_hsm() -> tuple[SoftwareHsm, HsmVault]:
     for key in load_keys(DEMO / "keys.json"):
         algorithm = KeyAlgorithm(key.algorithm) if key.algorithm else None
         await hsm.import_key(
-            key.label, KeyUsage(key.usage), bytes.fromhex(key.clear_hex), algorithm
+            KeyImport(key.label, KeyUsage(key.usage), bytes.fromhex(key.clear_hex), algorithm)
         )
-    await hsm.generate_key(FP_KEY, KeyUsage.HMAC)
-    await hsm.generate_key(DATA_KEY, KeyUsage.DATA)
+    await hsm.generate_key(KeyGeneration(FP_KEY, KeyUsage.HMAC))
+    await hsm.generate_key(KeyGeneration(DATA_KEY, KeyUsage.DATA))
     return hsm, HsmVault(hsm, FP_KEY, DATA_KEY)
 
 

@@ -32,7 +32,7 @@ sys.exit(args.func(args))
 _SETUP = """
 import sys, trio
 from pathlib import Path
-from hsm.api import KeyAlgorithm, KeyUsage
+from hsm.api import KeyAlgorithm, KeyUsage, KeyGeneration, KeyImport
 from hsm.token import open_hsm
 from switch.config import load
 from switch.provision import load_keys
@@ -44,9 +44,9 @@ async def main(cfg_path, keys_path):
         for key in load_keys(keys_path):
             algorithm = KeyAlgorithm(key.algorithm) if key.algorithm else None
             value = bytes.fromhex(key.clear_hex)
-            await hsm.import_key(key.label, KeyUsage(key.usage), value, algorithm)
-        await hsm.generate_key(cfg.card_data.fingerprint_key, KeyUsage.HMAC)
-        await hsm.generate_key(cfg.card_data.encryption_key, KeyUsage.DATA)
+            await hsm.import_key(KeyImport(key.label, KeyUsage(key.usage), value, algorithm))
+        await hsm.generate_key(KeyGeneration(cfg.card_data.fingerprint_key, KeyUsage.HMAC))
+        await hsm.generate_key(KeyGeneration(cfg.card_data.encryption_key, KeyUsage.DATA))
     finally:
         await hsm.aclose()
 

@@ -12,9 +12,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from hsm.pan import mask_pan
 from switch.config import StoreConfig
 from switch.decisions import profile
-from switch.log import mask_pan
 from switch.store import (
     Account,
     AuthIntent,

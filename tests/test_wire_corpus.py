@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from data_paths import CORPUS_PATH as CORPUS
 
-from switch.config import SpecKind
 from switch.wire import codec
 from switch.wire.codec import FormatError
 from switch.wire.emv import TlvMap
@@ -25,6 +24,7 @@ from switch.wire.messages import (
     ReversalRequest,
     ReversalResponse,
 )
+from switch.wire.spec import SpecKind
 
 DATA = json.loads(CORPUS.read_text())
 MESSAGES = {m["id"]: m for m in DATA["messages"]}

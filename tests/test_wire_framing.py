@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from switch.config import HeaderKind
-from switch.wire.framing import FrameDecoder, FramingError, encode_frame
+from switch.wire.framing import FrameDecoder, FramingError, HeaderKind, encode_frame
 
 HEADERS: tuple[HeaderKind, ...] = ("binary2", "ascii4", "bcd2")
 

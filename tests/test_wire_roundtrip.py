@@ -11,10 +11,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from switch.config import HeaderKind, SpecKind
 from switch.wire import codec, messages
 from switch.wire.codec import FormatError
-from switch.wire.framing import FrameDecoder, FramingError
+from switch.wire.framing import FrameDecoder, FramingError, HeaderKind
 from switch.wire.messages import (
     AdditionalAmount,
     AuthRequest,
@@ -29,6 +28,7 @@ from switch.wire.messages import (
     Track2,
     UnsupportedMessage,
 )
+from switch.wire.spec import SpecKind
 
 SPECS: tuple[SpecKind, ...] = ("ascii", "binary", "bcd")
 # Keep the suite fast on a shared 2-core machine.

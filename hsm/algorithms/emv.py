@@ -8,18 +8,18 @@ What lives here, over a ``BlockCipher`` (EMV 4.3 Book 2 Annex A1, scheme CVNs):
       on the diversifier R = ATC || 00..00 (CVN 18) or ATC || 0000 || UN (Mastercard SKD).
     * AC = ISO/IEC 9797-1 MAC algorithm 3 over the padded transaction data (padding method 1
       for Visa CVN 10, method 2 otherwise), ARPC methods 1 and 2.
-    * ``arqc_data``: the transaction data each CVN MACs, assembled from DE55 tag values.
 
 Each derived key comes with its left half as a single-DES key, derived directly from the parent
 (TDES(MK, D || D)) rather than split from the child, so no key value ever leaves the primitive.
 
-What does not: key storage, ISO 8583 or BER-TLV parsing (``switch.wire.emv``).
+What does not: key storage, ISO 8583 or BER-TLV parsing (``switch.wire.emv``), assembling the
+transaction data from DE55 tag values (``hsm.api.arqc_data``, part of the command interface).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic
@@ -36,6 +36,7 @@ from hsm.algorithms.primitive import (
 )
 from hsm.api import CVN_ARPC_METHOD, ArpcMethod, ArpcRequest, Cvn
 from hsm.errors import InvalidInput
+from hsm.pan import PAN_MAX_DIGITS, PAN_MIN_DIGITS, is_digits, is_pan
 
 #: Digits of Y, the card's identifying block for Option A/B.
 _Y_DIGITS = 16
@@ -50,8 +51,6 @@ AC_BYTES = 8
 ARPC2_BYTES = 4
 #: Byte position set to F0/0F in the diversifier for the left/right session key half.
 _DIVERSIFIER_POS = 2
-#: The tags every supported CVN MACs, in order (EMV Book 2 recommended minimum set).
-COMMON_TAGS = ("9F02", "9F03", "9F1A", "95", "5F2A", "9A", "9C", "9F37", "82", "9F36")
 
 
 def option_a_block(pan: str, psn: str) -> bytes:
@@ -131,9 +130,9 @@ def check_emv_inputs(cvn: Cvn, pan: str, psn: str, atc: bytes, un: bytes) -> Non
         InvalidInput: PAN not 12-19 digits, PSN not 2 digits, ATC not 2 bytes, UN not 4 bytes
             where the CVN needs it.
     """
-    if not (pan.isascii() and pan.isdigit()) or not 12 <= len(pan) <= 19:
-        raise InvalidInput("pan", "must be 12 to 19 digits")
-    if not (psn.isascii() and psn.isdigit()) or len(psn) != 2:
+    if not is_pan(pan):
+        raise InvalidInput("pan", f"must be {PAN_MIN_DIGITS} to {PAN_MAX_DIGITS} digits")
+    if not is_digits(psn) or len(psn) != 2:
         raise InvalidInput("psn", "must be 2 digits")
     if len(atc) != ATC_BYTES:
         raise InvalidInput("atc", f"must be {ATC_BYTES} bytes")
@@ -209,32 +208,3 @@ def arpc(
     assert req.csu is not None
     data = pad_method_2(arqc + req.csu + req.proprietary_auth_data)
     return retail_mac(cipher, keys.arpc, data)[:ARPC2_BYTES]
-
-
-def arqc_data(cvn: Cvn, tags: Mapping[str, bytes]) -> bytes:
-    """Assemble the data the CVN's AC covers from DE55 tag values (tag names in hex).
-
-    The common tags (``COMMON_TAGS``) in order, then from the Issuer Application Data
-    (9F10): the 4-byte CVR (Visa CVN 10, IAD bytes 4-7), the whole IAD (Visa CVN 18), or the
-    6-byte CVR (Mastercard CVN 16, IAD bytes 3-8).
-
-    Raises:
-        InvalidInput: a tag is missing or the IAD is too short.
-    """
-    wanted = {name.upper(): value for name, value in tags.items()}
-    for tag in (*COMMON_TAGS, "9F10"):
-        if tag not in wanted:
-            raise InvalidInput(f"tag {tag}", "missing")
-    parts = [wanted[tag] for tag in COMMON_TAGS]
-    iad = wanted["9F10"]
-    if cvn is Cvn.VISA_10:
-        if len(iad) < 7:
-            raise InvalidInput("tag 9F10", "too short for CVN 10")
-        parts.append(iad[3:7])
-    elif cvn is Cvn.VISA_18:
-        parts.append(iad)
-    else:
-        if len(iad) < 8:
-            raise InvalidInput("tag 9F10", "too short for CVN 16")
-        parts.append(iad[2:8])
-    return b"".join(parts)

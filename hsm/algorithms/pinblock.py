@@ -16,8 +16,9 @@ import secrets
 from collections.abc import Callable
 
 from hsm.algorithms.primitive import AES_BLOCK, DES_BLOCK, BlockCipher, K, xor
-from hsm.api import PAN_MAX_DIGITS, PIN_MAX_DIGITS, PIN_MIN_DIGITS, PinBlockFormat
+from hsm.api import PinBlockFormat
 from hsm.errors import InvalidInput
+from hsm.pan import PAN_MAX_DIGITS, PIN_MAX_DIGITS, PIN_MIN_DIGITS, is_digits
 
 #: Source of random bytes for fill digits; ``secrets.token_bytes`` unless a test injects one.
 RandomBytes = Callable[[int], bytes]
@@ -45,7 +46,7 @@ def wipe(buf: bytearray) -> None:
 
 def pin_from_str(pin: str) -> bytearray:
     """Validate a clear PIN (4 to 12 digits) and return it as a wipeable buffer."""
-    if not (pin.isascii() and pin.isdigit()) or not PIN_MIN_DIGITS <= len(pin) <= PIN_MAX_DIGITS:
+    if not is_digits(pin) or not PIN_MIN_DIGITS <= len(pin) <= PIN_MAX_DIGITS:
         raise InvalidInput("pin", f"must be {PIN_MIN_DIGITS} to {PIN_MAX_DIGITS} digits")
     return bytearray(pin.encode("ascii"))
 
@@ -106,7 +107,7 @@ def format4_pan_field(pan: str) -> bytes:
 
 
 def _check_pan(pan: str) -> None:
-    if not (pan.isascii() and pan.isdigit()) or not 1 <= len(pan) <= PAN_MAX_DIGITS:
+    if not is_digits(pan) or not 1 <= len(pan) <= PAN_MAX_DIGITS:
         raise InvalidInput("pan", f"must be 1 to {PAN_MAX_DIGITS} digits")
 
 

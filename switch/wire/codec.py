@@ -22,12 +22,11 @@ from typing import Any, Final
 
 import iso8583
 
-from switch.config import SpecKind
-from switch.log import scrub
+from hsm.pan import scrub
 from switch.wire import messages
 from switch.wire.framing import WireError
 from switch.wire.messages import ErrorResponse, FieldError, Message
-from switch.wire.spec import shared_spec
+from switch.wire.spec import SpecKind, shared_spec
 
 __all__ = [
     "FormatError",

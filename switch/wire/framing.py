@@ -2,7 +2,7 @@
 
 What lives here: :class:`FrameDecoder`, fed the bytes a connection reads and returning whole
 frame bodies, and :func:`encode_frame`, which prefixes a body with its length header. Three
-header kinds exist (:data:`switch.config.HeaderKind`): ``"binary2"`` (2-byte big-endian length
+header kinds exist (:data:`HeaderKind`): ``"binary2"`` (2-byte big-endian length
 that excludes itself, the default), ``"ascii4"`` (four ASCII decimal digits) and ``"bcd2"``
 (two bytes of packed BCD). Headers are checked strictly: digits only, no sign, space or
 underscore, and a zero or oversize length is rejected as soon as the header is complete,
@@ -14,11 +14,12 @@ The decoder is modelled on h2's ``FrameBuffer``: feed bytes, take frames, no I/O
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Literal
 
-from switch.config import HeaderKind
+#: Length header kinds (see the module docstring); ``switch.config`` types its setting with it.
+HeaderKind = Literal["binary2", "ascii4", "bcd2"]
 
-__all__ = ["FrameDecoder", "FramingError", "WireError", "encode_frame", "header_size"]
+__all__ = ["FrameDecoder", "FramingError", "HeaderKind", "WireError", "encode_frame", "header_size"]
 
 #: Bytes taken by the length header of each kind.
 _HEADER_SIZE: Final[dict[str, int]] = {"binary2": 2, "ascii4": 4, "bcd2": 2}

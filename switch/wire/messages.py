@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypedDict
 
-from switch.log import mask_pan
+from hsm.pan import mask_pan
 
 __all__ = [
     "AUTH_REQUEST_MTIS",

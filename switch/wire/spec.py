@@ -1,7 +1,7 @@
 """pyiso8583 specifications of the wire encodings the switch speaks, as plain data.
 
 What lives here: :func:`spec_for`, returning the pyiso8583 spec dictionary of a
-:data:`switch.config.SpecKind`:
+:data:`SpecKind`:
 
 - ``"ascii"``: ISO 8583:1987 all-ASCII with hex-ASCII bitmaps, pyiso8583's ``default_ascii``
   except that the two binary data elements travel as raw bytes: DE52 (PIN block, 8 bytes) and
@@ -25,16 +25,17 @@ What does not: framing (framing.py), conversion to typed messages (messages.py, 
 from __future__ import annotations
 
 import copy
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from iso8583.specs import default as _pyiso_binary
 from iso8583.specs import default_ascii as _pyiso_ascii
 
-from switch.config import SpecKind
+#: Message encodings (see the module docstring); ``switch.config`` types its setting with it.
+SpecKind = Literal["ascii", "binary", "bcd"]
 
-__all__ = ["SPEC_KINDS", "spec_for"]
+__all__ = ["SPEC_KINDS", "SpecKind", "spec_for"]
 
-#: The spec kinds this module knows, in the order of switch.config.SpecKind.
+#: The spec kinds this module knows, in the order of SpecKind.
 SPEC_KINDS: Final[tuple[SpecKind, ...]] = ("ascii", "binary", "bcd")
 
 #: Largest DE55 in bytes; ISO allows 255 but contactless ICC data with proprietary tags
