@@ -5,7 +5,8 @@ store, pipeline budget, metrics, logging), their embedded defaults, and the load
 a TOML file into them. Every error names the file and the dotted key and is a single line.
 
 What does not: reading certificates or keys (tls.py), opening the store or the HSM (their own
-modules), network profiles' response-code tables (decisions.py).
+modules), network profiles' response-code tables (decisions.py, which this loader asks
+which network names and stand-in reasons exist).
 
 Relative paths in a configuration are resolved against the current working directory, which
 is the repository root for ``make run`` and the image's work directory in the container.
@@ -21,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from switch.decisions import NETWORKS, STAND_IN_REASONS
 
 HeaderKind = Literal["binary2", "ascii4", "bcd2"]
 SpecKind = Literal["ascii", "binary", "bcd"]
@@ -97,9 +100,11 @@ class PipelineConfig:
 
     #: Seconds from receipt of a request to its answer; networks time out at a few seconds.
     budget: float = 2.0
-    #: DE39 sent when the budget expires before a decision is committed (91 = issuer
-    #: unavailable, which lets the network stand in).
-    stand_in_code: str = "91"
+    #: The stand-in policy: the reason answered when the budget expires or a dependency
+    #: fails before a decision is committed, mapped to DE39 by the listener's network profile
+    #: ("issuer_unavailable" is 91, which lets the network stand in; "system_error" is 96).
+    #: An approving stand-in is not a choice here: nothing would be journaled behind it.
+    stand_in: str = "issuer_unavailable"
 
 
 @dataclass(frozen=True)
@@ -301,13 +306,21 @@ def _check(cfg: Config, source: str) -> None:
         for name in ("handshake_timeout", "frame_timeout"):
             if getattr(lst, name) <= 0:
                 raise ConfigError(source, f"{key}.{name}", "must be positive")
+        if lst.network not in NETWORKS:
+            raise ConfigError(
+                source, f"{key}.network",
+                f"unknown network {lst.network!r}; known: {', '.join(NETWORKS)}",
+            )
         if lst.max_in_flight < 1:
             raise ConfigError(source, f"{key}.max_in_flight", "must be at least 1")
     if cfg.pipeline.budget <= 0:
         raise ConfigError(source, "pipeline.budget", "must be positive")
-    code = cfg.pipeline.stand_in_code
-    if len(code) != 2 or not code.isalnum():
-        raise ConfigError(source, "pipeline.stand_in_code", "must be a two-character DE39 code")
+    allowed = sorted(r.value for r in STAND_IN_REASONS)
+    if cfg.pipeline.stand_in not in allowed:
+        raise ConfigError(
+            source, "pipeline.stand_in", f"must be one of {', '.join(allowed)}, got "
+            f"{cfg.pipeline.stand_in!r}"
+        )
     if cfg.server.max_in_flight < 1:
         raise ConfigError(source, "server.max_in_flight", "must be at least 1")
     if not 0 <= cfg.metrics.port <= 65535:

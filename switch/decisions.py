@@ -14,12 +14,19 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
-from switch.store.models import SpendControls
+if TYPE_CHECKING:  # models import Reason; the controls are only a type here
+    from switch.store.models import SpendControls
 
 
 class Reason(enum.Enum):
-    """Every outcome of the pipeline; the value is a stable identifier used in logs."""
+    """Every outcome the switch can reach; the value is a stable identifier used in logs.
+
+    Each component (validation, the card checks, the HSM step, the spend rules, the store's
+    commit rules, the server's protocol policy) returns one of these; only a network
+    profile's table turns it into DE39.
+    """
 
     APPROVED = "approved"
     FORMAT_ERROR = "format_error"
@@ -44,11 +51,23 @@ class Reason(enum.Enum):
     BLOCKED_COUNTRY = "blocked_country"
     CURRENCY_NOT_SUPPORTED = "currency_not_supported"
     INSUFFICIENT_FUNDS = "insufficient_funds"
+    #: The original arrived after its reversal had been recorded.
     ORIGINAL_ALREADY_REVERSED = "original_already_reversed"
+    #: An advice of a request the network approved in our place: applied.
+    ADVICE_APPLIED = "advice_applied"
     #: An advice of a request the network declined in our place: recorded, no money moves.
     ADVICE_OF_DECLINE = "advice_of_decline"
+    #: An advice whose original had already been reversed: acknowledged, no money moves.
+    ADVICE_AFTER_REVERSAL = "advice_after_reversal"
+    #: A reversal that found its original (and released what remained of it).
+    REVERSAL_MATCHED = "reversal_matched"
+    #: A reversal whose original is unknown: acknowledged and kept.
+    REVERSAL_UNMATCHED = "reversal_unmatched"
+    #: The HSM could not answer (stand-in cause).
     SECURITY_UNAVAILABLE = "security_unavailable"
+    #: The issuer could not decide in time or a dependency failed (stand-in cause).
     ISSUER_UNAVAILABLE = "issuer_unavailable"
+    #: A defect of the switch itself: the engine raised instead of deciding.
     SYSTEM_ERROR = "system_error"
 
 
@@ -78,7 +97,12 @@ _BASE: dict[Reason, str] = {
     Reason.CURRENCY_NOT_SUPPORTED: "57",
     Reason.INSUFFICIENT_FUNDS: "51",
     Reason.ORIGINAL_ALREADY_REVERSED: "05",
+    # Advices and reversals are acknowledged whatever they did to money.
+    Reason.ADVICE_APPLIED: "00",
     Reason.ADVICE_OF_DECLINE: "00",
+    Reason.ADVICE_AFTER_REVERSAL: "00",
+    Reason.REVERSAL_MATCHED: "00",
+    Reason.REVERSAL_UNMATCHED: "00",
     Reason.SECURITY_UNAVAILABLE: "91",
     Reason.ISSUER_UNAVAILABLE: "91",
     Reason.SYSTEM_ERROR: "96",
@@ -86,38 +110,68 @@ _BASE: dict[Reason, str] = {
 
 #: Per-network departures from the base table.
 _OVERRIDES: dict[str, dict[Reason, str]] = {
+    "iso": {},
     # Visa: CVV2 failure is N7; a failed cryptogram (negative CAM) is 82.
     "visa": {Reason.CVV2_MISMATCH: "N7", Reason.ARQC_FAILED: "82"},
     # Mastercard: CVC 2 and chip failures are declines with 05 and a DE48 advice code.
     "mastercard": {Reason.CVV2_MISMATCH: "05"},
 }
 
+#: The network profiles a listener may name (``listener.network``).
+NETWORKS = tuple(_OVERRIDES)
+
+#: Reasons a stand-in policy may answer with: declines that let the network stand in. An
+#: approving stand-in would answer 00 with nothing journaled, so it is not among them.
+STAND_IN_REASONS = frozenset(
+    {Reason.ISSUER_UNAVAILABLE, Reason.SECURITY_UNAVAILABLE, Reason.SYSTEM_ERROR}
+)
+
+
+class UnknownNetwork(ValueError):
+    """A listener names a network without a profile."""
+
 
 class Profile:
-    """The response-code table of one network."""
+    """The response-code table of one network: the only place a Reason becomes DE39."""
 
     def __init__(self, name: str, table: Mapping[Reason, str]) -> None:
         missing = set(Reason) - set(table)
         if missing:
             raise ValueError(f"profile {name}: no code for {sorted(r.value for r in missing)}")
+        approve = table[Reason.APPROVED]
+        for reason in STAND_IN_REASONS:
+            if table[reason] == approve:
+                raise ValueError(f"profile {name}: stand-in reason {reason.value} approves")
         self.name = name
         self.table = MappingProxyType(dict(table))
-        self._by_code: dict[str, Reason] = {}
-        for reason, code in table.items():
-            self._by_code.setdefault(code, reason)
+
+    def __repr__(self) -> str:
+        return f"Profile({self.name!r})"
 
     def code(self, reason: Reason) -> str:
-        """DE39 for ``reason`` under this network."""
+        """DE39 for ``reason`` under this network.
+
+        >>> profile("visa").code(Reason.CVV2_MISMATCH), profile("iso").code(Reason.CVV2_MISMATCH)
+        ('N7', '82')
+        """
         return self.table[reason]
 
-    def reason_for(self, code: str) -> Reason:
-        """The first reason mapped to ``code`` (for replayed answers and store outcomes)."""
-        return self._by_code.get(code, Reason.SYSTEM_ERROR)
+
+_PROFILES: dict[str, Profile] = {}
 
 
 def profile(network: str) -> Profile:
-    """The profile of ``network``; unknown networks get the ISO base table."""
-    return Profile(network, {**_BASE, **_OVERRIDES.get(network, {})})
+    """The profile of ``network``.
+
+    Raises:
+        UnknownNetwork: no profile has that name (a configuration error).
+    """
+    prof = _PROFILES.get(network)
+    if prof is None:
+        if network not in _OVERRIDES:
+            raise UnknownNetwork(f"unknown network {network!r}; known: {', '.join(NETWORKS)}")
+        prof = _PROFILES[network] = Profile(network, {**_BASE, **_OVERRIDES[network]})
+    return prof
 
 
 def check_controls(
@@ -125,6 +179,7 @@ def check_controls(
 ) -> Reason | None:
     """The spend rules that need no counters: per-transaction maximum, MCC and country blocks.
 
+    >>> from switch.store.models import SpendControls
     >>> c = SpendControls(per_txn_max=5000, blocked_mccs=frozenset({"7995"}))
     >>> check_controls(c, 6000, "5411", ())
     <Reason.EXCEEDS_TRANSACTION_LIMIT: 'exceeds_transaction_limit'>

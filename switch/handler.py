@@ -1,59 +1,158 @@
-"""The boundary between the server and the authorization engine.
+"""The boundary between the server and the decision engine.
 
-What lives here: the ``RequestHandler`` protocol the server calls for every authorization,
-financial, advice and reversal request; the ``RequestContext`` it passes (which listener and
-network, who the peer is, when the frame arrived); and ``UnavailableHandler``, the honest
-answer of a switch without a decision engine (DE39 91, issuer unavailable).
+What lives here: what the server hands over for every decodable request (the message and a
+``RequestContext``: which listener and network profile, who the peer is, when the bytes
+arrived) and what comes back (a ``Decision``: the response to send, the ``Reason`` that
+decided it, the stand-in cause if the engine could not decide, and the money it moved). The
+server logs and meters a request from its ``Decision`` alone. Also ``Dispatcher``, the
+``RequestHandler`` the server calls: it answers network management itself, passes
+authorizations and reversals to an ``Engine`` (the pipeline), answers a request class we do
+not serve with ``INVALID_TRANSACTION`` and turns an engine that raised into ``SYSTEM_ERROR``.
+``UnavailableEngine`` is the honest engine of a switch started without HSM or store.
 
-What does not: network management (answered by the server itself), the pipeline steps
-(pipeline.py), encoding (wire/codec.py).
+What does not: the pipeline steps (pipeline.py), framing and sockets (server.py), encoding
+(wire/codec.py), the Reason-to-DE39 tables (decisions.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
-from switch.wire.messages import AuthRequest, AuthResponse, ReversalRequest, ReversalResponse
+from switch.config import ListenerConfig
+from switch.decisions import Profile, Reason
+from switch.log import get_logger
+from switch.wire.messages import (
+    AuthRequest,
+    AuthResponse,
+    ErrorResponse,
+    NetworkRequest,
+    NetworkResponse,
+    ReversalRequest,
+    ReversalResponse,
+    UnsupportedMessage,
+)
 
-#: DE39 "issuer or switch inoperative": lets the network stand in for the issuer.
-ISSUER_UNAVAILABLE = "91"
+log = get_logger("switch.handler")
+
+#: Why a request was answered by the stand-in policy instead of a decision: the budget ran
+#: out, the HSM or the store failed, or the switch was too loaded to start it in time.
+StandInCause = Literal["budget", "hsm", "store", "overload"]
+#: What the server passes to the handler: every decodable request-class message.
+Request = AuthRequest | ReversalRequest | NetworkRequest | UnsupportedMessage
+#: Everything the switch answers with.
+Response = AuthResponse | ReversalResponse | NetworkResponse | ErrorResponse
+
+#: DE70 network-management codes served: sign-on, sign-off, echo test.
+NETWORK_CODES_SERVED = frozenset({"001", "002", "301"})
 
 
 @dataclass(frozen=True, slots=True)
 class RequestContext:
-    """Where a request came from; bounded values only (safe as metric labels)."""
+    """Where a request came from, resolved once per connection; bounded values only."""
 
-    listener: str
-    network: str
+    listener: ListenerConfig
+    #: The network profile of the listener (its DE39 table).
+    profile: Profile
     #: Verified identities of the peer certificate (CN and SANs).
     peer: frozenset[str]
     #: trio.current_time() when the whole frame had been read.
     received_at: float
 
+    @property
+    def network(self) -> str:
+        return self.listener.network
 
-class RequestHandler(Protocol):
-    """Decides authorization and reversal requests.
 
-    Implementations return a response value for every request they were given; a decline is
-    a response, not an exception. An exception means the switch could not decide and the
-    server answers with a system-error code.
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the switch decided for one request, and the answer that says it.
+
+    ``response`` is what is sent; ``reason`` is why (logged, and the source of its DE39);
+    ``stand_in`` names the cause when the request was answered without a decision;
+    ``replayed`` is true when the answer is the stored one of an earlier identical request.
+    Amounts are in minor units: newly held, debited (ledger), and released by a reversal.
     """
 
-    async def authorize(self, request: AuthRequest, context: RequestContext) -> AuthResponse:
+    response: Response
+    reason: Reason
+    stand_in: StandInCause | None = None
+    replayed: bool = False
+    held: int = 0
+    debited: int = 0
+    released: int = 0
+    masked_pan: str | None = None
+
+    @property
+    def response_code(self) -> str:
+        return self.response.response_code
+
+
+class Engine(Protocol):
+    """Decides authorizations, financial requests, advices and reversals.
+
+    A decline is a ``Decision``, not an exception; an exception is a defect the dispatcher
+    answers with ``SYSTEM_ERROR``.
+    """
+
+    async def authorize(self, request: AuthRequest, context: RequestContext) -> Decision:
         """Answer an 0100/0101, 0200, 0120/0121 or 0220/0221."""
         ...
 
-    async def reverse(self, request: ReversalRequest, context: RequestContext) -> ReversalResponse:
+    async def reverse(self, request: ReversalRequest, context: RequestContext) -> Decision:
         """Answer an 0400/0401 or 0420/0421."""
         ...
 
 
-class UnavailableHandler:
-    """Answers every request with 91: what a switch without a decision engine can honestly say."""
+class RequestHandler(Protocol):
+    """What the server calls for every decodable request-class message."""
 
-    async def authorize(self, request: AuthRequest, context: RequestContext) -> AuthResponse:
-        return AuthResponse.answer(request, ISSUER_UNAVAILABLE)
+    async def handle(self, message: Request, context: RequestContext) -> Decision | None:
+        """The decision for ``message``; ``None`` when nothing is to be answered."""
+        ...
 
-    async def reverse(self, request: ReversalRequest, context: RequestContext) -> ReversalResponse:
-        return ReversalResponse.answer(request, ISSUER_UNAVAILABLE)
+
+class Dispatcher:
+    """The ``RequestHandler`` of a running switch: network management here, the rest to the
+    engine, every exception of the engine answered ``SYSTEM_ERROR`` and logged."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def handle(self, message: Request, context: RequestContext) -> Decision | None:
+        prof = context.profile
+        if isinstance(message, NetworkRequest):
+            reason = (
+                Reason.APPROVED if message.code in NETWORK_CODES_SERVED else Reason.INVALID_TRANSACTION
+            )
+            return Decision(NetworkResponse.answer(message, prof.code(reason)), reason)
+        if isinstance(message, UnsupportedMessage):
+            answer = message.answer(prof.code(Reason.INVALID_TRANSACTION))
+            return None if answer is None else Decision(answer, Reason.INVALID_TRANSACTION)
+        try:
+            if isinstance(message, AuthRequest):
+                return await self._engine.authorize(message, context)
+            return await self._engine.reverse(message, context)
+        except Exception as exc:
+            # The engine could not decide: say so rather than drop the request.
+            log.error("handler_failed", listener=context.listener.name, mti=message.mti,
+                      stan=message.stan, error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+            code = prof.code(Reason.SYSTEM_ERROR)
+            response: Response
+            if isinstance(message, AuthRequest):
+                response = AuthResponse.answer(message, code)
+            else:
+                response = ReversalResponse.answer(message, code)
+            return Decision(response, Reason.SYSTEM_ERROR)
+
+
+class UnavailableEngine:
+    """Answers every request with the stand-in reason: a switch without HSM or store."""
+
+    async def authorize(self, request: AuthRequest, context: RequestContext) -> Decision:
+        code = context.profile.code(Reason.ISSUER_UNAVAILABLE)
+        return Decision(AuthResponse.answer(request, code), Reason.ISSUER_UNAVAILABLE)
+
+    async def reverse(self, request: ReversalRequest, context: RequestContext) -> Decision:
+        code = context.profile.code(Reason.ISSUER_UNAVAILABLE)
+        return Decision(ReversalResponse.answer(request, code), Reason.ISSUER_UNAVAILABLE)
