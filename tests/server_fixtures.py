@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from switch.config import Config, ListenerConfig, ServerConfig, TlsConfig
-from switch.handler import RequestHandler, UnavailableHandler
+from switch.handler import Dispatcher, RequestHandler, UnavailableEngine
 from switch.pki import PkiPaths, init_pki, issue_cert, load_ca, new_ca, write_pair
 from switch.server import Server
 from switch.tls import client_context, server_context
@@ -51,7 +51,7 @@ async def running_server(
     cfg: Config, handler: RequestHandler | None = None
 ) -> AsyncIterator[tuple[Server, int]]:
     """Run a server for the duration of the block; yields it and its port."""
-    server = Server(cfg, handler or UnavailableHandler(), server_context(cfg.tls))
+    server = Server(cfg, handler or Dispatcher(UnavailableEngine()), server_context(cfg.tls))
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(server.serve)
         try:
