@@ -25,7 +25,7 @@ from switch import config as config_mod
 from switch import log as log_mod
 from switch import metrics
 from switch.config import Config
-from switch.handler import Dispatcher, Engine, UnavailableEngine
+from switch.handler import Dispatcher, Engine, RequestHandler, UnavailableEngine
 from switch.pipeline import Pipeline
 from switch.server import Server
 from switch.store import open_store
@@ -62,7 +62,7 @@ async def serve(
     cfg: Config,
     ready_file: Path | None = None,
     engine: bool = True,
-    custom_engine: Engine | None = None,
+    handler: RequestHandler | None = None,
 ) -> None:
     """Run the switch until SIGTERM/SIGINT, then drain and return.
 
@@ -70,16 +70,16 @@ async def serve(
         cfg: the configuration.
         ready_file: where to write the bound listeners once accepting.
         engine: open the HSM, vault and store and decide with the pipeline; without it every
-            authorization is answered with the profile's code for ``ISSUER_UNAVAILABLE``.
-        custom_engine: decide with this engine instead (tests); ``engine`` is then ignored.
+            authorization is answered 91.
+        handler: decide with this handler instead (tests); ``engine`` is then ignored.
     """
     tls = TlsContextHolder(cfg.tls)
     if cfg.metrics.port:
         metrics.serve(cfg.metrics.host, cfg.metrics.port)
     async with AsyncExitStack() as stack:
-        if custom_engine is None:
-            custom_engine = await _open_engine(cfg, stack) if engine else UnavailableEngine()
-        server = Server(cfg, Dispatcher(custom_engine), tls.get)
+        if handler is None:
+            handler = Dispatcher(await _open_engine(cfg, stack) if engine else UnavailableEngine())
+        server = Server(cfg, handler, tls.get)
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(server.serve)
             if ready_file is not None:

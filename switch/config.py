@@ -308,7 +308,8 @@ def _check(cfg: Config, source: str) -> None:
                 raise ConfigError(source, f"{key}.{name}", "must be positive")
         if lst.network not in NETWORKS:
             raise ConfigError(
-                source, f"{key}.network",
+                source,
+                f"{key}.network",
                 f"unknown network {lst.network!r}; known: {', '.join(NETWORKS)}",
             )
         if lst.max_in_flight < 1:
@@ -318,8 +319,9 @@ def _check(cfg: Config, source: str) -> None:
     allowed = sorted(r.value for r in STAND_IN_REASONS)
     if cfg.pipeline.stand_in not in allowed:
         raise ConfigError(
-            source, "pipeline.stand_in", f"must be one of {', '.join(allowed)}, got "
-            f"{cfg.pipeline.stand_in!r}"
+            source,
+            "pipeline.stand_in",
+            f"must be one of {', '.join(allowed)}, got {cfg.pipeline.stand_in!r}",
         )
     if cfg.server.max_in_flight < 1:
         raise ConfigError(source, "server.max_in_flight", "must be at least 1")

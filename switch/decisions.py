@@ -59,6 +59,10 @@ class Reason(enum.Enum):
     ADVICE_OF_DECLINE = "advice_of_decline"
     #: An advice whose original had already been reversed: acknowledged, no money moves.
     ADVICE_AFTER_REVERSAL = "advice_after_reversal"
+    #: An advice for a card we do not know: acknowledged and kept, no money moves.
+    ADVICE_UNKNOWN_CARD = "advice_unknown_card"
+    #: An advice in a currency other than its account's: acknowledged and kept, no money moves.
+    ADVICE_WRONG_CURRENCY = "advice_wrong_currency"
     #: A reversal that found its original (and released what remained of it).
     REVERSAL_MATCHED = "reversal_matched"
     #: A reversal whose original is unknown: acknowledged and kept.
@@ -101,6 +105,8 @@ _BASE: dict[Reason, str] = {
     Reason.ADVICE_APPLIED: "00",
     Reason.ADVICE_OF_DECLINE: "00",
     Reason.ADVICE_AFTER_REVERSAL: "00",
+    Reason.ADVICE_UNKNOWN_CARD: "00",
+    Reason.ADVICE_WRONG_CURRENCY: "00",
     Reason.REVERSAL_MATCHED: "00",
     Reason.REVERSAL_UNMATCHED: "00",
     Reason.SECURITY_UNAVAILABLE: "91",

@@ -123,7 +123,9 @@ class Dispatcher:
         prof = context.profile
         if isinstance(message, NetworkRequest):
             reason = (
-                Reason.APPROVED if message.code in NETWORK_CODES_SERVED else Reason.INVALID_TRANSACTION
+                Reason.APPROVED
+                if message.code in NETWORK_CODES_SERVED
+                else Reason.INVALID_TRANSACTION
             )
             return Decision(NetworkResponse.answer(message, prof.code(reason)), reason)
         if isinstance(message, UnsupportedMessage):

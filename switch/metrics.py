@@ -168,11 +168,6 @@ def observe_protocol_error(listener: str, kind: str) -> None:
     PROTOCOL_ERRORS.labels(listener, kind).inc()
 
 
-def observe_stand_in(network: str, cause: str) -> None:
-    """Count a stand-in answer directly (``observe`` already counts those of a Decision)."""
-    STAND_IN.labels(network, cause).inc()
-
-
 def exposition() -> bytes:
     """The current metrics in the Prometheus text format."""
     return generate_latest(REGISTRY)

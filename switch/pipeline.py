@@ -1,24 +1,28 @@
 """The authorization pipeline: from a typed request to a committed decision and its answer.
 
-What lives here: ``Pipeline``, the ``RequestHandler`` the server calls. An authorization runs
-small steps in order, each of which either passes or returns a ``Reason``:
+What lives here: ``Pipeline``, the ``Engine`` the dispatcher calls (handler.py). An
+authorization runs small steps in order, each of which either passes or returns a ``Reason``:
 
-    duplicate -> validate -> card -> status -> expiry -> security (CVV/iCVV, CVV2, PIN, ARQC)
+    duplicate -> validate -> card -> status -> expiry -> security (CVV/iCVV, CVV2, ARQC, PIN)
     -> controls -> commit (journal + hold/debit + PIN tries + velocity + funds, one transaction)
 
-Everything before commit runs under the network's latency budget (``pipeline.budget``, counted
-from the moment the frame was read). If the budget runs out first, the request is answered
-with the configured stand-in code and nothing is held. Once the store has committed, the
-decision it returns is the answer that is sent, however long that took. Advices
-(0120/0121/0220/0221) are applied and acknowledged, never declined. Reversals are matched to
-their original through DE90 by the store, exactly once.
+and comes back as a ``Decision``: the response, the reason that decided it, the stand-in
+cause when there is one, the money moved.
 
-A decline is a value (``Reason``) mapped to DE39 by the network's profile (decisions.py).
-HSM or store failures before commit are answered with 91 (issuer unavailable) and nothing is
-kept, so the network can stand in.
+Budget and failure policy, the same for authorizations and reversals: everything up to and
+including the hand-over to the store runs under the network's latency budget
+(``pipeline.budget``, counted from the moment the frame was read). If the budget runs out or
+the HSM or the store fails before the store has taken the commit, the request is answered by
+the stand-in policy (``pipeline.stand_in``, a Reason) and nothing is kept. Once the store has
+taken the commit, the decision it returns is the answer sent, however long that took. A
+repeat of a request already journaled is answered with its stored answer whatever the HSM
+or the budget do afterwards (a chip repeat gets its ARPC when the HSM can give it in time,
+and goes without DE55 otherwise). Advices (0120/0121/0220/0221) are applied and
+acknowledged, never declined. Reversals are matched to their original through DE90.
 
-What does not live here: field parsing (wire/), the money rules that must be atomic (the
-store's writer), cryptography (hsm/), sockets (server.py).
+What does not live here: field parsing (wire/), the money rules that must be atomic
+(store/rules.py), the Reason-to-DE39 tables (decisions.py), cryptography (hsm/), sockets and
+the log line of each request (server.py, from the returned ``Decision``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-import structlog
 import trio
 
 from hsm.algorithms.emv import arqc_data
@@ -50,8 +53,8 @@ from hsm.carddata import CardVault
 from hsm.errors import HsmError, InvalidInput
 from switch import metrics
 from switch.config import Config, ListenerConfig
-from switch.decisions import Profile, Reason, check_controls, profile
-from switch.handler import RequestContext
+from switch.decisions import Reason, check_controls
+from switch.handler import Decision, RequestContext, StandInCause
 from switch.log import get_logger, mask_pan
 from switch.store.api import Store
 from switch.store.models import (
@@ -125,15 +128,25 @@ class _EmvContext:
 
 @dataclass(frozen=True, slots=True)
 class _Prepared:
-    """The pipeline's decision before commit."""
+    """The pipeline's decision before commit: the intent and, for a chip request, what its
+    ARPC needs once the store has decided."""
 
     intent: AuthIntent
-    reason: Reason
+    emv: _EmvContext | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Security:
+    """The result of the security step: the check that failed, or the PIN result and the
+    verified EMV context to carry to commit."""
+
+    failed: Reason | None
+    pin_check: PinCheck | None = None
     emv: _EmvContext | None = None
 
 
 class _Unavailable(Exception):
-    """A dependency failed before commit: answer 91, keep nothing."""
+    """The HSM failed before commit: answer by the stand-in policy, keep nothing."""
 
 
 class Pipeline:
@@ -161,91 +174,65 @@ class Pipeline:
         self._hsm = hsm
         self._vault = vault
         self._now: Callable[[], datetime] = clock or _utc_now
-        self._profiles: dict[str, Profile] = {}
-        self._listeners = {lst.name: lst for lst in config.listeners}
-
-    def _profile(self, network: str) -> Profile:
-        prof = self._profiles.get(network)
-        if prof is None:
-            prof = self._profiles[network] = profile(network)
-        return prof
+        self._stand_in_reason = Reason(config.pipeline.stand_in)
 
     # -- authorizations ---------------------------------------------------------------------
 
-    async def authorize(self, request: AuthRequest, context: RequestContext) -> AuthResponse:
-        prof = self._profile(context.network)
+    async def authorize(self, request: AuthRequest, context: RequestContext) -> Decision:
         dup_key = _duplicate_key(request, context)
         deadline = context.received_at + self._cfg.pipeline.budget
         prepared: _Prepared | None = None
+        outcome: AuthOutcome | None = None
         try:
             with trio.move_on_at(deadline):
                 with _step("duplicate"):
                     stored = await self._store.find_outcome(dup_key)
-                if isinstance(stored, AuthOutcome):
-                    _bind(reason="replayed")
-                    issuer_auth = await self._replayed_arpc(request, stored)
-                    return self._respond(request, stored, issuer_auth, prof)
-                prepared = await self._prepare(request, context, prof, dup_key)
+                if stored is None:
+                    prepared = await self._prepare(request, context, dup_key)
+                    with _step("commit"):
+                        outcome = await self._store.commit_auth(prepared.intent)
         except (_Unavailable, StoreError, HsmError) as exc:
-            return self._stand_in(request, context, prof, _cause(exc))
-        if prepared is None:
-            return self._stand_in(request, context, prof, "budget")
-        try:
-            with _step("commit"):
-                outcome = await self._store.commit_auth(prepared.intent)
-        except StoreError as exc:
-            return self._stand_in(request, context, prof, _cause(exc))
-        _bind(reason=_final_reason(prepared.reason, outcome, prof))
+            return self._stand_in(request, context, _cause(exc))
+        if isinstance(stored, AuthOutcome):
+            return await self._replay(request, stored)
+        if stored is not None:  # the key of a reversal: the acquirer reused its identifiers
+            return self._stand_in(request, context, "store")
+        if outcome is None:
+            return self._stand_in(request, context, "budget")
+        assert prepared is not None
         issuer_auth = None
         if prepared.emv is not None:
             issuer_auth = await self._arpc(prepared.emv, approved=outcome.approved)
-        return self._respond(request, outcome, issuer_auth, prof)
+        return _decision(request, outcome, issuer_auth)
 
-    def _respond(
-        self,
-        request: AuthRequest,
-        outcome: AuthOutcome,
-        issuer_auth: bytes | None,
-        prof: Profile,
-    ) -> AuthResponse:
-        """The answer for a committed (or replayed) outcome.
+    async def _replay(self, request: AuthRequest, stored: AuthOutcome) -> Decision:
+        """The stored answer of a repeated request; its ARPC again for a chip request.
 
-        An advice is acknowledged with 00 whatever was recorded for it: the network has
-        already answered the cardholder and only needs to know that we have it.
+        Never a stand-in: the answer was committed, so it is the answer. Cryptograms are not
+        stored, so the ARQC is verified again for the ARPC; when the HSM cannot do that in
+        time the answer goes without DE55.
         """
-        balance = None
-        # A balance DE54 cannot carry (13+ digits) is left out rather than sent wrong.
-        if outcome.available_balance is not None and AdditionalAmount.fits(
-            outcome.available_balance
-        ):
-            balance = AdditionalAmount(
-                account_type=_DE54_ACCOUNT_TYPE,
-                amount_type=_DE54_AVAILABLE,
-                currency=outcome.currency,
-                amount=outcome.available_balance,
-            )
-        code = prof.code(Reason.APPROVED) if is_advice(request.mti) else outcome.response_code
-        return AuthResponse.answer(
-            request,
-            code,
-            approval_code=outcome.approval_code if outcome.approved else None,
-            available_balance=balance,
-            emv=emv.build([(_TAG_ISSUER_AUTH_DATA, issuer_auth)]) if issuer_auth else None,
-        )
+        issuer_auth = None
+        if request.emv is not None:
+            try:
+                with trio.move_on_after(_ARPC_TIMEOUT):
+                    issuer_auth = await self._replayed_arpc(request, stored)
+            except (HsmError, StoreError) as exc:
+                log.warning("replay_arpc_failed", error=type(exc).__name__)
+        return _decision(request, stored, issuer_auth)
 
     def _stand_in(
-        self, request: AuthRequest, context: RequestContext, prof: Profile, cause: str
-    ) -> AuthResponse:
-        code = self._cfg.pipeline.stand_in_code
-        metrics.observe_stand_in(context.network, cause)
-        _bind(reason="stand_in", stand_in_cause=cause)
-        log.warning("stand_in", network=context.network, mti=request.mti, stan=request.stan,
-                    cause=cause, response_code=code)  # fmt: skip
-        return AuthResponse.answer(request, code)
+        self, request: AuthRequest, context: RequestContext, cause: StandInCause
+    ) -> Decision:
+        """The stand-in policy's answer: nothing was committed and nothing is kept."""
+        reason = self._stand_in_reason
+        response = AuthResponse.answer(request, context.profile.code(reason))
+        return Decision(response, reason, stand_in=cause, masked_pan=mask_pan(request.pan))
 
     async def _prepare(
-        self, req: AuthRequest, ctx: RequestContext, prof: Profile, dup_key: DuplicateKey
+        self, req: AuthRequest, ctx: RequestContext, dup_key: DuplicateKey
     ) -> _Prepared:
+        """The steps before commit: what the store is to make durable for this request."""
         advice = is_advice(req.mti)
         financial = is_financial(req.mti)
         kind: AuthKind
@@ -255,7 +242,7 @@ class Pipeline:
             kind = "debit" if financial else "hold"
         now = self._now()
         # Every outcome of this request is this intent with some fields replaced.
-        declined = AuthIntent(
+        base = AuthIntent(
             dup_key=dup_key,
             original_key=_original_key_of(req, ctx),
             mti=req.mti,
@@ -264,7 +251,8 @@ class Pipeline:
             masked_pan=mask_pan(req.pan),
             amount=req.amount,
             currency=req.currency,
-            kind="decline",
+            kind="advice_decline" if advice else "decline",
+            profile=ctx.profile,
             approval_code=_approval_code(),
             velocity_day=now.strftime("%Y%m%d"),
             velocity_month=now.strftime("%Y%m"),
@@ -274,14 +262,15 @@ class Pipeline:
         def decline(
             reason: Reason, card: Card | None = None, pin_check: PinCheck | None = None
         ) -> _Prepared:
-            intent = replace(
-                declined,
-                card_id=card.id if card else None,
-                account_id=card.account_id if card else None,
-                decline_code=prof.code(reason),
-                pin_check=pin_check,
+            return _Prepared(
+                replace(
+                    base,
+                    card_id=card.id if card else None,
+                    account_id=card.account_id if card else None,
+                    decline_reason=reason,
+                    pin_check=pin_check,
+                )
             )
-            return _Prepared(intent, reason)
 
         if not advice:
             with _step("validate"):
@@ -293,109 +282,113 @@ class Pipeline:
             card = await self._card_for(req.pan)
             account = await self._store.get_account(card.account_id) if card else None
         if card is None or account is None:
-            return decline(Reason.UNKNOWN_CARD)
+            return decline(Reason.ADVICE_UNKNOWN_CARD if advice else Reason.UNKNOWN_CARD)
         if account.currency != req.currency:
             # No conversion here: the account is debited in its own currency only. The
             # decline is journaled without the account (no balance in another currency).
-            return decline(Reason.CURRENCY_NOT_SUPPORTED)
+            return decline(
+                Reason.ADVICE_WRONG_CURRENCY if advice else Reason.CURRENCY_NOT_SUPPORTED
+            )
 
         if advice:
             # The network already answered the cardholder. What it approved is applied
             # whatever our own rules say; what it declined is recorded and moves no money.
-            if req.response_code not in (None, prof.code(Reason.APPROVED)):
-                intent = replace(
-                    declined,
-                    card_id=card.id,
-                    account_id=card.account_id,
-                    decline_code=req.response_code,
-                )
-                return _Prepared(intent, Reason.ADVICE_OF_DECLINE)
-            intent = replace(declined, card_id=card.id, account_id=card.account_id, kind=kind)
-            return _Prepared(intent, Reason.APPROVED)
+            if req.response_code not in (None, ctx.profile.code(Reason.APPROVED)):
+                return decline(Reason.ADVICE_OF_DECLINE, card)
+            return _Prepared(replace(base, card_id=card.id, account_id=card.account_id, kind=kind))
 
         reason = _status_and_expiry(card, req, now)
         if reason is not None:
             return decline(reason, card)
 
-        listener = self._listeners.get(ctx.listener)
         with _step("security"):
-            reason, pin_check, emv_ctx = await self._security(req, card, listener)
-        if reason is not None:
-            return decline(reason, card, pin_check=pin_check)
+            security = await self._security(req, card, ctx.listener)
+        if security.failed is not None:
+            return decline(security.failed, card, pin_check=security.pin_check)
 
         with _step("controls"):
             reason = check_controls(card.controls, req.amount, req.mcc, _countries(req))
         if reason is not None:
-            return decline(reason, card, pin_check=pin_check)
+            return decline(reason, card, pin_check=security.pin_check)
 
         intent = replace(
-            declined,
+            base,
             card_id=card.id,
             account_id=card.account_id,
             kind=kind,
-            pin_check=pin_check,
+            pin_check=security.pin_check,
             velocity=card.controls if card.controls.has_velocity else None,
         )
-        return _Prepared(intent, Reason.APPROVED, emv_ctx)
+        return _Prepared(intent, security.emv)
 
-    async def _security(
-        self, req: AuthRequest, card: Card, listener: ListenerConfig | None
-    ) -> tuple[Reason | None, PinCheck | None, _EmvContext | None]:
-        """CVV/iCVV from track 2, CVV2 from DE48, ARQC from DE55, PIN from DE52.
+    async def _security(self, req: AuthRequest, card: Card, listener: ListenerConfig) -> _Security:
+        """CVV/iCVV from track 2, CVV2 from DE48, ARQC from DE55, PIN from DE52, in order.
 
         Data the HSM rejects as malformed (``InvalidInput``: a CVV with letters, a PIN block
         that does not decipher to a PIN) fails the check it was offered to; an HSM that
-        cannot answer makes the whole request unanswerable (91, nothing kept).
+        cannot answer makes the whole request unanswerable (stand-in, nothing kept).
         """
-        hsm = self._hsm
-        failing = Reason.CVV_MISMATCH
         try:
-            if req.track2 is not None and card.cvk:
-                chip = (req.pos_entry_mode or "")[:2] in _CHIP_ENTRY_MODES
-                failing = Reason.ICVV_MISMATCH if chip else Reason.CVV_MISMATCH
-                disc = req.track2.discretionary
-                cvv = disc[_TRACK2_CVV_OFFSET : _TRACK2_CVV_OFFSET + _CVV_LENGTH]
-                service = _ICVV_SERVICE_CODE if chip else req.track2.service_code
-                with _hsm_command("verify_cvv"):
-                    result = await hsm.verify_cvv(
-                        card.cvk, req.pan, req.track2.expiry, service, cvv
-                    )
-                if not result.ok:
-                    return failing, None, None
-            if req.cvv2 is not None and card.cvk:
-                failing = Reason.CVV2_MISMATCH
-                expiry = req.expiry or card.expiry
-                with _hsm_command("verify_cvv2"):
-                    result = await hsm.verify_cvv(
-                        card.cvk, req.pan, expiry, _CVV2_SERVICE_CODE, req.cvv2
-                    )
-                if not result.ok:
-                    return failing, None, None
+            failed = await self._check_track2(req, card)
+            if failed is None:
+                failed = await self._check_cvv2(req, card)
             emv_ctx = None
-            if req.emv is not None and card.imk_ac and card.emv_cvn:
-                failing = Reason.ARQC_FAILED
+            if failed is None and req.emv is not None and card.imk_ac and card.emv_cvn:
                 emv_ctx = await self._verify_arqc(req, card)
-                if emv_ctx is None:
-                    return failing, None, None
-            pin_check: PinCheck | None = None
-            if req.pin_block is not None:
-                if card.pin_tries >= card.pin_try_limit:
-                    # Already locked: the store answers 75 without counting again.
-                    return None, "bad", emv_ctx
-                try:
-                    pin_check = await self._verify_pin(req, card, listener)
-                except InvalidInput:
-                    pin_check = "bad"  # a block that is no PIN block counts as a wrong PIN
-            return None, pin_check, emv_ctx
-        except InvalidInput:
-            return failing, None, None
+                failed = Reason.ARQC_FAILED if emv_ctx is None else None
+            if failed is not None:
+                return _Security(failed)
+            pin_check = await self._check_pin(req, card, listener)
+            return _Security(None, pin_check, emv_ctx)
         except HsmError as exc:
+            if isinstance(exc, InvalidInput):  # pragma: no cover - each check maps its own
+                raise
             raise _Unavailable(type(exc).__name__) from exc
 
-    async def _verify_pin(
-        self, req: AuthRequest, card: Card, listener: ListenerConfig | None
-    ) -> PinCheck:
-        assert req.pin_block is not None
+    async def _check_track2(self, req: AuthRequest, card: Card) -> Reason | None:
+        """The CVV of magnetic-stripe track 2, or the iCVV of chip track-2-equivalent data."""
+        if req.track2 is None or not card.cvk:
+            return None
+        chip = (req.pos_entry_mode or "")[:2] in _CHIP_ENTRY_MODES
+        failing = Reason.ICVV_MISMATCH if chip else Reason.CVV_MISMATCH
+        disc = req.track2.discretionary
+        cvv = disc[_TRACK2_CVV_OFFSET : _TRACK2_CVV_OFFSET + _CVV_LENGTH]
+        service = _ICVV_SERVICE_CODE if chip else req.track2.service_code
+        try:
+            with _hsm_command("verify_cvv"):
+                result = await self._hsm.verify_cvv(
+                    card.cvk, req.pan, req.track2.expiry, service, cvv
+                )
+        except InvalidInput:
+            return failing
+        return None if result.ok else failing
+
+    async def _check_cvv2(self, req: AuthRequest, card: Card) -> Reason | None:
+        """The CVV2 printed on the card (card-not-present)."""
+        if req.cvv2 is None or not card.cvk:
+            return None
+        expiry = req.expiry or card.expiry
+        try:
+            with _hsm_command("verify_cvv2"):
+                result = await self._hsm.verify_cvv(
+                    card.cvk, req.pan, expiry, _CVV2_SERVICE_CODE, req.cvv2
+                )
+        except InvalidInput:
+            return Reason.CVV2_MISMATCH
+        return None if result.ok else Reason.CVV2_MISMATCH
+
+    async def _check_pin(
+        self, req: AuthRequest, card: Card, listener: ListenerConfig
+    ) -> PinCheck | None:
+        """The PIN result the store's rules count: ``None`` when no PIN was entered.
+
+        A card already at its try limit is not verified again: the rules answer it
+        ``PIN_TRIES_EXCEEDED`` without counting.
+        """
+        if req.pin_block is None:
+            return None
+        if card.pin_tries >= card.pin_try_limit:
+            return "bad"
         if card.pvk is None or card.pin_method is None or not card.pin_verification_value:
             return "bad"  # a PIN was entered but the card has no PIN to check it against
         reference: PvvReference | Ibm3624Reference
@@ -410,14 +403,19 @@ class Pipeline:
                 dec_table=card.ibm_dec_table or "",
                 validation_data=card.ibm_validation_data or "",
             )
-        zpk = listener.zpk if listener else "zpk"
-        fmt = PinBlockFormat(listener.pin_block_format if listener else 0)
-        with _hsm_command("verify_pin"):
-            result = await self._hsm.verify_pin(
-                PinVerification(
-                    zpk=zpk, pin_block=req.pin_block, format=fmt, pan=req.pan, reference=reference
+        try:
+            with _hsm_command("verify_pin"):
+                result = await self._hsm.verify_pin(
+                    PinVerification(
+                        zpk=listener.zpk,
+                        pin_block=req.pin_block,
+                        format=PinBlockFormat(listener.pin_block_format),
+                        pan=req.pan,
+                        reference=reference,
+                    )
                 )
-            )
+        except InvalidInput:
+            return "bad"  # a block that is no PIN block counts as a wrong PIN
         return "ok" if result.ok else "bad"
 
     async def _verify_arqc(self, req: AuthRequest, card: Card) -> _EmvContext | None:
@@ -485,7 +483,7 @@ class Pipeline:
 
     # -- reversals --------------------------------------------------------------------------
 
-    async def reverse(self, request: ReversalRequest, context: RequestContext) -> ReversalResponse:
+    async def reverse(self, request: ReversalRequest, context: RequestContext) -> Decision:
         original = request.original
         intent = ReversalIntent(
             dup_key=_duplicate_key(request, context),
@@ -500,15 +498,33 @@ class Pipeline:
             replacement_amount=request.replacement_amount or None,
             currency=request.currency or "",
             masked_pan=mask_pan(request.pan) if request.pan else "",
+            profile=context.profile,
             stand_in=is_advice(request.mti),  # 0420/0421: the network reversed in our place
         )
-        with _step("commit"):
-            outcome: ReversalOutcome = await self._store.commit_reversal(intent)
-        _bind(
-            reason="reversal_matched" if outcome.matched else "reversal_unmatched",
+        masked = intent.masked_pan or None
+        outcome: ReversalOutcome | None = None
+        cause: StandInCause = "budget"
+        try:
+            with trio.move_on_at(context.received_at + self._cfg.pipeline.budget):
+                with _step("commit"):
+                    outcome = await self._store.commit_reversal(intent)
+        except StoreError:
+            cause = "store"
+        if outcome is None:
+            # Not taken by the store: nothing kept. The network repeats a reversal until it
+            # is acknowledged, so the stand-in decline loses nothing.
+            reason = self._stand_in_reason
+            code = context.profile.code(reason)
+            return Decision(
+                ReversalResponse.answer(request, code), reason, stand_in=cause, masked_pan=masked
+            )
+        return Decision(
+            ReversalResponse.answer(request, outcome.response_code),
+            outcome.reason,
+            replayed=outcome.replayed,
             released=outcome.released_amount,
+            masked_pan=masked,
         )
-        return ReversalResponse.answer(request, outcome.response_code)
 
 
 # -- pure helpers -------------------------------------------------------------------------------
@@ -584,30 +600,38 @@ def _original_key_of(req: AuthRequest, ctx: RequestContext) -> OriginalKey:
     )
 
 
-def _final_reason(prepared: Reason, outcome: AuthOutcome, prof: Profile) -> str:
-    """What the log line says decided the request: the pipeline's reason, unless the store's
-    atomic rules (funds, PIN tries, velocity, an earlier reversal) answered otherwise."""
-    if outcome.replayed:
-        return "replayed"
-    if outcome.response_code == prof.code(prepared):
-        return prepared.value
-    return prof.reason_for(outcome.response_code).value
+def _cause(exc: BaseException) -> StandInCause:
+    """Which dependency kept the pipeline from deciding."""
+    return "store" if isinstance(exc, StoreError) else "hsm"
 
 
-def _cause(exc: BaseException) -> str:
-    """A bounded metric label for why the pipeline could not decide."""
-    if isinstance(exc, _Unavailable):
-        return "hsm"
-    if isinstance(exc, HsmError):
-        return "hsm"
-    if isinstance(exc, StoreError):
-        return "store"
-    return "error"
-
-
-def _bind(**values: object) -> None:
-    """Attach values to the current request's log line (server.py logs it once)."""
-    structlog.contextvars.bind_contextvars(**values)
+def _decision(request: AuthRequest, outcome: AuthOutcome, issuer_auth: bytes | None) -> Decision:
+    """The answer for a committed (or replayed) outcome: its journaled DE39, approval code,
+    available balance (DE54) and, for a chip request, the issuer authentication data."""
+    balance = None
+    # A balance DE54 cannot carry (13+ digits) is left out rather than sent wrong.
+    if outcome.available_balance is not None and AdditionalAmount.fits(outcome.available_balance):
+        balance = AdditionalAmount(
+            account_type=_DE54_ACCOUNT_TYPE,
+            amount_type=_DE54_AVAILABLE,
+            currency=outcome.currency,
+            amount=outcome.available_balance,
+        )
+    response = AuthResponse.answer(
+        request,
+        outcome.response_code,
+        approval_code=outcome.approval_code if outcome.approved else None,
+        available_balance=balance,
+        emv=emv.build([(_TAG_ISSUER_AUTH_DATA, issuer_auth)]) if issuer_auth else None,
+    )
+    return Decision(
+        response,
+        outcome.reason,
+        replayed=outcome.replayed,
+        held=outcome.held,
+        debited=outcome.debited,
+        masked_pan=mask_pan(request.pan),
+    )
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,11 +29,12 @@ from hsm.errors import KeyExists
 from hsm.pkcs11 import Pkcs11Hsm
 from switch import log as log_mod
 from switch.config import Config, PipelineConfig, StoreConfig
+from switch.handler import Dispatcher
 from switch.pipeline import Pipeline
 from switch.pki import PkiPaths
 from switch.provision import import_cards, load_keys, load_rows
 from switch.server import Server
-from switch.store import open_store
+from switch.store import Store, open_store
 from switch.store.sqlite import SqliteStore
 from switch.tls import server_context
 
@@ -119,13 +120,15 @@ async def running_switch(
     tmp: Path,
     *,
     pipeline_hsm: Hsm | None = None,
+    pipeline_store: Callable[[Store], Store] | None = None,
     pipeline: PipelineConfig | None = None,
     **listener: Any,
 ) -> AsyncIterator[Switch]:
     """A switch with a fresh store holding ``rows``, serving on an ephemeral port.
 
     ``pipeline_hsm`` replaces the HSM the pipeline talks to (provisioning still uses ``hsm``),
-    for tests of a slow or failing HSM; ``pipeline`` sets the budget and stand-in code.
+    for tests of a slow or failing HSM; ``pipeline_store`` wraps the store the pipeline talks
+    to (tests of a failing store); ``pipeline`` sets the budget and stand-in policy.
     """
     base = make_config(pki, zpk="demo-zpk", **listener)
     cfg = replace(
@@ -141,8 +144,9 @@ async def running_switch(
         report = await import_cards(store, hsm, vault, rows)
         assert report.ok, report.failures
         assert isinstance(store, SqliteStore)
-        engine = Pipeline(cfg, store=store, hsm=pipeline_hsm or hsm, vault=vault)
-        server = Server(cfg, engine, server_context(cfg.tls))
+        engine_store = pipeline_store(store) if pipeline_store else store
+        engine = Pipeline(cfg, store=engine_store, hsm=pipeline_hsm or hsm, vault=vault)
+        server = Server(cfg, Dispatcher(engine), server_context(cfg.tls))
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(server.serve)
             try:

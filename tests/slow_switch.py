@@ -1,7 +1,7 @@
 """A switch process whose handler takes a while: for tests of SIGTERM with requests in flight.
 
 Run as ``python tests/slow_switch.py CONFIG READY_FILE DELAY``; it serves through
-``switch.app.serve`` (the real signal handling) with a handler that approves after DELAY s.
+``switch.app.serve`` (the real signal handling) with an engine that approves after DELAY s.
 """
 
 from __future__ import annotations
@@ -12,27 +12,30 @@ from pathlib import Path
 import trio
 
 from switch import app, config, log
-from switch.handler import RequestContext
+from switch.decisions import Reason
+from switch.handler import Decision, Dispatcher, RequestContext
 from switch.wire.messages import AuthRequest, AuthResponse, ReversalRequest, ReversalResponse
 
 
-class SlowHandler:
+class SlowEngine:
     def __init__(self, delay: float) -> None:
         self.delay = delay
 
-    async def authorize(self, request: AuthRequest, context: RequestContext) -> AuthResponse:
+    async def authorize(self, request: AuthRequest, context: RequestContext) -> Decision:
         await trio.sleep(self.delay)
-        return AuthResponse.answer(request, "00", approval_code="123456")
+        code = context.profile.code(Reason.APPROVED)
+        return Decision(AuthResponse.answer(request, code, approval_code="123456"), Reason.APPROVED)
 
-    async def reverse(self, request: ReversalRequest, context: RequestContext) -> ReversalResponse:
+    async def reverse(self, request: ReversalRequest, context: RequestContext) -> Decision:
         await trio.sleep(self.delay)
-        return ReversalResponse.answer(request, "00")
+        code = context.profile.code(Reason.REVERSAL_MATCHED)
+        return Decision(ReversalResponse.answer(request, code), Reason.REVERSAL_MATCHED)
 
 
 def main() -> None:
     cfg = config.load(sys.argv[1])
     log.configure("info", "json")
-    trio.run(app.serve, cfg, Path(sys.argv[2]), False, SlowHandler(float(sys.argv[3])))
+    trio.run(app.serve, cfg, Path(sys.argv[2]), False, Dispatcher(SlowEngine(float(sys.argv[3]))))
 
 
 if __name__ == "__main__":

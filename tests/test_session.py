@@ -181,8 +181,7 @@ def test_framing_error_after_a_partial_frame_keeps_the_frame_it_completes() -> N
 def test_undecodable_frame_ends_the_actions_of_a_read() -> None:
     s = Session(LISTENER, ODD)
     data = b"".join(
-        encode_frame(b)
-        for b in (auth_body("000001"), b"\xff\xfe garbage", auth_body("000002"))
+        encode_frame(b) for b in (auth_body("000001"), b"\xff\xfe garbage", auth_body("000002"))
     )
     actions = s.receive(data)
     assert [type(a) for a in actions] == [Decide, Close]

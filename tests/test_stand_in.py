@@ -59,7 +59,7 @@ async def test_budget_expiry_answers_stand_in_and_holds_nothing(
     client_ctx: ssl.SSLContext,
 ) -> None:
     slow = _SlowCvv(demo_hsm, delay=3.0)
-    budget = PipelineConfig(budget=0.3, stand_in_code="91")
+    budget = PipelineConfig(budget=0.3, stand_in="issuer_unavailable")
     async with running_switch(
         pki,
         demo_hsm,

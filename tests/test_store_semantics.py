@@ -1,4 +1,8 @@
-"""Money, PIN-try, velocity, duplicate and reversal semantics of the SQLite store's writer."""
+"""Money, PIN-try, velocity, duplicate and reversal semantics of the store.
+
+The decision semantics run on every backend (SQLite and the in-memory test store share the
+commit rules); batching, cancellation and closing are the SQLite writer's own.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from test_store_support import (
     seeded_store,
 )
 
+from switch.decisions import Reason
 from switch.store import (
     AuthOutcome,
     CardStatus,
@@ -32,6 +37,11 @@ from switch.store import (
 )
 
 BALANCE = 100_000
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 async def balances(store: object, account_id: str = ACCOUNT_ID) -> tuple[int, int]:
@@ -58,8 +68,8 @@ def test_acquirer_ids_and_mti_classes_are_normalised() -> None:
 # -- authorizations ----------------------------------------------------------------------------
 
 
-async def test_approved_hold_reserves_available_only(tmp_path: Path) -> None:
-    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+async def test_approved_hold_reserves_available_only(tmp_path: Path, backend: str) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         out = await store.commit_auth(auth("000001", 2500))
         assert out.response_code == "00"
         assert out.approval_code == "A00001"
@@ -71,8 +81,10 @@ async def test_approved_hold_reserves_available_only(tmp_path: Path) -> None:
         assert await store.active_holds_total(ACCOUNT_ID) == 2500
 
 
-async def test_insufficient_funds_declines_51_without_moving_money(tmp_path: Path) -> None:
-    async with seeded_store(tmp_path / "s.db", balance=1000) as store:
+async def test_insufficient_funds_declines_51_without_moving_money(
+    tmp_path: Path, backend: str
+) -> None:
+    async with seeded_store(tmp_path / "s.db", balance=1000, backend=backend) as store:
         out = await store.commit_auth(auth("000001", 1001))
         assert (out.response_code, out.approval_code, out.hold_id) == ("51", None, None)
         assert out.available_balance == 1000
@@ -82,8 +94,8 @@ async def test_insufficient_funds_declines_51_without_moving_money(tmp_path: Pat
         assert exact.available_balance == 0
 
 
-async def test_financial_request_debits_ledger_and_available(tmp_path: Path) -> None:
-    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+async def test_financial_request_debits_ledger_and_available(tmp_path: Path, backend: str) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         out = await store.commit_auth(auth("000001", 4000, kind="debit"))
         assert out.response_code == "00"
         assert await balances(store) == (BALANCE - 4000, BALANCE - 4000)
@@ -93,13 +105,19 @@ async def test_financial_request_debits_ledger_and_available(tmp_path: Path) -> 
         assert await balances(store) == (BALANCE - 4000, BALANCE - 4000)
 
 
-async def test_advices_are_applied_even_beyond_funds_and_never_declined(tmp_path: Path) -> None:
+async def test_advices_are_applied_even_beyond_funds_and_never_declined(
+    tmp_path: Path, backend: str
+) -> None:
     limits = SpendControls(daily_count=1)
-    async with seeded_store(tmp_path / "s.db", balance=500, controls=limits) as store:
+    async with seeded_store(
+        tmp_path / "s.db", balance=500, controls=limits, backend=backend
+    ) as store:
         # Lock the PIN first: advices must still be applied.
         for i in range(3):
             await store.commit_auth(
-                auth(f"00009{i}", 1, kind="decline", decline_code="55", pin_check="bad")
+                auth(
+                    f"00009{i}", 1, kind="decline", decline_reason=Reason.WRONG_PIN, pin_check="bad"
+                )
             )
         hold = await store.commit_auth(
             auth("000001", 800, kind="advice_hold", pin_check="bad", velocity=limits)
@@ -113,9 +131,11 @@ async def test_advices_are_applied_even_beyond_funds_and_never_declined(tmp_path
         assert card is not None and card.pin_tries == 3  # the advice did not count a try
 
 
-async def test_pipeline_decline_is_recorded_without_money(tmp_path: Path) -> None:
-    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
-        out = await store.commit_auth(auth("000001", 100, kind="decline", decline_code="54"))
+async def test_pipeline_decline_is_recorded_without_money(tmp_path: Path, backend: str) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
+        out = await store.commit_auth(
+            auth("000001", 100, kind="decline", decline_reason=Reason.EXPIRED_CARD)
+        )
         assert (out.response_code, out.approval_code, out.hold_id) == ("54", None, None)
         assert await balances(store) == (BALANCE, BALANCE)
         stored = await store.find_outcome(dup_key("000001"))
@@ -125,17 +145,26 @@ async def test_pipeline_decline_is_recorded_without_money(tmp_path: Path) -> Non
         assert err.value.kind == "invalid"
 
 
-async def test_unknown_card_decline_needs_no_account(tmp_path: Path) -> None:
-    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+async def test_unknown_card_decline_needs_no_account(tmp_path: Path, backend: str) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         out = await store.commit_auth(
-            auth("000001", 100, kind="decline", decline_code="14", card_id=None, account_id=None)
+            auth(
+                "000001",
+                100,
+                kind="decline",
+                decline_reason=Reason.UNKNOWN_CARD,
+                card_id=None,
+                account_id=None,
+            )
         )
         assert out.response_code == "14"
         assert out.available_balance is None
 
 
-async def test_duplicate_replays_stored_answer_without_second_hold(tmp_path: Path) -> None:
-    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+async def test_duplicate_replays_stored_answer_without_second_hold(
+    tmp_path: Path, backend: str
+) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         first = await store.commit_auth(auth("000001", 1000))
         again = await store.commit_auth(auth("000001", 1000, approval_code="ZZZZZZ"))
         assert again.replayed
@@ -157,8 +186,10 @@ async def test_duplicate_replays_stored_answer_without_second_hold(tmp_path: Pat
         assert await store.active_holds_total(ACCOUNT_ID) == 1000
 
 
-async def test_wrong_pins_count_to_75_and_replays_do_not_count(tmp_path: Path) -> None:
-    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+async def test_wrong_pins_count_to_75_and_replays_do_not_count(
+    tmp_path: Path, backend: str
+) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         codes = [
             (await store.commit_auth(auth(f"00000{i}", 100, pin_check="bad"))).response_code
             for i in range(1, 4)
@@ -176,8 +207,10 @@ async def test_wrong_pins_count_to_75_and_replays_do_not_count(tmp_path: Path) -
         assert await balances(store) == (BALANCE, BALANCE)
 
 
-async def test_correct_pin_resets_tries_even_when_declined_for_funds(tmp_path: Path) -> None:
-    async with seeded_store(tmp_path / "s.db", balance=1000) as store:
+async def test_correct_pin_resets_tries_even_when_declined_for_funds(
+    tmp_path: Path, backend: str
+) -> None:
+    async with seeded_store(tmp_path / "s.db", balance=1000, backend=backend) as store:
         await store.commit_auth(auth("000001", 100, pin_check="bad"))
         await store.commit_auth(auth("000002", 100, pin_check="bad"))
         out = await store.commit_auth(auth("000003", 5000, pin_check="ok"))
@@ -188,9 +221,9 @@ async def test_correct_pin_resets_tries_even_when_declined_for_funds(tmp_path: P
         assert bad.response_code == "55"  # counting starts again from zero
 
 
-async def test_daily_amount_velocity_declines_61(tmp_path: Path) -> None:
+async def test_daily_amount_velocity_declines_61(tmp_path: Path, backend: str) -> None:
     limits = SpendControls(daily_amount=1000)
-    async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits) as store:
+    async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits, backend=backend) as store:
         assert (await store.commit_auth(auth("000001", 600, velocity=limits))).response_code == "00"
         assert (await store.commit_auth(auth("000002", 500, velocity=limits))).response_code == "61"
         # The declined 500 did not count: 600 + 400 reaches the limit exactly.
@@ -201,9 +234,9 @@ async def test_daily_amount_velocity_declines_61(tmp_path: Path) -> None:
         assert await balances(store) == (BALANCE, BALANCE - 2000)
 
 
-async def test_count_velocity_declines_65_daily_and_monthly(tmp_path: Path) -> None:
+async def test_count_velocity_declines_65_daily_and_monthly(tmp_path: Path, backend: str) -> None:
     limits = SpendControls(daily_count=2, monthly_count=3)
-    async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits) as store:
+    async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits, backend=backend) as store:
         day1 = [
             (await store.commit_auth(auth(f"00000{i}", 10, velocity=limits))).response_code
             for i in range(1, 4)
@@ -220,9 +253,9 @@ async def test_count_velocity_declines_65_daily_and_monthly(tmp_path: Path) -> N
         assert day2 == ["00", "65"]  # the month's third is allowed, the fourth is not
 
 
-async def test_monthly_amount_velocity_declines_61(tmp_path: Path) -> None:
+async def test_monthly_amount_velocity_declines_61(tmp_path: Path, backend: str) -> None:
     limits = SpendControls(monthly_amount=1500)
-    async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits) as store:
+    async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits, backend=backend) as store:
         first = auth("000001", 1000, velocity=limits, velocity_day="20250101")
         second = auth("000002", 1000, velocity=limits, velocity_day="20250115")
         assert (await store.commit_auth(first)).response_code == "00"
@@ -232,11 +265,11 @@ async def test_monthly_amount_velocity_declines_61(tmp_path: Path) -> None:
 # -- reversals ---------------------------------------------------------------------------------
 
 
-async def test_full_reversal_releases_the_hold_once(tmp_path: Path) -> None:
-    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+async def test_full_reversal_releases_the_hold_once(tmp_path: Path, backend: str) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         await store.commit_auth(auth("000001", 1000))
         out = await store.commit_reversal(reversal("000101", "000001", 1000))
-        assert out == ReversalOutcome("00", True, 1000, BALANCE, False)
+        assert out == ReversalOutcome(Reason.REVERSAL_MATCHED, "00", True, 1000, BALANCE, False)
         assert await store.active_holds_total(ACCOUNT_ID) == 0
         repeat = await store.commit_reversal(reversal("000101", "000001", 1000, mti="0401"))
         assert repeat.replayed and repeat.released_amount == 1000
@@ -247,8 +280,8 @@ async def test_full_reversal_releases_the_hold_once(tmp_path: Path) -> None:
         assert await balances(store) == (BALANCE, BALANCE)
 
 
-async def test_partial_reversals_never_release_more_than_held(tmp_path: Path) -> None:
-    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+async def test_partial_reversals_never_release_more_than_held(tmp_path: Path, backend: str) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         await store.commit_auth(auth("000001", 1000))
         part = await store.commit_reversal(reversal("000101", "000001", 1000, replacement=600))
         assert part.released_amount == 400
@@ -262,16 +295,20 @@ async def test_partial_reversals_never_release_more_than_held(tmp_path: Path) ->
         assert await store.active_holds_total(ACCOUNT_ID) == 0
 
 
-async def test_reversal_of_a_debit_credits_ledger_and_available(tmp_path: Path) -> None:
-    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+async def test_reversal_of_a_debit_credits_ledger_and_available(
+    tmp_path: Path, backend: str
+) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         await store.commit_auth(auth("000001", 3000, kind="debit"))
         out = await store.commit_reversal(reversal("000101", "000001", 3000, replacement=1000))
         assert out.released_amount == 2000
         assert await balances(store) == (BALANCE - 1000, BALANCE - 1000)
 
 
-async def test_reversal_finds_original_through_zero_filled_de90_acquirer(tmp_path: Path) -> None:
-    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+async def test_reversal_finds_original_through_zero_filled_de90_acquirer(
+    tmp_path: Path, backend: str
+) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         await store.commit_auth(auth("000001", 1000))
         out = await store.commit_reversal(
             reversal("000101", "000001", 1000, acquirer="00000012345")
@@ -280,27 +317,29 @@ async def test_reversal_finds_original_through_zero_filled_de90_acquirer(tmp_pat
 
 
 async def test_reversal_of_a_declined_original_matches_and_releases_nothing(
-    tmp_path: Path,
+    tmp_path: Path, backend: str
 ) -> None:
-    async with seeded_store(tmp_path / "s.db", balance=10) as store:
+    async with seeded_store(tmp_path / "s.db", balance=10, backend=backend) as store:
         assert (await store.commit_auth(auth("000001", 1000))).response_code == "51"
         out = await store.commit_reversal(reversal("000101", "000001", 1000))
         assert (out.matched, out.released_amount, out.available_balance) == (True, 0, 10)
 
 
-async def test_reversal_releases_velocity_of_the_original(tmp_path: Path) -> None:
+async def test_reversal_releases_velocity_of_the_original(tmp_path: Path, backend: str) -> None:
     limits = SpendControls(daily_amount=1000, daily_count=1)
-    async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits) as store:
+    async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits, backend=backend) as store:
         assert (await store.commit_auth(auth("000001", 1000, velocity=limits))).approved
         assert not (await store.commit_auth(auth("000002", 10, velocity=limits))).approved
         await store.commit_reversal(reversal("000101", "000001", 1000))
         assert (await store.commit_auth(auth("000003", 1000, velocity=limits))).approved
 
 
-async def test_unmatched_reversal_is_kept_and_late_original_declined(tmp_path: Path) -> None:
-    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+async def test_unmatched_reversal_is_kept_and_late_original_declined(
+    tmp_path: Path, backend: str
+) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         early = await store.commit_reversal(reversal("000101", "000001", 1000))
-        assert early == ReversalOutcome("00", False, 0, None, False)
+        assert early == ReversalOutcome(Reason.REVERSAL_UNMATCHED, "00", False, 0, None, False)
         late = await store.commit_auth(auth("000001", 1000))
         assert (late.response_code, late.hold_id, late.approval_code) == ("05", None, None)
         assert await balances(store) == (BALANCE, BALANCE)
@@ -309,8 +348,10 @@ async def test_unmatched_reversal_is_kept_and_late_original_declined(tmp_path: P
         assert (again.matched, again.released_amount) == (True, 0)
 
 
-async def test_advice_after_its_reversal_is_acknowledged_without_money(tmp_path: Path) -> None:
-    async with seeded_store(tmp_path / "s.db", BALANCE) as store:
+async def test_advice_after_its_reversal_is_acknowledged_without_money(
+    tmp_path: Path, backend: str
+) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         await store.commit_reversal(reversal("000101", "000001", 1000, mti="0420"))
         advice = await store.commit_auth(auth("000001", 1000, kind="advice_debit"))
         assert advice.response_code == "00"

@@ -3,6 +3,7 @@ intents keyed by STAN. No tests live here."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from switch.config import StoreConfig
+from switch.decisions import profile
 from switch.log import mask_pan
 from switch.store import (
     Account,
@@ -22,8 +24,8 @@ from switch.store import (
     OriginalKey,
     ReversalIntent,
     SpendControls,
-    SqliteStore,
 )
+from switch.store.memory import MemoryStore
 from switch.store.sqlite import open_sqlite_store
 
 #: The CVV test-vector card (published Visa table); only its fingerprint reaches the store.
@@ -32,6 +34,7 @@ ACCOUNT_ID = "acct-1"
 CARD_ID = "card-1"
 CURRENCY = "978"
 NETWORK = "visa"
+PROFILE = profile(NETWORK)
 #: DE32 as the original carries it (LLVAR, no padding).
 ACQUIRER = "12345"
 #: DE7 of every test request.
@@ -91,6 +94,7 @@ def auth(stan: str, amount: int = 1000, kind: str = "hold", **changes: Any) -> A
         "amount": amount,
         "currency": CURRENCY,
         "kind": kind,
+        "profile": PROFILE,
         "approval_code": f"A{stan[-5:]:>05}",
         "velocity_day": "20250101",
         "velocity_month": "202501",
@@ -116,6 +120,7 @@ def reversal(
         replacement_amount=replacement,
         currency=CURRENCY,
         masked_pan=mask_pan(PAN),
+        profile=PROFILE,
     )
 
 
@@ -125,9 +130,17 @@ async def seeded_store(
     balance: int = 100_000,
     controls: SpendControls | None = None,
     batch_max: int = 128,
-) -> AsyncIterator[SqliteStore]:
-    """A store at ``path`` holding one account with ``balance`` and the test card on it."""
-    async with open_sqlite_store(StoreConfig(path=path, batch_max=batch_max)) as store:
+    backend: str = "sqlite",
+) -> AsyncIterator[Any]:
+    """A store at ``path`` holding one account with ``balance`` and the test card on it;
+    ``backend="memory"`` gives the in-memory test store instead (``path`` unused)."""
+    async with contextlib.AsyncExitStack() as stack:
+        store: Any
+        if backend == "memory":
+            store = MemoryStore()
+        else:
+            cfg = StoreConfig(path=path, batch_max=batch_max)
+            store = await stack.enter_async_context(open_sqlite_store(cfg))
         if await store.get_account(ACCOUNT_ID) is None:
             await store.put_account(Account(ACCOUNT_ID, CURRENCY, balance, balance))
             await store.put_card(make_card(controls=controls or SpendControls()))

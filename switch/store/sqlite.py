@@ -39,14 +39,8 @@ import trio
 
 from switch import metrics
 from switch.config import StoreConfig
+from switch.decisions import Reason
 from switch.store.models import (
-    APPROVED,
-    CODE_AMOUNT_LIMIT,
-    CODE_BAD_PIN,
-    CODE_COUNT_LIMIT,
-    CODE_INSUFFICIENT_FUNDS,
-    CODE_PIN_TRIES_EXCEEDED,
-    CODE_REVERSED_BEFORE_ORIGINAL,
     Account,
     AuthIntent,
     AuthOutcome,
@@ -60,11 +54,21 @@ from switch.store.models import (
     StoredOutcome,
     StoreError,
 )
+from switch.store.rules import (
+    AccountRow,
+    AuthSnapshot,
+    CardRow,
+    Counters,
+    HoldRow,
+    ReversalSnapshot,
+    plan_auth,
+    plan_reversal,
+)
 
 T = TypeVar("T")
 
 #: Schema version written to ``PRAGMA user_version``; bump it with a migration step.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Read-only connections in the pool; the machine has few cores and reads are short.
 READ_CONNECTIONS = 2
 #: Milliseconds a connection waits on a lock held by another process (e.g. a second CLI)
@@ -72,10 +76,6 @@ READ_CONNECTIONS = 2
 BUSY_TIMEOUT_MS = 5000
 #: Journal ``kind`` of a reversal row (authorizations use their ``AuthKind``).
 REVERSAL_KIND = "reversal"
-#: Authorization kinds that reserve funds (holds) and that post a debit.
-_HOLD_KINDS = frozenset({"hold", "advice_hold"})
-_DEBIT_KINDS = frozenset({"debit", "advice_debit"})
-_ADVICE_KINDS = frozenset({"advice_hold", "advice_debit"})
 #: Separator of the blocked MCC / country lists in their TEXT columns.
 _LIST_SEP = ","
 
@@ -153,6 +153,7 @@ CREATE TABLE journal (
     amount                 INTEGER NOT NULL,
     replacement_amount     INTEGER,
     currency               TEXT NOT NULL,
+    reason                 TEXT NOT NULL,
     response_code          TEXT NOT NULL,
     approval_code          TEXT,
     available_balance      INTEGER,
@@ -363,8 +364,10 @@ def _orig_params(key: OriginalKey) -> tuple[str, ...]:
 
 
 def _outcome_from_row(row: sqlite3.Row) -> StoredOutcome:
+    reason = Reason(row["reason"])
     if row["kind"] == REVERSAL_KIND:
         return ReversalOutcome(
+            reason=reason,
             response_code=row["response_code"],
             matched=bool(row["matched"]),
             released_amount=row["released_amount"],
@@ -372,6 +375,7 @@ def _outcome_from_row(row: sqlite3.Row) -> StoredOutcome:
             replayed=True,
         )
     return AuthOutcome(
+        reason=reason,
         response_code=row["response_code"],
         approval_code=row["approval_code"],
         available_balance=row["available_balance"],
@@ -382,7 +386,7 @@ def _outcome_from_row(row: sqlite3.Row) -> StoredOutcome:
 
 
 _OUTCOME_SELECT = (
-    "SELECT j.kind, j.response_code, j.approval_code, j.available_balance, j.currency, "
+    "SELECT j.kind, j.reason, j.response_code, j.approval_code, j.available_balance, j.currency, "
     "j.matched, j.released_amount, h.id AS hold_id "
     "FROM journal j LEFT JOIN holds h ON h.journal_id = j.id "
     "WHERE j.network = ? AND j.acquirer_id = ? AND j.transmission_time = ? AND j.stan = ? "
@@ -431,34 +435,6 @@ def _journal_values(
     }
 
 
-def _counters(conn: sqlite3.Connection, card_id: str, period: str) -> tuple[int, int]:
-    row = conn.execute(
-        "SELECT amount, count FROM velocity WHERE card_id = ? AND period = ?", (card_id, period)
-    ).fetchone()
-    return (0, 0) if row is None else (row["amount"], row["count"])
-
-
-def _velocity_code(
-    conn: sqlite3.Connection, card_id: str, limits: SpendControls, intent: AuthIntent
-) -> str | None:
-    """61 when an amount limit would be exceeded, else 65 for a count limit, else None."""
-    if not limits.has_velocity:
-        return None
-    if not intent.velocity_day or not intent.velocity_month:
-        raise StoreError("invalid", "velocity limits need velocity_day and velocity_month")
-    d_amount, d_count = _counters(conn, card_id, "D" + intent.velocity_day)
-    m_amount, m_count = _counters(conn, card_id, "M" + intent.velocity_month)
-    if limits.daily_amount is not None and d_amount + intent.amount > limits.daily_amount:
-        return CODE_AMOUNT_LIMIT
-    if limits.monthly_amount is not None and m_amount + intent.amount > limits.monthly_amount:
-        return CODE_AMOUNT_LIMIT
-    if limits.daily_count is not None and d_count + 1 > limits.daily_count:
-        return CODE_COUNT_LIMIT
-    if limits.monthly_count is not None and m_count + 1 > limits.monthly_count:
-        return CODE_COUNT_LIMIT
-    return None
-
-
 def _bump_counters(
     conn: sqlite3.Connection, card_id: str, *, day: str, month: str, amount: int, count: int
 ) -> None:
@@ -474,17 +450,39 @@ def _bump_counters(
         )
 
 
-def _pin_code(conn: sqlite3.Connection, intent: AuthIntent, card: sqlite3.Row) -> str | None:
-    """Apply the PIN result to the durable try counter; the decline code, if any."""
-    tries, limit = card["pin_tries"], card["pin_try_limit"]
-    if tries >= limit:
-        return CODE_PIN_TRIES_EXCEEDED
-    if intent.pin_check == "bad":
-        conn.execute("UPDATE cards SET pin_tries = ? WHERE id = ?", (tries + 1, card["id"]))
-        return CODE_PIN_TRIES_EXCEEDED if tries + 1 >= limit else CODE_BAD_PIN
-    if tries:
-        conn.execute("UPDATE cards SET pin_tries = 0 WHERE id = ?", (card["id"],))
-    return None
+def _auth_snapshot(conn: sqlite3.Connection, intent: AuthIntent) -> AuthSnapshot:
+    """Read what the commit rules need; the writer's ``BEGIN IMMEDIATE`` holds the lock."""
+    account = card = None
+    if intent.account_id is not None:
+        row = conn.execute(
+            "SELECT id, currency, ledger_balance, available_balance FROM accounts WHERE id = ?",
+            (intent.account_id,),
+        ).fetchone()
+        if row is not None:
+            account = AccountRow(*row)
+    day = month = Counters()
+    if intent.card_id is not None:
+        row = conn.execute(
+            "SELECT id, pin_tries, pin_try_limit FROM cards WHERE id = ?", (intent.card_id,)
+        ).fetchone()
+        if row is not None:
+            card = CardRow(*row)
+            if intent.velocity is not None and intent.velocity.has_velocity:
+                day = _counters(conn, card.id, "D" + intent.velocity_day)
+                month = _counters(conn, card.id, "M" + intent.velocity_month)
+    unmatched = conn.execute(
+        "SELECT 1 FROM unmatched_reversals WHERE network = ? AND acquirer_id = ? "
+        "AND stan = ? AND transmission_time = ? AND resolved_journal_id IS NULL",
+        _orig_params(intent.original_key),
+    ).fetchone()
+    return AuthSnapshot(account, card, day, month, reversed_before=unmatched is not None)
+
+
+def _counters(conn: sqlite3.Connection, card_id: str, period: str) -> Counters:
+    row = conn.execute(
+        "SELECT amount, count FROM velocity WHERE card_id = ? AND period = ?", (card_id, period)
+    ).fetchone()
+    return Counters() if row is None else Counters(row["amount"], row["count"])
 
 
 def _apply_auth(conn: sqlite3.Connection, intent: AuthIntent) -> AuthOutcome:
@@ -493,128 +491,100 @@ def _apply_auth(conn: sqlite3.Connection, intent: AuthIntent) -> AuthOutcome:
         if not isinstance(stored, AuthOutcome):
             raise StoreError("invalid", "duplicate key belongs to a reversal")
         return stored
-    account: sqlite3.Row | None = None
-    card: sqlite3.Row | None = None
-    if intent.account_id is not None:
-        account = conn.execute(
-            "SELECT * FROM accounts WHERE id = ?", (intent.account_id,)
-        ).fetchone()
-        if account is None:
-            raise StoreError("invalid", "unknown account")
-        if account["currency"] != intent.currency:
-            raise StoreError("invalid", "amount currency differs from the account's")
-    if intent.card_id is not None:
-        card = conn.execute(
-            "SELECT id, account_id, pin_tries, pin_try_limit FROM cards WHERE id = ?",
-            (intent.card_id,),
-        ).fetchone()
-        if card is None:
-            raise StoreError("invalid", "unknown card")
-    advice = intent.kind in _ADVICE_KINDS
-    if intent.kind != "decline" and not advice and account is None:
-        raise StoreError("invalid", "an approvable request needs an account")
-    if intent.amount < 0:
-        raise StoreError("invalid", "negative amount")
-
-    orig = _orig_params(intent.original_key)
-    unmatched = conn.execute(
-        "SELECT journal_id FROM unmatched_reversals WHERE network = ? AND acquirer_id = ? "
-        "AND stan = ? AND transmission_time = ? AND resolved_journal_id IS NULL",
-        orig,
-    ).fetchone()
-    code: str | None = None
-    moves_money = False
-    if unmatched is not None:
-        # Reversed before it arrived: an advice is acknowledged, anything else declined;
-        # either way no money moves.
-        code = APPROVED if advice else CODE_REVERSED_BEFORE_ORIGINAL
-    if code is None and not advice and card is not None and intent.pin_check is not None:
-        code = _pin_code(conn, intent, card)
-    if code is None and intent.kind == "decline":
-        if not intent.decline_code:
-            raise StoreError("invalid", "a decline needs its decline_code")
-        code = intent.decline_code
-    if code is None and not advice and card is not None and intent.velocity is not None:
-        code = _velocity_code(conn, card["id"], intent.velocity, intent)
-    if (
-        code is None
-        and not advice
-        and account is not None
-        and account["available_balance"] < intent.amount
-    ):
-        code = CODE_INSUFFICIENT_FUNDS
-    if code is None:
-        code = APPROVED
-        moves_money = account is not None
-
-    available: int | None = None if account is None else account["available_balance"]
-    if moves_money:
-        assert account is not None
-        available = account["available_balance"] - intent.amount
-        debit = intent.kind in _DEBIT_KINDS
+    plan = plan_auth(intent, _auth_snapshot(conn, intent))
+    code = intent.profile.code(plan.reason)
+    if plan.pin_tries is not None:
+        conn.execute(
+            "UPDATE cards SET pin_tries = ? WHERE id = ?", (plan.pin_tries, intent.card_id)
+        )
+    moved = plan.hold + plan.debit
+    if plan.approved and intent.account_id is not None:
         conn.execute(
             "UPDATE accounts SET available_balance = available_balance - ?, "
             "ledger_balance = ledger_balance - ? WHERE id = ?",
-            (intent.amount, intent.amount if debit else 0, account["id"]),
+            (moved, plan.debit, intent.account_id),
         )
-        if card is not None:
+        if intent.card_id is not None:
             _bump_counters(
                 conn,
-                card["id"],
+                intent.card_id,
                 day=intent.velocity_day,
                 month=intent.velocity_month,
-                amount=intent.amount,
+                amount=moved,
                 count=1,
             )
     values = _journal_values(
         intent.dup_key, intent.original_key, intent.mti, intent.kind, intent.stand_in
     )
+    approval_code = intent.approval_code if plan.approved else None
     values.update(
         card_id=intent.card_id,
         account_id=intent.account_id,
         masked_pan=intent.masked_pan,
         amount=intent.amount,
         currency=intent.currency,
+        reason=plan.reason.value,
         response_code=code,
-        approval_code=intent.approval_code if code == APPROVED else None,
-        available_balance=available,
+        approval_code=approval_code,
+        available_balance=plan.available_after,
     )
     journal_id = _insert_journal(conn, values)
     hold_id = None
-    if moves_money:
-        assert account is not None
+    if plan.approved and intent.account_id is not None:
         cur = conn.execute(
             "INSERT INTO holds (journal_id, account_id, card_id, kind, amount, remaining, "
             "velocity_day, velocity_month, orig_network, orig_acquirer_id, orig_stan, "
             "orig_transmission_time, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 journal_id,
-                account["id"],
+                intent.account_id,
                 intent.card_id,
-                "debit" if intent.kind in _DEBIT_KINDS else "hold",
-                intent.amount,
-                intent.amount,
+                "debit" if plan.debit else "hold",
+                moved,
+                moved,
                 intent.velocity_day,
                 intent.velocity_month,
-                *orig,
+                *_orig_params(intent.original_key),
                 values["created_at"],
             ),
         )
         hold_id = cur.lastrowid
-    if unmatched is not None:
+    if plan.resolve_unmatched:
         conn.execute(
             "UPDATE unmatched_reversals SET resolved_journal_id = ? WHERE network = ? "
             "AND acquirer_id = ? AND stan = ? AND transmission_time = ?",
-            (journal_id, *orig),
+            (journal_id, *_orig_params(intent.original_key)),
         )
     return AuthOutcome(
+        reason=plan.reason,
         response_code=code,
-        approval_code=values["approval_code"],
-        available_balance=available,
+        approval_code=approval_code,
+        available_balance=plan.available_after,
         currency=intent.currency,
         replayed=False,
         hold_id=hold_id,
+        held=plan.hold,
+        debited=plan.debit,
     )
+
+
+def _reversal_snapshot(conn: sqlite3.Connection, intent: ReversalIntent) -> ReversalSnapshot:
+    orig = _orig_params(intent.original_key)
+    row = conn.execute(
+        "SELECT id, journal_id, account_id, card_id, kind, remaining, velocity_day, "  # noqa: S608
+        f"velocity_month FROM holds WHERE {_ORIG_WHERE} ORDER BY id LIMIT 1",
+        orig,
+    ).fetchone()
+    if row is not None:
+        return ReversalSnapshot(HoldRow(*row))
+    original = conn.execute(
+        f"SELECT id, account_id FROM journal WHERE {_ORIG_WHERE} AND kind != ? "  # noqa: S608
+        "ORDER BY id LIMIT 1",
+        (*orig, REVERSAL_KIND),
+    ).fetchone()
+    if original is None:
+        return ReversalSnapshot(None)
+    return ReversalSnapshot(None, original["id"], original["account_id"])
 
 
 def _apply_reversal(conn: sqlite3.Connection, intent: ReversalIntent) -> ReversalOutcome:
@@ -623,82 +593,61 @@ def _apply_reversal(conn: sqlite3.Connection, intent: ReversalIntent) -> Reversa
         if not isinstance(stored, ReversalOutcome):
             raise StoreError("invalid", "duplicate key belongs to an authorization")
         return stored
-    if intent.replacement_amount is not None and intent.replacement_amount < 0:
-        raise StoreError("invalid", "negative replacement amount")
-    orig = _orig_params(intent.original_key)
-    hold = conn.execute(
-        f"SELECT * FROM holds WHERE {_ORIG_WHERE} ORDER BY id LIMIT 1",  # noqa: S608 - constant
-        orig,
-    ).fetchone()
-    matched = False
-    released = 0
-    available: int | None = None
-    original_journal_id: int | None = None
-    account_id: str | None = None
-    if hold is not None:
-        matched = True
-        original_journal_id = hold["journal_id"]
-        account_id = hold["account_id"]
-        keep = intent.replacement_amount or 0
-        released = max(0, hold["remaining"] - keep)
-        if released:
-            remaining = hold["remaining"] - released
-            conn.execute("UPDATE holds SET remaining = ? WHERE id = ?", (remaining, hold["id"]))
-            conn.execute(
-                "UPDATE accounts SET available_balance = available_balance + ?, "
-                "ledger_balance = ledger_balance + ? WHERE id = ?",
-                (released, released if hold["kind"] == "debit" else 0, account_id),
+    snap = _reversal_snapshot(conn, intent)
+    plan = plan_reversal(intent, snap)
+    code = intent.profile.code(plan.reason)
+    if plan.hold_remaining is not None and snap.hold is not None:
+        hold = snap.hold
+        conn.execute("UPDATE holds SET remaining = ? WHERE id = ?", (plan.hold_remaining, hold.id))
+        conn.execute(
+            "UPDATE accounts SET available_balance = available_balance + ?, "
+            "ledger_balance = ledger_balance + ? WHERE id = ?",
+            (plan.release, plan.ledger_credit, hold.account_id),
+        )
+        if hold.card_id is not None:
+            _bump_counters(
+                conn,
+                hold.card_id,
+                day=hold.velocity_day,
+                month=hold.velocity_month,
+                amount=-plan.release,
+                count=plan.count_delta,
             )
-            if hold["card_id"] is not None:
-                _bump_counters(
-                    conn,
-                    hold["card_id"],
-                    day=hold["velocity_day"],
-                    month=hold["velocity_month"],
-                    amount=-released,
-                    count=-1 if remaining == 0 else 0,
-                )
-    else:
-        original = conn.execute(
-            f"SELECT id, account_id FROM journal WHERE {_ORIG_WHERE} AND kind != ? "  # noqa: S608
-            "ORDER BY id LIMIT 1",
-            (*orig, REVERSAL_KIND),
-        ).fetchone()
-        if original is not None:
-            matched = True
-            original_journal_id = original["id"]
-            account_id = original["account_id"]
-    if account_id is not None:
+    available: int | None = None
+    if plan.account_id is not None:
         row = conn.execute(
-            "SELECT available_balance FROM accounts WHERE id = ?", (account_id,)
+            "SELECT available_balance FROM accounts WHERE id = ?", (plan.account_id,)
         ).fetchone()
         available = None if row is None else row["available_balance"]
+    matched = plan.reason is Reason.REVERSAL_MATCHED
     values = _journal_values(
         intent.dup_key, intent.original_key, intent.mti, REVERSAL_KIND, intent.stand_in
     )
     values.update(
-        account_id=account_id,
+        account_id=plan.account_id,
         masked_pan=intent.masked_pan,
         amount=intent.amount,
         replacement_amount=intent.replacement_amount,
         currency=intent.currency,
-        response_code=APPROVED,
+        reason=plan.reason.value,
+        response_code=code,
         available_balance=available,
         matched=int(matched),
-        released_amount=released,
-        original_journal_id=original_journal_id,
+        released_amount=plan.release,
+        original_journal_id=plan.original_journal_id,
     )
     journal_id = _insert_journal(conn, values)
-    if not matched:
+    if plan.record_unmatched:
         conn.execute(
             "INSERT INTO unmatched_reversals (network, acquirer_id, stan, transmission_time, "
             "journal_id) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            (*orig, journal_id),
+            (*_orig_params(intent.original_key), journal_id),
         )
     return ReversalOutcome(
-        response_code=APPROVED,
+        reason=plan.reason,
+        response_code=code,
         matched=matched,
-        released_amount=released,
+        released_amount=plan.release,
         available_balance=available,
         replayed=False,
     )
@@ -750,11 +699,47 @@ def _ensure_schema(conn: sqlite3.Connection) -> None:
         return
     if version > SCHEMA_VERSION:
         raise StoreError("unavailable", f"database schema {version} is newer than this code")
-    if version != 0:  # pragma: no cover - no migrations exist yet
-        raise StoreError("unavailable", f"no migration from schema {version}")
-    conn.executescript(
-        f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
-    )
+    if version == 0:
+        conn.executescript(
+            f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+        )
+        return
+    for step in range(version, SCHEMA_VERSION):
+        conn.executescript(
+            f"BEGIN IMMEDIATE;\n{_MIGRATIONS[step]}\nPRAGMA user_version = {step + 1};\nCOMMIT;"
+        )
+
+
+#: Step from schema N to N+1, by N.
+_MIGRATIONS = {
+    # 1 -> 2: the journal records the Reason beside the DE39 it was answered with. Rows
+    # journaled before kept only DE39: their reason is inferred from it (a code shared by
+    # several reasons reads as the first of the ISO table; anything else as system_error).
+    1: """
+ALTER TABLE journal ADD COLUMN reason TEXT NOT NULL DEFAULT '';
+UPDATE journal SET reason = CASE
+    WHEN kind = 'reversal' AND matched = 1 THEN 'reversal_matched'
+    WHEN kind = 'reversal' THEN 'reversal_unmatched'
+    WHEN kind LIKE 'advice%' THEN 'advice_applied'
+    WHEN response_code = '00' THEN 'approved'
+    WHEN response_code = '05' THEN 'original_already_reversed'
+    WHEN response_code = '12' THEN 'invalid_transaction'
+    WHEN response_code = '13' THEN 'invalid_amount'
+    WHEN response_code = '14' THEN 'unknown_card'
+    WHEN response_code = '41' THEN 'lost_card'
+    WHEN response_code = '43' THEN 'stolen_card'
+    WHEN response_code = '51' THEN 'insufficient_funds'
+    WHEN response_code = '54' THEN 'expired_card'
+    WHEN response_code = '55' THEN 'wrong_pin'
+    WHEN response_code = '57' THEN 'card_closed'
+    WHEN response_code = '61' THEN 'exceeds_amount_velocity'
+    WHEN response_code = '62' THEN 'card_blocked'
+    WHEN response_code = '65' THEN 'exceeds_count_velocity'
+    WHEN response_code = '75' THEN 'pin_tries_exceeded'
+    WHEN response_code IN ('82', 'N7') THEN 'cvv_mismatch'
+    ELSE 'system_error' END;
+""",
+}
 
 
 def _as_store_error(exc: Exception) -> StoreError:
