@@ -529,7 +529,7 @@ async def test_log_line_and_metrics_come_from_the_decision(
             await run.network.end()
     (line,) = [e for e in logs if e["event"] == "answered"]
     assert line["reason"] == "issuer_unavailable"
-    assert line["stand_in"] == "budget"
+    assert line["stand_in_cause"] == "budget"
     assert line["response_code"] == "91"
     assert line["masked_pan"] == mask_pan(PAN)
     assert line["ms"] == pytest.approx(250.0)
