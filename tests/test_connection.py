@@ -379,9 +379,16 @@ async def test_every_code_comes_from_the_profile(autojump_clock: trio.testing.Mo
     async with connection(FakeEngine(raises=True), prof=odd) as run:
         await run.network.send(bad, raw({**fields, "t": "0600"}), auth("000003"))
         await run.network.send(codec.encode(echo(stan="000004")))
-        await run.network.answers(4)
+        await run.network.send(codec.encode(echo(stan="000005", code="999")))  # DE70 not served
+        await run.network.answers(5)
         await run.network.end()
-    assert run.network.codes() == {"000001": "F1", "000002": "T2", "000003": "S6", "000004": "A0"}
+    assert run.network.codes() == {
+        "000001": "F1",
+        "000002": "T2",
+        "000003": "S6",
+        "000004": "A0",
+        "000005": "T2",
+    }
 
 
 async def test_unsupported_request_gets_12_and_unsolicited_response_is_dropped(
