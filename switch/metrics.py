@@ -1,12 +1,14 @@
 """Prometheus metrics of the switch: the only module that imports prometheus_client.
 
 What lives here: every metric the switch exports, with bounded label sets (listener, network,
-MTI, response code, step, error kind; never PAN, STAN or terminal), small functions that record
-an observation, and the HTTP exposition server. What does not: deciding what happened
-(callers pass the outcome in).
+MTI, response code, reason, step, error kind; never PAN, STAN or terminal), small functions
+that record an observation (``observe`` takes the ``Decision`` of an answered request), and the
+HTTP exposition server. What does not: deciding what happened (callers pass the outcome in).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -16,6 +18,9 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
+
+if TYPE_CHECKING:  # the handler boundary; only a type here
+    from switch.handler import Decision
 
 #: The registry the switch exports; a dedicated one so tests can read it without globals
 #: from other libraries.
@@ -44,6 +49,19 @@ STEP_SECONDS = Histogram(
     "Time spent in each pipeline step.",
     ["step"],
     buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+DECISIONS = Counter(
+    "cardswitch_decisions",
+    "Requests answered, by the reason that decided the answer (decisions.Reason values).",
+    ["network", "reason"],
+    registry=REGISTRY,
+)
+UNDELIVERED = Counter(
+    "cardswitch_answers_undelivered",
+    "Answers decided but not handed to the transport: the write failed, the connection was"
+    " closed, or the request was abandoned at a deadline.",
+    ["listener", "kind"],
     registry=REGISTRY,
 )
 STAND_IN = Counter(
@@ -102,19 +120,52 @@ STORE_BATCH_SIZE = Histogram(
 )
 
 
-def observe_request(network: str, mti: str, response_code: str, seconds: float) -> None:
-    """Record one answered request."""
+def observe_answer(
+    network: str,
+    mti: str,
+    *,
+    response_code: str,
+    reason: str,
+    seconds: float,
+    stand_in: str | None = None,
+) -> None:
+    """Record one answer handed to the transport.
+
+    Args:
+        network: the listener's network profile.
+        mti: the MTI of the request answered.
+        response_code: DE39 of the answer.
+        reason: the ``Reason`` value that decided it.
+        seconds: from the request fully read to its answer written.
+        stand_in: the stand-in cause, when the answer is the stand-in policy's.
+    """
     REQUESTS.labels(network, mti, response_code).inc()
     REQUEST_SECONDS.labels(network, mti).observe(seconds)
+    DECISIONS.labels(network, reason).inc()
+    if stand_in is not None:
+        STAND_IN.labels(network, stand_in).inc()
+
+
+def observe(network: str, mti: str, decision: Decision, seconds: float) -> None:
+    """Record one answered request from its ``Decision`` (code, reason, stand-in cause)."""
+    observe_answer(
+        network,
+        mti,
+        response_code=decision.response_code,
+        reason=decision.reason.value,
+        seconds=seconds,
+        stand_in=decision.stand_in,
+    )
+
+
+def observe_undelivered(listener: str, kind: str) -> None:
+    """Record an answer that was decided but never written; ``kind`` says why."""
+    UNDELIVERED.labels(listener, kind).inc()
 
 
 def observe_protocol_error(listener: str, kind: str) -> None:
     """Record a framing or format error; ``kind`` is a short fixed identifier."""
     PROTOCOL_ERRORS.labels(listener, kind).inc()
-
-
-def observe_stand_in(network: str, cause: str) -> None:
-    STAND_IN.labels(network, cause).inc()
 
 
 def exposition() -> bytes:

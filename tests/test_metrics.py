@@ -18,6 +18,7 @@ from switch.send import build_auth, echo
 PAN = "4123456789012345"
 #: Labels a metric may carry: bounded sets only (no PAN, STAN, terminal, peer address).
 ALLOWED_LABELS = {"network", "mti", "response_code", "listener", "outcome", "kind", "step"}
+ALLOWED_LABELS |= {"reason"}  # decisions.Reason values: a fixed set
 ALLOWED_LABELS |= {"cause", "command", "le"}
 
 
@@ -60,7 +61,10 @@ async def test_requests_and_steps_are_counted(
     assert delta(requests, network="visa", mti="0800", response_code="00") == 1
     assert delta(requests, network="visa", mti="0100", response_code="00") == 1
     assert delta(requests, network="visa", mti="0100", response_code="51") == 1
+    assert delta("cardswitch_decisions_total", network="visa", reason="approved") == 2
+    assert delta("cardswitch_decisions_total", network="visa", reason="insufficient_funds") == 1
     assert delta("cardswitch_protocol_errors_total", listener="visa", kind="zero_length") == 1
+    assert delta("cardswitch_connections_total", listener="visa", outcome="zero_length") == 1
     assert delta("cardswitch_pipeline_step_seconds_count", step="commit") == 2
     assert delta("cardswitch_store_batch_size_count") >= 1
     assert delta("cardswitch_hsm_command_seconds_count", command="fingerprint") == 2

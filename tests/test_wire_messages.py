@@ -277,7 +277,7 @@ def test_garbage_with_recoverable_mti_and_stan_gets_30() -> None:
     err = info.value
     assert (err.field, err.mti, err.stan) == ("4", "0100", "000999")
     assert b"\xff" not in str(err).encode("utf-8", "replace")
-    answer = codec.format_error_response(err)
+    answer = codec.format_error_response(err, response_code="30")
     assert answer is not None
     # Decoded with pyiso8583's own shipped spec, not ours.
     fields, _ = iso8583.decode(answer, default_ascii)
@@ -293,12 +293,12 @@ def test_unanswerable_format_errors() -> None:
     for frame in (b"", b"01", b"XXXX" + b"0" * 16, b"0100" + b"Z" * 16):
         with pytest.raises(FormatError) as info:
             codec.decode(frame)
-        assert codec.format_error_response(info.value) is None
+        assert codec.format_error_response(info.value, response_code="30") is None
     # A response-class MTI is never answered.
     with pytest.raises(FormatError) as info:
         codec.decode(frame_of({"t": "0110", "11": "000001", "39": "0X" + "X"[:0]})[:-1])
     assert info.value.mti == "0110"
-    assert codec.format_error_response(info.value) is None
+    assert codec.format_error_response(info.value, response_code="30") is None
 
 
 def test_non_digit_length_prefix_rejected() -> None:

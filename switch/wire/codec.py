@@ -232,8 +232,16 @@ def encode(msg: Message, spec: SpecKind = "ascii") -> bytes:
     return bytes(raw)
 
 
-def format_error_response(err: FormatError, spec: SpecKind = "ascii") -> bytes | None:
-    """The encoded DE39 = 30 answer to ``err``, or None when the message cannot be answered.
+def format_error_response(
+    err: FormatError, spec: SpecKind = "ascii", *, response_code: str
+) -> bytes | None:
+    """The encoded format-error answer to ``err``, or None when the message cannot be answered.
+
+    Args:
+        err: the error ``decode`` raised.
+        spec: the wire spec of the answer.
+        response_code: the DE39 to send; the caller takes it from its network profile (the
+            code of ``Reason.FORMAT_ERROR``, 30 in ISO 8583:1987), so no table lives here.
 
     An answer exists when the MTI and the STAN were recovered and the MTI is a request class;
     it echoes DE7, DE32, DE37, DE41 and DE70 when those were recovered too. With None the server
@@ -244,7 +252,7 @@ def format_error_response(err: FormatError, spec: SpecKind = "ascii") -> bytes |
     answer = ErrorResponse(
         mti=messages.response_mti(err.mti),
         stan=err.stan,
-        response_code=err.response_code_hint,
+        response_code=response_code,
         transmission_time=err.transmission_time,
         acquirer_id=err.acquirer_id,
         rrn=err.rrn,

@@ -1,0 +1,400 @@
+"""One connection of a card network: reader, request tasks and a single writer over a stream.
+
+What lives here: ``Connection``, which runs over any ``trio.abc.Stream`` (a TLS stream from
+the listener in production, one end of ``trio.testing.memory_stream_pair()`` in tests):
+
+- the reader feeds the bytes it receives to the sans-IO ``Session`` under a per-frame
+  deadline (the clock starts at a frame's first byte, so a body dripped slowly is cut off
+  however steady the drip) and acts on what the session returns: a request to decide starts
+  one task, once a slot is free on this connection and in the switch (backpressure: reading
+  pauses while either is full); a format error's answer is queued as it is; a dropped frame
+  is logged and counted; a ``Close`` stops reading;
+- request tasks call the ``RequestHandler`` and queue the encoded answer of the ``Decision``
+  it returns; answers leave in the order they are ready (networks match them by STAN/RRN);
+- one writer sends every queued answer ready at that moment in one ``send_all`` and, once an
+  answer has been handed to the transport, writes its log line and metrics from the
+  ``Decision`` (response code, reason, stand-in cause, masked PAN).
+
+However the reader stops (end of stream, bad input, a drain), the requests already read are
+still decided and their answers written while the stream is writable, within the linger
+deadline; then the stream is closed. An answer that cannot be delivered (the write failed,
+the deadline passed first) is logged and counted as undelivered, never silently lost.
+
+What does not: accepting, TLS and the peer allow-list (server.py), what a frame means and
+which response code answers it (session.py, decisions.py), the decision (handler.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import trio
+
+from switch import metrics
+from switch.config import ListenerConfig
+from switch.decisions import Profile, Reason
+from switch.handler import Decision, Request, RequestContext, RequestHandler
+from switch.log import get_logger, mask_pan
+from switch.session import Answer, Close, Decide, Drop, Session
+from switch.wire import codec
+from switch.wire.framing import encode_frame
+from switch.wire.messages import AuthRequest
+
+__all__ = ["Connection", "describe"]
+
+log = get_logger("switch.connection")
+
+#: Bytes asked of the stream per read; frames are at most a few KiB.
+_RECEIVE_SIZE = 65536
+#: Seconds a graceful close of the stream (TLS close_notify) may take before it is dropped.
+_CLOSE_TIMEOUT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What the log line and metrics of one answer say; bounded values and a masked PAN."""
+
+    mti: str
+    stan: str | None
+    response_code: str | None
+    #: None when the request was abandoned before it was decided.
+    reason: Reason | None
+    received_at: float
+    stand_in: str | None = None
+    replayed: bool = False
+    masked_pan: str | None = None
+    #: For an answer to a format error: the field at fault and what was wrong.
+    field: str | None = None
+    detail: str | None = None
+
+    @classmethod
+    def of_decision(cls, request: Request, decision: Decision, received_at: float) -> _Outcome:
+        return cls(
+            mti=request.mti,
+            stan=request.stan,
+            response_code=decision.response_code,
+            reason=decision.reason,
+            received_at=received_at,
+            stand_in=decision.stand_in,
+            replayed=decision.replayed,
+            masked_pan=decision.masked_pan,
+        )
+
+    @classmethod
+    def of_answer(cls, answer: Answer, received_at: float) -> _Outcome:
+        return cls(
+            mti=answer.mti,
+            stan=answer.stan,
+            response_code=answer.response_code,
+            reason=answer.reason,
+            received_at=received_at,
+            field=answer.field,
+            detail=answer.detail,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Outgoing:
+    """A framed answer queued for the writer, and what to log once it is written."""
+
+    data: bytes
+    outcome: _Outcome
+
+
+class Connection:
+    """Serve one connection until its peer goes, its input goes bad, or it is drained.
+
+    Args:
+        stream: the connection's byte stream; ``run`` closes it before returning.
+        handler: decides every request the session hands over.
+        listener: framing, spec, limits and deadlines of the listener that accepted it.
+        profile: the listener's network profile (every response code comes from it).
+        linger: seconds allowed, once reading has stopped, to finish the requests already
+            read and write their answers (the switch's drain timeout).
+        global_slots: requests in flight across the switch; None for no global bound.
+        peer: verified identities of the peer certificate (passed to the handler).
+        remote: the peer address, for logs.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        handler: RequestHandler,
+        listener: ListenerConfig,
+        profile: Profile,
+        *,
+        linger: float,
+        global_slots: trio.Semaphore | None = None,
+        peer: frozenset[str] = frozenset(),
+        remote: str = "?",
+    ) -> None:
+        self._stream = stream
+        self._handler = handler
+        self._listener = listener
+        self._profile = profile
+        self._linger = linger
+        self._global_slots = global_slots
+        self._slots = trio.Semaphore(listener.max_in_flight)
+        self._peer = peer
+        self._remote = remote
+        self._session = Session(listener, profile)
+        # Bounded: when the peer stops reading, request tasks wait here holding their slots,
+        # and the reader stops taking new requests.
+        self._outbox_send, self._outbox_recv = trio.open_memory_channel[_Outgoing](
+            listener.max_in_flight
+        )
+        self._reader_scope = trio.CancelScope()
+        self._write_failed = False
+        self._outcome: str | None = None
+
+    def stop_reading(self) -> None:
+        """Drain: read no more frames; the requests already read are answered."""
+        self._set_outcome("drained")
+        self._reader_scope.cancel()
+
+    async def run(self) -> str:
+        """Serve until the connection ends; returns how it ended (a short metric label).
+
+        ``"eof"`` (the peer closed), ``"drained"``, ``"broken"`` (a read failed),
+        ``"write_failed"``, ``"frame_timeout"``, or the ``Close`` kind of the bad input.
+        """
+        deadline = math.inf
+        try:
+            async with trio.open_nursery() as conn_nursery:
+                conn_nursery.start_soon(self._write_loop)
+                try:
+                    async with trio.open_nursery() as requests:
+                        with self._reader_scope:
+                            self._set_outcome(await self._read_loop(requests))
+                        # Reading has stopped; what was read is still decided and answered.
+                        deadline = trio.current_time() + self._linger
+                        requests.cancel_scope.deadline = deadline
+                finally:
+                    self._outbox_send.close()
+                conn_nursery.cancel_scope.deadline = deadline
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+                await _aclose_quietly(self._stream)
+        return self._outcome or "closed"
+
+    def _set_outcome(self, kind: str) -> None:
+        if self._outcome is None:
+            self._outcome = kind
+
+    # ------------------------------------------------------------------------- reader
+
+    async def _read_loop(self, requests: trio.Nursery) -> str:
+        """Read and act on frames until the stream ends or must be closed; returns why."""
+        lst = self._listener
+        frame_deadline = math.inf
+        while True:
+            with trio.move_on_at(frame_deadline) as frame_scope:
+                try:
+                    data = await self._stream.receive_some(_RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    log.info("read_failed", listener=lst.name, remote=self._remote,
+                             error=describe(exc.__cause__ or exc))  # fmt: skip
+                    return "broken"
+            if frame_scope.cancelled_caught:
+                self._protocol_error(Close("frame_timeout", "frame slower than its deadline"))
+                return "frame_timeout"
+            if not data:
+                close = self._session.end_of_stream()
+                if close is not None:
+                    self._protocol_error(close)
+                    return close.kind
+                return "eof"
+            received_at = trio.current_time()
+            actions = self._session.receive(bytes(data))
+            for action in actions:
+                if isinstance(action, Decide):
+                    # Backpressure: stop reading while this connection or the switch is full.
+                    await self._slots.acquire()
+                    if self._global_slots is not None:
+                        await self._global_slots.acquire()
+                    requests.start_soon(self._request, action.message, received_at)
+                elif isinstance(action, Answer):
+                    metrics.observe_protocol_error(lst.name, "format_error")
+                    framed = encode_frame(action.body, lst.header)
+                    await self._queue(_Outgoing(framed, _Outcome.of_answer(action, received_at)))
+                elif isinstance(action, Drop):
+                    metrics.observe_protocol_error(lst.name, action.kind)
+                    log.warning("message_dropped", listener=lst.name, remote=self._remote,
+                                kind=action.kind, mti=action.mti, stan=action.stan)  # fmt: skip
+                else:
+                    self._protocol_error(action)
+                    return action.kind
+            if not self._session.in_progress:
+                frame_deadline = math.inf
+            elif actions or frame_deadline == math.inf:
+                # A new frame began in this read: its deadline starts now.
+                frame_deadline = trio.current_time() + lst.frame_timeout
+
+    def _protocol_error(self, close: Close) -> None:
+        metrics.observe_protocol_error(self._listener.name, close.kind)
+        log.warning("connection_input_rejected", listener=self._listener.name,
+                    remote=self._remote, kind=close.kind, detail=close.detail)  # fmt: skip
+
+    # ------------------------------------------------------------------------- requests
+
+    async def _request(self, message: Request, received_at: float) -> None:
+        """Decide one request and queue its answer; every way out is accounted for."""
+        metrics.IN_FLIGHT.inc()
+        accounted = False
+        try:
+            ctx = RequestContext(self._listener, self._profile, self._peer, received_at)
+            try:
+                decision = await self._handler.handle(message, ctx)
+            except Exception as exc:
+                # A defect of the handler itself (the dispatcher answers engine failures).
+                accounted = True
+                metrics.observe_protocol_error(self._listener.name, "internal_error")
+                log.error("request_failed", listener=self._listener.name, mti=message.mti,
+                          stan=message.stan, error=describe(exc), exc_info=exc)  # fmt: skip
+                return
+            if decision is None:
+                accounted = True
+                log.info("not_answered", listener=self._listener.name, mti=message.mti,
+                         stan=message.stan)  # fmt: skip
+                return
+            outcome = _Outcome.of_decision(message, decision, received_at)
+            try:
+                body = codec.encode(decision.response, self._listener.spec)
+                data = encode_frame(body, self._listener.header)
+            except ValueError as exc:
+                accounted = True
+                self._undelivered(outcome, "encode_failed", error=describe(exc))
+                return
+            await self._queue(_Outgoing(data, outcome))
+            accounted = True
+        finally:
+            if not accounted:  # cancelled: the deadline passed before it was queued
+                self._undelivered(_abandoned(message, received_at), "abandoned")
+            metrics.IN_FLIGHT.dec()
+            if self._global_slots is not None:
+                self._global_slots.release()
+            self._slots.release()
+
+    async def _queue(self, item: _Outgoing) -> None:
+        """Hand ``item`` to the writer, or account for it when nothing can be written."""
+        if self._write_failed:
+            self._undelivered(item.outcome, "write_failed")
+            return
+        try:
+            await self._outbox_send.send(item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._undelivered(item.outcome, "write_failed")
+
+    # ------------------------------------------------------------------------- writer
+
+    async def _write_loop(self) -> None:
+        """Send every answer ready in one write; exits when the outbox closes or a write fails."""
+        batch: list[_Outgoing] = []
+        try:
+            async for first in self._outbox_recv:
+                batch = [first]
+                while True:
+                    try:
+                        batch.append(self._outbox_recv.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                try:
+                    await self._stream.send_all(b"".join(item.data for item in batch))
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    log.warning("write_failed", listener=self._listener.name,
+                                remote=self._remote, unsent=len(batch),
+                                error=describe(exc.__cause__ or exc))  # fmt: skip
+                    self._write_failed = True
+                    self._set_outcome("write_failed")
+                    self._reader_scope.cancel()  # nothing read now could be answered
+                    for item in batch:
+                        self._undelivered(item.outcome, "write_failed")
+                    batch = []
+                    return
+                done = trio.current_time()
+                for item in batch:
+                    self._answered(item.outcome, done)
+                batch = []
+        finally:
+            # Cancelled at the deadline during a write, or with answers still queued.
+            for item in batch:
+                self._undelivered(item.outcome, "deadline")
+            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                while True:
+                    self._undelivered(self._outbox_recv.receive_nowait().outcome, "deadline")
+            self._outbox_recv.close()
+
+    # ------------------------------------------------------------------------- accounting
+
+    def _answered(self, outcome: _Outcome, done: float) -> None:
+        seconds = max(0.0, done - outcome.received_at)
+        lst = self._listener
+        code, reason = outcome.response_code or "", _reason(outcome)
+        metrics.observe_answer(
+            lst.network,
+            outcome.mti,
+            response_code=code,
+            reason=reason,
+            seconds=seconds,
+            stand_in=outcome.stand_in,
+        )
+        emit = log.warning if outcome.reason is Reason.FORMAT_ERROR else log.info
+        extra = {"field": outcome.field, "detail": outcome.detail} if outcome.detail else {}
+        emit(
+            "answered",
+            listener=lst.name,
+            network=lst.network,
+            mti=outcome.mti,
+            stan=outcome.stan,
+            response_code=code,
+            reason=reason,
+            stand_in_cause=outcome.stand_in,
+            replayed=outcome.replayed or None,
+            masked_pan=outcome.masked_pan,
+            ms=round(seconds * 1000, 3),
+            **extra,
+        )
+
+    def _undelivered(self, outcome: _Outcome, kind: str, *, error: str | None = None) -> None:
+        metrics.observe_undelivered(self._listener.name, kind)
+        log.error(
+            "answer_undelivered",
+            listener=self._listener.name,
+            remote=self._remote,
+            kind=kind,
+            mti=outcome.mti,
+            stan=outcome.stan,
+            response_code=outcome.response_code,
+            reason=_reason(outcome),
+            masked_pan=outcome.masked_pan,
+            error=error,
+        )
+
+
+def _abandoned(message: Request, received_at: float) -> _Outcome:
+    """The outcome of a request cancelled before it was answered (its decision is unknown)."""
+    pan = message.pan if isinstance(message, AuthRequest) else None
+    return _Outcome(
+        mti=message.mti,
+        stan=message.stan,
+        response_code=None,
+        reason=None,
+        received_at=received_at,
+        masked_pan=mask_pan(pan) if pan else None,
+    )
+
+
+def _reason(outcome: _Outcome) -> str:
+    return outcome.reason.value if outcome.reason is not None else "undecided"
+
+
+def describe(exc: BaseException) -> str:
+    """A log-safe one-liner for an exception (the log processor scrubs it again)."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _aclose_quietly(stream: trio.abc.AsyncResource) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        await stream.aclose()

@@ -1,0 +1,236 @@
+"""What the switch does with each frame a connection delivers: the sans-IO session policy.
+
+What lives here: ``Session``, fed the bytes one connection reads and returning one action per
+complete frame, in stream order, and ``classify``, the rule for a single frame body:
+
+- ``Decide(message)``: a decodable request-class message (authorization, reversal, network
+  management, or a request MTI we do not serve): hand it to the ``RequestHandler``;
+- ``Answer(body, reason, ...)``: a body that cannot be decoded but whose request MTI and STAN
+  were recovered, answered at once with the profile's code for ``Reason.FORMAT_ERROR``; the
+  connection stays open;
+- ``Drop(kind)``: a response-class message (unsolicited, or garbled beyond use): nothing
+  is answered, the connection stays open;
+- ``Close(kind)``: the byte stream cannot be trusted any more (a framing error, a body with
+  no recoverable request MTI and STAN, EOF inside a frame): stop reading. The connection
+  still finishes and writes the answers of the requests before it.
+
+Nothing here knows a response code: every DE39 comes from the listener's ``Profile``. Like
+h11, this module does no I/O and imports no trio, so the whole policy is tested with bytes.
+
+What does not: reading, deadlines, backpressure and writing (connection.py), accepting and
+TLS (server.py), deciding a request (handler.py and the engine behind it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from switch.config import HeaderKind, ListenerConfig, SpecKind
+from switch.decisions import Profile, Reason
+from switch.handler import Request
+from switch.wire import codec
+from switch.wire.framing import FrameDecoder, FramingError, header_size
+from switch.wire.messages import (
+    AuthRequest,
+    NetworkRequest,
+    ReversalRequest,
+    UnsupportedMessage,
+    is_request,
+)
+
+__all__ = [
+    "Action",
+    "Answer",
+    "Close",
+    "Decide",
+    "Drop",
+    "Session",
+    "classify",
+]
+
+#: Close kind of a body whose MTI or STAN cannot be recovered (nothing to answer it with).
+UNDECODABLE: Final = "undecodable"
+#: Close kind of an end of stream in the middle of a frame.
+TRUNCATED_FRAME: Final = "truncated_frame"
+#: Drop kind of a well-formed response-class message nobody asked for.
+UNSOLICITED_RESPONSE: Final = "unsolicited_response"
+#: Drop kind of a response-class message that does not even decode.
+GARBLED_RESPONSE: Final = "garbled_response"
+
+
+@dataclass(frozen=True, slots=True)
+class Decide:
+    """Hand ``message`` to the request handler and send what it decides."""
+
+    message: Request
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """Send ``body`` (an encoded message, no length header) now; nothing is decided.
+
+    ``mti`` and ``stan`` are those of the request answered; ``field`` and ``detail`` say
+    what was wrong with it (fixed texts, never message bytes).
+    """
+
+    body: bytes
+    reason: Reason
+    response_code: str
+    mti: str
+    stan: str
+    field: str | None
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """Ignore this frame; the connection stays open."""
+
+    kind: str
+    mti: str | None = None
+    stan: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Stop reading this connection: its byte stream is lost.
+
+    ``kind`` is a short fixed identifier for logs and metrics (a ``FramingError`` kind,
+    ``"undecodable"`` or ``"truncated_frame"``); ``detail`` a fixed text without data.
+    """
+
+    kind: str
+    detail: str = ""
+
+
+Action = Decide | Answer | Drop | Close
+
+
+def classify(frame: bytes, spec: SpecKind, profile: Profile) -> Decide | Answer | Drop | Close:
+    """The action for one complete frame body.
+
+    >>> from switch.decisions import profile
+    >>> classify(b"not iso 8583", "ascii", profile("iso")).kind
+    'undecodable'
+
+    Args:
+        frame: the body, length header removed.
+        spec: the listener's wire spec.
+        profile: the listener's network profile (the source of every response code).
+    """
+    try:
+        message = codec.decode(frame, spec)
+    except codec.FormatError as err:
+        return _format_error(err, spec, profile)
+    if isinstance(message, AuthRequest | ReversalRequest | NetworkRequest):
+        return Decide(message)
+    if isinstance(message, UnsupportedMessage) and message.is_request:
+        return Decide(message)
+    return Drop(UNSOLICITED_RESPONSE, message.mti, getattr(message, "stan", None))
+
+
+def _format_error(
+    err: codec.FormatError, spec: SpecKind, profile: Profile
+) -> Answer | Drop | Close:
+    code = profile.code(Reason.FORMAT_ERROR)
+    body = codec.format_error_response(err, spec, response_code=code)
+    if body is not None:
+        assert err.mti is not None and err.stan is not None  # an answer needs both
+        return Answer(body, Reason.FORMAT_ERROR, code, err.mti, err.stan, err.field, err.reason)
+    if err.mti is not None and not is_request(err.mti):
+        return Drop(GARBLED_RESPONSE, err.mti, err.stan)
+    return Close(UNDECODABLE, err.reason)
+
+
+class Session:
+    """The policy of one connection: bytes in, actions out, in stream order.
+
+    >>> from switch.config import ListenerConfig
+    >>> from switch.decisions import profile
+    >>> s = Session(ListenerConfig(header="ascii4"), profile("iso"))
+    >>> s.receive(b"00")
+    []
+    >>> s.in_progress
+    True
+    >>> s.receive(b"00")
+    [Close(kind='zero_length', detail='framing error (zero_length): frame announces an empty body')]
+
+    After a ``Close`` the session is finished: later bytes give no action.
+    """
+
+    def __init__(self, listener: ListenerConfig, profile: Profile) -> None:
+        self._header: HeaderKind = listener.header
+        self._header_size = header_size(listener.header)
+        self._max_frame = listener.max_frame
+        self._decoder = FrameDecoder(listener.header, listener.max_frame)
+        self._spec: SpecKind = listener.spec
+        self._profile = profile
+        self._closed = False
+        #: Bytes received since the last frame boundary (at most one header and one body),
+        #: kept so that the frames before a framing error can be recovered.
+        self._partial = b""
+
+    @property
+    def in_progress(self) -> bool:
+        """Whether part of a frame has been received (the frame deadline is running)."""
+        return not self._closed and self._decoder.in_progress
+
+    @property
+    def closed(self) -> bool:
+        """Whether a ``Close`` has been returned."""
+        return self._closed
+
+    def receive(self, data: bytes) -> list[Action]:
+        """The actions of the frames ``data`` completes; a ``Close``, if any, comes last.
+
+        Frames before a framing error or an undecodable body are still returned (and must
+        be decided and answered); bytes after it are not looked at.
+        """
+        if self._closed:
+            return []
+        failure: Close | None = None
+        try:
+            frames = self._decoder.feed(data)
+        except FramingError as exc:
+            frames = self._frames_before_error(self._partial + data)
+            failure = Close(exc.kind, str(exc))
+        else:
+            received = self._partial + data if self._partial else data
+            consumed = sum(self._header_size + len(f) for f in frames)
+            self._partial = received[consumed:]
+        actions: list[Action] = []
+        for frame in frames:
+            action = classify(frame, self._spec, self._profile)
+            actions.append(action)
+            if isinstance(action, Close):
+                self._closed = True
+                return actions
+        if failure is not None:
+            self._closed = True
+            actions.append(failure)
+        return actions
+
+    def end_of_stream(self) -> Close | None:
+        """The action for an end of stream: a ``Close`` when it cut a frame, else None."""
+        if self._closed:
+            return None
+        self._closed = True
+        if self._decoder.in_progress:
+            return Close(TRUNCATED_FRAME, "end of stream inside a frame")
+        return None
+
+    def _frames_before_error(self, data: bytes) -> list[bytes]:
+        """Replay ``data`` into a fresh decoder, a byte at a time, up to the framing error.
+
+        ``FrameDecoder.feed`` raises without returning the frames it completed earlier in
+        the same call; this slow path (taken once, just before a close) recovers them.
+        """
+        decoder = FrameDecoder(self._header, self._max_frame)
+        frames: list[bytes] = []
+        for i in range(len(data)):
+            try:
+                frames += decoder.feed(data[i : i + 1])
+            except FramingError:
+                break
+        return frames
