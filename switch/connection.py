@@ -32,11 +32,12 @@ from dataclasses import dataclass
 
 import trio
 
+from hsm.pan import mask_pan
 from switch import metrics
 from switch.config import ListenerConfig
 from switch.decisions import Profile, Reason
 from switch.handler import Decision, Request, RequestContext, RequestHandler
-from switch.log import get_logger, mask_pan
+from switch.log import get_logger
 from switch.session import Answer, Close, Decide, Drop, Session
 from switch.wire import codec
 from switch.wire.framing import encode_frame

@@ -26,11 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from switch.config import HeaderKind, ListenerConfig, SpecKind
+from switch.config import ListenerConfig
 from switch.decisions import Profile, Reason
 from switch.handler import Request
 from switch.wire import codec
-from switch.wire.framing import FrameDecoder, FramingError, header_size
+from switch.wire.framing import FrameDecoder, FramingError, HeaderKind, header_size
 from switch.wire.messages import (
     AuthRequest,
     NetworkRequest,
@@ -38,6 +38,7 @@ from switch.wire.messages import (
     UnsupportedMessage,
     is_request,
 )
+from switch.wire.spec import SpecKind
 
 __all__ = [
     "Action",
