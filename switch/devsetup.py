@@ -4,7 +4,7 @@ What lives here: the idempotent first-run sequence of ``make run``: the dev PKI,
 dev token with the card-data keys, the public demo test keys, and the demo cards and accounts
 (only when the store has no cards yet). Everything it creates lives under ``var/``.
 
-What does not: the operations themselves (switch.pki, hsm.token, hsm.cli, switch.provision);
+What does not: the operations themselves (switch.pki, hsm.token, switch.cli.hsm, switch.provision);
 this module only sequences them. Never run it against production configuration: the demo
 keys are public test keys.
 """
@@ -19,10 +19,10 @@ import trio
 
 from hsm.api import Hsm, KeyAlgorithm, KeyUsage
 from hsm.carddata import open_vault
-from hsm.cli import ensure_card_data_keys
 from hsm.errors import KeyExists
 from hsm.token import open_hsm
 from switch import config as config_mod
+from switch.cli.hsm import ensure_card_data_keys
 from switch.config import Config
 from switch.pki import ensure_pki
 from switch.provision import import_cards, load_keys, load_rows

@@ -8,7 +8,8 @@ value or TR-31 key block), ``keys list``, and the card-security calculators ``hs
 failure or a mismatch, with one line on stderr that never carries a PIN, key or full PAN.
 
 What does not: the cryptography (``hsm.api`` backends), opening the token (``hsm.token``),
-the command dispatcher (``switch.__main__``).
+the command dispatcher (``switch.__main__``). It lives in the switch CLI layer
+because ``hsm`` imports nothing from ``switch``.
 
 Secrets on the command line (``--pin``, ``--clear``, ``--kbpk``) end up in shell history and
 the process list: pass ``-`` to read the value from one line of standard input instead.
