@@ -48,10 +48,10 @@ from typing import Any, Literal
 
 import trio
 
+from switch.acquirer import build_auth, encipher_pin, transmission_time
 from switch.client import Client, ClientError
 from switch.pki import pki_paths
 from switch.provision import load_keys
-from switch.send import build_auth, encipher_pin, transmission_time
 from switch.tls import client_context
 from switch.wire.messages import AuthResponse, Message, NetworkRequest, NetworkResponse, Track2
 

@@ -30,9 +30,9 @@ from typing import Any
 import trio
 from server_fixtures import wait_ready
 
+from switch.acquirer import build_auth, build_reversal
 from switch.client import Client, ClientError
 from switch.pki import PkiPaths
-from switch.send import build_auth, build_reversal
 from switch.wire.messages import AuthRequest, AuthResponse, ReversalRequest, ReversalResponse
 
 REPO = Path(__file__).resolve().parents[1]

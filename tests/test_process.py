@@ -12,9 +12,9 @@ from pathlib import Path
 import trio
 from server_fixtures import wait_ready
 
+from switch.acquirer import build_auth, echo
 from switch.client import Client
 from switch.pki import PkiPaths
-from switch.send import build_auth, echo
 from switch.wire.messages import AuthResponse, NetworkResponse
 
 REPO = Path(__file__).resolve().parents[1]

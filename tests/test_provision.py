@@ -14,8 +14,9 @@ import trio
 from hsm.api import KeyAlgorithm, KeyUsage
 from hsm.carddata import HsmVault
 from hsm.software import SoftwareHsm
+from switch.cli.provision import register
 from switch.config import StoreConfig
-from switch.provision import CardRow, ProvisionError, import_cards, load_keys, load_rows, register
+from switch.provision import CardRow, ProvisionError, import_cards, load_keys, load_rows
 from switch.store import CardStatus, SqliteStore, open_store
 from switch.store.sqlite import open_sqlite_store
 

@@ -21,9 +21,9 @@ CLI_TIMEOUT = 60
 #: imports modules of other areas, which this test does not depend on.
 _RUNNER = """
 import argparse, sys
-import switch.provision
+import switch.cli.provision
 parser = argparse.ArgumentParser(prog="cardswitch")
-switch.provision.register(parser.add_subparsers(dest="command", required=True))
+switch.cli.provision.register(parser.add_subparsers(dest="command", required=True))
 args = parser.parse_args(sys.argv[1:])
 sys.exit(args.func(args))
 """

@@ -18,10 +18,10 @@ from server_fixtures import (
     tls11_client_ctx,
 )
 
+from switch.acquirer import build_auth, echo
 from switch.client import Client
 from switch.handler import RequestContext
 from switch.pki import PkiPaths
-from switch.send import build_auth, echo
 from switch.wire import codec
 from switch.wire.framing import encode_frame
 from switch.wire.messages import (
