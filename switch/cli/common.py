@@ -14,11 +14,11 @@ from typing import Any
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps descriptions and epilogs as written; appends ``(default: X)`` to option help
-    when the option has a meaningful default (not None, not a flag's False)."""
+    when the option has a meaningful default (not None, empty or a flag's False)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS):
+        if "%(default)" in text or action.default in (None, False, "", argparse.SUPPRESS):
             return text
         if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
             return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"

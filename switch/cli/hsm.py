@@ -107,9 +107,9 @@ def register(subparsers: Any) -> None:
     init.set_defaults(func=runner(_cmd_init))
 
     cvv = hsm_sub.add_parser("cvv", parents=[common, output], help="generate a CVV/CVV2/iCVV")
-    cvv.add_argument("--cvk", required=True, metavar="LABEL")
-    cvv.add_argument("--pan", required=True)
-    cvv.add_argument("--expiry", required=True, metavar="YYMM")
+    cvv.add_argument("--cvk", required=True, metavar="LABEL", help="card verification key")
+    cvv.add_argument("--pan", required=True, help="primary account number")
+    cvv.add_argument("--expiry", required=True, metavar="YYMM", help="expiry date")
     cvv.add_argument(
         "--service-code",
         required=True,
@@ -119,17 +119,17 @@ def register(subparsers: Any) -> None:
     cvv.set_defaults(func=runner(_cmd_cvv))
 
     pvv = hsm_sub.add_parser("pvv", parents=[common, output], help="generate a Visa PVV")
-    pvv.add_argument("--pvk", required=True, metavar="LABEL")
-    pvv.add_argument("--pan", required=True)
-    pvv.add_argument("--pvki", required=True, metavar="N")
+    pvv.add_argument("--pvk", required=True, metavar="LABEL", help="PIN verification key")
+    pvv.add_argument("--pan", required=True, help="primary account number")
+    pvv.add_argument("--pvki", required=True, metavar="N", help="PVK index, one digit")
     pvv.add_argument("--pin", required=True, help="clear PIN, or - to read it from stdin")
     pvv.set_defaults(func=runner(_cmd_pvv))
 
     ibm = hsm_sub.add_parser(
         "ibm-offset", parents=[common, output], help="generate an IBM 3624 PIN offset"
     )
-    ibm.add_argument("--pvk", required=True, metavar="LABEL")
-    ibm.add_argument("--pan", required=True)
+    ibm.add_argument("--pvk", required=True, metavar="LABEL", help="PIN verification key")
+    ibm.add_argument("--pan", required=True, help="primary account number")
     ibm.add_argument("--pin", required=True, help="clear PIN, or - to read it from stdin")
     ibm.add_argument("--dec-table", required=True, metavar="T", help="16 decimal digits")
     ibm.add_argument(
@@ -146,9 +146,11 @@ def register(subparsers: Any) -> None:
         help="generate an ARQC, or verify one and compute the ARPC",
     )
     arqc.add_argument("--imk", required=True, metavar="LABEL", help="issuer master key (AC)")
-    arqc.add_argument("--cvn", required=True, choices=[c.value for c in Cvn])
-    arqc.add_argument("--pan", required=True)
-    arqc.add_argument("--psn", default="00", metavar="N", help="PAN sequence number (00)")
+    arqc.add_argument(
+        "--cvn", required=True, choices=[c.value for c in Cvn], help="cryptogram version"
+    )
+    arqc.add_argument("--pan", required=True, help="primary account number")
+    arqc.add_argument("--psn", default="00", metavar="N", help="PAN sequence number")
     arqc.add_argument("--atc", required=True, metavar="HEX", help="4 hex digits (9F36)")
     arqc.add_argument("--un", default="", metavar="HEX", help="8 hex digits (9F37)")
     arqc.add_argument("--data", required=True, metavar="HEX", help="the data the card MACs")
@@ -166,8 +168,10 @@ def register(subparsers: Any) -> None:
     imp = keys_sub.add_parser(
         "import", parents=[common, output], help="import a key; prints its check value"
     )
-    imp.add_argument("label")
-    imp.add_argument("--usage", required=True, choices=[u.value for u in KeyUsage])
+    imp.add_argument("label", help="label of the new key in the HSM")
+    imp.add_argument(
+        "--usage", required=True, choices=[u.value for u in KeyUsage], help="key usage"
+    )
     imp.add_argument(
         "--algorithm",
         choices=[a.value for a in KeyAlgorithm],

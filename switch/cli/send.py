@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from switch import acquirer
-from switch.cli.runner import CommandError, ExitStatus, UsageError, runner
+from switch.cli.runner import CommandError, ExitStatus, UsageError, runner, single_leaf
 from switch.client import Client, ClientError
 from switch.config import Config, ListenerConfig
 from switch.log import mask_pan
@@ -260,31 +260,52 @@ async def _send(args: argparse.Namespace, cfg: Config) -> int:
         ) as client:
             with trio.fail_after(args.timeout):
                 response = await client.request(message)
-    except trio.TooSlowError:
-        raise CommandError(
-            f"no answer from {where} within {args.timeout:g} s", ExitStatus.TIMEOUT
-        ) from None
-    except ConnectionRefusedError:
-        raise CommandError(f"connection to {where} refused", ExitStatus.REFUSED) from None
-    except (ssl.SSLError, trio.BrokenResourceError) as exc:
-        raise CommandError(
-            f"TLS handshake with {where} failed: {_tls_reason(exc)}", ExitStatus.TLS
-        ) from None
-    except ClientError as exc:
-        if "SSLError" in str(exc):
-            raise CommandError(
-                f"TLS with {where} failed: the switch refused the client certificate",
-                ExitStatus.TLS,
-            ) from None
-        raise CommandError(
-            f"{where} closed the connection without an answer", ExitStatus.CLOSED
-        ) from None
-    except OSError as exc:
-        raise CommandError(
-            f"cannot connect to {where}: {exc.strerror or exc}", ExitStatus.REFUSED
-        ) from None
+    except (Exception, BaseExceptionGroup) as exc:
+        failure = no_answer(single_leaf(exc), where, args.timeout)
+        if failure is None:
+            raise
+        raise failure from None
     print(json.dumps(to_json(response), indent=2, sort_keys=True))
     return ExitStatus.OK
+
+
+def no_answer(exc: BaseException, where: str, timeout: float) -> CommandError | None:
+    """Why no answer came from ``where``, as a one-line error with its status; None when
+    ``exc`` is not a failure of the exchange (a bug, left to propagate)."""
+    if isinstance(exc, trio.TooSlowError):
+        return CommandError(f"no answer from {where} within {timeout:g} s", ExitStatus.TIMEOUT)
+    if any(isinstance(e, ConnectionRefusedError) for e in _causes(exc)):
+        return CommandError(f"connection to {where} refused", ExitStatus.REFUSED)
+    if isinstance(exc, ssl.SSLError | trio.BrokenResourceError):
+        reason = _tls_reason(exc)
+        return CommandError(f"TLS handshake with {where} failed: {reason}", ExitStatus.TLS)
+    if isinstance(exc, ClientError):
+        if "SSLError" in str(exc):
+            return CommandError(f"TLS with {where} failed after the handshake", ExitStatus.TLS)
+        return CommandError(
+            f"{where} closed the connection without an answer "
+            "(is this client allowed on the listener?)",
+            ExitStatus.CLOSED,
+        )
+    if isinstance(exc, OSError):
+        return CommandError(f"cannot connect to {where}: {exc.strerror or exc}", ExitStatus.REFUSED)
+    return None
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc``, its causes and the members of exception groups among them (trio's "all
+    attempts to connect failed" carries the refusals that way)."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        if any(current is s for s in seen):
+            continue
+        seen.append(current)
+        if isinstance(current, BaseExceptionGroup):
+            todo += current.exceptions
+        todo += [c for c in (current.__cause__, current.__context__) if c is not None]
+    return seen
 
 
 def _tls_reason(exc: BaseException) -> str:
