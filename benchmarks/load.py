@@ -48,10 +48,13 @@ from typing import Any, Literal
 
 import trio
 
+from hsm.config import HsmConfig
+from switch import testing
+from switch.acquirer import build_auth, encipher_pin, transmission_time
 from switch.client import Client, ClientError
+from switch.config import Config, ListenerConfig, LogConfig, MetricsConfig, StoreConfig, TlsConfig
 from switch.pki import pki_paths
 from switch.provision import load_keys
-from switch.send import build_auth, encipher_pin, transmission_time
 from switch.tls import client_context
 from switch.wire.messages import AuthResponse, Message, NetworkRequest, NetworkResponse, Track2
 
@@ -263,31 +266,19 @@ def _ratio(a: float, b: float) -> float:
 
 def _write_config(work: Path, log_level: str, hsm_offload: bool | None = None) -> Path:
     """A switch configuration whose every file lives under ``work``; port 0, metrics off."""
-    pki = work / "pki"
-    lines = [
-        "[[listener]]",
-        'host = "127.0.0.1"',
-        "port = 0",
-        f'zpk = "{ZPK_LABEL}"',
-        "[tls]",
-        f'ca = "{pki / "ca.pem"}"',
-        f'cert = "{pki / "server.pem"}"',
-        f'key = "{pki / "server.key"}"',
-        "[hsm]",
-        f'softhsm_conf = "{work / "softhsm" / "softhsm2.conf"}"',
-        "[store]",
-        f'path = "{work / "cardswitch.db"}"',
-        "[metrics]",
-        "port = 0",
-        "[log]",
-        f'level = "{log_level}"',
-        'format = "json"',
-    ]
+    pki = pki_paths(work / "pki")
+    hsm = HsmConfig(softhsm_conf=work / "softhsm" / "softhsm2.conf")
     if hsm_offload is not None:
-        lines.insert(lines.index("[store]"), f"offload = {'true' if hsm_offload else 'false'}")
-    path = work / "switch.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        hsm = dataclasses.replace(hsm, offload=hsm_offload)
+    cfg = Config(
+        listeners=(ListenerConfig(host="127.0.0.1", port=0, zpk=ZPK_LABEL),),
+        tls=TlsConfig(ca=pki.ca, cert=pki.server_cert, key=pki.server_key),
+        hsm=hsm,
+        store=StoreConfig(path=work / "cardswitch.db"),
+        metrics=MetricsConfig(port=0),
+        log=LogConfig(level=log_level, format="json"),  # type: ignore[arg-type]
+    )
+    return testing.write_config(cfg, work / "switch.toml")
 
 
 def _write_cards(work: Path) -> Path:
@@ -332,40 +323,44 @@ def _seed(config: Path, cards: Path, work: Path) -> None:
         raise RuntimeError(f"dev-setup exited {done.returncode}, see {log_path}")
 
 
-def _server_command(config: Path, ready: Path, cpu: int | None) -> list[str]:
-    cmd = [sys.executable, "-m", "switch", "serve", "--config", str(config)]
-    cmd += ["--ready-file", str(ready)]
+def _pin_prefix(cpu: int | None) -> list[str]:
+    """``taskset -c CPU`` to pin the switch to one core, or nothing."""
     if cpu is None:
-        return cmd
+        return []
     taskset = shutil.which("taskset")
     if taskset is None:
-        raise RuntimeError("taskset not found (util-linux); pass --no-pin to run unpinned")
-    return [taskset, "-c", str(cpu), *cmd]
+        raise RuntimeError("taskset not found (util-linux); pass --no-pin-cpus to run unpinned")
+    return [taskset, "-c", str(cpu)]
 
 
-def _wait_ready(ready: Path, proc: subprocess.Popen[bytes], log_path: Path) -> int:
-    deadline = time.monotonic() + START_TIMEOUT
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"switch exited {proc.returncode} before ready, see {log_path}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"switch not ready after {START_TIMEOUT} s, see {log_path}")
-        time.sleep(0.05)
-    port: int = json.loads(ready.read_text())["listeners"][0]["port"]
-    return port
+async def _serve_and_drive(
+    config: Path, work: Path, opts: LoadOptions, pin_block: bytes | None
+) -> tuple[list[PhaseResult], ProfileResult | None, int | None]:
+    """Start the switch (log in ``work/switch.log``), drive it, stop it with SIGTERM.
 
-
-def _stop(proc: subprocess.Popen[bytes]) -> int | None:
-    """SIGTERM, then wait for the drain; SIGKILL if it does not exit in time."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+    Returns the phases, the profile and the switch's exit status (None: it had to be killed).
+    """
+    ready = work / "ready.json"
+    log_path = work / "switch.log"
+    command = testing.serve_command(config, ready, prefix=_pin_prefix(opts.server_cpu))
+    with log_path.open("wb") as log_file:
         try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return None
-    return proc.returncode
+            switch = await testing.start_switch(
+                config,
+                ready,
+                command=command,
+                cwd=REPO,
+                output=log_file,
+                ready_within=START_TIMEOUT,
+            )
+        except testing.SwitchStartError as exc:
+            raise RuntimeError(f"{exc}, see {log_path}") from None
+        try:
+            phases, profile = await _drive(switch.port, work, opts, switch.ready.pid, pin_block)
+        finally:
+            with trio.CancelScope(shield=True):
+                server_exit = await switch.stop(STOP_TIMEOUT)
+    return phases, profile, server_exit
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
@@ -960,22 +955,9 @@ def run(opts: LoadOptions, command: str = "python -m benchmarks.load") -> LoadRe
         if opts.pin:
             zpk = next(k for k in load_keys(DEMO_KEYS) if k.label == ZPK_LABEL)
             pin_block = encipher_pin(LOAD_PIN, LOAD_PAN, zpk.clear_hex, 0)
-        ready = work / "ready.json"
-        server_log = work / "switch.log"
         if opts.client_cpu is not None:
             os.sched_setaffinity(0, {opts.client_cpu})
-        with server_log.open("wb") as log_file:
-            proc = subprocess.Popen(
-                _server_command(config, ready, opts.server_cpu),
-                cwd=REPO,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-            try:
-                port = _wait_ready(ready, proc, server_log)
-                phases, profile = trio.run(_drive, port, work, opts, proc.pid, pin_block)
-            finally:
-                server_exit = _stop(proc)
+        phases, profile, server_exit = trio.run(_serve_and_drive, config, work, opts, pin_block)
     settings = dataclasses.asdict(opts)
     settings["levels"] = list(opts.levels)
     for key in ("out", "work_dir", "py_spy"):

@@ -1,55 +1,56 @@
-"""The ``cardswitch`` command line: one entry point, subcommands registered by their modules.
+"""The ``cardswitch`` command line: one entry point over the command modules of ``switch.cli``.
 
-What lives here: argument parsing glue and the mapping of errors to exit statuses (0 success,
-1 operation failed, 2 usage or configuration error). What does not: the commands themselves,
-each of which lives beside the code it drives and exposes ``register(subparsers)``.
+What lives here: the top-level parser (``--version`` and the command groups), ``main(argv)``
+and ``entry()`` (the ``cardswitch`` script). What does not: the commands (``switch.cli.*``,
+one module per group), running them and their exit statuses (``switch.cli.runner``).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
-from switch.config import ConfigError
+from switch.cli import devsetup, hsm, pki, provision, send, serve
+from switch.cli.common import Parser
+from switch.cli.runner import handle, stdout_closed
 
-#: Modules that contribute subcommands, each exposing ``register(subparsers) -> None`` and
-#: setting ``func(args) -> int`` on the parsers it adds.
-COMMAND_MODULES = (
-    "switch.app",  # serve
-    "switch.send",  # send
-    "switch.pki",  # pki init
-    "hsm.cli",  # hsm ..., keys ...
-    "switch.provision",  # cards ..., accounts ...
-    "switch.devsetup",  # dev-setup
-)
-
-#: Exit status for usage and configuration errors (argparse uses the same).
-EXIT_USAGE = 2
+#: Command modules in the order ``cardswitch --help`` lists them; each has ``register(sub)``
+#: and sets ``func(args) -> int`` on the parsers it adds.
+COMMAND_MODULES = (serve, send, pki, hsm, provision, devsetup)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cardswitch", description="ISO 8583 issuer authorization switch"
-    )
+def version() -> str:
+    """The installed distribution's version, or ``unknown`` when run from a bare checkout."""
+    try:
+        return metadata.version("cardswitch")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="cardswitch", description="ISO 8583 issuer authorization switch")
+    parser.add_argument("--version", action="version", version=f"cardswitch {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return its exit status.
+
+    Usage errors exit through argparse (``SystemExit(2)``, like ``ExitStatus.USAGE``).
+    """
+    args = build_parser().parse_args(argv)
     try:
-        result: int = args.func(args)
-    except ConfigError as exc:
-        print(f"cardswitch: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
-    return result
+        status = int(args.func(args))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return stdout_closed()
+    except KeyboardInterrupt as exc:
+        return handle(exc)
+    return status
 
 
 def entry() -> None:

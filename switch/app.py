@@ -1,27 +1,25 @@
-"""``cardswitch serve``: assemble a running switch from its configuration.
+"""A running switch assembled from its configuration: what ``cardswitch serve`` runs.
 
-What lives here: process wiring only. Load the configuration, set up logging and the metrics
+What lives here: process wiring only. Given the loaded configuration: start the metrics
 endpoint, open the HSM, the card-data vault and the store, build the pipeline and the server,
 and translate signals: SIGTERM/SIGINT drain and exit 0, SIGHUP reloads the TLS certificates.
 
-What does not: any protocol or decision logic (server.py, pipeline.py).
+What does not: the command line (switch.cli.serve), any protocol or decision logic
+(server.py, pipeline.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from hsm.carddata import open_vault
 from hsm.token import open_hsm
-from switch import config as config_mod
 from switch import log as log_mod
 from switch import metrics
 from switch.config import Config
@@ -32,30 +30,6 @@ from switch.store import open_store
 from switch.tls import TlsContextHolder
 
 log = log_mod.get_logger("switch.app")
-
-
-def register(sub: Any) -> None:
-    p = sub.add_parser("serve", help="run the switch in the foreground")
-    p.add_argument("--config", type=Path, default=None, help="TOML configuration file")
-    p.add_argument(
-        "--ready-file",
-        type=Path,
-        default=None,
-        help="write the bound listeners as JSON to this file once accepting connections",
-    )
-    p.add_argument(
-        "--no-engine",
-        action="store_true",
-        help="answer every authorization with 91 (no HSM or store is opened)",
-    )
-    p.set_defaults(func=_cmd_serve)
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    cfg = config_mod.load_default_or_embedded(args.config)
-    log_mod.configure(cfg.log.level, cfg.log.format)
-    trio.run(serve, cfg, args.ready_file, not args.no_engine)
-    return 0
 
 
 async def serve(

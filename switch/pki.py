@@ -2,19 +2,18 @@
 
 What lives here: ``init_pki`` (the files behind ``cardswitch pki init``), the certificate
 primitives tests use to build other CAs, expired certificates and clients with other names
-(``new_ca``, ``issue_cert``), the file layout (``pki_paths``) and the ``pki`` subcommand.
+(``new_ca``, ``issue_cert``) and the file layout (``pki_paths``, ``all_files``).
 Every key is ECDSA P-256 and every certificate is signed with ECDSA-SHA-256 by ``cryptography``.
 
-What does not: building ``ssl.SSLContext`` objects or reading certificates for a listener
-(tls.py). This is a development and test PKI: keys are written unencrypted (mode 0600) and
-the CA key sits next to the certificates so more certificates can be issued later. Production
-certificates come from the operator's own CA; the switch only reads the files named in
-``[tls]``.
+What does not: the ``pki`` command (switch.cli.pki), building ``ssl.SSLContext`` objects or
+reading certificates for a listener (tls.py). This is a development and test PKI: keys are
+written unencrypted (mode 0600) and the CA key sits next to the certificates so more
+certificates can be issued later. Production certificates come from the operator's own CA;
+the switch only reads the files named in ``[tls]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import ipaddress
 import os
@@ -396,30 +395,8 @@ def ensure_pki(dir: Path, *, force: bool = False) -> PkiReport:
     return PkiReport(paths=paths, written=tuple(written))
 
 
-#: Directory ``cardswitch pki init`` writes to when --dir is not given (the [tls] default).
-DEFAULT_DIR = Path("var/pki")
-
-
-def register(subparsers: Any) -> None:
-    """Add ``cardswitch pki init --dir DIR [--force]`` to the CLI."""
-    pki = subparsers.add_parser("pki", help="development PKI (CA, server and client certificates)")
-    sub = pki.add_subparsers(dest="pki_command", required=True, metavar="ACTION")
-    init = sub.add_parser("init", help="write a dev CA, server and client certificates")
-    init.add_argument(
-        "--dir", type=Path, default=DEFAULT_DIR, help=f"target directory (default {DEFAULT_DIR})"
-    )
-    init.add_argument("--force", action="store_true", help="replace existing files")
-    init.set_defaults(func=_cmd_init)
-
-
-def _cmd_init(args: argparse.Namespace) -> int:
-    report = ensure_pki(args.dir, force=args.force)
-    for path in _all(report.paths):
-        print(f"{'wrote' if path in report.written else 'kept '} {path}")
-    return 0
-
-
-def _all(paths: PkiPaths) -> tuple[Path, ...]:
+def all_files(paths: PkiPaths) -> tuple[Path, ...]:
+    """Every file of the PKI, in the order ``pki init`` reports them."""
     return (
         paths.ca,
         paths.ca_key,

@@ -1,13 +1,15 @@
-"""Card and account provisioning: the ``cardswitch cards ...`` and ``accounts ...`` commands.
+"""Card and account provisioning: what ``cardswitch cards ...`` and ``accounts ...`` drive.
 
 What lives here: ``CardRow`` (one card as an operator describes it, from JSON or CSV),
 ``load_rows`` (file -> rows, validated), ``import_cards`` (rows -> accounts and cards in the
 store: PAN fingerprinted and sealed by the card-data vault, PIN turned into a PVV or an IBM
 3624 offset by the HSM and then dropped), ``DemoKey``/``load_keys`` (the demo key list), and
-the CLI: ``cards import FILE``, ``cards list``, ``accounts show ID``.
+the operations behind ``cards import``, ``cards list`` and ``accounts show`` on a configured
+switch (``import_with_config``, ``list_cards``, ``find_account``).
 
-What does not: the store (``switch.store``), card cryptography (``hsm``), ``dev-setup`` (the
-lead's seeding command calls ``load_rows`` and ``import_cards``), authorization.
+What does not: the command line (``switch.cli.provision``), the store (``switch.store``),
+card cryptography (``hsm``), ``dev-setup`` (``switch.devsetup`` calls ``load_rows`` and
+``import_cards``), authorization.
 
 Card data: the clear PAN and PIN of a row exist only in memory while it is imported (Python
 strings cannot be wiped); the store receives the fingerprint, the sealed PAN, the first six and
@@ -22,22 +24,18 @@ A row whose PAN is already provisioned updates that card (same id, PIN try count
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
-import sys
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TextIO
-
-import trio
+from typing import Any, Protocol
 
 from hsm.api import IbmOffsetGeneration, PvvGeneration
 from hsm.pan import mask_pan
-from switch.config import Config, load_default_or_embedded
+from switch.config import Config
 from switch.store import (
     Account,
     Card,
@@ -71,8 +69,6 @@ _INT_FIELDS = frozenset(
 )
 #: Row fields that annotate a row for people and are ignored.
 _COMMENT_FIELDS = frozenset({"about", "comment", "note"})
-#: Exit statuses of the commands: success, operation failed.
-EXIT_OK, EXIT_FAILED = 0, 1
 
 
 class ProvisionError(ValueError):
@@ -463,55 +459,11 @@ def load_keys(path: Path | str) -> list[DemoKey]:
         raise ProvisionError(f"{path}: malformed key list ({type(exc).__name__})") from None
 
 
-# -- CLI ----------------------------------------------------------------------------------------
+# -- on a configured switch -----------------------------------------------------------------
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``cards import|list`` and ``accounts show`` to the ``cardswitch`` CLI."""
-    config_help = "switch configuration (default: config/switch.toml or built-in defaults)"
-
-    cards = subparsers.add_parser("cards", help="provision and list cards")
-    cards_sub = cards.add_subparsers(dest="cards_command", required=True, metavar="ACTION")
-    imp = cards_sub.add_parser("import", help="import cards from a JSON or CSV file")
-    imp.add_argument("file", type=Path, help="JSON (list of objects) or CSV with a header")
-    imp.add_argument("--config", type=Path, default=None, help=config_help)
-    imp.set_defaults(func=_cmd_import)
-    lst = cards_sub.add_parser("list", help="list cards (masked PANs)")
-    lst.add_argument("--config", type=Path, default=None, help=config_help)
-    lst.add_argument("--json", action="store_true", help="one JSON object per card")
-    lst.set_defaults(func=_cmd_list)
-
-    accounts = subparsers.add_parser("accounts", help="inspect accounts")
-    acc_sub = accounts.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
-    show = acc_sub.add_parser("show", help="balances, active holds and cards of an account")
-    show.add_argument("account_id", metavar="ID")
-    show.add_argument("--config", type=Path, default=None, help=config_help)
-    show.add_argument("--json", action="store_true", help="print a JSON object")
-    show.set_defaults(func=_cmd_show)
-
-
-def _cmd_import(args: argparse.Namespace) -> int:
-    cfg = load_default_or_embedded(args.config)
-    try:
-        rows = load_rows(args.file)
-    except ProvisionError as exc:
-        print(f"cardswitch: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    try:
-        report = trio.run(_import_with_config, cfg, rows)
-    except StoreError as exc:
-        print(f"cardswitch: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    print(
-        f"cards created: {report.cards_created}, updated: {report.cards_updated}, "
-        f"accounts created: {report.accounts_created}, failed: {len(report.failures)}"
-    )
-    for failure in report.failures:
-        print(f"row {failure.index}: {failure.masked_pan}: {failure.reason}", file=sys.stderr)
-    return EXIT_OK if report.ok else EXIT_FAILED
-
-
-async def _import_with_config(cfg: Config, rows: Sequence[CardRow]) -> ImportReport:
+async def import_with_config(cfg: Config, rows: Sequence[CardRow]) -> ImportReport:
+    """Import ``rows`` into the configured store through the configured HSM and vault."""
     # Imported here: the HSM backends load PKCS#11 libraries, which `cards list` never needs.
     from hsm.carddata import open_vault  # noqa: PLC0415
     from hsm.token import open_hsm  # noqa: PLC0415
@@ -525,84 +477,27 @@ async def _import_with_config(cfg: Config, rows: Sequence[CardRow]) -> ImportRep
         await hsm.aclose()
 
 
-def _cmd_list(args: argparse.Namespace) -> int:
-    cfg = load_default_or_embedded(args.config)
-    try:
-        cards = trio.run(_list_cards, cfg)
-    except StoreError as exc:
-        print(f"cardswitch: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    _print_cards(cards, as_json=args.json, out=sys.stdout)
-    return EXIT_OK
-
-
-async def _list_cards(cfg: Config) -> list[Card]:
+async def list_cards(cfg: Config) -> list[Card]:
+    """Every card of the configured store (masked PANs only)."""
     async with open_store(cfg.store) as store:
         return await store.list_cards()
 
 
-def _card_summary(card: Card) -> dict[str, Any]:
-    return {
-        "id": card.id,
-        "pan": card.masked_pan,
-        "status": card.status.value,
-        "account": card.account_id,
-        "expiry": card.expiry,
-        "pin_method": card.pin_method,
-        "pin_tries": card.pin_tries,
-    }
+@dataclass(frozen=True)
+class AccountView:
+    """An account with the total of its active holds and its cards."""
+
+    account: Account
+    active_holds: int
+    cards: tuple[Card, ...]
 
 
-def _print_cards(cards: Sequence[Card], *, as_json: bool, out: TextIO) -> None:
-    if as_json:
-        for card in cards:
-            print(json.dumps(_card_summary(card), sort_keys=True), file=out)
-        return
-    print(f"{'CARD ID':36}  {'PAN':19}  {'STATUS':7}  {'EXPIRY':6}  ACCOUNT", file=out)
-    for card in cards:
-        print(
-            f"{card.id:36}  {card.masked_pan:19}  {card.status.value:7}  {card.expiry:6}  "
-            f"{card.account_id}",
-            file=out,
-        )
-
-
-def _cmd_show(args: argparse.Namespace) -> int:
-    cfg = load_default_or_embedded(args.config)
-    try:
-        found = trio.run(_show_account, cfg, args.account_id)
-    except StoreError as exc:
-        print(f"cardswitch: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    if found is None:
-        print(f"cardswitch: no account {args.account_id!r}", file=sys.stderr)
-        return EXIT_FAILED
-    account, holds, cards = found
-    summary = {
-        "id": account.id,
-        "currency": account.currency,
-        "ledger_balance": account.ledger_balance,
-        "available_balance": account.available_balance,
-        "active_holds": holds,
-        "cards": [_card_summary(c) for c in cards],
-    }
-    if args.json:
-        print(json.dumps(summary, sort_keys=True))
-        return EXIT_OK
-    print(f"account:   {account.id}")
-    print(f"currency:  {account.currency}")
-    print(f"ledger:    {account.ledger_balance}")
-    print(f"available: {account.available_balance}")
-    print(f"holds:     {holds}")
-    _print_cards(cards, as_json=False, out=sys.stdout)
-    return EXIT_OK
-
-
-async def _show_account(cfg: Config, account_id: str) -> tuple[Account, int, list[Card]] | None:
+async def find_account(cfg: Config, account_id: str) -> AccountView | None:
+    """The account ``account_id`` of the configured store, or None when there is none."""
     async with open_store(cfg.store) as store:
         account = await store.get_account(account_id)
         if account is None:
             return None
         holds = await store.active_holds_total(account_id)
-        cards = [c for c in await store.list_cards() if c.account_id == account_id]
-        return account, holds, cards
+        cards = tuple(c for c in await store.list_cards() if c.account_id == account_id)
+        return AccountView(account, holds, cards)

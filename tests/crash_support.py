@@ -1,7 +1,8 @@
 """Helpers of the crash-safety test: a real switch process killed with SIGKILL under load.
 
-What lives here: the test's own configuration and seed data (``write_config``, ``seed``,
-``SEED_CARDS``), starting the switch as a subprocess (``start_switch``), the load generator
+What lives here: the test's own configuration and seed data (``write_config``, through
+``switch.testing``; ``seed``, ``SEED_CARDS``), starting the switch as a subprocess
+(``start_switch``, over ``switch.testing.start_switch``), the load generator
 that records every request and the answers that came back (``Load``), and the checks of the
 SQLite file against what the clients were told (``check_database``), which return the list
 of violations instead of asserting so the test can report them all at once.
@@ -14,12 +15,10 @@ switch's own code.
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import sqlite3
 import ssl
-import subprocess
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
@@ -28,11 +27,22 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from server_fixtures import wait_ready
 
+from hsm.config import CardDataConfig, HsmConfig
+from switch import testing
+from switch.acquirer import build_auth, build_reversal
 from switch.client import Client, ClientError
+from switch.config import (
+    Config,
+    ListenerConfig,
+    LogConfig,
+    MetricsConfig,
+    PipelineConfig,
+    ServerConfig,
+    StoreConfig,
+    TlsConfig,
+)
 from switch.pki import PkiPaths
-from switch.send import build_auth, build_reversal
 from switch.wire.messages import AuthRequest, AuthResponse, ReversalRequest, ReversalResponse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,52 +97,27 @@ ACCOUNT_OF: dict[str, str] = {c.pan: c.account for c in SEED_CARDS}
 
 def write_config(tmp: Path, pki: PkiPaths) -> Path:
     """The switch's TOML: one listener on port 0, the test PKI, SoftHSM, store under ``tmp``."""
-    path = tmp / "switch.toml"
-    path.write_text(
-        "\n".join(
-            [
-                "[[listener]]",
-                f'name = "{NETWORK}"',
-                f'network = "{NETWORK}"',
-                'host = "127.0.0.1"',
-                "port = 0",
-                "[tls]",
-                f'ca = "{pki.ca}"',
-                f'cert = "{pki.server_cert}"',
-                f'key = "{pki.server_key}"',
-                "[hsm]",
-                'backend = "pkcs11"',
-                f'softhsm_conf = "{tmp / "softhsm" / "softhsm2.conf"}"',
-                "timeout = 5.0",
-                "[store]",
-                f'path = "{tmp / "cardswitch.db"}"',
-                "[card-data]",
-                'backend = "hsm"',
-                'fingerprint_key = "crash-fp"',
-                'encryption_key = "crash-pan"',
-                "[metrics]",
-                "port = 0",
-                "[pipeline]",
-                "budget = 5.0",
-                "[server]",
-                "drain_timeout = 5.0",
-                "[log]",
-                'level = "info"',
-                'format = "json"',
-            ]
-        )
-        + "\n"
+    cfg = Config(
+        listeners=(ListenerConfig(name=NETWORK, network=NETWORK, host="127.0.0.1", port=0),),
+        tls=TlsConfig(ca=pki.ca, cert=pki.server_cert, key=pki.server_key),
+        hsm=HsmConfig(
+            backend="pkcs11", softhsm_conf=tmp / "softhsm" / "softhsm2.conf", timeout=5.0
+        ),
+        store=StoreConfig(path=tmp / "cardswitch.db"),
+        card_data=CardDataConfig(
+            backend="hsm", fingerprint_key="crash-fp", encryption_key="crash-pan"
+        ),
+        metrics=MetricsConfig(port=0),
+        pipeline=PipelineConfig(budget=5.0),
+        server=ServerConfig(drain_timeout=5.0),
+        log=LogConfig(level="info", format="json"),
     )
-    return path
+    return testing.write_config(cfg, tmp / "switch.toml")
 
 
 def switch_env(tmp: Path) -> dict[str, str]:
     """Environment of the switch processes: the repository on the path, our SoftHSM conf."""
-    return {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "SOFTHSM2_CONF": str(tmp / "softhsm" / "softhsm2.conf"),
-    }
+    return testing.switch_env({"SOFTHSM2_CONF": str(tmp / "softhsm" / "softhsm2.conf")})
 
 
 async def seed(config: Path, tmp: Path) -> None:
@@ -174,25 +159,15 @@ async def start_switch(config: Path, tmp: Path, tag: str) -> tuple[trio.Process,
 
     Its stdout and stderr go to ``tmp/switch-<tag>.log``.
     """
-    ready = tmp / f"ready-{tag}.json"
-    ready.unlink(missing_ok=True)
     with (tmp / f"switch-{tag}.log").open("wb") as logfile:
-        proc = await trio.lowlevel.open_process(
-            [
-                *(sys.executable, "-m", "switch", "serve", "--config", str(config)),
-                *("--ready-file", str(ready)),
-            ],
+        switch = await testing.start_switch(
+            config,
+            tmp / f"ready-{tag}.json",
             env=switch_env(tmp),
-            stdout=logfile,
-            stderr=subprocess.STDOUT,
+            output=logfile,
+            ready_within=START_TIMEOUT,
         )
-    try:
-        with trio.fail_after(START_TIMEOUT):
-            port = await wait_ready(ready, proc)
-    except BaseException:
-        stop_now(proc)
-        raise
-    return proc, port
+    return switch.process, switch.port
 
 
 def stop_now(proc: trio.Process) -> None:

@@ -2,13 +2,13 @@
 
 What lives here: pytest fixtures and async context managers that start ``switch.server.Server``
 on 127.0.0.1 with a temporary PKI, and build client TLS contexts (including bad ones).
-What does not: assertions (the test modules).
+What does not: assertions (the test modules), switch processes and configuration files
+(``switch.testing``).
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -59,20 +59,6 @@ async def running_server(
         finally:
             server.shutdown()
             nursery.cancel_scope.deadline = trio.current_time() + 5
-
-
-async def wait_ready(ready: Path, proc: trio.Process) -> int:
-    """The first listener's port, once ``cardswitch serve --ready-file`` reports it.
-
-    Bound it with a cancel scope; fails at once if the process exits first.
-    """
-    path = trio.Path(ready)
-    while not await path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"switch exited with {proc.returncode} before it was ready")
-        await trio.sleep(0.02)
-    port: int = json.loads(await path.read_text())["listeners"][0]["port"]
-    return port
 
 
 def foreign_client_ctx(pki: PkiPaths, tmp: Path) -> ssl.SSLContext:

@@ -18,9 +18,9 @@ from e2e_fixtures import Switch, running_switch
 
 from hsm.errors import HsmUnavailable
 from hsm.pkcs11 import Pkcs11Hsm
+from switch.acquirer import build_auth, build_reversal
 from switch.client import Client
 from switch.pki import PkiPaths
-from switch.send import build_auth, build_reversal
 from switch.store.models import StoreError
 from switch.wire import emv
 from switch.wire.messages import AuthResponse, ReversalResponse

@@ -23,11 +23,11 @@ import trio.testing
 
 from hsm.pan import mask_pan
 from switch import metrics
+from switch.acquirer import build_auth, echo
 from switch.config import ListenerConfig
 from switch.connection import Connection
 from switch.decisions import Profile, Reason, profile
 from switch.handler import Decision, Dispatcher, RequestContext, StandInCause
-from switch.send import build_auth, echo
 from switch.wire import codec
 from switch.wire.framing import FrameDecoder, HeaderKind, encode_frame
 from switch.wire.messages import AuthRequest, AuthResponse, ReversalRequest, ReversalResponse

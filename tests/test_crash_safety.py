@@ -35,9 +35,9 @@ from crash_support import (
     write_config,
 )
 
+from switch.acquirer import build_auth, echo
 from switch.client import Client
 from switch.pki import PkiPaths
-from switch.send import build_auth, echo
 from switch.wire.messages import AuthResponse, NetworkResponse
 
 #: Environment variable that overrides the seed of the random choices.

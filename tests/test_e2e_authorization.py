@@ -16,9 +16,9 @@ import trio
 from e2e_fixtures import Switch, running_switch
 
 from hsm.pkcs11 import Pkcs11Hsm
+from switch.acquirer import build_auth, build_reversal, encipher_pin
 from switch.client import Client
 from switch.pki import PkiPaths
-from switch.send import build_auth, build_reversal, encipher_pin
 from switch.store.models import CardStatus
 from switch.wire import emv
 from switch.wire.messages import AuthRequest, AuthResponse, ReversalResponse, Track2

@@ -24,7 +24,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, modes
 #: The published vectors (shared/ sits beside the repository).
 from data_paths import VECTORS_PATH
 
+from hsm.config import HsmConfig
 from switch.__main__ import main
+from switch.config import Config
+from switch.testing import write_config
 
 #: Public test key of the Visa CVV table, psec and pyemv vectors (CVK, PVK, IMK).
 TEST_KEY_HEX = "0123456789ABCDEFFEDCBA9876543210"
@@ -58,8 +61,8 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A configuration whose SoftHSM token lives in a temporary directory, initialised by
     ``hsm init`` and loaded with the vectors' keys through ``keys import``."""
     var = tmp_path_factory.mktemp("cli-var")
-    path = var / "switch.toml"
-    path.write_text(f'[hsm]\nsofthsm_conf = "{var / "softhsm" / "softhsm2.conf"}"\n')
+    cfg = Config(hsm=HsmConfig(softhsm_conf=var / "softhsm" / "softhsm2.conf"))
+    path = write_config(cfg, var / "switch.toml")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SOFTHSM2_CONF", os.environ.get("SOFTHSM2_CONF", ""))  # restored after
         assert main(["hsm", "init", "--config", str(path)]) == 0

@@ -11,9 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hsm.pkcs11 import Pkcs11Hsm
 from switch import metrics
+from switch.acquirer import build_auth, echo
 from switch.client import Client
 from switch.pki import PkiPaths
-from switch.send import build_auth, echo
 
 PAN = "4123456789012345"
 #: Labels a metric may carry: bounded sets only (no PAN, STAN, terminal, peer address).

@@ -16,11 +16,11 @@ import pytest
 import trio
 
 from hsm.errors import HsmUnavailable
+from switch.acquirer import build_auth, build_reversal, encipher_pin
 from switch.config import PipelineConfig
 from switch.decisions import Reason
 from switch.handler import Decision
 from switch.provision import CardRow
-from switch.send import build_auth, build_reversal, encipher_pin
 from switch.testing import SoftwareEngine, context_for, software_engine
 from switch.wire.messages import AuthRequest, AuthResponse, Track2
 

@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.x509 import verification
 
 from switch import pki
+from switch.cli import pki as pki_cli
 from switch.config import ConfigError
 
 
@@ -259,7 +260,7 @@ def test_cli_init_prints_written_then_kept(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     parser = argparse.ArgumentParser(prog="cardswitch")
-    pki.register(parser.add_subparsers(dest="command", required=True))
+    pki_cli.register(parser.add_subparsers(dest="command", required=True))
     target = tmp_path / "cli-pki"
 
     args = parser.parse_args(["pki", "init", "--dir", str(target)])

@@ -2,41 +2,32 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import ssl
-import subprocess
 import sys
 from pathlib import Path
 
 import trio
-from server_fixtures import wait_ready
 
+from switch import testing
+from switch.acquirer import build_auth, echo
 from switch.client import Client
+from switch.config import Config, ListenerConfig, MetricsConfig, ServerConfig, TlsConfig
 from switch.pki import PkiPaths
-from switch.send import build_auth, echo
 from switch.wire.messages import AuthResponse, NetworkResponse
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def write_config(path: Path, pki: PkiPaths) -> Path:
-    """A TOML configuration with one listener on port 0 and metrics off."""
-    lines = [
-        "[[listener]]",
-        'host = "127.0.0.1"',
-        "port = 0",
-        "[tls]",
-        f'ca = "{pki.ca}"',
-        f'cert = "{pki.server_cert}"',
-        f'key = "{pki.server_key}"',
-        "[server]",
-        "drain_timeout = 10.0",
-        "[metrics]",
-        "port = 0",
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    """A configuration with one listener on port 0 and metrics off."""
+    cfg = Config(
+        listeners=(ListenerConfig(host="127.0.0.1", port=0),),
+        tls=TlsConfig(ca=pki.ca, cert=pki.server_cert, key=pki.server_key),
+        server=ServerConfig(drain_timeout=10.0),
+        metrics=MetricsConfig(port=0),
+    )
+    return testing.write_config(cfg, path)
 
 
 async def test_sigterm_answers_in_flight_and_exits_0(
@@ -44,16 +35,10 @@ async def test_sigterm_answers_in_flight_and_exits_0(
 ) -> None:
     cfg = write_config(tmp_path / "switch.toml", pki)
     ready = tmp_path / "ready.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, str(REPO / "tests" / "slow_switch.py"), str(cfg), str(ready), "1.0"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    slow = [sys.executable, str(REPO / "tests" / "slow_switch.py"), str(cfg), str(ready), "1.0"]
+    switch = await testing.start_switch(cfg, ready, command=slow, ready_within=20)
+    proc, port = switch.process, switch.port
     try:
-        with trio.fail_after(20):
-            port = await wait_ready(ready, proc)
         answers: list[AuthResponse] = []
         async with Client.connect("127.0.0.1", port, client_ctx) as client:
             # The switch works before the signal.

@@ -14,10 +14,12 @@ import trio
 from hsm.api import KeyAlgorithm, KeyGeneration, KeyImport, KeyUsage
 from hsm.carddata import HsmVault
 from hsm.software import SoftwareHsm
-from switch.config import StoreConfig
-from switch.provision import CardRow, ProvisionError, import_cards, load_keys, load_rows, register
+from switch.cli.provision import register
+from switch.config import Config, StoreConfig
+from switch.provision import CardRow, ProvisionError, import_cards, load_keys, load_rows
 from switch.store import CardStatus, SqliteStore, open_store
 from switch.store.sqlite import open_sqlite_store
+from switch.testing import write_config
 
 DEMO = Path(__file__).resolve().parent.parent / "config" / "demo"
 from data_paths import VECTORS_PATH as VECTORS  # noqa: E402
@@ -261,9 +263,7 @@ def _seed(path: Path) -> None:
 
 
 def _config(tmp_path: Path) -> Path:
-    cfg = tmp_path / "switch.toml"
-    cfg.write_text(f'[store]\npath = "{tmp_path / "s.db"}"\n')
-    return cfg
+    return write_config(Config(store=StoreConfig(path=tmp_path / "s.db")), tmp_path / "switch.toml")
 
 
 def test_cards_list_prints_masked_pans_only(

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from hsm.config import HsmConfig
+from switch.config import Config, StoreConfig
+from switch.testing import write_config
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "config" / "demo"
 SOFTHSM = Path("/usr/lib/softhsm/libsofthsm2.so")
@@ -21,9 +25,9 @@ CLI_TIMEOUT = 60
 #: imports modules of other areas, which this test does not depend on.
 _RUNNER = """
 import argparse, sys
-import switch.provision
+import switch.cli.provision
 parser = argparse.ArgumentParser(prog="cardswitch")
-switch.provision.register(parser.add_subparsers(dest="command", required=True))
+switch.cli.provision.register(parser.add_subparsers(dest="command", required=True))
 args = parser.parse_args(sys.argv[1:])
 sys.exit(args.func(args))
 """
@@ -68,12 +72,13 @@ def cardswitch(config: Path, *argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cards_import_through_softhsm_then_list_and_show(tmp_path: Path) -> None:
-    config = tmp_path / "switch.toml"
-    config.write_text(
-        f'[hsm]\nsofthsm_conf = "{tmp_path / "softhsm" / "softhsm2.conf"}"\n'
-        f'token_label = "provision-test"\n'
-        f'[store]\npath = "{tmp_path / "cardswitch.db"}"\n'
+    cfg = Config(
+        hsm=HsmConfig(
+            softhsm_conf=tmp_path / "softhsm" / "softhsm2.conf", token_label="provision-test"
+        ),
+        store=StoreConfig(path=tmp_path / "cardswitch.db"),
     )
+    config = write_config(cfg, tmp_path / "switch.toml")
     setup = subprocess.run(
         [sys.executable, "-c", _SETUP, str(config), str(DEMO / "keys.json")],
         cwd=REPO,

@@ -10,10 +10,12 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import trio
-from server_fixtures import wait_ready
+
+from switch import config, testing
 
 REPO = Path(__file__).resolve().parents[1]
 #: A README demo line: the command (with continuations joined) and the DE39 its comment expects.
@@ -44,11 +46,16 @@ def readme_commands() -> list[tuple[list[str], str | None]]:
 
 
 def _scratch_config(root: Path) -> None:
+    """The repository's config/ in ``root``, its switch.toml on ephemeral ports."""
     shutil.copytree(REPO / "config", root / "config")
     path = root / "config" / "switch.toml"
-    text = path.read_text()
-    text = text.replace("port = 8583", "port = 0").replace("port = 9583", "port = 0")
-    path.write_text(text)
+    cfg = config.load(path)
+    cfg = replace(
+        cfg,
+        listeners=tuple(replace(lst, port=0) for lst in cfg.listeners),
+        metrics=replace(cfg.metrics, port=0),
+    )
+    testing.write_config(cfg, path)
 
 
 def _run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -75,20 +82,12 @@ async def test_readme_demo_lines_against_a_dev_setup_switch(tmp_path: Path) -> N
     setup = await trio.to_thread.run_sync(_run, ["dev-setup"], tmp_path)
     assert setup.returncode == 0, setup.stderr
     assert "demo cards" in setup.stdout
-    ready = tmp_path / "ready.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "switch", "serve", "--ready-file", str(ready)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    switch = await testing.start_switch(
+        None, tmp_path / "ready.json", cwd=tmp_path, ready_within=30
     )
     try:
-        with trio.fail_after(30):
-            port = await wait_ready(ready, proc)
         for readme_argv, expected in readme_commands():
-            argv = [readme_argv[0], "--port", str(port), *readme_argv[1:]]
+            argv = [readme_argv[0], "--port", str(switch.port), *readme_argv[1:]]
             result = await trio.to_thread.run_sync(_run, argv, tmp_path)
             assert result.returncode == 0, (argv, result.stderr)
             answer = json.loads(result.stdout)
@@ -96,8 +95,4 @@ async def test_readme_demo_lines_against_a_dev_setup_switch(tmp_path: Path) -> N
             if expected is not None:
                 assert answer["response_code"] == expected, (argv, answer)
     finally:
-        proc.terminate()
-        with trio.move_on_after(15):
-            assert await proc.wait() == 0
-        if proc.poll() is None:
-            proc.kill()
+        assert await switch.stop() == 0

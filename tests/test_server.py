@@ -28,12 +28,12 @@ from server_fixtures import (
     tls11_client_ctx,
 )
 
+from switch.acquirer import build_auth, echo
 from switch.client import Client
 from switch.config import TlsConfig
 from switch.decisions import Reason
 from switch.handler import Decision, Dispatcher, RequestContext
 from switch.pki import PkiPaths, init_pki
-from switch.send import build_auth, echo
 from switch.server import Server
 from switch.tls import TlsContextHolder, client_context, server_context
 from switch.wire import codec

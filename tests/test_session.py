@@ -17,9 +17,9 @@ import iso8583
 import pytest
 
 from switch import session as session_mod
+from switch.acquirer import build_auth, build_reversal, echo
 from switch.config import ListenerConfig
 from switch.decisions import Profile, Reason, profile
-from switch.send import build_auth, build_reversal, echo
 from switch.session import Answer, Close, Decide, Drop, Session, classify
 from switch.wire import codec
 from switch.wire.framing import HeaderKind, encode_frame

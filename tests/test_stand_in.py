@@ -11,10 +11,10 @@ from e2e_fixtures import running_switch
 
 from hsm.errors import HsmUnavailable
 from hsm.pkcs11 import Pkcs11Hsm
+from switch.acquirer import build_auth
 from switch.client import Client
 from switch.config import PipelineConfig
 from switch.pki import PkiPaths
-from switch.send import build_auth
 from switch.wire.messages import AuthResponse, Track2
 
 PAN = "4123456789012345"

@@ -19,9 +19,9 @@ import trio
 from e2e_fixtures import running_switch
 
 from hsm.pkcs11 import Pkcs11Hsm
+from switch.acquirer import build_auth, echo
 from switch.client import Client
 from switch.pki import PkiPaths
-from switch.send import build_auth, echo
 from switch.tls import client_context
 from switch.wire.messages import AuthResponse, NetworkResponse, Track2
 

@@ -4,11 +4,14 @@ What lives here: argument parsing and output of the key custodian's and test eng
 commands: ``hsm init`` (dev token and card-data keys, idempotent), ``keys import`` (clear
 value or TR-31 key block), ``keys list``, and the card-security calculators ``hsm cvv``,
 ``hsm pvv``, ``hsm ibm-offset`` and ``hsm arqc``. Each prints its value alone on stdout
-(``--json`` for a structured answer) and exits 0; 2 for bad input (usage), 1 for an HSM
-failure or a mismatch, with one line on stderr that never carries a PIN, key or full PAN.
+(``--json`` for a structured answer) and exits 0; USAGE for bad input, FAILED for an HSM
+failure or a mismatch (``switch.cli.runner.ExitStatus``), with one line on stderr that never
+carries a PIN, key or full PAN.
 
 What does not: the cryptography (``hsm.api`` backends), opening the token (``hsm.token``),
-the command dispatcher (``switch.__main__``).
+the card-data keys (``switch.devsetup.ensure_card_data_keys``), the runner and the dispatcher
+(``switch.cli.runner``, ``switch.__main__``). This module is part of the switch CLI layer,
+not of ``hsm``, because ``hsm`` imports nothing from ``switch``.
 
 Secrets on the command line (``--pin``, ``--clear``, ``--kbpk``) end up in shell history and
 the process list: pass ``-`` to read the value from one line of standard input instead.
@@ -30,10 +33,8 @@ import argparse
 import json
 import sys
 import warnings
-from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psec.tr31
@@ -56,14 +57,14 @@ from hsm.api import (
     KeyUsage,
     PvvGeneration,
 )
-from hsm.errors import HsmError, InvalidInput, KeyNotFound
-from hsm.pan import mask_pan, scrub
+from hsm.carddata import ensure_card_data_keys
+from hsm.errors import KeyNotFound
+from hsm.pan import mask_pan
 from hsm.software import software_kcv
-from switch.config import Config, load_default_or_embedded
+from switch.cli.common import config_parent
+from switch.cli.runner import ExitStatus, UsageError, fail, runner
+from switch.config import Config
 
-#: Exit statuses (the same as ``switch.__main__``): success, operation failed or mismatch,
-#: usage or configuration error.
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: The argument value that means "read this secret from one line of standard input".
 STDIN_MARKER = "-"
 
@@ -90,23 +91,12 @@ TR31_ALGORITHMS: dict[tuple[str, int], KeyAlgorithm] = {
 }
 
 
-class UsageError(Exception):
-    """Bad command-line input; the message names the option, never the secret value."""
-
-
 # ------------------------------------------------------------------------------ parsing
 
 
 def register(subparsers: Any) -> None:
     """Add ``hsm`` and ``keys`` with their subcommands to the ``cardswitch`` parser."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="configuration file (default: config/switch.toml, else built-in defaults)",
-    )
+    common = config_parent()
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--json", action="store_true", help="print a JSON object")
 
@@ -118,32 +108,32 @@ def register(subparsers: Any) -> None:
         parents=[common],
         help="create or open the dev token and the card-data keys (idempotent)",
     )
-    init.set_defaults(func=_sync(_cmd_init))
+    init.set_defaults(func=runner(_cmd_init))
 
     cvv = hsm_sub.add_parser("cvv", parents=[common, output], help="generate a CVV/CVV2/iCVV")
-    cvv.add_argument("--cvk", required=True, metavar="LABEL")
-    cvv.add_argument("--pan", required=True)
-    cvv.add_argument("--expiry", required=True, metavar="YYMM")
+    cvv.add_argument("--cvk", required=True, metavar="LABEL", help="card verification key")
+    cvv.add_argument("--pan", required=True, help="primary account number")
+    cvv.add_argument("--expiry", required=True, metavar="YYMM", help="expiry date")
     cvv.add_argument(
         "--service-code",
         required=True,
         metavar="SSS",
         help="as on the stripe; 000 gives CVV2, 999 gives iCVV",
     )
-    cvv.set_defaults(func=_sync(_cmd_cvv))
+    cvv.set_defaults(func=runner(_cmd_cvv))
 
     pvv = hsm_sub.add_parser("pvv", parents=[common, output], help="generate a Visa PVV")
-    pvv.add_argument("--pvk", required=True, metavar="LABEL")
-    pvv.add_argument("--pan", required=True)
-    pvv.add_argument("--pvki", required=True, metavar="N")
+    pvv.add_argument("--pvk", required=True, metavar="LABEL", help="PIN verification key")
+    pvv.add_argument("--pan", required=True, help="primary account number")
+    pvv.add_argument("--pvki", required=True, metavar="N", help="PVK index, one digit")
     pvv.add_argument("--pin", required=True, help="clear PIN, or - to read it from stdin")
-    pvv.set_defaults(func=_sync(_cmd_pvv))
+    pvv.set_defaults(func=runner(_cmd_pvv))
 
     ibm = hsm_sub.add_parser(
         "ibm-offset", parents=[common, output], help="generate an IBM 3624 PIN offset"
     )
-    ibm.add_argument("--pvk", required=True, metavar="LABEL")
-    ibm.add_argument("--pan", required=True)
+    ibm.add_argument("--pvk", required=True, metavar="LABEL", help="PIN verification key")
+    ibm.add_argument("--pan", required=True, help="primary account number")
     ibm.add_argument("--pin", required=True, help="clear PIN, or - to read it from stdin")
     ibm.add_argument("--dec-table", required=True, metavar="T", help="16 decimal digits")
     ibm.add_argument(
@@ -152,7 +142,7 @@ def register(subparsers: Any) -> None:
         metavar="V",
         help="1-16 hex digits, or N for the account number digits of the PAN",
     )
-    ibm.set_defaults(func=_sync(_cmd_ibm_offset))
+    ibm.set_defaults(func=runner(_cmd_ibm_offset))
 
     arqc = hsm_sub.add_parser(
         "arqc",
@@ -160,9 +150,11 @@ def register(subparsers: Any) -> None:
         help="generate an ARQC, or verify one and compute the ARPC",
     )
     arqc.add_argument("--imk", required=True, metavar="LABEL", help="issuer master key (AC)")
-    arqc.add_argument("--cvn", required=True, choices=[c.value for c in Cvn])
-    arqc.add_argument("--pan", required=True)
-    arqc.add_argument("--psn", default="00", metavar="N", help="PAN sequence number (00)")
+    arqc.add_argument(
+        "--cvn", required=True, choices=[c.value for c in Cvn], help="cryptogram version"
+    )
+    arqc.add_argument("--pan", required=True, help="primary account number")
+    arqc.add_argument("--psn", default="00", metavar="N", help="PAN sequence number")
     arqc.add_argument("--atc", required=True, metavar="HEX", help="4 hex digits (9F36)")
     arqc.add_argument("--un", default="", metavar="HEX", help="8 hex digits (9F37)")
     arqc.add_argument("--data", required=True, metavar="HEX", help="the data the card MACs")
@@ -172,7 +164,7 @@ def register(subparsers: Any) -> None:
     arqc.add_argument(
         "--prop-data", default="", metavar="HEX", help="ARPC method 2: proprietary data"
     )
-    arqc.set_defaults(func=_sync(_cmd_arqc))
+    arqc.set_defaults(func=runner(_cmd_arqc))
 
     keys = subparsers.add_parser("keys", help="import and list HSM keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
@@ -180,8 +172,10 @@ def register(subparsers: Any) -> None:
     imp = keys_sub.add_parser(
         "import", parents=[common, output], help="import a key; prints its check value"
     )
-    imp.add_argument("label")
-    imp.add_argument("--usage", required=True, choices=[u.value for u in KeyUsage])
+    imp.add_argument("label", help="label of the new key in the HSM")
+    imp.add_argument(
+        "--usage", required=True, choices=[u.value for u in KeyUsage], help="key usage"
+    )
     imp.add_argument(
         "--algorithm",
         choices=[a.value for a in KeyAlgorithm],
@@ -196,37 +190,13 @@ def register(subparsers: Any) -> None:
         metavar="HEX",
         help="clear value of that KEK (dev/test; must match its check value), or -",
     )
-    imp.set_defaults(func=_sync(_cmd_keys_import))
+    imp.set_defaults(func=runner(_cmd_keys_import))
 
     lst = keys_sub.add_parser("list", parents=[common, output], help="label, usage, KCV")
-    lst.set_defaults(func=_sync(_cmd_keys_list))
+    lst.set_defaults(func=runner(_cmd_keys_list))
 
 
 # ------------------------------------------------------------------------------ running
-
-_Command = Callable[[argparse.Namespace, Config], Awaitable[int]]
-
-
-def _sync(command: _Command) -> Callable[[argparse.Namespace], int]:
-    """Wrap an async command: load the config, run it under trio, map errors to statuses."""
-
-    def func(args: argparse.Namespace) -> int:
-        cfg = load_default_or_embedded(args.config)  # ConfigError -> 2 in switch.__main__
-        try:
-            return trio.run(command, args, cfg)
-        except UsageError as exc:
-            return _fail(str(exc), EXIT_USAGE)
-        except InvalidInput as exc:
-            return _fail(str(exc), EXIT_USAGE)
-        except HsmError as exc:
-            return _fail(str(exc) or type(exc).__name__, EXIT_FAILED)
-
-    return func
-
-
-def _fail(message: str, status: int) -> int:
-    print(f"cardswitch: {scrub(message)}", file=sys.stderr)
-    return status
 
 
 class _OpenHsm:
@@ -282,7 +252,6 @@ async def _cmd_init(args: argparse.Namespace, cfg: Config) -> int:
     if cfg.hsm.backend != "pkcs11":
         raise UsageError("hsm init needs hsm.backend = 'pkcs11' (software keys are not kept)")
     from hsm import token  # noqa: PLC0415
-    from hsm.carddata import ensure_card_data_keys  # noqa: PLC0415 - boto3 only when needed
 
     created = await trio.to_thread.run_sync(token.init_dev_token, cfg.hsm)
     state = "created" if created else "opened"
@@ -290,7 +259,7 @@ async def _cmd_init(args: argparse.Namespace, cfg: Config) -> int:
     async with _OpenHsm(cfg) as hsm:
         for line in await ensure_card_data_keys(hsm, cfg.card_data):
             print(line)
-    return EXIT_OK
+    return ExitStatus.OK
 
 
 async def _cmd_cvv(args: argparse.Namespace, cfg: Config) -> int:
@@ -300,7 +269,7 @@ async def _cmd_cvv(args: argparse.Namespace, cfg: Config) -> int:
         )
     fields = {"cvk": args.cvk, "pan": mask_pan(args.pan), "service_code": args.service_code}
     _emit(args, value, {**fields, "cvv": value})
-    return EXIT_OK
+    return ExitStatus.OK
 
 
 async def _cmd_pvv(args: argparse.Namespace, cfg: Config) -> int:
@@ -310,7 +279,7 @@ async def _cmd_pvv(args: argparse.Namespace, cfg: Config) -> int:
     del pin
     fields = {"pvk": args.pvk, "pan": mask_pan(args.pan), "pvki": args.pvki, "pvv": value}
     _emit(args, value, fields)
-    return EXIT_OK
+    return ExitStatus.OK
 
 
 async def _cmd_ibm_offset(args: argparse.Namespace, cfg: Config) -> int:
@@ -321,7 +290,7 @@ async def _cmd_ibm_offset(args: argparse.Namespace, cfg: Config) -> int:
         )
     del pin
     _emit(args, value, {"pvk": args.pvk, "pan": mask_pan(args.pan), "offset": value})
-    return EXIT_OK
+    return ExitStatus.OK
 
 
 async def _cmd_arqc(args: argparse.Namespace, cfg: Config) -> int:
@@ -336,7 +305,7 @@ async def _cmd_arqc(args: argparse.Namespace, cfg: Config) -> int:
         async with _OpenHsm(cfg) as hsm:
             arqc = await hsm.generate_arqc(ArqcGeneration(card, atc, data, un))
         _emit(args, arqc.hex().upper(), {**fields, "arqc": arqc.hex().upper()})
-        return EXIT_OK
+        return ExitStatus.OK
     arqc = _hex(args.verify, "--verify", (16,))
     arpc_request = None
     if args.arc is not None or args.csu is not None:
@@ -353,13 +322,13 @@ async def _cmd_arqc(args: argparse.Namespace, cfg: Config) -> int:
     if not result.ok:
         if args.json:
             print(json.dumps(fields, sort_keys=True))
-        return _fail(f"ARQC does not verify ({result.reason})", EXIT_FAILED)
+        return fail(f"ARQC does not verify ({result.reason})", ExitStatus.FAILED)
     if result.arpc is not None:
         fields["arpc"] = result.arpc.hex().upper()
         _emit(args, fields["arpc"], fields)
     else:
         _emit(args, "ok", fields)
-    return EXIT_OK
+    return ExitStatus.OK
 
 
 @dataclass(frozen=True)
@@ -401,7 +370,7 @@ async def _cmd_keys_import(args: argparse.Namespace, cfg: Config) -> int:
         info = await hsm.import_key(KeyImport(args.label, usage, value, algorithm))
         del value
     _emit(args, info.kcv, {**_key_fields(info), **extra})
-    return EXIT_OK
+    return ExitStatus.OK
 
 
 async def _open_tr31(hsm: Hsm, args: argparse.Namespace, usage: KeyUsage) -> _Unwrapped:
@@ -457,10 +426,10 @@ async def _cmd_keys_list(args: argparse.Namespace, cfg: Config) -> int:
         infos = await hsm.list_keys()
     if args.json:
         print(json.dumps([_key_fields(i) for i in infos], sort_keys=True))
-        return EXIT_OK
+        return ExitStatus.OK
     rows = [("LABEL", "USAGE", "ALGORITHM", "KCV")]
     rows += [(i.label, str(i.usage), str(i.algorithm), i.kcv) for i in infos]
     widths = [max(len(r[c]) for r in rows) for c in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)), row[3])
-    return EXIT_OK
+    return ExitStatus.OK
