@@ -160,6 +160,16 @@ def test_spread_kind_must_cover_its_attributes() -> None:
             a: str | None = de(48, pair, default=None)
 
 
+def test_one_element_two_fields_fails_at_import() -> None:
+    with pytest.raises(TypeError, match="two fields"):
+
+        @message()
+        class Twice:
+            mti: str
+            a: str | None = de(48, text(), default=None)
+            b: str | None = de(48, text(), default=None)
+
+
 def test_unsupported_message_is_read_leniently() -> None:
     msg = messages.from_fields({"t": "0600", "11": "00012X", "41": "TERM0001", "7": "1311123456"})
     assert msg == UnsupportedMessage(mti="0600", terminal_id="TERM0001")

@@ -284,6 +284,9 @@ def _plan_of(cls: type, lenient: bool) -> _Plan:
         reads.append(step)
         fmt = None if el.kind.format is _same else el.kind.format
         writes.append((el.key, attrgetter(f.name), fmt))
+    keys = [step[0] for step in reads]
+    if len(keys) != len(set(keys)):
+        raise TypeError(f"{cls.__name__}: one data element declared by two fields")
     echoed = tuple(f.name for f in all_fields if (el := element_of(f)) and el.echo)
     return _Plan(tuple(reads), tuple(writes), echoed, lenient)
 
@@ -309,7 +312,8 @@ def message(*, answers: type | None = None, lenient: bool = False) -> Callable[[
 
     Raises:
         TypeError: at import, a plan that cannot work (an echoed element the answer lacks,
-            a spread kind over other attributes than those of its element).
+            a spread kind over other attributes than those of its element, one element
+            declared by two fields without a spread kind).
     """
 
     def wrap(cls: type[T]) -> type[T]:
