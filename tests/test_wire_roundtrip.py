@@ -266,6 +266,32 @@ def test_round_trip(spec: SpecKind, strategy: st.SearchStrategy[Message]) -> Non
     check()
 
 
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        auth_requests(),
+        auth_responses(),
+        reversal_requests(),
+        reversal_responses(),
+        network_requests,
+        network_responses,
+        unsupported,
+    ],
+    ids=["auth_req", "auth_resp", "rev_req", "rev_resp", "net_req", "net_resp", "unsupported"],
+)
+def test_field_dict_round_trip(strategy: st.SearchStrategy[Message]) -> None:
+    """The generated mapping alone (no bytes): to_fields then from_fields gives the message."""
+
+    @FAST
+    @given(strategy)
+    def check(msg: Message) -> None:
+        fields = messages.to_fields(msg)
+        assert all(isinstance(value, str) for value in fields.values())
+        assert messages.from_fields(fields) == msg
+
+    check()
+
+
 @pytest.mark.parametrize("spec", SPECS)
 def test_random_bytes_raise_only_format_error(spec: SpecKind) -> None:
     @settings(max_examples=300, deadline=None)

@@ -3,14 +3,17 @@
 What lives here: the frozen dataclasses the rest of the switch works with (``AuthRequest``,
 ``AuthResponse``, ``ReversalRequest``, ``ReversalResponse``, ``NetworkRequest``,
 ``NetworkResponse``, ``UnsupportedMessage``, ``ErrorResponse`` and their parts ``Track2``,
-``MerchantLocation``, ``AdditionalAmount``, ``OriginalData``), MTI helpers, the field-content
-validation done on decode, and :func:`from_fields` / :func:`to_fields`, which convert between
-those dataclasses and pyiso8583-style dictionaries (``{"t": MTI, "2": PAN, ...}``; binary
-fields as upper-case hex). This is the only module of the code base that knows ISO field
-numbers.
+``MerchantLocation``, ``AdditionalAmount``, ``OriginalData``), MTI helpers, the kinds and
+sub-layouts (DE43, DE48, DE54, DE90, DE95) of the data elements, and :func:`from_fields` /
+:func:`to_fields`, which convert between those dataclasses and pyiso8583-style dictionaries
+(``{"t": MTI, "2": PAN, ...}``; binary fields as upper-case hex). Each message field declares
+its data element once, with :func:`switch.wire.mapping.de`; reading, validating, writing and
+echoing are generated from those declarations. This is the only module of the code base that
+knows ISO field numbers.
 
-What does not: bytes, bitmaps and length prefixes (spec.py, codec.py), framing (framing.py),
-BER-TLV inside DE55 (emv.py), and any decision about a message (pipeline, decisions.py).
+What does not: the generic mapper (mapping.py), bytes, bitmaps and length prefixes (spec.py,
+codec.py), framing (framing.py), BER-TLV inside DE55 (emv.py), and any decision about a
+message (pipeline, decisions.py).
 
 Card data: PAN-carrying fields are masked in ``repr`` (first six, last four); PIN block, CVV2,
 track 2, DE48 subelements and EMV data never appear in a ``repr``. Validation errors name the
@@ -20,11 +23,26 @@ field and a fixed reason, never the value.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypedDict
+from typing import Any, Final, Literal
 
-from hsm.pan import mask_pan
+from hsm.pan import PAN_MAX_DIGITS, PAN_MIN_DIGITS, is_digits, mask_pan
+from switch.wire.mapping import (
+    BINARY,
+    FieldError,
+    Invalid,
+    Kind,
+    de,
+    digits,
+    echo,
+    is_printable,
+    message,
+    read,
+    salvage,
+    text,
+    write,
+)
 
 __all__ = [
     "AUTH_REQUEST_MTIS",
@@ -57,38 +75,8 @@ __all__ = [
     "to_fields",
 ]
 
-# --- ISO 8583:1987 data elements used by the switch (keys of pyiso8583 dictionaries) -------
-_MTI: Final = "t"  # message type indicator
-_PAN: Final = "2"  # primary account number, LLVAR n..19
-_PROC: Final = "3"  # processing code, n6
-_AMOUNT: Final = "4"  # amount, transaction, n12 (minor units)
-_TRANSMISSION: Final = "7"  # transmission date and time, MMDDhhmmss
-_STAN: Final = "11"  # systems trace audit number, n6
-_LOCAL_TIME: Final = "12"  # time, local transaction, hhmmss
-_LOCAL_DATE: Final = "13"  # date, local transaction, MMDD
-_EXPIRY: Final = "14"  # date, expiration, YYMM
-_MCC: Final = "18"  # merchant type, n4
-_ACQ_COUNTRY: Final = "19"  # acquiring institution country code, n3
-_POS_ENTRY: Final = "22"  # point of service entry mode, n3
-_PAN_SEQ: Final = "23"  # card sequence number, n3
-_ACQUIRER: Final = "32"  # acquiring institution identification code, LLVAR n..11
-_FORWARDER: Final = "33"  # forwarding institution identification code, LLVAR n..11
-_TRACK2: Final = "35"  # track 2 data, LLVAR z..37
-_RRN: Final = "37"  # retrieval reference number, an12
-_APPROVAL: Final = "38"  # authorization identification response, an6
-_RESPONSE: Final = "39"  # response code, an2
-_TERMINAL: Final = "41"  # card acceptor terminal identification, ans8
-_MERCHANT: Final = "42"  # card acceptor identification code, ans15
-_MERCHANT_NAME: Final = "43"  # card acceptor name/location, ans40
-_ADDITIONAL: Final = "48"  # additional data - private, LLLVAR
-_CURRENCY: Final = "49"  # currency code, transaction, n3
-_PIN_BLOCK: Final = "52"  # personal identification number data, b64
-_SECURITY: Final = "53"  # security related control information, n16
-_ADD_AMOUNTS: Final = "54"  # additional amounts, LLLVAR an..120
-_ICC: Final = "55"  # ICC system related data (EMV BER-TLV), LLLVAR b
-_NETWORK_CODE: Final = "70"  # network management information code, n3
-_ORIGINAL: Final = "90"  # original data elements, n42
-_REPLACEMENT: Final = "95"  # replacement amounts, an42
+#: pyiso8583 key of the message type indicator.
+_MTI: Final = "t"
 
 #: Name used for the MTI in errors (ISO calls it data element 0).
 MTI_FIELD: Final = "mti"
@@ -108,8 +96,6 @@ NETWORK_REQUEST_MTIS: Final = frozenset({"0800"})
 #: MTIs decoded into :class:`NetworkResponse`.
 NETWORK_RESPONSE_MTIS: Final = frozenset({"0810"})
 
-#: Shortest and longest PAN (ISO/IEC 7812).
-_PAN_MIN, _PAN_MAX = 12, 19
 #: DE48 subelement (Mastercard layout) carrying the CVC2/CVV2 value.
 _DE48_CVV2_SE: Final = "92"
 #: Width of one DE54 additional amount: account type 2, amount type 2, currency 3, sign 1, 12.
@@ -144,23 +130,11 @@ _MONTH_DAYS: Final = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 MessageClass = Literal["auth", "financial", "advice", "reversal", "network", "other"]
 
 
-class FieldError(ValueError):
-    """A field is missing or malformed. ``field`` is the field number (or ``"mti"``).
-
-    The message holds the field number and a fixed reason, never the field's value.
-    """
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"field {field}: {reason}")
-        self.field = field
-        self.reason = reason
-
-
 # --- MTI helpers ----------------------------------------------------------------------------
 
 
 def _check_mti(mti: str) -> None:
-    if len(mti) != 4 or not _is_digits(mti):
+    if len(mti) != 4 or not is_digits(mti):
         raise ValueError("an MTI is four decimal digits")
 
 
@@ -342,10 +316,177 @@ class OriginalData:
         )
 
 
+# --- data element kinds ---------------------------------------------------------------------
+
+
+def _valid_mmdd(value: str) -> bool:
+    month, day = int(value[:2]), int(value[2:4])
+    return 1 <= month <= 12 and 1 <= day <= _MONTH_DAYS[month - 1]
+
+
+def _valid_hhmmss(value: str) -> bool:
+    return int(value[:2]) < 24 and int(value[2:4]) < 60 and int(value[4:6]) < 60
+
+
+def _valid_transmission(value: str) -> bool:
+    return _valid_mmdd(value[:4]) and _valid_hhmmss(value[4:])
+
+
+def _valid_yymm(value: str) -> bool:
+    return 1 <= int(value[2:]) <= 12
+
+
+def _amount_text(value: int) -> str:
+    if not 0 <= value <= _AMOUNT_MAX:
+        raise ValueError("amount out of range for 12 digits")
+    return f"{value:012d}"
+
+
+def _parse_track2(value: str) -> Track2:
+    sep = next((i for i, c in enumerate(value) if c in "=D"), -1)
+    pan, rest = value[:sep], value[sep + 1 :]
+    if sep < 0 or not PAN_MIN_DIGITS <= len(pan) <= PAN_MAX_DIGITS or not is_digits(pan):
+        raise Invalid("track 2 PAN malformed")
+    if len(rest) < 7 or not is_digits(rest):
+        raise Invalid("track 2 expiry/service code malformed")
+    if not 1 <= int(rest[2:4]) <= 12:
+        raise Invalid("track 2 expiry not a valid YYMM")
+    return Track2(pan=pan, expiry=rest[:4], service_code=rest[4:7], discretionary=rest[7:])
+
+
+def _parse_de43(value: str) -> MerchantLocation:
+    if len(value) != _DE43_WIDTH or not is_printable(value):
+        raise Invalid("expected 40 printable characters")
+    cut = _DE43_NAME + _DE43_CITY
+    return MerchantLocation(
+        name=value[:_DE43_NAME].rstrip(), city=value[_DE43_NAME:cut].rstrip(), country=value[cut:]
+    )
+
+
+_Subelements = tuple[tuple[str, str], ...]
+#: DE48 of an authorization: (category code, CVV2, all subelements), see :func:`_parse_de48`.
+_De48 = tuple[str | None, str | None, _Subelements]
+
+
+def _parse_de48(value: str) -> _De48:
+    """Mastercard-style DE48: optional category code (a non-digit) then id(2) len(2) data;
+    subelement 92 is the CVV2."""
+    category = None
+    pos = 0
+    if value and not "0" <= value[0] <= "9":
+        category, pos = value[0], 1
+    items: list[tuple[str, str]] = []
+    while pos < len(value):
+        head = value[pos : pos + 4]
+        if len(head) != 4 or not is_digits(head):
+            raise Invalid("subelement header malformed")
+        length = int(head[2:])
+        data = value[pos + 4 : pos + 4 + length]
+        if len(data) != length:
+            raise Invalid("subelement shorter than its length")
+        items.append((head[:2], data))
+        pos += 4 + length
+    cvv2 = next((data for se, data in items if se == _DE48_CVV2_SE), None)
+    return category, cvv2, tuple(items)
+
+
+def _format_de48(value: _De48) -> str | None:
+    category, cvv2, items = value
+    if cvv2 is not None and not any(se == _DE48_CVV2_SE for se, _ in items):
+        items = (*items, (_DE48_CVV2_SE, cvv2))
+    if not items and category is None:
+        return None
+    return (category or "") + "".join(f"{se}{len(data):02d}{data}" for se, data in items)
+
+
+def _parse_de54(value: str) -> tuple[AdditionalAmount, ...]:
+    count, rest = divmod(len(value), _ADD_AMOUNT_WIDTH)
+    if not value or rest or count > _ADD_AMOUNT_MAX:
+        raise Invalid("length is not a multiple of 20 up to 120")
+    items = []
+    for pos in range(0, len(value), _ADD_AMOUNT_WIDTH):
+        chunk = value[pos : pos + _ADD_AMOUNT_WIDTH]
+        head, sign, amount = chunk[:7], chunk[7], chunk[8:]
+        if not is_digits(head) or sign not in "CD" or not is_digits(amount):
+            raise Invalid("additional amount malformed")
+        value_int = int(amount)
+        items.append(
+            AdditionalAmount(
+                account_type=head[:2],
+                amount_type=head[2:4],
+                currency=head[4:7],
+                amount=value_int if sign == "C" else -value_int,
+            )
+        )
+    return tuple(items)
+
+
+def _format_de54(value: tuple[AdditionalAmount, ...]) -> str | None:
+    return "".join(a.to_text() for a in value) or None
+
+
+def _parse_de90(value: str) -> OriginalData:
+    if len(value) != _DE90_WIDTH or not is_digits(value):
+        raise Invalid("expected 42 digits")
+    return OriginalData(
+        mti=value[:4],
+        stan=value[4:10],
+        transmission_time=value[10:20],
+        acquirer_id=value[20:31],
+        forwarding_id=value[31:42],
+    )
+
+
+def _parse_de95(value: str) -> int:
+    if len(value) != _DE90_WIDTH or not is_digits(value[:12]) or not is_printable(value):
+        raise Invalid("replacement amount malformed")
+    return int(value[:12])
+
+
+def _format_de95(value: int) -> str:
+    """Actual amount, zero settlement amount, two zero credit fees (42 characters)."""
+    return f"{_amount_text(value)}{'0' * 12}" + "C00000000" * 2
+
+
+def _track2_pan(values: Mapping[str, Any]) -> str | None:
+    track2: Track2 | None = values.get("track2")
+    return None if track2 is None else track2.pan
+
+
+_N3, _N4, _N6, _N16 = digits(3), digits(4), digits(6), digits(16)
+#: A PAN: masked (first six, last four) in reprs.
+_PAN: Final = (
+    digits()
+    .where(lambda v: PAN_MIN_DIGITS <= len(v) <= PAN_MAX_DIGITS, "PAN must be 12 to 19 digits")
+    .masked("pan")
+)
+_AMOUNT: Final = digits(12).then(int, _amount_text)
+_MMDDHHMMSS: Final = digits(10).where(_valid_transmission, "not a valid MMDDhhmmss")
+_HHMMSS: Final = digits(6).where(_valid_hhmmss, "not a valid hhmmss")
+_MMDD: Final = digits(4).where(_valid_mmdd, "not a valid MMDD")
+_YYMM: Final = digits(4).where(_valid_yymm, "not a valid YYMM")
+_CURRENCY: Final = digits(3).where(
+    ISO4217_NUMERIC.__contains__, "not an ISO 4217 numeric currency code"
+)
+_INSTITUTION: Final = digits(max_len=11)
+_RESPONSE_CODE: Final = text(2).where(str.isalnum, "response code must be alphanumeric")
+_TRACK2: Final = Kind(_parse_track2, Track2.to_text, mask="hide")
+_DE43: Final = Kind(_parse_de43, MerchantLocation.to_text)
+_DE48_AUTH: Final = (
+    text().then(_parse_de48, _format_de48).spread_over("category_code", "cvv2", "additional_data")
+)
+_DE54: Final = text().then(_parse_de54, _format_de54)
+_DE90: Final = Kind(_parse_de90, OriginalData.to_text)
+_DE95: Final = Kind(_parse_de95, _format_de95)
+
 # --- messages -------------------------------------------------------------------------------
+# Each field names its data element once (see switch.wire.mapping.de): a field without a
+# default is mandatory on the wire; echo=True marks what the answer repeats. Fields are
+# declared in the order they are validated, which decides the element a message with
+# several faults is reported for (tests/test_wire_corpus.py pins some).
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@message()
 class AuthRequest:
     """0100/0101 authorization, 0200/0201 financial, 0120/0121/0220/0221 advices.
 
@@ -354,93 +495,65 @@ class AuthRequest:
     """
 
     mti: str
-    pan: str = field(metadata=_PAN_META)
-    processing_code: str
-    amount: int
-    transmission_time: str
-    stan: str
-    currency: str
-    local_time: str | None = None
-    local_date: str | None = None
-    expiry: str | None = None
-    mcc: str | None = None
-    acquirer_country: str | None = None
-    pos_entry_mode: str | None = None
-    pan_sequence: str | None = None
-    acquirer_id: str | None = None
-    forwarding_id: str | None = None
-    track2: Track2 | None = field(default=None, repr=False)
-    rrn: str | None = None
-    terminal_id: str | None = None
-    merchant_id: str | None = None
-    merchant_location: MerchantLocation | None = None
-    category_code: str | None = None
-    cvv2: str | None = field(default=None, repr=False)
-    additional_data: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    pin_block: bytes | None = field(default=None, repr=False)
-    security_control: str | None = None
-    emv: bytes | None = field(default=None, repr=False)
+    track2: Track2 | None = de(35, _TRACK2, default=None)
+    pan: str = de(
+        2,
+        _PAN,
+        echo=True,
+        fallback=_track2_pan,
+        missing="mandatory field missing (no DE2 and no track 2)",
+    )
+    category_code: str | None = de(48, _DE48_AUTH, default=None)
+    cvv2: str | None = de(48, _DE48_AUTH, secret=True, default=None)
+    additional_data: _Subelements = de(48, _DE48_AUTH, secret=True, default=())
+    amount: int = de(4, _AMOUNT, echo=True)
+    currency: str = de(49, _CURRENCY, echo=True)
+    transmission_time: str = de(7, _MMDDHHMMSS, echo=True)
+    processing_code: str = de(3, _N6, echo=True)
+    stan: str = de(11, _N6, echo=True)
+    local_time: str | None = de(12, _HHMMSS, echo=True, default=None)
+    local_date: str | None = de(13, _MMDD, echo=True, default=None)
+    expiry: str | None = de(14, _YYMM, default=None)
+    mcc: str | None = de(18, _N4, default=None)
+    acquirer_country: str | None = de(19, _N3, default=None)
+    pos_entry_mode: str | None = de(22, _N3, default=None)
+    pan_sequence: str | None = de(23, _N3, default=None)
+    acquirer_id: str | None = de(32, _INSTITUTION, echo=True, default=None)
+    forwarding_id: str | None = de(33, _INSTITUTION, default=None)
+    rrn: str | None = de(37, text(12), echo=True, default=None)
+    terminal_id: str | None = de(41, text(8), echo=True, default=None)
+    merchant_id: str | None = de(42, text(15), echo=True, default=None)
+    merchant_location: MerchantLocation | None = de(43, _DE43, default=None)
+    pin_block: bytes | None = de(52, BINARY, default=None)
+    security_control: str | None = de(53, _N16, default=None)
+    emv: bytes | None = de(55, BINARY, default=None)
     #: DE39 of an advice (0120/0220): the answer the network gave in the issuer's place.
-    response_code: str | None = None
+    response_code: str | None = de(39, _RESPONSE_CODE, default=None)
 
     __repr__ = _safe_repr
 
 
-class _Echo(TypedDict):
-    """What a response repeats of its request besides MTI and STAN: DE2, 3, 4, 7, 12, 13, 32,
-    37, 41, 42 and 49 (each optional in a response)."""
-
-    transmission_time: str | None
-    pan: str | None
-    processing_code: str | None
-    amount: int | None
-    local_time: str | None
-    local_date: str | None
-    acquirer_id: str | None
-    rrn: str | None
-    terminal_id: str | None
-    merchant_id: str | None
-    currency: str | None
-
-
-def _echo_of(req: AuthRequest | ReversalRequest) -> _Echo:
-    """The fields of ``req`` its answer repeats."""
-    return _Echo(
-        transmission_time=req.transmission_time,
-        pan=req.pan,
-        processing_code=req.processing_code,
-        amount=req.amount,
-        local_time=req.local_time,
-        local_date=req.local_date,
-        acquirer_id=req.acquirer_id,
-        rrn=req.rrn,
-        terminal_id=req.terminal_id,
-        merchant_id=req.merchant_id,
-        currency=req.currency,
-    )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@message(answers=AuthRequest)
 class AuthResponse:
     """0110, 0130, 0210, 0230: the answer to an :class:`AuthRequest`."""
 
     mti: str
-    stan: str
-    response_code: str
-    transmission_time: str | None = None
-    pan: str | None = field(default=None, metadata=_PAN_META)
-    processing_code: str | None = None
-    amount: int | None = None
-    local_time: str | None = None
-    local_date: str | None = None
-    acquirer_id: str | None = None
-    rrn: str | None = None
-    terminal_id: str | None = None
-    merchant_id: str | None = None
-    currency: str | None = None
-    approval_code: str | None = None
-    additional_amounts: tuple[AdditionalAmount, ...] = ()
-    emv: bytes | None = field(default=None, repr=False)
+    stan: str = de(11, _N6)
+    response_code: str = de(39, _RESPONSE_CODE)
+    transmission_time: str | None = de(7, _MMDDHHMMSS, default=None)
+    pan: str | None = de(2, _PAN, default=None)
+    processing_code: str | None = de(3, _N6, default=None)
+    amount: int | None = de(4, _AMOUNT, default=None)
+    local_time: str | None = de(12, _HHMMSS, default=None)
+    local_date: str | None = de(13, _MMDD, default=None)
+    acquirer_id: str | None = de(32, _INSTITUTION, default=None)
+    rrn: str | None = de(37, text(12), default=None)
+    terminal_id: str | None = de(41, text(8), default=None)
+    merchant_id: str | None = de(42, text(15), default=None)
+    currency: str | None = de(49, _CURRENCY, default=None)
+    approval_code: str | None = de(38, text(6), default=None)
+    additional_amounts: tuple[AdditionalAmount, ...] = de(54, _DE54, default=())
+    emv: bytes | None = de(55, BINARY, default=None)
 
     __repr__ = _safe_repr
 
@@ -462,23 +575,23 @@ class AuthResponse:
         available_balance: AdditionalAmount | None = None,
         emv: bytes | None = None,
     ) -> AuthResponse:
-        """Build the answer to ``req``, echoing DE2, 3, 4, 7, 11, 12, 13, 32, 37, 41, 42, 49.
+        """Build the answer to ``req``, echoing what it declares (DE2, 3, 4, 7, 11, 12, 13,
+        32, 37, 41, 42, 49).
 
         Raises:
             ValueError: ``req.mti`` is not a request class.
         """
         return cls(
             mti=response_mti(req.mti),
-            stan=req.stan,
             response_code=response_code,
-            **_echo_of(req),
+            **echo(req),
             approval_code=approval_code,
             additional_amounts=() if available_balance is None else (available_balance,),
             emv=emv,
         )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@message()
 class ReversalRequest:
     """0400/0401 reversal, 0420/0421 reversal advice.
 
@@ -487,23 +600,23 @@ class ReversalRequest:
     """
 
     mti: str
-    stan: str
-    transmission_time: str
-    amount: int
-    original: OriginalData
-    pan: str | None = field(default=None, metadata=_PAN_META)
-    processing_code: str | None = None
-    currency: str | None = None
-    local_time: str | None = None
-    local_date: str | None = None
-    acquirer_id: str | None = None
-    forwarding_id: str | None = None
-    rrn: str | None = None
-    terminal_id: str | None = None
-    merchant_id: str | None = None
-    response_code: str | None = None
-    replacement_amount: int | None = None
-    emv: bytes | None = field(default=None, repr=False)
+    amount: int = de(4, _AMOUNT, echo=True)
+    transmission_time: str = de(7, _MMDDHHMMSS, echo=True)
+    stan: str = de(11, _N6, echo=True)
+    original: OriginalData = de(90, _DE90, echo=True)
+    pan: str | None = de(2, _PAN, echo=True, default=None)
+    processing_code: str | None = de(3, _N6, echo=True, default=None)
+    currency: str | None = de(49, _CURRENCY, echo=True, default=None)
+    local_time: str | None = de(12, _HHMMSS, echo=True, default=None)
+    local_date: str | None = de(13, _MMDD, echo=True, default=None)
+    acquirer_id: str | None = de(32, _INSTITUTION, echo=True, default=None)
+    forwarding_id: str | None = de(33, _INSTITUTION, default=None)
+    rrn: str | None = de(37, text(12), echo=True, default=None)
+    terminal_id: str | None = de(41, text(8), echo=True, default=None)
+    merchant_id: str | None = de(42, text(15), echo=True, default=None)
+    response_code: str | None = de(39, _RESPONSE_CODE, default=None)
+    replacement_amount: int | None = de(95, _DE95, default=None)
+    emv: bytes | None = de(55, BINARY, default=None)
 
     __repr__ = _safe_repr
 
@@ -513,41 +626,35 @@ class ReversalRequest:
         return not self.replacement_amount
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@message(answers=ReversalRequest)
 class ReversalResponse:
     """0410, 0430: the answer to a :class:`ReversalRequest`."""
 
     mti: str
-    stan: str
-    response_code: str
-    transmission_time: str | None = None
-    pan: str | None = field(default=None, metadata=_PAN_META)
-    processing_code: str | None = None
-    amount: int | None = None
-    local_time: str | None = None
-    local_date: str | None = None
-    acquirer_id: str | None = None
-    rrn: str | None = None
-    terminal_id: str | None = None
-    merchant_id: str | None = None
-    currency: str | None = None
-    original: OriginalData | None = None
+    stan: str = de(11, _N6)
+    response_code: str = de(39, _RESPONSE_CODE)
+    transmission_time: str | None = de(7, _MMDDHHMMSS, default=None)
+    pan: str | None = de(2, _PAN, default=None)
+    processing_code: str | None = de(3, _N6, default=None)
+    amount: int | None = de(4, _AMOUNT, default=None)
+    local_time: str | None = de(12, _HHMMSS, default=None)
+    local_date: str | None = de(13, _MMDD, default=None)
+    acquirer_id: str | None = de(32, _INSTITUTION, default=None)
+    rrn: str | None = de(37, text(12), default=None)
+    terminal_id: str | None = de(41, text(8), default=None)
+    merchant_id: str | None = de(42, text(15), default=None)
+    currency: str | None = de(49, _CURRENCY, default=None)
+    original: OriginalData | None = de(90, _DE90, default=None)
 
     __repr__ = _safe_repr
 
     @classmethod
     def answer(cls, req: ReversalRequest, response_code: str = "00") -> ReversalResponse:
         """Build the answer to ``req`` (0400/0401 -> 0410, 0420/0421 -> 0430), echoing it."""
-        return cls(
-            mti=response_mti(req.mti),
-            stan=req.stan,
-            response_code=response_code,
-            **_echo_of(req),
-            original=req.original,
-        )
+        return cls(mti=response_mti(req.mti), response_code=response_code, **echo(req))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@message()
 class NetworkRequest:
     """0800 network management: DE70 001 sign-on, 002 sign-off, 301 echo, 101/161 key change.
 
@@ -555,56 +662,32 @@ class NetworkRequest:
     """
 
     mti: str
-    transmission_time: str
-    stan: str
-    code: str
-    security_control: str | None = None
-    key_data: str | None = field(default=None, repr=False)
+    transmission_time: str = de(7, _MMDDHHMMSS, echo=True)
+    stan: str = de(11, _N6, echo=True)
+    code: str = de(70, _N3, echo=True)
+    security_control: str | None = de(53, _N16, default=None)
+    key_data: str | None = de(48, text(), secret=True, default=None)
 
     __repr__ = _safe_repr
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@message(answers=NetworkRequest)
 class NetworkResponse:
     """0810: the answer to a :class:`NetworkRequest`, echoing DE7, DE11 and DE70."""
 
     mti: str
-    transmission_time: str
-    stan: str
-    code: str
-    response_code: str
+    transmission_time: str = de(7, _MMDDHHMMSS)
+    stan: str = de(11, _N6)
+    code: str = de(70, _N3)
+    response_code: str = de(39, _RESPONSE_CODE)
 
     @classmethod
     def answer(cls, req: NetworkRequest, response_code: str = "00") -> NetworkResponse:
         """Build the 0810 answering ``req``."""
-        return cls(
-            mti=response_mti(req.mti),
-            transmission_time=req.transmission_time,
-            stan=req.stan,
-            code=req.code,
-            response_code=response_code,
-        )
+        return cls(mti=response_mti(req.mti), response_code=response_code, **echo(req))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ErrorResponse:
-    """A minimal answer to a request the switch cannot serve as such (DE39 12 or 30).
-
-    Carries the MTI of the answer, DE11 and, when they were recoverable, DE7, DE32, DE37,
-    DE41 and DE70. Decoding its bytes gives back the typed response of its MTI, not this class.
-    """
-
-    mti: str
-    stan: str
-    response_code: str
-    transmission_time: str | None = None
-    acquirer_id: str | None = None
-    rrn: str | None = None
-    terminal_id: str | None = None
-    network_code: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@message(lenient=True)
 class UnsupportedMessage:
     """A well-formed message whose MTI the switch does not serve.
 
@@ -613,11 +696,11 @@ class UnsupportedMessage:
     """
 
     mti: str
-    stan: str | None = None
-    transmission_time: str | None = None
-    acquirer_id: str | None = None
-    rrn: str | None = None
-    terminal_id: str | None = None
+    stan: str | None = de(11, _N6, echo=True, default=None)
+    transmission_time: str | None = de(7, _MMDDHHMMSS, echo=True, default=None)
+    acquirer_id: str | None = de(32, _INSTITUTION, echo=True, default=None)
+    rrn: str | None = de(37, text(12), echo=True, default=None)
+    terminal_id: str | None = de(41, text(8), echo=True, default=None)
 
     @property
     def is_request(self) -> bool:
@@ -631,15 +714,25 @@ class UnsupportedMessage:
         """
         if not self.is_request or self.stan is None:
             return None
-        return ErrorResponse(
-            mti=response_mti(self.mti),
-            stan=self.stan,
-            response_code=response_code,
-            transmission_time=self.transmission_time,
-            acquirer_id=self.acquirer_id,
-            rrn=self.rrn,
-            terminal_id=self.terminal_id,
-        )
+        return ErrorResponse(mti=response_mti(self.mti), response_code=response_code, **echo(self))
+
+
+@message(answers=UnsupportedMessage)
+class ErrorResponse:
+    """A minimal answer to a request the switch cannot serve as such (DE39 12 or 30).
+
+    Carries the MTI of the answer, DE11 and, when they were recoverable, DE7, DE32, DE37,
+    DE41 and DE70. Decoding its bytes gives back the typed response of its MTI, not this class.
+    """
+
+    mti: str
+    stan: str = de(11, _N6)
+    response_code: str = de(39, _RESPONSE_CODE)
+    transmission_time: str | None = de(7, _MMDDHHMMSS, default=None)
+    acquirer_id: str | None = de(32, _INSTITUTION, default=None)
+    rrn: str | None = de(37, text(12), default=None)
+    terminal_id: str | None = de(41, text(8), default=None)
+    network_code: str | None = de(70, _N3, default=None)
 
 
 Message = (
@@ -664,391 +757,38 @@ _MESSAGE_TYPES: Final = (
     UnsupportedMessage,
     ErrorResponse,
 )
-
-
-# --- validation helpers ---------------------------------------------------------------------
-
-
-def _is_digits(value: str) -> bool:
-    # str.isdigit() accepts superscripts and other scripts' digits: compare with ASCII.
-    return bool(value) and all("0" <= c <= "9" for c in value)
-
-
-def _is_printable(value: str) -> bool:
-    return all(" " <= c <= "~" for c in value)
-
-
-def _valid_mmdd(value: str) -> bool:
-    month, day = int(value[:2]), int(value[2:4])
-    return 1 <= month <= 12 and 1 <= day <= _MONTH_DAYS[month - 1]
-
-
-def _valid_hhmmss(value: str) -> bool:
-    return int(value[:2]) < 24 and int(value[2:4]) < 60 and int(value[4:6]) < 60
-
-
-class _Reader:
-    """Typed access to a field dictionary; every getter validates and raises FieldError."""
-
-    def __init__(self, fields: Mapping[str, str]) -> None:
-        self._f = fields
-
-    def has(self, key: str) -> bool:
-        return key in self._f
-
-    def raw(self, key: str, *, required: bool = False) -> str | None:
-        value = self._f.get(key)
-        if value is None and required:
-            raise FieldError(key, "mandatory field missing")
-        return value
-
-    def digits(
-        self, key: str, length: int | None = None, *, required: bool = False, max_len: int = 0
-    ) -> str | None:
-        value = self.raw(key, required=required)
-        if value is None:
-            return None
-        if length is not None and len(value) != length:
-            raise FieldError(key, f"expected {length} digits")
-        if max_len and len(value) > max_len:
-            raise FieldError(key, f"longer than {max_len} digits")
-        if value and not _is_digits(value):
-            raise FieldError(key, "not numeric")
-        return value
-
-    def req_digits(self, key: str, length: int) -> str:
-        value = self.digits(key, length, required=True)
-        assert value is not None
-        return value
-
-    def text(self, key: str, length: int | None = None, *, required: bool = False) -> str | None:
-        value = self.raw(key, required=required)
-        if value is None:
-            return None
-        if length is not None and len(value) != length:
-            raise FieldError(key, f"expected {length} characters")
-        if not _is_printable(value):
-            raise FieldError(key, "not printable text")
-        return value
-
-    def transmission_time(self, *, required: bool = True) -> str | None:
-        value = self.digits(_TRANSMISSION, 10, required=required)
-        if value is not None and not (_valid_mmdd(value[:4]) and _valid_hhmmss(value[4:])):
-            raise FieldError(_TRANSMISSION, "not a valid MMDDhhmmss")
-        return value
-
-    def local_time(self) -> str | None:
-        value = self.digits(_LOCAL_TIME, 6)
-        if value is not None and not _valid_hhmmss(value):
-            raise FieldError(_LOCAL_TIME, "not a valid hhmmss")
-        return value
-
-    def local_date(self) -> str | None:
-        value = self.digits(_LOCAL_DATE, 4)
-        if value is not None and not _valid_mmdd(value):
-            raise FieldError(_LOCAL_DATE, "not a valid MMDD")
-        return value
-
-    def expiry(self) -> str | None:
-        value = self.digits(_EXPIRY, 4)
-        if value is not None and not 1 <= int(value[2:]) <= 12:
-            raise FieldError(_EXPIRY, "not a valid YYMM")
-        return value
-
-    def pan(self, *, required: bool = False) -> str | None:
-        value = self.digits(_PAN, required=required)
-        if value is not None and not _PAN_MIN <= len(value) <= _PAN_MAX:
-            raise FieldError(_PAN, "PAN must be 12 to 19 digits")
-        return value
-
-    def amount(self, *, required: bool = False) -> int | None:
-        value = self.digits(_AMOUNT, 12, required=required)
-        return None if value is None else int(value)
-
-    def currency(self, *, required: bool = False) -> str | None:
-        value = self.digits(_CURRENCY, 3, required=required)
-        if value is not None and value not in ISO4217_NUMERIC:
-            raise FieldError(_CURRENCY, "not an ISO 4217 numeric currency code")
-        return value
-
-    def institution(self, key: str) -> str | None:
-        return self.digits(key, max_len=11)
-
-    def emv(self) -> bytes | None:
-        value = self.raw(_ICC)
-        return None if value is None else _hex_bytes(_ICC, value)
-
-
-def _hex_bytes(key: str, value: str) -> bytes:
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        raise FieldError(key, "not binary data") from None
-
-
-def _parse_track2(value: str) -> Track2:
-    sep = next((i for i, c in enumerate(value) if c in "=D"), -1)
-    pan, rest = value[:sep], value[sep + 1 :]
-    if sep < 0 or not _PAN_MIN <= len(pan) <= _PAN_MAX or not _is_digits(pan):
-        raise FieldError(_TRACK2, "track 2 PAN malformed")
-    if len(rest) < 7 or not _is_digits(rest):
-        raise FieldError(_TRACK2, "track 2 expiry/service code malformed")
-    if not 1 <= int(rest[2:4]) <= 12:
-        raise FieldError(_TRACK2, "track 2 expiry not a valid YYMM")
-    return Track2(pan=pan, expiry=rest[:4], service_code=rest[4:7], discretionary=rest[7:])
-
-
-def _parse_de48(value: str) -> tuple[str | None, tuple[tuple[str, str], ...]]:
-    """Mastercard-style DE48: optional category code (a non-digit) then id(2) len(2) data."""
-    category = None
-    pos = 0
-    if value and not "0" <= value[0] <= "9":
-        category, pos = value[0], 1
-    items: list[tuple[str, str]] = []
-    while pos < len(value):
-        head = value[pos : pos + 4]
-        if len(head) != 4 or not _is_digits(head):
-            raise FieldError(_ADDITIONAL, "subelement header malformed")
-        length = int(head[2:])
-        data = value[pos + 4 : pos + 4 + length]
-        if len(data) != length:
-            raise FieldError(_ADDITIONAL, "subelement shorter than its length")
-        items.append((head[:2], data))
-        pos += 4 + length
-    return category, tuple(items)
-
-
-def _build_de48(category: str | None, items: tuple[tuple[str, str], ...]) -> str:
-    return (category or "") + "".join(f"{se}{len(data):02d}{data}" for se, data in items)
-
-
-def _parse_de43(value: str) -> MerchantLocation:
-    if len(value) != _DE43_WIDTH or not _is_printable(value):
-        raise FieldError(_MERCHANT_NAME, "expected 40 printable characters")
-    cut = _DE43_NAME + _DE43_CITY
-    return MerchantLocation(
-        name=value[:_DE43_NAME].rstrip(), city=value[_DE43_NAME:cut].rstrip(), country=value[cut:]
+#: The class :func:`from_fields` makes of each MTI the switch serves.
+_CLASS_OF_MTI: Final[dict[str, type[Message]]] = {
+    mti: cls
+    for cls, mtis in (
+        (AuthRequest, AUTH_REQUEST_MTIS),
+        (AuthResponse, AUTH_RESPONSE_MTIS),
+        (ReversalRequest, REVERSAL_REQUEST_MTIS),
+        (ReversalResponse, REVERSAL_RESPONSE_MTIS),
+        (NetworkRequest, NETWORK_REQUEST_MTIS),
+        (NetworkResponse, NETWORK_RESPONSE_MTIS),
     )
+    for mti in mtis
+}
 
 
-def _parse_de54(value: str) -> tuple[AdditionalAmount, ...]:
-    if not value or len(value) % _ADD_AMOUNT_WIDTH or len(value) // _ADD_AMOUNT_WIDTH > 6:
-        raise FieldError(_ADD_AMOUNTS, "length is not a multiple of 20 up to 120")
-    items = []
-    for pos in range(0, len(value), _ADD_AMOUNT_WIDTH):
-        chunk = value[pos : pos + _ADD_AMOUNT_WIDTH]
-        head, sign, amount = chunk[:7], chunk[7], chunk[8:]
-        if not _is_digits(head) or sign not in "CD" or not _is_digits(amount):
-            raise FieldError(_ADD_AMOUNTS, "additional amount malformed")
-        value_int = int(amount)
-        items.append(
-            AdditionalAmount(
-                account_type=head[:2],
-                amount_type=head[2:4],
-                currency=head[4:7],
-                amount=value_int if sign == "C" else -value_int,
-            )
-        )
-    return tuple(items)
-
-
-def _parse_de90(value: str) -> OriginalData:
-    if len(value) != _DE90_WIDTH or not _is_digits(value):
-        raise FieldError(_ORIGINAL, "expected 42 digits")
-    return OriginalData(
-        mti=value[:4],
-        stan=value[4:10],
-        transmission_time=value[10:20],
-        acquirer_id=value[20:31],
-        forwarding_id=value[31:42],
-    )
-
-
-def _parse_de95(value: str) -> int:
-    if len(value) != _DE90_WIDTH or not _is_digits(value[:12]) or not _is_printable(value):
-        raise FieldError(_REPLACEMENT, "replacement amount malformed")
-    return int(value[:12])
-
-
-# --- dictionary -> dataclass ---------------------------------------------------------------
-
-
-def _read_auth_request(mti: str, r: _Reader) -> AuthRequest:
-    track2_text = r.raw(_TRACK2)
-    track2 = None if track2_text is None else _parse_track2(track2_text)
-    pan = r.pan()
-    if pan is None:
-        if track2 is None:
-            raise FieldError(_PAN, "mandatory field missing (no DE2 and no track 2)")
-        pan = track2.pan
-    de48 = r.text(_ADDITIONAL)
-    category, items = (None, ()) if de48 is None else _parse_de48(de48)
-    cvv2 = next((data for se, data in items if se == _DE48_CVV2_SE), None)
-    pin = r.raw(_PIN_BLOCK)
-    de43 = r.raw(_MERCHANT_NAME)
-    amount = r.amount(required=True)
-    currency = r.currency(required=True)
-    transmission = r.transmission_time()
-    assert amount is not None and currency is not None and transmission is not None
-    return AuthRequest(
-        mti=mti,
-        pan=pan,
-        processing_code=r.req_digits(_PROC, 6),
-        amount=amount,
-        transmission_time=transmission,
-        stan=r.req_digits(_STAN, 6),
-        currency=currency,
-        local_time=r.local_time(),
-        local_date=r.local_date(),
-        expiry=r.expiry(),
-        mcc=r.digits(_MCC, 4),
-        acquirer_country=r.digits(_ACQ_COUNTRY, 3),
-        pos_entry_mode=r.digits(_POS_ENTRY, 3),
-        pan_sequence=r.digits(_PAN_SEQ, 3),
-        acquirer_id=r.institution(_ACQUIRER),
-        forwarding_id=r.institution(_FORWARDER),
-        track2=track2,
-        rrn=r.text(_RRN, 12),
-        terminal_id=r.text(_TERMINAL, 8),
-        merchant_id=r.text(_MERCHANT, 15),
-        merchant_location=None if de43 is None else _parse_de43(de43),
-        category_code=category,
-        cvv2=cvv2,
-        additional_data=items,
-        pin_block=None if pin is None else _hex_bytes(_PIN_BLOCK, pin),
-        security_control=r.digits(_SECURITY, 16),
-        emv=r.emv(),
-        response_code=_response_code(r),
-    )
-
-
-def _read_auth_response(mti: str, r: _Reader) -> AuthResponse:
-    de54 = r.text(_ADD_AMOUNTS)
-    return AuthResponse(
-        mti=mti,
-        stan=r.req_digits(_STAN, 6),
-        response_code=_response_code(r, required=True) or "",
-        **_read_echo(r),
-        approval_code=r.text(_APPROVAL, 6),
-        additional_amounts=() if de54 is None else _parse_de54(de54),
-        emv=r.emv(),
-    )
-
-
-def _read_echo(r: _Reader) -> _Echo:
-    """The echoed fields of a response, each optional (see :func:`_echo_of`)."""
-    return _Echo(
-        transmission_time=r.transmission_time(required=False),
-        pan=r.pan(),
-        processing_code=r.digits(_PROC, 6),
-        amount=r.amount(),
-        local_time=r.local_time(),
-        local_date=r.local_date(),
-        acquirer_id=r.institution(_ACQUIRER),
-        rrn=r.text(_RRN, 12),
-        terminal_id=r.text(_TERMINAL, 8),
-        merchant_id=r.text(_MERCHANT, 15),
-        currency=r.currency(),
-    )
-
-
-def _response_code(r: _Reader, *, required: bool = False) -> str | None:
-    value = r.text(_RESPONSE, 2, required=required)
-    if value is not None and not value.isalnum():
-        raise FieldError(_RESPONSE, "response code must be alphanumeric")
-    return value
-
-
-def _read_reversal_request(mti: str, r: _Reader) -> ReversalRequest:
-    de95 = r.raw(_REPLACEMENT)
-    amount = r.amount(required=True)
-    transmission = r.transmission_time()
-    assert amount is not None and transmission is not None
-    return ReversalRequest(
-        mti=mti,
-        stan=r.req_digits(_STAN, 6),
-        transmission_time=transmission,
-        amount=amount,
-        original=_parse_de90(r.raw(_ORIGINAL, required=True) or ""),
-        pan=r.pan(),
-        processing_code=r.digits(_PROC, 6),
-        currency=r.currency(),
-        local_time=r.local_time(),
-        local_date=r.local_date(),
-        acquirer_id=r.institution(_ACQUIRER),
-        forwarding_id=r.institution(_FORWARDER),
-        rrn=r.text(_RRN, 12),
-        terminal_id=r.text(_TERMINAL, 8),
-        merchant_id=r.text(_MERCHANT, 15),
-        response_code=_response_code(r),
-        replacement_amount=None if de95 is None else _parse_de95(de95),
-        emv=r.emv(),
-    )
-
-
-def _read_reversal_response(mti: str, r: _Reader) -> ReversalResponse:
-    de90 = r.raw(_ORIGINAL)
-    return ReversalResponse(
-        mti=mti,
-        stan=r.req_digits(_STAN, 6),
-        response_code=_response_code(r, required=True) or "",
-        **_read_echo(r),
-        original=None if de90 is None else _parse_de90(de90),
-    )
-
-
-def _read_network_request(mti: str, r: _Reader) -> NetworkRequest:
-    transmission = r.transmission_time()
-    assert transmission is not None
-    return NetworkRequest(
-        mti=mti,
-        transmission_time=transmission,
-        stan=r.req_digits(_STAN, 6),
-        code=r.req_digits(_NETWORK_CODE, 3),
-        security_control=r.digits(_SECURITY, 16),
-        key_data=r.text(_ADDITIONAL),
-    )
-
-
-def _read_network_response(mti: str, r: _Reader) -> NetworkResponse:
-    transmission = r.transmission_time()
-    assert transmission is not None
-    return NetworkResponse(
-        mti=mti,
-        transmission_time=transmission,
-        stan=r.req_digits(_STAN, 6),
-        code=r.req_digits(_NETWORK_CODE, 3),
-        response_code=_response_code(r, required=True) or "",
-    )
+# --- field dictionaries ---------------------------------------------------------------------
 
 
 def recover_context(fields: Mapping[str, str]) -> dict[str, str]:
     """Pick the fields needed to answer a message from a possibly partial dictionary.
 
     Returns the keys ``mti``, ``stan``, ``transmission_time``, ``acquirer_id``, ``rrn``,
-    ``terminal_id`` and ``network_code`` for those that are present and well formed;
-    nothing else (never a PAN).
+    ``terminal_id`` and ``network_code`` for those that are present and well formed (the
+    elements of an :class:`ErrorResponse` besides its own response code); nothing else
+    (never a PAN).
     """
     out: dict[str, str] = {}
-    candidates: tuple[tuple[str, str, Callable[[str], bool]], ...] = (
-        ("mti", _MTI, lambda v: len(v) == 4 and _is_digits(v)),
-        ("stan", _STAN, lambda v: len(v) == 6 and _is_digits(v)),
-        (
-            "transmission_time",
-            _TRANSMISSION,
-            lambda v: (
-                len(v) == 10 and _is_digits(v) and _valid_mmdd(v[:4]) and _valid_hhmmss(v[4:])
-            ),
-        ),
-        ("acquirer_id", _ACQUIRER, lambda v: len(v) <= 11 and (not v or _is_digits(v))),
-        ("rrn", _RRN, lambda v: len(v) == 12 and _is_printable(v)),
-        ("terminal_id", _TERMINAL, lambda v: len(v) == 8 and _is_printable(v)),
-        ("network_code", _NETWORK_CODE, lambda v: len(v) == 3 and _is_digits(v)),
-    )
-    for name, key, ok in candidates:
-        value = fields.get(key)
-        if isinstance(value, str) and ok(value):
-            out[name] = value
+    mti = fields.get(_MTI)
+    if isinstance(mti, str) and len(mti) == 4 and is_digits(mti):
+        out["mti"] = mti
+    out.update(salvage(ErrorResponse, fields))
+    out.pop("response_code", None)
     return out
 
 
@@ -1066,66 +806,9 @@ def from_fields(fields: Mapping[str, str]) -> Message:
         FieldError: a missing mandatory field or a malformed field content.
     """
     mti = fields.get(_MTI, "")
-    if len(mti) != 4 or not _is_digits(mti):
+    if len(mti) != 4 or not is_digits(mti):
         raise FieldError(MTI_FIELD, "MTI must be four digits")
-    r = _Reader(fields)
-    if mti in AUTH_REQUEST_MTIS:
-        return _read_auth_request(mti, r)
-    if mti in AUTH_RESPONSE_MTIS:
-        return _read_auth_response(mti, r)
-    if mti in REVERSAL_REQUEST_MTIS:
-        return _read_reversal_request(mti, r)
-    if mti in REVERSAL_RESPONSE_MTIS:
-        return _read_reversal_response(mti, r)
-    if mti in NETWORK_REQUEST_MTIS:
-        return _read_network_request(mti, r)
-    if mti in NETWORK_RESPONSE_MTIS:
-        return _read_network_response(mti, r)
-    ctx = recover_context(fields)
-    return UnsupportedMessage(
-        mti=mti,
-        stan=ctx.get("stan"),
-        transmission_time=ctx.get("transmission_time"),
-        acquirer_id=ctx.get("acquirer_id"),
-        rrn=ctx.get("rrn"),
-        terminal_id=ctx.get("terminal_id"),
-    )
-
-
-# --- dataclass -> dictionary ---------------------------------------------------------------
-
-
-def _put(out: dict[str, str], key: str, value: str | None) -> None:
-    if value is not None:
-        out[key] = value
-
-
-def _amount_text(value: int | None) -> str | None:
-    if value is None:
-        return None
-    if not 0 <= value <= _AMOUNT_MAX:
-        raise ValueError("amount out of range for 12 digits")
-    return f"{value:012d}"
-
-
-def _hex(value: bytes | None) -> str | None:
-    return None if value is None else value.hex().upper()
-
-
-def _echo(out: dict[str, str], msg: Any) -> None:
-    """Fields shared by requests and responses of the auth and reversal families."""
-    _put(out, _PAN, msg.pan)
-    _put(out, _PROC, msg.processing_code)
-    _put(out, _AMOUNT, _amount_text(msg.amount))
-    _put(out, _TRANSMISSION, msg.transmission_time)
-    _put(out, _STAN, msg.stan)
-    _put(out, _LOCAL_TIME, msg.local_time)
-    _put(out, _LOCAL_DATE, msg.local_date)
-    _put(out, _ACQUIRER, msg.acquirer_id)
-    _put(out, _RRN, msg.rrn)
-    _put(out, _TERMINAL, msg.terminal_id)
-    _put(out, _MERCHANT, msg.merchant_id)
-    _put(out, _CURRENCY, msg.currency)
+    return read(_CLASS_OF_MTI.get(mti, UnsupportedMessage), fields, mti=mti)
 
 
 def to_fields(msg: Message) -> dict[str, str]:
@@ -1140,66 +823,4 @@ def to_fields(msg: Message) -> dict[str, str]:
     """
     if not isinstance(msg, _MESSAGE_TYPES):
         raise TypeError(f"not a wire message: {type(msg).__name__}")
-    out: dict[str, str] = {_MTI: msg.mti}
-    if isinstance(msg, AuthRequest):
-        _echo(out, msg)
-        if msg.track2 is not None:
-            out[_TRACK2] = msg.track2.to_text()
-        _put(out, _EXPIRY, msg.expiry)
-        _put(out, _MCC, msg.mcc)
-        _put(out, _ACQ_COUNTRY, msg.acquirer_country)
-        _put(out, _POS_ENTRY, msg.pos_entry_mode)
-        _put(out, _PAN_SEQ, msg.pan_sequence)
-        _put(out, _FORWARDER, msg.forwarding_id)
-        if msg.merchant_location is not None:
-            out[_MERCHANT_NAME] = msg.merchant_location.to_text()
-        items = msg.additional_data
-        if msg.cvv2 is not None and not any(se == _DE48_CVV2_SE for se, _ in items):
-            items = (*items, (_DE48_CVV2_SE, msg.cvv2))
-        if items or msg.category_code is not None:
-            out[_ADDITIONAL] = _build_de48(msg.category_code, items)
-        _put(out, _PIN_BLOCK, _hex(msg.pin_block))
-        _put(out, _SECURITY, msg.security_control)
-        _put(out, _ICC, _hex(msg.emv))
-        _put(out, _RESPONSE, msg.response_code)
-    elif isinstance(msg, AuthResponse):
-        _echo(out, msg)
-        _put(out, _APPROVAL, msg.approval_code)
-        out[_RESPONSE] = msg.response_code
-        if msg.additional_amounts:
-            out[_ADD_AMOUNTS] = "".join(a.to_text() for a in msg.additional_amounts)
-        _put(out, _ICC, _hex(msg.emv))
-    elif isinstance(msg, ReversalRequest):
-        _echo(out, msg)
-        _put(out, _FORWARDER, msg.forwarding_id)
-        _put(out, _RESPONSE, msg.response_code)
-        out[_ORIGINAL] = msg.original.to_text()
-        if msg.replacement_amount is not None:
-            out[_REPLACEMENT] = f"{_amount_text(msg.replacement_amount)}{'0' * 12}" + (
-                "C00000000" * 2
-            )
-        _put(out, _ICC, _hex(msg.emv))
-    elif isinstance(msg, ReversalResponse):
-        _echo(out, msg)
-        out[_RESPONSE] = msg.response_code
-        if msg.original is not None:
-            out[_ORIGINAL] = msg.original.to_text()
-    elif isinstance(msg, NetworkRequest | NetworkResponse):
-        out[_TRANSMISSION] = msg.transmission_time
-        out[_STAN] = msg.stan
-        out[_NETWORK_CODE] = msg.code
-        if isinstance(msg, NetworkResponse):
-            out[_RESPONSE] = msg.response_code
-        else:
-            _put(out, _SECURITY, msg.security_control)
-            _put(out, _ADDITIONAL, msg.key_data)
-    else:
-        _put(out, _TRANSMISSION, msg.transmission_time)
-        _put(out, _STAN, msg.stan)
-        _put(out, _ACQUIRER, msg.acquirer_id)
-        _put(out, _RRN, msg.rrn)
-        _put(out, _TERMINAL, msg.terminal_id)
-        if isinstance(msg, ErrorResponse):
-            out[_RESPONSE] = msg.response_code
-            _put(out, _NETWORK_CODE, msg.network_code)
-    return out
+    return write(msg, {_MTI: msg.mti})
