@@ -71,6 +71,12 @@ class ListenerConfig:
     zpk: str = "zpk"
     #: ISO 9564 format of the PIN blocks this network sends: 0, 1, 3 or 4.
     pin_block_format: Literal[0, 1, 3, 4] = 0
+    #: Chip entry (DE22 05x/07x) without chip data (DE55): "decline" or "allow".
+    chip_without_emv: Literal["decline", "allow"] = "decline"
+    #: Magnetic-stripe entry (DE22 80x/90x) of a chip card (service code 2xx/6xx).
+    chip_fallback: Literal["decline", "allow"] = "decline"
+    #: A completion below its pre-authorization keeps the rest held (true) or releases it.
+    completion_keeps_rest: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,9 @@ class PipelineConfig:
     #: ("issuer_unavailable" is 91, which lets the network stand in; "system_error" is 96).
     #: An approving stand-in is not a choice here: nothing would be journaled behind it.
     stand_in: str = "issuer_unavailable"
+    #: How many chip counters (ATC) below the highest accepted one a card's cryptogram may
+    #: carry and still be accepted once (requests overtaking each other on the network).
+    atc_window: int = 4
 
 
 @dataclass(frozen=True)
@@ -282,6 +291,8 @@ def _check(cfg: Config, source: str) -> None:
             "pipeline.stand_in",
             f"must be one of {', '.join(allowed)}, got {cfg.pipeline.stand_in!r}",
         )
+    if not 0 <= cfg.pipeline.atc_window <= 32:
+        raise ConfigError(source, "pipeline.atc_window", "must be between 0 and 32")
     if cfg.server.max_in_flight < 1:
         raise ConfigError(source, "server.max_in_flight", "must be at least 1")
     if not 0 <= cfg.metrics.port <= 65535:

@@ -44,6 +44,18 @@ class Reason(enum.Enum):
     ICVV_MISMATCH = "icvv_mismatch"
     CVV2_MISMATCH = "cvv2_mismatch"
     ARQC_FAILED = "arqc_failed"
+    #: The chip data the cryptogram covers (amount, currency, country, date, type) differs
+    #: from the same values in the clear ISO fields.
+    EMV_DATA_MISMATCH = "emv_data_mismatch"
+    #: A cryptogram whose application transaction counter was already used (a replay).
+    ATC_REPLAY = "atc_replay"
+    #: Chip entry (DE22 05x/07x) without the chip data (DE55).
+    CHIP_DATA_MISSING = "chip_data_missing"
+    #: Magnetic-stripe entry (DE22 80x/90x) of a chip card (service code 2xx/6xx).
+    CHIP_FALLBACK = "chip_fallback"
+    #: The duplicate key of a request already answered, with other content (amount, card,
+    #: currency, processing code): not a repeat, and nothing moves.
+    DUPLICATE_TRANSMISSION = "duplicate_transmission"
     EXCEEDS_TRANSACTION_LIMIT = "exceeds_transaction_limit"
     EXCEEDS_AMOUNT_VELOCITY = "exceeds_amount_velocity"
     EXCEEDS_COUNT_VELOCITY = "exceeds_count_velocity"
@@ -59,6 +71,11 @@ class Reason(enum.Enum):
     ADVICE_OF_DECLINE = "advice_of_decline"
     #: An advice whose original had already been reversed: acknowledged, no money moves.
     ADVICE_AFTER_REVERSAL = "advice_after_reversal"
+    #: An advice of an authorization the switch had already approved: it changes nothing.
+    ADVICE_ALREADY_APPLIED = "advice_already_applied"
+    #: A completion of an approved pre-authorization: its hold is released and the
+    #: completed amount debited, once.
+    COMPLETION_APPLIED = "completion_applied"
     #: An advice for a card we do not know: acknowledged and kept, no money moves.
     ADVICE_UNKNOWN_CARD = "advice_unknown_card"
     #: An advice in a currency other than its account's: acknowledged and kept, no money moves.
@@ -67,6 +84,9 @@ class Reason(enum.Enum):
     REVERSAL_MATCHED = "reversal_matched"
     #: A reversal whose original is unknown: acknowledged and kept.
     REVERSAL_UNMATCHED = "reversal_unmatched"
+    #: A reversal naming an original of another card or currency: acknowledged and kept for
+    #: audit, and it releases nothing.
+    REVERSAL_MISMATCH = "reversal_mismatch"
     #: The HSM could not answer (stand-in cause).
     SECURITY_UNAVAILABLE = "security_unavailable"
     #: The issuer could not decide in time or a dependency failed (stand-in cause).
@@ -93,6 +113,11 @@ _BASE: dict[Reason, str] = {
     Reason.ICVV_MISMATCH: "82",
     Reason.CVV2_MISMATCH: "82",
     Reason.ARQC_FAILED: "05",
+    Reason.EMV_DATA_MISMATCH: "05",
+    Reason.ATC_REPLAY: "05",
+    Reason.CHIP_DATA_MISSING: "05",
+    Reason.CHIP_FALLBACK: "05",
+    Reason.DUPLICATE_TRANSMISSION: "94",
     Reason.EXCEEDS_TRANSACTION_LIMIT: "61",
     Reason.EXCEEDS_AMOUNT_VELOCITY: "61",
     Reason.EXCEEDS_COUNT_VELOCITY: "65",
@@ -105,10 +130,13 @@ _BASE: dict[Reason, str] = {
     Reason.ADVICE_APPLIED: "00",
     Reason.ADVICE_OF_DECLINE: "00",
     Reason.ADVICE_AFTER_REVERSAL: "00",
+    Reason.ADVICE_ALREADY_APPLIED: "00",
+    Reason.COMPLETION_APPLIED: "00",
     Reason.ADVICE_UNKNOWN_CARD: "00",
     Reason.ADVICE_WRONG_CURRENCY: "00",
     Reason.REVERSAL_MATCHED: "00",
     Reason.REVERSAL_UNMATCHED: "00",
+    Reason.REVERSAL_MISMATCH: "00",
     Reason.SECURITY_UNAVAILABLE: "91",
     Reason.ISSUER_UNAVAILABLE: "91",
     Reason.SYSTEM_ERROR: "96",
@@ -117,8 +145,14 @@ _BASE: dict[Reason, str] = {
 #: Per-network departures from the base table.
 _OVERRIDES: dict[str, dict[Reason, str]] = {
     "iso": {},
-    # Visa: CVV2 failure is N7; a failed cryptogram (negative CAM) is 82.
-    "visa": {Reason.CVV2_MISMATCH: "N7", Reason.ARQC_FAILED: "82"},
+    # Visa: CVV2 failure is N7; a failed cryptogram (negative CAM) is 82, and so is a
+    # cryptogram that does not cover this message or replays a used counter.
+    "visa": {
+        Reason.CVV2_MISMATCH: "N7",
+        Reason.ARQC_FAILED: "82",
+        Reason.EMV_DATA_MISMATCH: "82",
+        Reason.ATC_REPLAY: "82",
+    },
     # Mastercard: CVC 2 and chip failures are declines with 05 and a DE48 advice code.
     "mastercard": {Reason.CVV2_MISMATCH: "05"},
 }
@@ -138,9 +172,16 @@ class UnknownNetwork(ValueError):
 
 
 class Profile:
-    """The response-code table of one network: the only place a Reason becomes DE39."""
+    """The response-code table of one network (the only place a Reason becomes DE39) and its
+    rules for naming an original."""
 
-    def __init__(self, name: str, table: Mapping[Reason, str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        table: Mapping[Reason, str],
+        *,
+        original_match_rrn_terminal: bool = True,
+    ) -> None:
         missing = set(Reason) - set(table)
         if missing:
             raise ValueError(f"profile {name}: no code for {sorted(r.value for r in missing)}")
@@ -150,6 +191,9 @@ class Profile:
                 raise ValueError(f"profile {name}: stand-in reason {reason.value} approves")
         self.name = name
         self.table = MappingProxyType(dict(table))
+        #: Whether a reversal, advice or completion finds its original by its DE37 and DE41
+        #: as well as by DE90 (the networks profiled here keep both through the lifecycle).
+        self.original_match_rrn_terminal = original_match_rrn_terminal
 
     def __repr__(self) -> str:
         return f"Profile({self.name!r})"

@@ -27,6 +27,7 @@ the log line of each request (server.py, from the returned ``Decision``).
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -179,14 +180,17 @@ class Pipeline:
     async def authorize(self, request: AuthRequest, context: RequestContext) -> Decision:
         dup_key = _duplicate_key(request, context)
         deadline = context.received_at + self._cfg.pipeline.budget
+        stored: AuthOutcome | ReversalOutcome | None = None
         prepared: _Prepared | None = None
         outcome: AuthOutcome | None = None
         try:
             with trio.move_on_at(deadline):
+                fingerprint = await self._fingerprint(request.pan)
+                digest = _auth_digest(request, dup_key, fingerprint)
                 with _step("duplicate"):
-                    stored = await self._store.find_outcome(dup_key)
+                    stored = await self._store.find_outcome(dup_key, digest)
                 if stored is None:
-                    prepared = await self._prepare(request, context, dup_key)
+                    prepared = await self._prepare(request, context, dup_key, fingerprint, digest)
                     with _step("commit"):
                         outcome = await self._store.commit_auth(prepared.intent)
         except (_Unavailable, StoreError, HsmError) as exc:
@@ -228,7 +232,12 @@ class Pipeline:
         return Decision(response, reason, stand_in=cause, masked_pan=mask_pan(request.pan))
 
     async def _prepare(
-        self, req: AuthRequest, ctx: RequestContext, dup_key: DuplicateKey
+        self,
+        req: AuthRequest,
+        ctx: RequestContext,
+        dup_key: DuplicateKey,
+        fingerprint: bytes,
+        digest: str,
     ) -> _Prepared:
         """The steps before commit: what the store is to make durable for this request."""
         advice = is_advice(req.mti)
@@ -242,7 +251,7 @@ class Pipeline:
         # Every outcome of this request is this intent with some fields replaced.
         base = AuthIntent(
             dup_key=dup_key,
-            original_key=_original_key_of(req, ctx),
+            digest=digest,
             mti=req.mti,
             card_id=None,
             account_id=None,
@@ -254,6 +263,9 @@ class Pipeline:
             approval_code=_approval_code(),
             velocity_day=now.strftime("%Y%m%d"),
             velocity_month=now.strftime("%Y%m"),
+            original=_advice_original(req, ctx) if advice else None,
+            keep_rest_on_partial_completion=ctx.listener.completion_keeps_rest,
+            atc_window=self._cfg.pipeline.atc_window,
             stand_in=advice,
         )
 
@@ -277,7 +289,7 @@ class Pipeline:
                 return decline(reason)
 
         with _step("card"):
-            card = await self._card_for(req.pan)
+            card = await self._store.get_card_by_fingerprint(fingerprint)
             account = await self._store.get_account(card.account_id) if card else None
         if card is None or account is None:
             return decline(Reason.ADVICE_UNKNOWN_CARD if advice else Reason.UNKNOWN_CARD)
@@ -295,7 +307,7 @@ class Pipeline:
                 return decline(Reason.ADVICE_OF_DECLINE, card)
             return _Prepared(replace(base, card_id=card.id, account_id=card.account_id, kind=kind))
 
-        reason = _status_and_expiry(card, req, now)
+        reason = _status_and_expiry(card, req, now) or _entry_mode(req, card, ctx.listener)
         if reason is not None:
             return decline(reason, card)
 
@@ -303,6 +315,8 @@ class Pipeline:
             security = await self._security(req, card, ctx.listener)
         if security.failed is not None:
             return decline(security.failed, card, pin_check=security.pin_check)
+        atc = None if security.emv is None else int.from_bytes(security.emv.atc, "big")
+        base = replace(base, atc=atc)
 
         with _step("controls"):
             reason = check_controls(card.controls, req.amount, req.mcc, _countries(req))
@@ -315,6 +329,7 @@ class Pipeline:
             account_id=card.account_id,
             kind=kind,
             pin_check=security.pin_check,
+            atc=None if security.emv is None else int.from_bytes(security.emv.atc, "big"),
             velocity=card.controls if card.controls.has_velocity else None,
         )
         return _Prepared(intent, security.emv)
@@ -332,8 +347,7 @@ class Pipeline:
                 failed = await self._check_cvv2(req, card)
             emv_ctx = None
             if failed is None and req.emv is not None and card.imk_ac and card.emv_cvn:
-                emv_ctx = await self._verify_arqc(req, card)
-                failed = Reason.ARQC_FAILED if emv_ctx is None else None
+                failed, emv_ctx = await self._check_arqc(req, card)
             if failed is not None:
                 return _Security(failed)
             pin_check = await self._check_pin(req, card, listener)
@@ -416,11 +430,33 @@ class Pipeline:
             return "bad"  # a block that is no PIN block counts as a wrong PIN
         return "ok" if result.ok else "bad"
 
-    async def _verify_arqc(self, req: AuthRequest, card: Card) -> _EmvContext | None:
+    async def _check_arqc(
+        self, req: AuthRequest, card: Card
+    ) -> tuple[Reason | None, _EmvContext | None]:
+        """The chip cryptogram: it must cover this message and verify.
+
+        The data elements the terminal put under the ARQC that the network also sends in
+        clear (amount, currency, country, date, transaction type) must equal the ISO fields,
+        or a valid cryptogram of another transaction would approve this one
+        (``EMV_DATA_MISMATCH``); then the HSM verifies it (``ARQC_FAILED``).
+        """
+        try:
+            tlv = emv.TlvMap.from_bytes(req.emv or b"")
+        except emv.EmvFormatError:
+            return Reason.ARQC_FAILED, None
+        if not _chip_data_matches(tlv, req):
+            return Reason.EMV_DATA_MISMATCH, None
+        emv_ctx = await self._verify_arqc(req, card, tlv)
+        return (Reason.ARQC_FAILED, None) if emv_ctx is None else (None, emv_ctx)
+
+    async def _verify_arqc(
+        self, req: AuthRequest, card: Card, tlv: emv.TlvMap | None = None
+    ) -> _EmvContext | None:
         """The verified EMV context, or None when the ARQC is absent, malformed or wrong."""
         assert req.emv is not None and card.imk_ac and card.emv_cvn
         try:
-            tlv = emv.TlvMap.from_bytes(req.emv)
+            if tlv is None:
+                tlv = emv.TlvMap.from_bytes(req.emv)
             emv_card = EmvCard(
                 imk=card.imk_ac,
                 cvn=Cvn(card.emv_cvn),
@@ -438,11 +474,10 @@ class Pipeline:
             return None
         return _EmvContext(emv_card, verification.atc, verification.arqc, verification.un)
 
-    async def _card_for(self, pan: str) -> Card | None:
-        """The card provisioned for ``pan``, found by its keyed fingerprint."""
+    async def _fingerprint(self, pan: str) -> bytes:
+        """The keyed PAN fingerprint: computed once per request, for the digest and lookup."""
         with _hsm_command("fingerprint"):
-            fingerprint = await self._vault.fingerprint(pan)
-        return await self._store.get_card_by_fingerprint(fingerprint)
+            return await self._vault.fingerprint(pan)
 
     async def _replayed_arpc(self, request: AuthRequest, stored: AuthOutcome) -> bytes | None:
         """The ARPC of a repeated chip request: the card needs it as much as the first time.
@@ -452,7 +487,7 @@ class Pipeline:
         """
         if request.emv is None:
             return None
-        card = await self._card_for(request.pan)
+        card = await self._store.get_card_by_fingerprint(await self._fingerprint(request.pan))
         if card is None or not card.imk_ac or not card.emv_cvn:
             return None
         emv_ctx = await self._verify_arqc(request, card)
@@ -485,32 +520,41 @@ class Pipeline:
     # -- reversals --------------------------------------------------------------------------
 
     async def reverse(self, request: ReversalRequest, context: RequestContext) -> Decision:
-        original = request.original
-        intent = ReversalIntent(
-            dup_key=_duplicate_key(request, context),
-            original_key=OriginalKey(
-                network=context.network,
-                acquirer_id=original.acquirer_id,
-                stan=original.stan,
-                transmission_time=original.transmission_time,
-            ),
-            mti=request.mti,
-            amount=request.amount,
-            replacement_amount=request.replacement_amount or None,
-            currency=request.currency or "",
-            masked_pan=mask_pan(request.pan) if request.pan else "",
-            profile=context.profile,
-            stand_in=is_advice(request.mti),  # 0420/0421: the network reversed in our place
-        )
-        masked = intent.masked_pan or None
+        """Release what remains of the original's hold (or credit back its debit), once.
+
+        The original is named as a duplicate key (DE90 plus the reversal's DE37/DE41 where the
+        profile matches on them) and must be of the reversal's card and currency.
+        """
+        dup_key = _duplicate_key(request, context)
+        masked = mask_pan(request.pan) if request.pan else None
         outcome: ReversalOutcome | None = None
         cause: StandInCause = "budget"
         try:
             with trio.move_on_at(context.received_at + self._cfg.pipeline.budget):
+                fingerprint = b""
+                card_id = None
+                if request.pan:
+                    fingerprint = await self._fingerprint(request.pan)
+                    card = await self._store.get_card_by_fingerprint(fingerprint)
+                    card_id = None if card is None else card.id
+                intent = ReversalIntent(
+                    dup_key=dup_key,
+                    digest=_reversal_digest(request, dup_key, fingerprint),
+                    original_key=_reversal_original(request, context),
+                    card_id=card_id,
+                    pan_present=bool(request.pan),
+                    mti=request.mti,
+                    amount=request.amount,
+                    replacement_amount=request.replacement_amount or None,
+                    currency=request.currency or "",
+                    masked_pan=masked or "",
+                    profile=context.profile,
+                    stand_in=is_advice(request.mti),  # 0420/0421: reversed in our place
+                )
                 with _step("commit"):
                     outcome = await self._store.commit_reversal(intent)
-        except StoreError:
-            cause = "store"
+        except (StoreError, HsmError) as exc:
+            cause = _cause(exc)
         if outcome is None:
             # Not taken by the store: nothing kept. The network repeats a reversal until it
             # is acknowledged, so the stand-in decline loses nothing.
@@ -543,7 +587,9 @@ def _validate(req: AuthRequest) -> Reason | None:
     """
     if req.processing_code[:2] not in _SUPPORTED_TRANSACTION_TYPES:
         return Reason.INVALID_TRANSACTION
-    if req.amount <= 0:
+    if req.amount == 0 and is_financial(req.mti):
+        # A zero 0100 is an account verification (approved without a hold when the card
+        # checks pass); a zero financial request moves nothing and is not one.
         return Reason.INVALID_AMOUNT
     return None
 
@@ -592,13 +638,107 @@ def _duplicate_key(req: AuthRequest | ReversalRequest, ctx: RequestContext) -> D
     )
 
 
-def _original_key_of(req: AuthRequest, ctx: RequestContext) -> OriginalKey:
+def _digest(*parts: object) -> str:
+    """A hash of what defines a request, for telling a repeat from a reused key."""
+    return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()
+
+
+def _auth_digest(req: AuthRequest, key: DuplicateKey, fingerprint: bytes) -> str:
+    """MTI class, processing code, amount, currency and the card (by its PAN fingerprint)."""
+    return _digest(key.mti_class, req.processing_code, req.amount, req.currency, fingerprint.hex())
+
+
+def _reversal_digest(req: ReversalRequest, key: DuplicateKey, fingerprint: bytes) -> str:
+    """What a reversal reverses: the original, the amounts, currency and card."""
+    o = req.original
+    return _digest(
+        key.mti_class, req.amount, req.replacement_amount or "", req.currency or "",
+        fingerprint.hex(), o.mti, o.stan, o.transmission_time, o.acquirer_id,
+    )  # fmt: skip
+
+
+def _reversal_original(req: ReversalRequest, ctx: RequestContext) -> OriginalKey:
+    """The key of the original a reversal names: DE90, plus DE37/DE41 per the profile."""
+    o = req.original
+    match = ctx.profile.original_match_rrn_terminal
     return OriginalKey(
         network=ctx.network,
-        acquirer_id=req.acquirer_id or "",
-        stan=req.stan,
-        transmission_time=req.transmission_time,
+        acquirer_id=o.acquirer_id,
+        transmission_time=o.transmission_time,
+        stan=o.stan,
+        mti_class=o.mti,
+        rrn=(req.rrn or "") if match else None,
+        terminal_id=(req.terminal_id or "") if match else None,
     )
+
+
+#: The MTI class an advice repeats: 0120/0121 the 0100, 0220/0221 the 0200.
+_ADVISED_CLASS = {"012": "010", "022": "020"}
+
+
+def _advice_original(req: AuthRequest, ctx: RequestContext) -> OriginalKey:
+    """The authorization an advice repeats (its own key in the request's class), or, for a
+    completion carrying DE90, the pre-authorization it completes."""
+    match = ctx.profile.original_match_rrn_terminal
+    rrn = (req.rrn or "") if match else None
+    terminal = (req.terminal_id or "") if match else None
+    if req.original is not None:
+        o = req.original
+        return OriginalKey(ctx.network, o.acquirer_id, o.transmission_time, o.stan, o.mti,
+                           rrn, terminal)  # fmt: skip
+    key = _duplicate_key(req, ctx)
+    return OriginalKey(
+        ctx.network, key.acquirer_id, key.transmission_time, key.stan,
+        _ADVISED_CLASS.get(key.mti_class, key.mti_class), rrn, terminal,
+    )  # fmt: skip
+
+
+#: POS entry modes (DE22 positions 1-2) of a magnetic-stripe read: fallback from chip
+#: (80) and full track read (90).
+_MAGSTRIPE_ENTRY_MODES = frozenset({"80", "90"})
+#: Service-code first digits of a chip card (ISO/IEC 7813): international and national.
+_CHIP_SERVICE_CODES = frozenset({"2", "6"})
+
+
+def _entry_mode(req: AuthRequest, card: Card, listener: ListenerConfig) -> Reason | None:
+    """Chip entry must carry chip data; a chip card read by its stripe is a fallback. Each
+    declines unless the listener's network rule allows it."""
+    mode = (req.pos_entry_mode or "")[:2]
+    if mode in _CHIP_ENTRY_MODES and req.emv is None:
+        return None if listener.chip_without_emv == "allow" else Reason.CHIP_DATA_MISSING
+    service = req.track2.service_code if req.track2 else card.service_code
+    if mode in _MAGSTRIPE_ENTRY_MODES and service[:1] in _CHIP_SERVICE_CODES:
+        return None if listener.chip_fallback == "allow" else Reason.CHIP_FALLBACK
+    return None
+
+
+_TAG_AMOUNT = 0x9F02
+_TAG_CURRENCY = 0x5F2A
+_TAG_COUNTRY = 0x9F1A
+_TAG_DATE = 0x9A
+_TAG_TYPE = 0x9C
+
+
+def _chip_data_matches(tlv: emv.TlvMap, req: AuthRequest) -> bool:
+    """Whether the chip data under the cryptogram agrees with the clear ISO fields: 9F02 with
+    DE4, 5F2A with DE49, 9F1A with DE19, 9A (YYMMDD) with DE13 (MMDD), 9C with DE3 1-2.
+    A value absent on either side is not compared (the ARQC covers what the card put in).
+    """
+    pairs: list[tuple[int, str | None, Callable[[str], str]]] = [
+        (_TAG_AMOUNT, str(req.amount), lambda h: str(int(h))),
+        (_TAG_CURRENCY, req.currency, lambda h: h[-3:]),
+        (_TAG_COUNTRY, req.acquirer_country, lambda h: h[-3:]),
+        (_TAG_DATE, req.local_date, lambda h: h[2:6]),
+        (_TAG_TYPE, req.processing_code[:2], lambda h: h),
+    ]
+    for tag, clear, read in pairs:
+        value = tlv.get(tag)
+        if value is None or clear is None:
+            continue
+        text = value.hex()
+        if not text.isdigit() or read(text) != clear:
+            return False
+    return True
 
 
 def _cause(exc: BaseException) -> StandInCause:

@@ -386,7 +386,7 @@ def _dup_params(req: Request) -> tuple[str, ...]:
 
 _JOURNAL_BY_KEY = (
     "SELECT * FROM journal WHERE network = ? AND acquirer_id = ? AND transmission_time = ? "
-    "AND stan = ? AND rrn = ? AND terminal_id = ? AND mti_class = ?"
+    "AND stan = ? AND rrn = ? AND terminal_id = ? AND mti_class = ? AND kind != 'duplicate'"
 )
 
 
@@ -433,7 +433,10 @@ def check_database(db: Path, exchanges: Iterable[Exchange]) -> DbReport:
         if fk:
             bad.append(f"foreign_key_check: {len(fk)} rows, e.g. {tuple(fk[0])}")
         journal = conn.execute("SELECT * FROM journal ORDER BY id").fetchall()
-        holds = conn.execute("SELECT * FROM holds ORDER BY id").fetchall()
+        holds = conn.execute(
+            "SELECT h.*, j.stan AS orig_stan FROM holds h JOIN journal j ON j.id = h.journal_id "
+            "ORDER BY h.id"
+        ).fetchall()
         accounts = {r["id"]: r for r in conn.execute("SELECT * FROM accounts")}
         unmatched = conn.execute("SELECT count(*) FROM unmatched_reversals").fetchone()[0]
         report.journal_rows, report.holds = len(journal), len(holds)
@@ -475,14 +478,15 @@ _KEY_COLUMNS = (
 def _check_uniqueness(conn: sqlite3.Connection, bad: list[str]) -> None:
     cols = ", ".join(_KEY_COLUMNS)
     twice = conn.execute(
-        f"SELECT {cols}, count(*) AS n FROM journal GROUP BY {cols} HAVING n > 1"  # noqa: S608 - constant columns
+        f"SELECT {cols}, count(*) AS n FROM journal WHERE kind != 'duplicate' "  # noqa: S608 - constant columns
+        f"GROUP BY {cols} HAVING n > 1"
     ).fetchall()
     for row in twice:
         bad.append(f"duplicate key stan={row['stan']} has {row['n']} journal rows")
+    jcols = ", ".join(f"j.{c}" for c in _KEY_COLUMNS)
     doubled = conn.execute(
-        "SELECT orig_network, orig_acquirer_id, orig_stan, orig_transmission_time, "
-        "count(*) AS n FROM holds GROUP BY orig_network, orig_acquirer_id, orig_stan, "
-        "orig_transmission_time HAVING n > 1"
+        f"SELECT j.stan AS orig_stan, count(*) AS n FROM holds h "  # noqa: S608 - constant columns
+        f"JOIN journal j ON j.id = h.journal_id GROUP BY {jcols} HAVING n > 1"
     ).fetchall()
     for row in doubled:
         bad.append(f"original stan={row['orig_stan']} has {row['n']} holds")

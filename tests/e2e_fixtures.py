@@ -28,6 +28,7 @@ from hsm.carddata import HsmVault
 from hsm.errors import KeyExists
 from hsm.pkcs11 import Pkcs11Hsm
 from switch import log as log_mod
+from switch.acquirer import build_auth
 from switch.config import Config, PipelineConfig, StoreConfig
 from switch.handler import Dispatcher
 from switch.pipeline import Pipeline
@@ -37,8 +38,51 @@ from switch.server import Server
 from switch.store import Store, open_store
 from switch.store.sqlite import SqliteStore
 from switch.tls import server_context
+from switch.wire import emv
+from switch.wire.messages import AuthRequest
 
 REPO = Path(__file__).resolve().parents[1]
+#: pyemv's Visa CVN 10 vector: the data the ARQC covers, split into its DE55 tags, and the
+#: ARQC and ARPC (ARC "00", method 1) published with it.
+CVN10_TAGS = [
+    (0x9F02, "000000004000"),
+    (0x9F03, "000000000000"),
+    (0x9F1A, "0124"),
+    (0x95, "8000048000"),
+    (0x5F2A, "0124"),
+    (0x9A, "191105"),
+    (0x9C, "01"),
+    (0x9F37, "52BF4585"),
+    (0x82, "1800"),
+    (0x9F36, "001C"),
+    (0x9F10, "06010A03A06010"),  # Visa IAD: length, DKI, CVN 0A, CVR 03A06010
+]
+CVN10_ARQC = "29CCA15AE665FA2E"
+CVN10_ARPC_ARC_3030 = "28993816AFAE4AEB"
+EMV_PAN = "1234567890123456"
+
+
+def cvn10_de55(arqc: str = CVN10_ARQC, **tags: str) -> bytes:
+    """The vector's DE55 (tags by hex name override its values, e.g. ``{"9F02": ...}``)."""
+    items = [(tag, bytes.fromhex(tags.get(f"{tag:X}", value))) for tag, value in CVN10_TAGS]
+    return emv.build([*items, (0x9F26, bytes.fromhex(arqc))])
+
+
+def cvn10_request(arqc: str = CVN10_ARQC, **changes: Any) -> AuthRequest:
+    """The chip purchase the vector's cryptogram covers: CAD 40.00, cash (9C 01), terminal in
+    Canada (9F1A 0124), 5 November (9A 191105), as the clear ISO fields say it too."""
+    fields: dict[str, Any] = {
+        "emv": cvn10_de55(arqc),
+        "pos_entry_mode": "051",
+        "currency": "124",
+        "country": "124",
+        "processing_code": "010000",
+        "when": "1105120000",
+    }
+    fields.update(changes)
+    return build_auth(EMV_PAN, 4000, **fields)
+
+
 DEMO_CARDS = REPO / "config" / "demo" / "cards.json"
 DEMO_KEYS = REPO / "config" / "demo" / "keys.json"
 #: Cards only the tests use, next to the demo set (public test PANs, own accounts).

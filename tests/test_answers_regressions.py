@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import trio
-from e2e_fixtures import Switch, running_switch
+from e2e_fixtures import Switch, cvn10_request, running_switch
 
 from hsm.errors import HsmUnavailable
 from hsm.pkcs11 import Pkcs11Hsm
@@ -22,19 +22,10 @@ from switch.acquirer import build_auth, build_reversal
 from switch.client import Client
 from switch.pki import PkiPaths
 from switch.store.models import StoreError
-from switch.wire import emv
 from switch.wire.messages import AuthResponse, ReversalResponse
 
 VELOCITY_PAN = "4000001234567899"  # 2 a day, 50.00 a day
 APPROVAL_PAN = "4123456789012345"
-EMV_PAN = "1234567890123456"
-#: pyemv's Visa CVN 10 vector (as in test_e2e_authorization).
-CVN10 = [
-    (0x9F02, "000000004000"), (0x9F03, "000000000000"), (0x9F1A, "0124"),
-    (0x95, "8000048000"), (0x5F2A, "0124"), (0x9A, "191105"), (0x9C, "01"),
-    (0x9F37, "52BF4585"), (0x82, "1800"), (0x9F36, "001C"), (0x9F10, "06010A03A06010"),
-    (0x9F26, "29CCA15AE665FA2E"),
-]  # fmt: skip
 
 
 async def _ask(port: int, ctx: ssl.SSLContext, *messages: Any) -> list[Any]:
@@ -124,8 +115,7 @@ async def test_repeat_gets_its_committed_answer_when_the_hsm_fails(
     """A chip repeat whose ARPC cannot be recomputed (HSM down, or slower than the budget)
     is still answered 00 with the first approval code, without DE55; never 91."""
     hsm = _FailingArqc(demo_hsm)
-    de55 = emv.build([(tag, bytes.fromhex(value)) for tag, value in CVN10])
-    request = build_auth(EMV_PAN, 4000, emv=de55, pos_entry_mode="051")
+    request = cvn10_request()
     async with running_switch(pki, demo_hsm, card_rows, tmp_path, pipeline_hsm=hsm) as sw:
         (first,) = await _ask(sw.port, client_ctx, request)
         hsm.down = True

@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 import trio
-from e2e_fixtures import Switch, running_switch
+from e2e_fixtures import (
+    CVN10_ARPC_ARC_3030,
+    CVN10_ARQC,
+    EMV_PAN,
+    Switch,
+    cvn10_request,
+    running_switch,
+)
 
 from hsm.pkcs11 import Pkcs11Hsm
 from switch.acquirer import build_auth, build_reversal, encipher_pin
@@ -28,28 +35,10 @@ APPROVAL_PAN = "4123456789012345"
 APPROVAL_TRACK2 = Track2(APPROVAL_PAN, "8701", "101", "1" + "0000" + "561" + "0000")
 SMALL_PAN = "4666655554444111"  # balance 100
 BLOCKED_PAN = "4333322221111222"
-EMV_PAN = "1234567890123456"  # CVN 10 under demo-imk-ac, MCC 7995 and country 408 blocked
 VELOCITY_PAN = "4000001234567899"  # 2 a day, 50.00 a day
 RACE_PAN = "4000009876543210"  # balance covers 20 x 7.00
 PIN_PAN = "4000005555555555"  # PIN 2468 by PVV, 3 tries
 DEMO_ZPK = "0123456789ABCDEFFEDCBA9876543210"
-#: pyemv's Visa CVN 10 vector: the data the ARQC covers, split into its DE55 tags.
-CVN10_TAGS = [
-    (0x9F02, "000000004000"),
-    (0x9F03, "000000000000"),
-    (0x9F1A, "0124"),
-    (0x95, "8000048000"),
-    (0x5F2A, "0124"),
-    (0x9A, "191105"),
-    (0x9C, "01"),
-    (0x9F37, "52BF4585"),
-    (0x82, "1800"),
-    (0x9F36, "001C"),
-    (0x9F10, "06010A03A06010"),  # Visa IAD: length, DKI, CVN 0A, CVR 03A06010
-]
-CVN10_ARQC = "29CCA15AE665FA2E"
-#: ARPC of that ARQC with ARC "00" (3030), method 1: the published value.
-CVN10_ARPC_ARC_3030 = "28993816AFAE4AEB"
 
 
 @pytest.fixture
@@ -100,8 +89,8 @@ async def test_approval_with_track2_cvv(switch: Switch, client_ctx: ssl.SSLConte
         ),
         ("wrong CVV2 (Visa N7)", {"pan": APPROVAL_PAN, "cvv2": "999"}, "N7"),
         ("over per-transaction max", {"pan": APPROVAL_PAN, "amount": 600_000}, "61"),
-        ("blocked MCC", {"pan": EMV_PAN, "mcc": "7995"}, "57"),
-        ("blocked country", {"pan": EMV_PAN, "country": "408"}, "57"),
+        ("blocked MCC", {"pan": EMV_PAN, "currency": "124", "mcc": "7995"}, "57"),
+        ("blocked country", {"pan": EMV_PAN, "currency": "124", "country": "408"}, "57"),
         ("insufficient funds", {"pan": SMALL_PAN, "amount": 1000}, "51"),
         ("unsupported processing code", {"pan": APPROVAL_PAN, "processing_code": "200000"}, "12"),
         ("currency of another account", {"pan": APPROVAL_PAN, "currency": "840"}, "57"),
@@ -145,13 +134,8 @@ async def test_velocity_amount(switch: Switch, client_ctx: ssl.SSLContext) -> No
     assert [a.response_code for a in answers] == ["00", "61"]
 
 
-def _cvn10_de55(arqc: str = CVN10_ARQC) -> bytes:
-    items = [(tag, bytes.fromhex(value)) for tag, value in CVN10_TAGS]
-    return emv.build([*items, (0x9F26, bytes.fromhex(arqc))])
-
-
 async def test_arqc_verified_and_arpc_returned(switch: Switch, client_ctx: ssl.SSLContext) -> None:
-    request = build_auth(EMV_PAN, 4000, emv=_cvn10_de55(), pos_entry_mode="051")
+    request = cvn10_request()
     (answer,) = await _ask(switch, client_ctx, request)
     assert answer.response_code == "00"
     assert answer.emv is not None
@@ -162,7 +146,7 @@ async def test_arqc_verified_and_arpc_returned(switch: Switch, client_ctx: ssl.S
 async def test_repeated_chip_request_gets_the_same_arpc(
     switch: Switch, client_ctx: ssl.SSLContext
 ) -> None:
-    request = build_auth(EMV_PAN, 4000, emv=_cvn10_de55(), pos_entry_mode="051")
+    request = cvn10_request()
     repeat = replace(request, mti="0101")
     first, again = await _ask(switch, client_ctx, request, repeat)
     assert first.response_code == again.response_code == "00"
@@ -176,7 +160,7 @@ async def test_repeated_chip_request_gets_the_same_arpc(
 
 async def test_tampered_arqc_declined(switch: Switch, client_ctx: ssl.SSLContext) -> None:
     tampered = CVN10_ARQC[:-1] + ("F" if CVN10_ARQC[-1] != "F" else "E")
-    request = build_auth(EMV_PAN, 4000, emv=_cvn10_de55(tampered), pos_entry_mode="051")
+    request = cvn10_request(tampered)
     (answer,) = await _ask(switch, client_ctx, request)
     assert answer.response_code == "82"  # Visa: negative CAM result
     assert answer.emv is None
@@ -337,7 +321,7 @@ async def test_no_card_data_in_database_or_logs(switch: Switch, client_ctx: ssl.
         client_ctx,
         build_auth(APPROVAL_PAN, 100, track2=APPROVAL_TRACK2, cvv2="123", pos_entry_mode="901"),
         build_auth(PIN_PAN, 100, pin_block=pin_block),
-        build_auth(EMV_PAN, 4000, emv=_cvn10_de55(), pos_entry_mode="051"),
+        cvn10_request(),
         build_auth("4999999999999999", 100),
     )
     sentinels = {

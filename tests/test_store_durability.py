@@ -12,7 +12,6 @@ from test_store_support import ACCOUNT_ID, CARD_ID, PAN, auth, dup_key, reversal
 
 from switch import metrics
 from switch.config import StoreConfig
-from switch.decisions import Reason
 from switch.store import AuthOutcome, StoreError, open_store
 from switch.store.sqlite import SCHEMA_VERSION, open_sqlite_store
 
@@ -84,7 +83,7 @@ async def test_committed_state_survives_close_and_reopen(tmp_path: Path) -> None
         assert account is not None and account.available_balance == 9_000
         card = await reopened.get_card(CARD_ID)
         assert card is not None and card.pin_tries == 1
-        stored = await reopened.find_outcome(dup_key("000001"))
+        stored = await reopened.find_outcome(dup_key("000001"), auth("000001", 1000).digest)
         assert isinstance(stored, AuthOutcome) and stored.hold_id == first.hold_id
         replay = await reopened.commit_auth(auth("000001", 1000))
         assert replay.replayed and replay.approval_code == first.approval_code
@@ -135,22 +134,16 @@ async def test_database_files_hold_no_card_data(tmp_path: Path) -> None:
             assert sentinel.encode("utf-16-le") not in blob
 
 
-async def test_schema_1_database_is_migrated_with_reasons_inferred(tmp_path: Path) -> None:
-    """A journal written before reasons were recorded opens, its rows get a reason, and its
-    stored answers still replay with the DE39 that was sent."""
+async def test_schema_1_database_is_refused_with_one_line(tmp_path: Path) -> None:
+    """A development database of schema 1 cannot be migrated (it kept neither reasons nor
+    full original keys): opening it fails with a message saying what to do."""
     path = tmp_path / "old.db"
-    async with seeded_store(path, 10_000) as store:
-        assert (await store.commit_auth(auth("000001", 1000))).response_code == "00"
-        assert (await store.commit_auth(auth("000002", 50_000))).response_code == "51"
     conn = sqlite3.connect(path)
-    conn.executescript("ALTER TABLE journal DROP COLUMN reason; PRAGMA user_version = 1;")
+    conn.execute("PRAGMA user_version = 1")
     conn.close()
-    async with seeded_store(path, 10_000) as store:
-        approved = await store.find_outcome(dup_key("000001"))
-        declined = await store.find_outcome(dup_key("000002"))
-    assert isinstance(approved, AuthOutcome) and isinstance(declined, AuthOutcome)
-    assert (approved.reason, approved.response_code) == (Reason.APPROVED, "00")
-    assert (declined.reason, declined.response_code) == (Reason.INSUFFICIENT_FUNDS, "51")
-    conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
-    conn.close()
+    with pytest.raises(StoreError) as err:
+        async with open_sqlite_store(StoreConfig(path=path)):
+            pass  # pragma: no cover
+    assert err.value.kind == "unavailable"
+    assert "schema 1" in str(err.value) and "dev-setup" in str(err.value)
+    assert "\n" not in str(err.value)

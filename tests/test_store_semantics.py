@@ -19,6 +19,7 @@ from test_store_support import (
     auth,
     dup_key,
     make_card,
+    orig_key,
     reversal,
     seeded_store,
 )
@@ -59,7 +60,9 @@ def test_acquirer_ids_and_mti_classes_are_normalised() -> None:
     assert DuplicateKey("v", "00012345", "t", "s", "r", "id", "0101") == DuplicateKey(
         "v", "12345", "t", "s", "r", "id", "0100"
     )
-    assert OriginalKey("v", "00012345", "s", "t") == OriginalKey("v", "12345", "s", "t")
+    assert OriginalKey("v", "00012345", "t", "s", "0101") == OriginalKey(
+        "v", "12345", "t", "s", "0100"
+    )
     assert mti_class("0421") == mti_class("0420") != mti_class("0400")
     with pytest.raises(ValueError, match="not an MTI"):
         mti_class("04")
@@ -138,7 +141,7 @@ async def test_pipeline_decline_is_recorded_without_money(tmp_path: Path, backen
         )
         assert (out.response_code, out.approval_code, out.hold_id) == ("54", None, None)
         assert await balances(store) == (BALANCE, BALANCE)
-        stored = await store.find_outcome(dup_key("000001"))
+        stored = await store.find_outcome(dup_key("000001"), auth("000001", 100).digest)
         assert isinstance(stored, AuthOutcome) and stored.response_code == "54"
         with pytest.raises(StoreError) as err:
             await store.commit_auth(auth("000002", 100, kind="decline"))
@@ -179,9 +182,9 @@ async def test_duplicate_replays_stored_answer_without_second_hold(
             auth("000001", 1000, mti="0101", dup_key=dup_key("000001", "0101"))
         )
         assert repeat.replayed and repeat.hold_id == first.hold_id
-        found = await store.find_outcome(dup_key("000001", "0101"))
+        found = await store.find_outcome(dup_key("000001", "0101"), auth("000001", 1000).digest)
         assert found == again
-        assert await store.find_outcome(dup_key("000999")) is None
+        assert await store.find_outcome(dup_key("000999"), auth("000999").digest) is None
         assert await balances(store) == (BALANCE, BALANCE - 1000)
         assert await store.active_holds_total(ACCOUNT_ID) == 1000
 
@@ -300,7 +303,9 @@ async def test_reversal_of_a_debit_credits_ledger_and_available(
 ) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         await store.commit_auth(auth("000001", 3000, kind="debit"))
-        out = await store.commit_reversal(reversal("000101", "000001", 3000, replacement=1000))
+        out = await store.commit_reversal(
+            reversal("000101", "000001", 3000, replacement=1000, original_mti="0200")
+        )
         assert out.released_amount == 2000
         assert await balances(store) == (BALANCE - 1000, BALANCE - 1000)
 
@@ -352,8 +357,13 @@ async def test_advice_after_its_reversal_is_acknowledged_without_money(
     tmp_path: Path, backend: str
 ) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
-        await store.commit_reversal(reversal("000101", "000001", 1000, mti="0420"))
-        advice = await store.commit_auth(auth("000001", 1000, kind="advice_debit"))
+        # The network reversed its stand-in 0200 (DE90 names the 0200), then advises it.
+        await store.commit_reversal(
+            reversal("000101", "000001", 1000, mti="0420", original_mti="0200")
+        )
+        advice = await store.commit_auth(
+            auth("000001", 1000, kind="advice_debit", original=orig_key("000001", mti="0200"))
+        )
         assert advice.response_code == "00"
         assert await balances(store) == (BALANCE, BALANCE)
 
@@ -397,7 +407,7 @@ async def test_one_failing_write_in_a_batch_fails_only_its_caller(tmp_path: Path
         approved = [r for r in results.values() if isinstance(r, AuthOutcome) and r.approved]
         assert len(approved) == 9
         assert await balances(store) == (BALANCE, BALANCE - 900)
-        assert await store.find_outcome(dup_key("000005")) is None
+        assert await store.find_outcome(dup_key("000005"), auth("000005").digest) is None
 
 
 async def test_cancelled_writes_are_withdrawn_if_queued_and_answered_if_taken(
@@ -433,7 +443,7 @@ async def test_cancelled_writes_are_withdrawn_if_queued_and_answered_if_taken(
         assert results["000001-cancelled"] is False
         # The queued one was withdrawn: nothing written.
         assert "000002" not in results and results["000002-cancelled"] is True
-        assert await store.find_outcome(dup_key("000002")) is None
+        assert await store.find_outcome(dup_key("000002"), auth("000002", 100).digest) is None
         assert await balances(store) == (BALANCE, BALANCE - 100)
 
 

@@ -77,8 +77,14 @@ def dup_key(stan: str, mti: str = "0100", acquirer: str = ACQUIRER) -> Duplicate
     return DuplicateKey(NETWORK, acquirer, DE7, stan, f"RRN{stan:>9}", "TERM0001", mti)
 
 
-def orig_key(stan: str, acquirer: str = ACQUIRER) -> OriginalKey:
-    return OriginalKey(NETWORK, acquirer, stan, DE7)
+def orig_key(stan: str, acquirer: str = ACQUIRER, mti: str = "0100") -> OriginalKey:
+    """The key by which a reversal names the request ``auth(stan)`` (its DE37 and DE41)."""
+    return OriginalKey(NETWORK, acquirer, DE7, stan, mti, f"RRN{stan:>9}", "TERM0001")
+
+
+def digest_of(*parts: object) -> str:
+    """A content digest for the tests' intents: the same parts, the same request."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
 def auth(stan: str, amount: int = 1000, kind: str = "hold", **changes: Any) -> AuthIntent:
@@ -86,7 +92,6 @@ def auth(stan: str, amount: int = 1000, kind: str = "hold", **changes: Any) -> A
     mti = {"hold": "0100", "debit": "0200", "advice_hold": "0120", "advice_debit": "0220"}
     base: dict[str, Any] = {
         "dup_key": dup_key(stan, mti.get(kind, "0100")),
-        "original_key": orig_key(stan),
         "mti": mti.get(kind, "0100"),
         "card_id": CARD_ID,
         "account_id": ACCOUNT_ID,
@@ -100,6 +105,7 @@ def auth(stan: str, amount: int = 1000, kind: str = "hold", **changes: Any) -> A
         "velocity_month": "202501",
     }
     base.update(changes)
+    base.setdefault("digest", digest_of(base["amount"], base["currency"], base["card_id"]))
     return AuthIntent(**base)
 
 
@@ -111,14 +117,20 @@ def reversal(
     replacement: int | None = None,
     mti: str = "0400",
     acquirer: str = ACQUIRER,
+    original_mti: str = "0100",
+    card_id: str | None = CARD_ID,
+    currency: str = CURRENCY,
 ) -> ReversalIntent:
     return ReversalIntent(
         dup_key=dup_key(stan, mti),
-        original_key=orig_key(original_stan, acquirer),
+        digest=digest_of(amount, replacement, original_stan, card_id, currency),
+        original_key=orig_key(original_stan, acquirer, original_mti),
+        card_id=card_id,
+        pan_present=True,
         mti=mti,
         amount=amount,
         replacement_amount=replacement,
-        currency=CURRENCY,
+        currency=currency,
         masked_pan=mask_pan(PAN),
         profile=PROFILE,
     )

@@ -16,19 +16,21 @@ commit and returns its outcome, because a committed decision is the answer that 
 Mapping to PostgreSQL (same schema, ``BIGINT`` amounts, ``BYTEA`` blobs):
 
 - reads are plain ``SELECT``s on a pool connection in autocommit (READ COMMITTED).
-- ``commit_auth``: one transaction: ``INSERT INTO journal ... ON CONFLICT (duplicate key)
-  DO NOTHING RETURNING id``; when no row comes back, ``SELECT`` the stored outcome and roll
-  back (replay). Otherwise ``SELECT ... FROM unmatched_reversals WHERE <original key> FOR
-  UPDATE``, ``SELECT ... FROM cards WHERE id = $1 FOR UPDATE`` (PIN tries and velocity
-  counters), ``SELECT ... FROM accounts WHERE id = $1 FOR UPDATE`` (funds), then the same
-  updates as SQLite and ``UPDATE journal SET <outcome>``; lock order card before account
-  everywhere, so two instances cannot deadlock. Concurrent intents on one account serialise
-  on its row lock; group commit comes from the server (``commit_delay``) or from batching
-  intents per connection as the SQLite writer does.
-- ``commit_reversal``: one transaction: journal insert as above; ``SELECT ... FROM holds WHERE
-  <original key> FOR UPDATE`` then the account ``FOR UPDATE``; release, or insert into
-  ``unmatched_reversals ... ON CONFLICT DO NOTHING``. The hold row lock makes 0400/0401/
-  0420/0421 and several reversals of one original release exactly once across instances.
+- ``commit_auth``: one transaction: ``INSERT INTO journal ... ON CONFLICT`` on the partial
+  unique index of the duplicate key (``WHERE kind <> 'duplicate'``) ``DO NOTHING RETURNING
+  id``; when no row comes back, ``SELECT`` the rows of that key: the one with the same digest
+  is replayed (roll back), otherwise the request is journaled as ``kind = 'duplicate'`` (its
+  own partial unique index on key and digest) with ``DUPLICATE_TRANSMISSION``. Otherwise lock
+  and read, in this order everywhere so that two instances cannot deadlock: the unmatched
+  reversal naming this request ``FOR UPDATE``, the original an advice or completion names
+  and its hold ``FOR UPDATE``, the card ``FOR UPDATE`` (PIN tries, chip counter, velocity
+  counters), the account ``FOR UPDATE`` (funds); build the snapshot, call
+  ``rules.plan_auth``, apply the plan, ``UPDATE journal SET <outcome>``. Concurrent intents on
+  one account serialise on its row lock.
+- ``commit_reversal``: one transaction: journal insert as above; the original's journal row
+  and its hold ``FOR UPDATE`` then the account ``FOR UPDATE``; ``rules.plan_reversal``;
+  release, or insert into ``unmatched_reversals``. The hold row lock makes 0400/0401/0420/
+  0421 and several reversals of one original release exactly once across instances.
 - ``put_account``/``put_card``: ``INSERT ... ON CONFLICT (id) DO UPDATE``; ``set_card_status``
   a single ``UPDATE``.
 """
@@ -74,11 +76,13 @@ class Store(Protocol):
         """The account with id ``account_id``, or ``None``."""
         ...
 
-    async def find_outcome(self, key: DuplicateKey) -> StoredOutcome | None:
-        """The stored answer of the request with this duplicate key (``replayed=True``), or
-        ``None``. A fast path before any HSM work; ``commit_*`` checks again atomically.
+    async def find_outcome(self, key: DuplicateKey, digest: str) -> StoredOutcome | None:
+        """The stored answer of the request with this duplicate key and content digest
+        (``replayed=True``), or ``None`` (new, or the key reused with other content, which
+        ``commit_*`` journals as a duplicate transmission). A fast path before the heavier
+        HSM work; ``commit_*`` checks again atomically.
 
-        PostgreSQL: ``SELECT`` on the journal's unique duplicate-key index.
+        PostgreSQL: ``SELECT`` on the journal's duplicate-key indexes.
         """
         ...
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import trio
 
+from switch.decisions import Reason
 from switch.store.models import (
     Account,
     AuthIntent,
@@ -35,6 +36,7 @@ from switch.store.rules import (
     CardRow,
     Counters,
     HoldRow,
+    OriginalRow,
     ReversalSnapshot,
     plan_auth,
     plan_reversal,
@@ -47,21 +49,16 @@ class JournalRow:
 
     id: int
     dup_key: DuplicateKey
-    original_key: OriginalKey
+    digest: str
+    original: OriginalKey | None
     mti: str
     kind: str
     card_id: str | None
     account_id: str | None
+    currency: str
     amount: int
     outcome: StoredOutcome
     stand_in: bool
-
-
-@dataclass(slots=True)
-class _Hold:
-    row: HoldRow
-    amount: int
-    original_key: OriginalKey
 
 
 @dataclass
@@ -75,9 +72,11 @@ class MemoryStore:
     unavailable: bool = False
     #: Seconds each commit waits before it is applied (a slow database); cancellable.
     commit_delay: float = 0.0
-    _holds: list[_Hold] = field(default_factory=list)
+    #: Money rows by journal id of the request that moved the money.
+    holds: dict[int, HoldRow] = field(default_factory=dict)
     _counters: dict[tuple[str, str], Counters] = field(default_factory=dict)
-    _unmatched: dict[OriginalKey, int | None] = field(default_factory=dict)
+    #: Unmatched reversals: journal id -> journal id of the original that resolved it.
+    _unmatched: dict[int, int | None] = field(default_factory=dict)
 
     def _check(self) -> None:
         if self.unavailable:
@@ -106,10 +105,10 @@ class MemoryStore:
         self._check()
         return self.accounts.get(account_id)
 
-    async def find_outcome(self, key: DuplicateKey) -> StoredOutcome | None:
+    async def find_outcome(self, key: DuplicateKey, digest: str) -> StoredOutcome | None:
         self._check()
-        row = self._row(key)
-        return None if row is None else row.outcome
+        stored = self._stored(key, digest)
+        return None if isinstance(stored, bool) else stored
 
     async def list_cards(self) -> list[Card]:
         self._check()
@@ -118,70 +117,108 @@ class MemoryStore:
     async def active_holds_total(self, account_id: str) -> int:
         self._check()
         return sum(
-            h.row.remaining
-            for h in self._holds
-            if h.row.account_id == account_id and h.row.kind == "hold"
+            h.remaining
+            for h in self.holds.values()
+            if h.account_id == account_id and h.kind == "hold"
         )
 
-    def _row(self, key: DuplicateKey) -> JournalRow | None:
-        return next((r for r in self.journal if r.dup_key == key), None)
+    def _stored(self, key: DuplicateKey, digest: str) -> StoredOutcome | bool:
+        rows = [r for r in self.journal if r.dup_key == key]
+        for row in rows:
+            if row.digest == digest:
+                return row.outcome
+        return bool(rows)
+
+    def _original(self, key: OriginalKey) -> OriginalRow | None:
+        for row in self.journal:
+            if row.kind not in ("reversal", "duplicate") and key.matches(row.dup_key):
+                hold = self.holds.get(row.id)
+                return OriginalRow(row.id, row.card_id, row.account_id, row.currency, hold)
+        return None
+
+    def _unmatched_for(self, key: DuplicateKey, card_id: str | None, currency: str) -> int | None:
+        for journal_id, resolved in self._unmatched.items():
+            reversal = self.journal[journal_id - 1]
+            if (
+                resolved is None
+                and reversal.original is not None
+                and reversal.original.matches(key)
+                and reversal.card_id in (None, card_id)
+                and reversal.currency in ("", currency)
+            ):
+                return journal_id
+        return None
 
     # -- decisions -----------------------------------------------------------------------------
 
     async def commit_auth(self, intent: AuthIntent) -> AuthOutcome:
         await self._before_write()
-        stored = self._row(intent.dup_key)
-        if stored is not None:
-            if not isinstance(stored.outcome, AuthOutcome):
+        stored = self._stored(intent.dup_key, intent.digest)
+        if not isinstance(stored, bool):
+            if not isinstance(stored, AuthOutcome):
                 raise StoreError("invalid", "duplicate key belongs to a reversal")
-            return stored.outcome
+            return stored
         account = self.accounts.get(intent.account_id) if intent.account_id else None
         card = self.cards.get(intent.card_id) if intent.card_id else None
-        day = Counters()
-        month = Counters()
-        if card is not None:
-            day = self._counters.get((card.id, "D" + intent.velocity_day), Counters())
-            month = self._counters.get((card.id, "M" + intent.velocity_month), Counters())
-        reversed_before = self._unmatched.get(intent.original_key, 0) is None
-        snap = AuthSnapshot(
-            account=None
-            if account is None
-            else AccountRow(
-                account.id, account.currency, account.ledger_balance, account.available_balance
-            ),
-            card=None if card is None else CardRow(card.id, card.pin_tries, card.pin_try_limit),
-            day=day,
-            month=month,
-            reversed_before=reversed_before,
-        )
+        unmatched = None
+        snap = AuthSnapshot(None, None, conflict=True)
+        if not stored:
+            day = month = Counters()
+            if card is not None:
+                day = self._counters.get((card.id, "D" + intent.velocity_day), Counters())
+                month = self._counters.get((card.id, "M" + intent.velocity_month), Counters())
+            unmatched = self._unmatched_for(intent.dup_key, intent.card_id, intent.currency)
+            if unmatched is None and intent.original is not None:
+                named = intent.original.as_key(intent.dup_key)
+                unmatched = self._unmatched_for(named, intent.card_id, intent.currency)
+            snap = AuthSnapshot(
+                account=None
+                if account is None
+                else AccountRow(
+                    account.id, account.currency, account.ledger_balance, account.available_balance
+                ),
+                card=None
+                if card is None
+                else CardRow(
+                    card.id, card.pin_tries, card.pin_try_limit, card.last_atc, card.atc_seen
+                ),
+                day=day,
+                month=month,
+                reversed_before=unmatched is not None,
+                original=None if intent.original is None else self._original(intent.original),
+            )
         plan = plan_auth(intent, snap)  # raises before anything changed
         journal_id = len(self.journal) + 1
         if card is not None and plan.pin_tries is not None:
             self.cards[card.id] = card = replace(card, pin_tries=plan.pin_tries)
-        hold_id = None
+        if card is not None and plan.atc is not None:
+            self.cards[card.id] = card = replace(card, last_atc=plan.atc[0], atc_seen=plan.atc[1])
         moved = plan.hold + plan.debit
+        hold_id = None
         if plan.approved and account is not None:
             self.accounts[account.id] = replace(
                 account,
-                available_balance=account.available_balance - moved,
+                available_balance=account.available_balance - moved + plan.release_original,
                 ledger_balance=account.ledger_balance - plan.debit,
             )
-            hold_id = len(self._holds) + 1
-            self._holds.append(
-                _Hold(
-                    HoldRow(
-                        hold_id, journal_id, account.id, intent.card_id,
-                        "debit" if plan.debit else "hold", moved,
-                        intent.velocity_day, intent.velocity_month,
-                    ),
-                    moved,
-                    intent.original_key,
-                )
+            if card is not None and (moved or plan.release_original):
+                count = 0 if plan.release_original else 1
+                self._bump(card.id, intent.velocity_day, intent.velocity_month,
+                           moved - plan.release_original, count)  # fmt: skip
+        original = snap.original
+        if plan.original_remaining is not None and original is not None and original.hold:
+            self.holds[original.journal_id] = replace(
+                original.hold, remaining=plan.original_remaining, completed_by=journal_id
+            )
+        if plan.money_row and account is not None:
+            hold_id = len(self.holds) + 1
+            self.holds[journal_id] = HoldRow(
+                hold_id, journal_id, account.id, intent.card_id,
+                "debit" if plan.debit else "hold", moved,
+                intent.velocity_day, intent.velocity_month,
             )  # fmt: skip
-            if card is not None:
-                self._bump(card.id, intent.velocity_day, intent.velocity_month, moved, 1)
-        if plan.resolve_unmatched:
-            self._unmatched[intent.original_key] = journal_id
+        if plan.resolve_unmatched and unmatched is not None:
+            self._unmatched[unmatched] = journal_id
         outcome = AuthOutcome(
             reason=plan.reason,
             response_code=intent.profile.code(plan.reason),
@@ -193,10 +230,11 @@ class MemoryStore:
             held=plan.hold,
             debited=plan.debit,
         )
+        kind = "duplicate" if plan.reason is Reason.DUPLICATE_TRANSMISSION else intent.kind
         self.journal.append(
             JournalRow(
-                journal_id, intent.dup_key, intent.original_key, intent.mti, intent.kind,
-                intent.card_id, intent.account_id, intent.amount,
+                journal_id, intent.dup_key, intent.digest, intent.original, intent.mti, kind,
+                intent.card_id, intent.account_id, intent.currency, intent.amount,
                 replace(outcome, replayed=True, held=0, debited=0), intent.stand_in,
             )
         )  # fmt: skip
@@ -204,56 +242,46 @@ class MemoryStore:
 
     async def commit_reversal(self, intent: ReversalIntent) -> ReversalOutcome:
         await self._before_write()
-        stored = self._row(intent.dup_key)
-        if stored is not None:
-            if not isinstance(stored.outcome, ReversalOutcome):
+        stored = self._stored(intent.dup_key, intent.digest)
+        if not isinstance(stored, bool):
+            if not isinstance(stored, ReversalOutcome):
                 raise StoreError("invalid", "duplicate key belongs to an authorization")
-            return stored.outcome
-        hold = next((h for h in self._holds if h.original_key == intent.original_key), None)
-        snap = ReversalSnapshot(None if hold is None else hold.row)
-        if hold is None:
-            original = next(
-                (
-                    r
-                    for r in self.journal
-                    if r.original_key == intent.original_key and r.kind != "reversal"
-                ),
-                None,
-            )
-            if original is not None:
-                snap = ReversalSnapshot(None, original.id, original.account_id)
-        plan = plan_reversal(intent, snap)
+            return stored
+        original = None if stored else self._original(intent.original_key)
+        plan = plan_reversal(intent, ReversalSnapshot(original, conflict=stored))
         journal_id = len(self.journal) + 1
+        hold = None if original is None else original.hold
         if hold is not None and plan.hold_remaining is not None:
-            hold.row = replace(hold.row, remaining=plan.hold_remaining)
-            account = self.accounts[hold.row.account_id]
+            self.holds[hold.journal_id] = replace(hold, remaining=plan.hold_remaining)
+            account = self.accounts[hold.account_id]
             self.accounts[account.id] = replace(
                 account,
                 available_balance=account.available_balance + plan.release,
                 ledger_balance=account.ledger_balance + plan.ledger_credit,
             )
-            if hold.row.card_id is not None:
+            if hold.card_id is not None:
                 self._bump(
-                    hold.row.card_id, hold.row.velocity_day, hold.row.velocity_month,
+                    hold.card_id, hold.velocity_day, hold.velocity_month,
                     -plan.release, plan.count_delta,
                 )  # fmt: skip
         available = None
         if plan.account_id is not None and plan.account_id in self.accounts:
             available = self.accounts[plan.account_id].available_balance
         if plan.record_unmatched:
-            self._unmatched.setdefault(intent.original_key, None)
+            self._unmatched[journal_id] = None
         outcome = ReversalOutcome(
             reason=plan.reason,
             response_code=intent.profile.code(plan.reason),
-            matched=not plan.record_unmatched,
+            matched=plan.reason is Reason.REVERSAL_MATCHED,
             released_amount=plan.release,
             available_balance=available,
             replayed=False,
         )
+        kind = "duplicate" if plan.reason is Reason.DUPLICATE_TRANSMISSION else "reversal"
         self.journal.append(
             JournalRow(
-                journal_id, intent.dup_key, intent.original_key, intent.mti, "reversal",
-                None, plan.account_id, intent.amount,
+                journal_id, intent.dup_key, intent.digest, intent.original_key, intent.mti,
+                kind, intent.card_id, plan.account_id, intent.currency, intent.amount,
                 replace(outcome, replayed=True), intent.stand_in,
             )
         )  # fmt: skip
@@ -281,6 +309,10 @@ class MemoryStore:
         for other in self.cards.values():
             if other.id != card.id and other.pan_fingerprint == card.pan_fingerprint:
                 raise StoreError("integrity", "UNIQUE constraint failed: cards.pan_fingerprint")
+        old = self.cards.get(card.id)
+        if old is not None:  # counters belong to decisions, not to provisioning
+            card = replace(card, pin_tries=old.pin_tries, last_atc=old.last_atc,
+                           atc_seen=old.atc_seen)  # fmt: skip
         self.cards[card.id] = card
 
     async def set_card_status(self, card_id: str, status: CardStatus) -> bool:

@@ -3,29 +3,35 @@
 What lives here: ``plan_auth`` and ``plan_reversal``. A store backend opens its transaction,
 locks and reads the rows a commit depends on into a snapshot (``AuthSnapshot``,
 ``ReversalSnapshot``), calls the plan function, and applies the ``AuthPlan`` or
-``ReversalPlan`` it returns: new PIN-try count, hold or debit, counter deltas, what a reversal
-releases. Every precedence question (PIN tries before a decline, reversed-before-original,
-velocity before funds, advices never declined) is answered here once, for SQLite,
-PostgreSQL and the in-memory test store alike, and the answer is a ``Reason``: the backend
-never chooses a response code.
+``ReversalPlan`` it returns: new PIN-try count and chip counter, hold or debit, what an
+original gives back, counter deltas. Every precedence question is answered here once, for
+SQLite, PostgreSQL and the in-memory test store alike, and the answer is a ``Reason``: the
+backend never chooses a response code.
 
 What does not: SQL or locking (the backends), which rows to lock (each backend's mapping in
 ``api.py``), turning a Reason into DE39 (the network profile in ``decisions.py``).
 
 Precedence of an authorization (the first rule that applies decides):
 
-1. an unresolved reversal of this original was recorded: an advice is acknowledged
-   (``ADVICE_AFTER_REVERSAL``), anything else declined (``ORIGINAL_ALREADY_REVERSED``);
-2. an advice applies what the network approved (``ADVICE_APPLIED``), or records what cannot
-   be applied (``intent.decline_reason``: the network's decline, an unknown card, another
-   currency), whatever the funds, PIN or velocity say;
-3. the PIN result: at the try limit already, ``PIN_TRIES_EXCEEDED`` without counting; a wrong
+1. the duplicate key is taken by a request with other content: ``DUPLICATE_TRANSMISSION``;
+2. an unresolved reversal of this request (same key, card and currency) was recorded: an
+   advice is acknowledged (``ADVICE_AFTER_REVERSAL``), anything else declined
+   (``ORIGINAL_ALREADY_REVERSED``);
+3. advices are never declined: what cannot be applied is recorded (``intent.decline_reason``:
+   the network's decline, an unknown card, another currency); an advice of an authorization
+   already approved changes nothing (``ADVICE_ALREADY_APPLIED``); a completion of an approved
+   pre-authorization releases its hold and debits the completed amount, once
+   (``COMPLETION_APPLIED``); any other advice is applied (``ADVICE_APPLIED``);
+4. the chip counter: a cryptogram whose ATC was already accepted, or is older than the
+   window allows, is ``ATC_REPLAY``; an accepted one is recorded even if a later rule declines;
+5. the PIN result: at the try limit already, ``PIN_TRIES_EXCEEDED`` without counting; a wrong
    PIN counts and declines ``WRONG_PIN``, or ``PIN_TRIES_EXCEEDED`` when it reaches the limit;
    a right PIN resets the counter even if a later rule declines;
-4. the pipeline's own decline (``intent.decline_reason``);
-5. velocity: amount before count, day before month;
-6. funds: ``INSUFFICIENT_FUNDS`` when available is below the amount;
-7. ``APPROVED``: a hold (0100) or a debit (0200) of the amount.
+6. the pipeline's own decline (``intent.decline_reason``);
+7. velocity: amount before count, day before month;
+8. funds: ``INSUFFICIENT_FUNDS`` when available is below the amount;
+9. ``APPROVED``: a hold (0100) or a debit (0200) of the amount; an amount of zero (account
+   verification) is approved without a hold.
 """
 
 from __future__ import annotations
@@ -33,7 +39,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from switch.decisions import Reason
-from switch.store.models import AuthIntent, ReversalIntent, SpendControls, StoreError
+from switch.store.models import (
+    APPROVING_REASONS,
+    AuthIntent,
+    ReversalIntent,
+    SpendControls,
+    StoreError,
+)
 
 #: Kinds of an authorization intent that reserve funds and that post a debit.
 _HOLD_KINDS = frozenset({"hold", "advice_hold"})
@@ -53,11 +65,15 @@ class AccountRow:
 
 @dataclass(frozen=True, slots=True)
 class CardRow:
-    """The locked card row: its PIN-try counter."""
+    """The locked card row: its PIN-try counter and chip (ATC) counter."""
 
     id: str
     pin_tries: int
     pin_try_limit: int
+    #: Highest ATC accepted, and which of the ``window`` counters below it were seen (bit
+    #: ``i`` is ``last_atc - 1 - i``).
+    last_atc: int | None = None
+    atc_seen: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +85,34 @@ class Counters:
 
 
 @dataclass(frozen=True, slots=True)
+class HoldRow:
+    """The locked money row of an original: a hold or a debit and what remains of it."""
+
+    id: int
+    journal_id: int
+    account_id: str
+    card_id: str | None
+    kind: str
+    remaining: int
+    velocity_day: str
+    velocity_month: str
+    #: Journal id of the completion that converted this hold, if any.
+    completed_by: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OriginalRow:
+    """The journal row of the original that a reversal, advice or completion names."""
+
+    journal_id: int
+    card_id: str | None
+    account_id: str | None
+    currency: str
+    #: Its money row (locked); ``None`` when it moved no money (it was declined).
+    hold: HoldRow | None
+
+
+@dataclass(frozen=True, slots=True)
 class AuthSnapshot:
     """What an authorization's commit depends on, read under the transaction's locks."""
 
@@ -76,8 +120,12 @@ class AuthSnapshot:
     card: CardRow | None
     day: Counters = Counters()
     month: Counters = Counters()
-    #: An unresolved unmatched reversal names this request as its original.
+    #: An unresolved unmatched reversal names this request (same key, card, currency).
     reversed_before: bool = False
+    #: The duplicate key is already journaled for a request with another digest.
+    conflict: bool = False
+    #: The original named by ``intent.original`` (advices and completions), when found.
+    original: OriginalRow | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,25 +136,28 @@ class AuthPlan:
     #: New value of the card's PIN-try counter; ``None`` leaves it unchanged.
     pin_tries: int | None
     #: Amount reserved on available funds (a hold) and amount debited from ledger and
-    #: available (a debit); at most one of them is non-zero.
+    #: available (a debit) by this request's own money row; at most one is non-zero.
     hold: int
     debit: int
     #: Available balance after the plan, ``None`` without an account.
     available_after: int | None
-    #: Mark the unmatched reversal of this original as resolved by this journal row.
+    #: Mark the unmatched reversal of this request as resolved by this journal row.
     resolve_unmatched: bool
-
-    @property
-    def moves_money(self) -> bool:
-        return bool(self.hold or self.debit) or self.reason in _MONEY_REASONS
+    #: New (last_atc, atc_seen) of the card; ``None`` leaves them unchanged.
+    atc: tuple[int, int] | None = None
+    #: A completion: what it releases of the original's hold, the hold's new remaining, and
+    #: that the hold is now completed by this row.
+    release_original: int = 0
+    original_remaining: int | None = None
 
     @property
     def approved(self) -> bool:
-        return self.reason in _MONEY_REASONS
+        return self.reason in APPROVING_REASONS
 
-
-#: Reasons under which an authorization's amount is held or debited.
-_MONEY_REASONS = frozenset({Reason.APPROVED, Reason.ADVICE_APPLIED})
+    @property
+    def money_row(self) -> bool:
+        """Whether this request gets a money row of its own (a hold or a debit)."""
+        return self.approved and (self.hold > 0 or self.debit > 0)
 
 
 def _check_contract(intent: AuthIntent, snap: AuthSnapshot) -> None:
@@ -148,6 +199,40 @@ def _velocity(limits: SpendControls, snap: AuthSnapshot, amount: int) -> Reason 
     return None
 
 
+def accept_atc(last: int | None, seen: int, atc: int, window: int) -> tuple[int, int] | None:
+    """The card's new (last ATC, seen mask) if ``atc`` may be accepted, else ``None``.
+
+    A counter above the highest accepted one is accepted and becomes the highest; one at most
+    ``window`` below it is accepted once (a request that overtook another on the network).
+
+    >>> accept_atc(None, 0, 28, 4)
+    (28, 0)
+    >>> accept_atc(28, 0, 28, 4) is None  # the same cryptogram again
+    True
+    >>> accept_atc(28, 0, 30, 4)  # 29 not seen yet: bit 0 is 29, bit 1 is 28 (seen)
+    (30, 2)
+    >>> accept_atc(30, 2, 29, 4)  # the overtaken one, once
+    (30, 3)
+    >>> accept_atc(30, 3, 29, 4) is None
+    True
+    >>> accept_atc(30, 3, 25, 4) is None  # older than the window
+    True
+    """
+    if last is None:
+        return atc, 0
+    mask = (1 << window) - 1
+    if atc > last:
+        shift = atc - last
+        return atc, ((seen << shift) | (1 << (shift - 1))) & mask
+    behind = last - atc
+    if behind == 0 or behind > window:
+        return None
+    bit = 1 << (behind - 1)
+    if seen & bit:
+        return None
+    return last, seen | bit
+
+
 def plan_auth(intent: AuthIntent, snap: AuthSnapshot) -> AuthPlan:
     """Decide what committing ``intent`` does, given the locked rows in ``snap``.
 
@@ -155,21 +240,25 @@ def plan_auth(intent: AuthIntent, snap: AuthSnapshot) -> AuthPlan:
         StoreError: ``invalid`` when the intent breaks the store contract (unknown card or
             account, a currency other than the account's, a negative amount).
     """
+    if snap.conflict:
+        # Another request holds this key: this one is journaled apart and moves nothing.
+        return AuthPlan(Reason.DUPLICATE_TRANSMISSION, None, 0, 0, _available(snap), False)
     _check_contract(intent, snap)
     account = snap.account
-    available = None if account is None else account.available_balance
     advice = intent.kind in _ADVICE_KINDS
 
-    def plan(reason: Reason, pin_tries: int | None = None) -> AuthPlan:
+    def plan(
+        reason: Reason, pin_tries: int | None = None, atc: tuple[int, int] | None = None
+    ) -> AuthPlan:
         hold = debit = 0
-        after = available
-        if reason in _MONEY_REASONS and account is not None:
+        after = _available(snap)
+        if reason in APPROVING_REASONS and account is not None:
             if intent.kind in _DEBIT_KINDS:
                 debit = intent.amount
             elif intent.kind in _HOLD_KINDS:
                 hold = intent.amount
             after = account.available_balance - intent.amount
-        return AuthPlan(reason, pin_tries, hold, debit, after, snap.reversed_before)
+        return AuthPlan(reason, pin_tries, hold, debit, after, snap.reversed_before, atc)
 
     if snap.reversed_before:
         return plan(Reason.ADVICE_AFTER_REVERSAL if advice else Reason.ORIGINAL_ALREADY_REVERSED)
@@ -177,56 +266,91 @@ def plan_auth(intent: AuthIntent, snap: AuthSnapshot) -> AuthPlan:
         assert intent.decline_reason is not None  # _check_contract
         return plan(intent.decline_reason)
     if advice:
-        return plan(Reason.ADVICE_APPLIED)
+        return _plan_advice(intent, snap) or plan(Reason.ADVICE_APPLIED)
 
-    pin_tries: int | None = None
     card = snap.card
+    atc: tuple[int, int] | None = None
+    if card is not None and intent.atc is not None:
+        atc = accept_atc(card.last_atc, card.atc_seen, intent.atc, intent.atc_window)
+        if atc is None:
+            return plan(Reason.ATC_REPLAY)
+    pin_tries: int | None = None
     if card is not None and intent.pin_check is not None:
         if card.pin_tries >= card.pin_try_limit:
-            return plan(Reason.PIN_TRIES_EXCEEDED)
+            return plan(Reason.PIN_TRIES_EXCEEDED, atc=atc)
         if intent.pin_check == "bad":
             tries = card.pin_tries + 1
             locked = tries >= card.pin_try_limit
-            return plan(Reason.PIN_TRIES_EXCEEDED if locked else Reason.WRONG_PIN, tries)
+            return plan(Reason.PIN_TRIES_EXCEEDED if locked else Reason.WRONG_PIN, tries, atc)
         if card.pin_tries:
             pin_tries = 0  # a right PIN resets the count, whatever decides next
     if intent.kind == "decline":
         assert intent.decline_reason is not None  # _check_contract
-        return plan(intent.decline_reason, pin_tries)
+        return plan(intent.decline_reason, pin_tries, atc)
     if card is not None and intent.velocity is not None and intent.velocity.has_velocity:
         if not intent.velocity_day or not intent.velocity_month:
             raise StoreError("invalid", "velocity limits need velocity_day and velocity_month")
         reason = _velocity(intent.velocity, snap, intent.amount)
         if reason is not None:
-            return plan(reason, pin_tries)
+            return plan(reason, pin_tries, atc)
     if account is not None and account.available_balance < intent.amount:
-        return plan(Reason.INSUFFICIENT_FUNDS, pin_tries)
-    return plan(Reason.APPROVED, pin_tries)
+        return plan(Reason.INSUFFICIENT_FUNDS, pin_tries, atc)
+    return plan(Reason.APPROVED, pin_tries, atc)
 
 
-@dataclass(frozen=True, slots=True)
-class HoldRow:
-    """The locked money row of an original: a hold or a debit and what remains of it."""
+def _available(snap: AuthSnapshot) -> int | None:
+    return None if snap.account is None else snap.account.available_balance
 
-    id: int
-    journal_id: int
-    account_id: str
-    card_id: str | None
-    kind: str
-    remaining: int
-    velocity_day: str
-    velocity_month: str
+
+def _plan_advice(intent: AuthIntent, snap: AuthSnapshot) -> AuthPlan | None:
+    """An advice that names an original of the same card and currency converts it, never adds
+    to it; ``None`` when it is to be applied on its own."""
+    original = snap.original
+    account = snap.account
+    if (
+        original is None
+        or account is None
+        or original.card_id != intent.card_id
+        or original.currency != intent.currency
+        or original.hold is None  # the original moved no money: apply the advice itself
+    ):
+        return None
+    hold = original.hold
+    available = account.available_balance
+    completes = (
+        intent.kind == "advice_debit"
+        and hold.kind == "hold"
+        and hold.completed_by is None
+        and hold.remaining > 0
+    )
+    if not completes:
+        # The network tells us of an authorization we already approved (or completed, or
+        # whose hold a reversal already gave back): nothing moves twice.
+        return AuthPlan(Reason.ADVICE_ALREADY_APPLIED, None, 0, 0, available, False)
+    keep = 0
+    if intent.keep_rest_on_partial_completion and intent.amount < hold.remaining:
+        keep = hold.remaining - intent.amount
+    release = hold.remaining - keep
+    return AuthPlan(
+        reason=Reason.COMPLETION_APPLIED,
+        pin_tries=None,
+        hold=0,
+        debit=intent.amount,
+        available_after=available + release - intent.amount,
+        resolve_unmatched=False,
+        release_original=release,
+        original_remaining=keep,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class ReversalSnapshot:
     """What a reversal's commit depends on, read under the transaction's locks."""
 
-    #: The original's money row, locked; ``None`` when it moved no money or is unknown.
-    hold: HoldRow | None
-    #: Journal id and account of an original that moved no money (declined), if any.
-    original_journal_id: int | None = None
-    original_account_id: str | None = None
+    #: The original named by the reversal, with its money row locked; ``None`` if unknown.
+    original: OriginalRow | None
+    #: The duplicate key is already journaled for a reversal with another digest.
+    conflict: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,31 +376,42 @@ def plan_reversal(intent: ReversalIntent, snap: ReversalSnapshot) -> ReversalPla
     """Decide what committing the reversal ``intent`` does, given the locked rows in ``snap``.
 
     A full reversal releases what remains; a partial one (``replacement_amount``) keeps that
-    much; a later reversal of the same original gives back only what is left.
+    much and never releases more than remains; a later reversal of the same original gives
+    back only what is left. An original of another card or currency is not this reversal's:
+    it is acknowledged (``REVERSAL_MISMATCH``) and releases nothing.
 
     Raises:
         StoreError: ``invalid`` for a negative replacement amount.
     """
     if intent.replacement_amount is not None and intent.replacement_amount < 0:
         raise StoreError("invalid", "negative replacement amount")
-    hold = snap.hold
-    if hold is not None:
-        keep = intent.replacement_amount or 0
-        release = max(0, hold.remaining - keep)
-        remaining = hold.remaining - release
-        return ReversalPlan(
-            reason=Reason.REVERSAL_MATCHED,
-            release=release,
-            ledger_credit=release if hold.kind == "debit" else 0,
-            hold_remaining=remaining if release else None,
-            count_delta=-1 if release and remaining == 0 else 0,
-            record_unmatched=False,
-            original_journal_id=hold.journal_id,
-            account_id=hold.account_id,
-        )
-    if snap.original_journal_id is not None:
+    if snap.conflict:
+        return ReversalPlan(Reason.DUPLICATE_TRANSMISSION, 0, 0, None, 0, False, None, None)
+    original = snap.original
+    if original is None:
+        return ReversalPlan(Reason.REVERSAL_UNMATCHED, 0, 0, None, 0, True, None, None)
+    other_card = intent.pan_present and intent.card_id != original.card_id
+    other_currency = bool(intent.currency) and intent.currency != original.currency
+    if other_card or other_currency:
+        return ReversalPlan(Reason.REVERSAL_MISMATCH, 0, 0, None, 0, False, None, None)
+    hold = original.hold
+    if hold is None or hold.completed_by is not None:
+        # A declined original moved nothing; a completed one is reversed by reversing its
+        # completion, not the pre-authorization.
         return ReversalPlan(
             Reason.REVERSAL_MATCHED, 0, 0, None, 0, False,
-            snap.original_journal_id, snap.original_account_id,
+            original.journal_id, original.account_id,
         )  # fmt: skip
-    return ReversalPlan(Reason.REVERSAL_UNMATCHED, 0, 0, None, 0, True, None, None)
+    keep = intent.replacement_amount or 0
+    release = max(0, hold.remaining - keep)
+    remaining = hold.remaining - release
+    return ReversalPlan(
+        reason=Reason.REVERSAL_MATCHED,
+        release=release,
+        ledger_credit=release if hold.kind == "debit" else 0,
+        hold_remaining=remaining if release else None,
+        count_delta=-1 if release and remaining == 0 else 0,
+        record_unmatched=False,
+        original_journal_id=original.journal_id,
+        account_id=hold.account_id,
+    )

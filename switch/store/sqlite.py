@@ -61,6 +61,7 @@ from switch.store.rules import (
     CardRow,
     Counters,
     HoldRow,
+    OriginalRow,
     ReversalSnapshot,
     plan_auth,
     plan_reversal,
@@ -77,6 +78,8 @@ READ_CONNECTIONS = 2
 BUSY_TIMEOUT_MS = 5000
 #: Journal ``kind`` of a reversal row (authorizations use their ``AuthKind``).
 REVERSAL_KIND = "reversal"
+#: Journal ``kind`` of a request that reused a duplicate key with other content.
+DUPLICATE_KIND = "duplicate"
 #: Separator of the blocked MCC / country lists in their TEXT columns.
 _LIST_SEP = ","
 
@@ -100,8 +103,10 @@ CREATE TABLE velocity (
     PRIMARY KEY (card_id, period)
 ) STRICT, WITHOUT ROWID;
 
--- One row per request answered. orig_* is the request's own original key for an
--- authorization, and the DE90 key of the original it names for a reversal.
+-- One row per request answered, keyed by its duplicate key (network, DE32, DE7, DE11, DE37,
+-- DE41, MTI class) and the digest of what defines it. A request reusing a key with other
+-- content is journaled as kind 'duplicate'. orig_* name the original a reversal, advice or
+-- completion refers to (NULL rrn/terminal: not compared); NULL for a plain authorization.
 CREATE TABLE journal (
     id                     INTEGER PRIMARY KEY,
     network                TEXT NOT NULL,
@@ -111,12 +116,16 @@ CREATE TABLE journal (
     rrn                    TEXT NOT NULL,
     terminal_id            TEXT NOT NULL,
     mti_class              TEXT NOT NULL,
+    digest                 TEXT NOT NULL,
     mti                    TEXT NOT NULL,
     kind                   TEXT NOT NULL,
-    orig_network           TEXT NOT NULL,
-    orig_acquirer_id       TEXT NOT NULL,
-    orig_stan              TEXT NOT NULL,
-    orig_transmission_time TEXT NOT NULL,
+    orig_network           TEXT,
+    orig_acquirer_id       TEXT,
+    orig_transmission_time TEXT,
+    orig_stan              TEXT,
+    orig_mti_class         TEXT,
+    orig_rrn               TEXT,
+    orig_terminal_id       TEXT,
     card_id                TEXT,
     account_id             TEXT,
     masked_pan             TEXT NOT NULL,
@@ -131,44 +140,43 @@ CREATE TABLE journal (
     matched                INTEGER,
     released_amount        INTEGER,
     original_journal_id    INTEGER REFERENCES journal(id),
-    created_at             TEXT NOT NULL,
-    UNIQUE (network, acquirer_id, transmission_time, stan, rrn, terminal_id, mti_class)
-) STRICT;
-CREATE INDEX journal_original
-    ON journal(orig_network, orig_acquirer_id, orig_stan, orig_transmission_time);
-
--- Money an approved authorization moved: a hold on available funds or a posted debit;
--- remaining is what a reversal can still give back.
-CREATE TABLE holds (
-    id                     INTEGER PRIMARY KEY,
-    journal_id             INTEGER NOT NULL UNIQUE REFERENCES journal(id),
-    account_id             TEXT NOT NULL REFERENCES accounts(id),
-    card_id                TEXT REFERENCES cards(id),
-    kind                   TEXT NOT NULL CHECK (kind IN ('hold', 'debit')),
-    amount                 INTEGER NOT NULL,
-    remaining              INTEGER NOT NULL CHECK (remaining >= 0 AND remaining <= amount),
-    velocity_day           TEXT NOT NULL,
-    velocity_month         TEXT NOT NULL,
-    orig_network           TEXT NOT NULL,
-    orig_acquirer_id       TEXT NOT NULL,
-    orig_stan              TEXT NOT NULL,
-    orig_transmission_time TEXT NOT NULL,
     created_at             TEXT NOT NULL
 ) STRICT;
-CREATE INDEX holds_original
-    ON holds(orig_network, orig_acquirer_id, orig_stan, orig_transmission_time);
+CREATE UNIQUE INDEX journal_key
+    ON journal(network, acquirer_id, transmission_time, stan, rrn, terminal_id, mti_class)
+    WHERE kind != 'duplicate';
+CREATE UNIQUE INDEX journal_duplicate
+    ON journal(network, acquirer_id, transmission_time, stan, rrn, terminal_id, mti_class,
+               digest)
+    WHERE kind = 'duplicate';
+CREATE INDEX journal_original
+    ON journal(orig_network, orig_acquirer_id, orig_transmission_time, orig_stan)
+    WHERE orig_network IS NOT NULL;
+
+-- Money an approved request moved: a hold on available funds or a posted debit; remaining
+-- is what a reversal can still give back; completed_by is the completion that converted a
+-- pre-authorization's hold.
+CREATE TABLE holds (
+    id             INTEGER PRIMARY KEY,
+    journal_id     INTEGER NOT NULL UNIQUE REFERENCES journal(id),
+    account_id     TEXT NOT NULL REFERENCES accounts(id),
+    card_id        TEXT REFERENCES cards(id),
+    kind           TEXT NOT NULL CHECK (kind IN ('hold', 'debit')),
+    amount         INTEGER NOT NULL,
+    remaining      INTEGER NOT NULL CHECK (remaining >= 0 AND remaining <= amount),
+    velocity_day   TEXT NOT NULL,
+    velocity_month TEXT NOT NULL,
+    completed_by   INTEGER REFERENCES journal(id),
+    created_at     TEXT NOT NULL
+) STRICT;
 CREATE INDEX holds_account ON holds(account_id) WHERE kind = 'hold' AND remaining > 0;
 
--- Reversals whose original was not found; an original arriving later is declined.
+-- Reversals whose original was not found (their journal row names it); an original of the
+-- same card and currency arriving later is declined and resolves the row.
 CREATE TABLE unmatched_reversals (
-    network             TEXT NOT NULL,
-    acquirer_id         TEXT NOT NULL,
-    stan                TEXT NOT NULL,
-    transmission_time   TEXT NOT NULL,
-    journal_id          INTEGER NOT NULL REFERENCES journal(id),
-    resolved_journal_id INTEGER REFERENCES journal(id),
-    PRIMARY KEY (network, acquirer_id, stan, transmission_time)
-) STRICT, WITHOUT ROWID;
+    journal_id          INTEGER PRIMARY KEY REFERENCES journal(id),
+    resolved_journal_id INTEGER REFERENCES journal(id)
+) STRICT;
 """
 
 
@@ -182,6 +190,8 @@ class _Column:
     controls: bool = False
     dump: Callable[[Any], Any] | None = None
     load: Callable[[Any], Any] | None = None
+    #: Changed only by decisions (PIN tries, chip counter): provisioning never overwrites it.
+    counter: bool = False
 
 
 def _join(items: frozenset[str]) -> str:
@@ -224,8 +234,10 @@ _CARD_TABLE = (
     _Column("pin_verification_value", "TEXT"),
     _Column("ibm_dec_table", "TEXT"),
     _Column("ibm_validation_data", "TEXT"),
-    _Column("pin_tries", "INTEGER NOT NULL DEFAULT 0"),
+    _Column("pin_tries", "INTEGER NOT NULL DEFAULT 0", counter=True),
     _Column("pin_try_limit", "INTEGER NOT NULL"),
+    _Column("last_atc", "INTEGER", counter=True),
+    _Column("atc_seen", "INTEGER NOT NULL DEFAULT 0", counter=True),
     _Column("per_txn_max", "INTEGER", controls=True),
     _Column("daily_amount", "INTEGER", controls=True),
     _Column("daily_count", "INTEGER", controls=True),
@@ -251,11 +263,14 @@ _CARD_UPSERT = (
     f"INSERT INTO cards ({', '.join(_CARD_COLUMNS)}) "  # noqa: S608 - constant columns
     f"VALUES ({', '.join('?' for _ in _CARD_COLUMNS)}) "
     "ON CONFLICT(id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _CARD_COLUMNS if c != "id")
+    + ", ".join(f"{c.name} = excluded.{c.name}" for c in _CARD_TABLE[1:] if not c.counter)
 )
-_ORIG_WHERE = (
-    "orig_network = ? AND orig_acquirer_id = ? AND orig_stan = ? AND orig_transmission_time = ?"
-)
+#: The columns of a journal row's own key and of the original it names, in key order.
+_KEY_COLUMNS = ("network", "acquirer_id", "transmission_time", "stan", "rrn", "terminal_id",
+                "mti_class")  # fmt: skip
+_ORIG_COLUMNS = tuple(f"orig_{c}" for c in _KEY_COLUMNS)
+#: Journal kinds that are not an original a reversal, advice or completion can name.
+_NOT_ORIGINALS = (REVERSAL_KIND, DUPLICATE_KIND)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,7 +311,7 @@ def _account_from_row(row: sqlite3.Row) -> Account:
     )
 
 
-def _dup_params(key: DuplicateKey) -> tuple[str, ...]:
+def _key_params(key: DuplicateKey) -> tuple[str, ...]:
     return (
         key.network,
         key.acquirer_id,
@@ -308,18 +323,22 @@ def _dup_params(key: DuplicateKey) -> tuple[str, ...]:
     )
 
 
-def _orig_params(key: OriginalKey) -> tuple[str, ...]:
-    return (key.network, key.acquirer_id, key.stan, key.transmission_time)
+def _orig_values(key: OriginalKey | None) -> dict[str, str | None]:
+    fields = (None,) * 7 if key is None else (
+        key.network, key.acquirer_id, key.transmission_time, key.stan, key.rrn,
+        key.terminal_id, key.mti_class,
+    )  # fmt: skip
+    return dict(zip(_ORIG_COLUMNS, fields, strict=True))
 
 
 def _outcome_from_row(row: sqlite3.Row) -> StoredOutcome:
     reason = Reason(row["reason"])
-    if row["kind"] == REVERSAL_KIND:
+    if row["kind"] == REVERSAL_KIND or row["mti_class"].startswith("04"):
         return ReversalOutcome(
             reason=reason,
             response_code=row["response_code"],
             matched=bool(row["matched"]),
-            released_amount=row["released_amount"],
+            released_amount=row["released_amount"] or 0,
             available_balance=row["available_balance"],
             replayed=True,
         )
@@ -334,12 +353,12 @@ def _outcome_from_row(row: sqlite3.Row) -> StoredOutcome:
     )
 
 
+_KEY_WHERE = " AND ".join(f"j.{c} = ?" for c in _KEY_COLUMNS)
 _OUTCOME_SELECT = (
-    "SELECT j.kind, j.reason, j.response_code, j.approval_code, j.available_balance, j.currency, "
-    "j.matched, j.released_amount, h.id AS hold_id "
-    "FROM journal j LEFT JOIN holds h ON h.journal_id = j.id "
-    "WHERE j.network = ? AND j.acquirer_id = ? AND j.transmission_time = ? AND j.stan = ? "
-    "AND j.rrn = ? AND j.terminal_id = ? AND j.mti_class = ?"
+    "SELECT j.kind, j.mti_class, j.digest, j.reason, j.response_code, j.approval_code, "  # noqa: S608
+    "j.available_balance, j.currency, j.matched, j.released_amount, h.id AS hold_id "
+    f"FROM journal j LEFT JOIN holds h ON h.journal_id = j.id WHERE {_KEY_WHERE} "
+    "ORDER BY j.kind = 'duplicate', j.id"
 )
 
 
@@ -350,9 +369,14 @@ def _now() -> str:
 # -- the write operations (run in the writer thread, inside a SAVEPOINT) ---------------------
 
 
-def _stored_outcome(conn: sqlite3.Connection, key: DuplicateKey) -> StoredOutcome | None:
-    row = conn.execute(_OUTCOME_SELECT, _dup_params(key)).fetchone()
-    return None if row is None else _outcome_from_row(row)
+def _stored(conn: sqlite3.Connection, key: DuplicateKey, digest: str) -> StoredOutcome | bool:
+    """The stored outcome of this key and digest; ``True`` when the key belongs to a request
+    with other content (a duplicate transmission not yet journaled), ``False`` when new."""
+    rows = conn.execute(_OUTCOME_SELECT, _key_params(key)).fetchall()
+    for row in rows:
+        if row["digest"] == digest:
+            return _outcome_from_row(row)
+    return bool(rows)
 
 
 def _insert_journal(conn: sqlite3.Connection, values: dict[str, Any]) -> int:
@@ -363,22 +387,20 @@ def _insert_journal(conn: sqlite3.Connection, values: dict[str, Any]) -> int:
 
 
 def _journal_values(
-    key: DuplicateKey, orig: OriginalKey, mti: str, kind: str, stand_in: bool
+    key: DuplicateKey,
+    digest: str,
+    orig: OriginalKey | None,
+    *,
+    mti: str,
+    kind: str,
+    stand_in: bool,
 ) -> dict[str, Any]:
     return {
-        "network": key.network,
-        "acquirer_id": key.acquirer_id,
-        "transmission_time": key.transmission_time,
-        "stan": key.stan,
-        "rrn": key.rrn,
-        "terminal_id": key.terminal_id,
-        "mti_class": key.mti_class,
+        **dict(zip(_KEY_COLUMNS, _key_params(key), strict=True)),
+        "digest": digest,
         "mti": mti,
         "kind": kind,
-        "orig_network": orig.network,
-        "orig_acquirer_id": orig.acquirer_id,
-        "orig_stan": orig.stan,
-        "orig_transmission_time": orig.transmission_time,
+        **_orig_values(orig),
         "stand_in": int(stand_in),
         "created_at": _now(),
     }
@@ -399,8 +421,71 @@ def _bump_counters(
         )
 
 
-def _auth_snapshot(conn: sqlite3.Connection, intent: AuthIntent) -> AuthSnapshot:
-    """Read what the commit rules need; the writer's ``BEGIN IMMEDIATE`` holds the lock."""
+def _counters(conn: sqlite3.Connection, card_id: str, period: str) -> Counters:
+    row = conn.execute(
+        "SELECT amount, count FROM velocity WHERE card_id = ? AND period = ?", (card_id, period)
+    ).fetchone()
+    return Counters() if row is None else Counters(row["amount"], row["count"])
+
+
+_ORIGINAL_KEY = ("network", "acquirer_id", "transmission_time", "stan", "mti_class")
+_ORIGINAL_SELECT = (
+    "SELECT j.id, j.card_id, j.account_id, j.currency, h.id AS hold_id, h.journal_id, "
+    "h.account_id AS hold_account, h.card_id AS hold_card, h.kind AS hold_kind, h.remaining, "
+    "h.velocity_day, h.velocity_month, h.completed_by "
+    "FROM journal j LEFT JOIN holds h ON h.journal_id = j.id WHERE "
+    + " AND ".join(f"j.{c} = ?" for c in _ORIGINAL_KEY)
+)
+
+
+def _original(conn: sqlite3.Connection, key: OriginalKey) -> OriginalRow | None:
+    """The original ``key`` names (its money row with it), or ``None``."""
+    sql = _ORIGINAL_SELECT
+    params: list[str] = [key.network, key.acquirer_id, key.transmission_time, key.stan,
+                         key.mti_class]  # fmt: skip
+    for column, value in (("rrn", key.rrn), ("terminal_id", key.terminal_id)):
+        if value is not None:
+            sql += f" AND j.{column} = ?"
+            params.append(value)
+    sql += f" AND j.kind NOT IN {_NOT_ORIGINALS!r} ORDER BY j.id LIMIT 1"
+    row = conn.execute(sql, params).fetchone()
+    if row is None:
+        return None
+    hold = None
+    if row["hold_id"] is not None:
+        hold = HoldRow(
+            row["hold_id"], row["journal_id"], row["hold_account"], row["hold_card"],
+            row["hold_kind"], row["remaining"], row["velocity_day"], row["velocity_month"],
+            row["completed_by"],
+        )  # fmt: skip
+    return OriginalRow(row["id"], row["card_id"], row["account_id"], row["currency"], hold)
+
+
+def _unmatched_reversal(
+    conn: sqlite3.Connection, key: DuplicateKey, card_id: str | None, currency: str
+) -> int | None:
+    """The unresolved unmatched reversal naming this request (same card and currency)."""
+    row = conn.execute(
+        "SELECT u.journal_id FROM unmatched_reversals u JOIN journal r ON r.id = u.journal_id "
+        "WHERE u.resolved_journal_id IS NULL AND r.orig_network = ? AND r.orig_acquirer_id = ? "
+        "AND r.orig_transmission_time = ? AND r.orig_stan = ? AND r.orig_mti_class = ? "
+        "AND (r.orig_rrn IS NULL OR r.orig_rrn = ?) "
+        "AND (r.orig_terminal_id IS NULL OR r.orig_terminal_id = ?) "
+        "AND (r.card_id IS NULL OR r.card_id = ?) AND (r.currency = '' OR r.currency = ?) "
+        "ORDER BY u.journal_id LIMIT 1",
+        (key.network, key.acquirer_id, key.transmission_time, key.stan, key.mti_class,
+         key.rrn, key.terminal_id, card_id, currency),
+    ).fetchone()  # fmt: skip
+    return None if row is None else int(row[0])
+
+
+def _auth_snapshot(
+    conn: sqlite3.Connection, intent: AuthIntent, conflict: bool
+) -> tuple[AuthSnapshot, int | None]:
+    """Read what the commit rules need (and the unmatched reversal naming this request); the
+    writer's ``BEGIN IMMEDIATE`` holds the lock."""
+    if conflict:
+        return AuthSnapshot(None, None, conflict=True), None
     account = card = None
     if intent.account_id is not None:
         row = conn.execute(
@@ -412,59 +497,65 @@ def _auth_snapshot(conn: sqlite3.Connection, intent: AuthIntent) -> AuthSnapshot
     day = month = Counters()
     if intent.card_id is not None:
         row = conn.execute(
-            "SELECT id, pin_tries, pin_try_limit FROM cards WHERE id = ?", (intent.card_id,)
+            "SELECT id, pin_tries, pin_try_limit, last_atc, atc_seen FROM cards WHERE id = ?",
+            (intent.card_id,),
         ).fetchone()
         if row is not None:
             card = CardRow(*row)
             if intent.velocity is not None and intent.velocity.has_velocity:
                 day = _counters(conn, card.id, "D" + intent.velocity_day)
                 month = _counters(conn, card.id, "M" + intent.velocity_month)
-    unmatched = conn.execute(
-        "SELECT 1 FROM unmatched_reversals WHERE network = ? AND acquirer_id = ? "
-        "AND stan = ? AND transmission_time = ? AND resolved_journal_id IS NULL",
-        _orig_params(intent.original_key),
-    ).fetchone()
-    return AuthSnapshot(account, card, day, month, reversed_before=unmatched is not None)
-
-
-def _counters(conn: sqlite3.Connection, card_id: str, period: str) -> Counters:
-    row = conn.execute(
-        "SELECT amount, count FROM velocity WHERE card_id = ? AND period = ?", (card_id, period)
-    ).fetchone()
-    return Counters() if row is None else Counters(row["amount"], row["count"])
+    unmatched = _unmatched_reversal(conn, intent.dup_key, intent.card_id, intent.currency)
+    if unmatched is None and intent.original is not None:
+        # an advice whose original was reversed before either arrived
+        named = intent.original.as_key(intent.dup_key)
+        unmatched = _unmatched_reversal(conn, named, intent.card_id, intent.currency)
+    original = None if intent.original is None else _original(conn, intent.original)
+    snap = AuthSnapshot(
+        account, card, day, month, reversed_before=unmatched is not None, original=original
+    )
+    return snap, unmatched
 
 
 def _apply_auth(conn: sqlite3.Connection, intent: AuthIntent) -> AuthOutcome:
-    stored = _stored_outcome(conn, intent.dup_key)
-    if stored is not None:
+    stored = _stored(conn, intent.dup_key, intent.digest)
+    if not isinstance(stored, bool):
         if not isinstance(stored, AuthOutcome):
             raise StoreError("invalid", "duplicate key belongs to a reversal")
         return stored
-    plan = plan_auth(intent, _auth_snapshot(conn, intent))
+    snap, unmatched = _auth_snapshot(conn, intent, conflict=stored)
+    plan = plan_auth(intent, snap)
     code = intent.profile.code(plan.reason)
     if plan.pin_tries is not None:
         conn.execute(
             "UPDATE cards SET pin_tries = ? WHERE id = ?", (plan.pin_tries, intent.card_id)
         )
+    if plan.atc is not None:
+        conn.execute(
+            "UPDATE cards SET last_atc = ?, atc_seen = ? WHERE id = ?", (*plan.atc, intent.card_id)
+        )
     moved = plan.hold + plan.debit
+    original = snap.original
     if plan.approved and intent.account_id is not None:
         conn.execute(
-            "UPDATE accounts SET available_balance = available_balance - ?, "
+            "UPDATE accounts SET available_balance = available_balance - ? + ?, "
             "ledger_balance = ledger_balance - ? WHERE id = ?",
-            (moved, plan.debit, intent.account_id),
+            (moved, plan.release_original, plan.debit, intent.account_id),
         )
-        if intent.card_id is not None:
+        if intent.card_id is not None and (moved or plan.release_original):
             _bump_counters(
                 conn,
                 intent.card_id,
                 day=intent.velocity_day,
                 month=intent.velocity_month,
-                amount=moved,
-                count=1,
+                amount=moved - plan.release_original,
+                count=0 if plan.release_original else 1,
             )
+    kind = DUPLICATE_KIND if plan.reason is Reason.DUPLICATE_TRANSMISSION else intent.kind
     values = _journal_values(
-        intent.dup_key, intent.original_key, intent.mti, intent.kind, intent.stand_in
-    )
+        intent.dup_key, intent.digest, intent.original,
+        mti=intent.mti, kind=kind, stand_in=intent.stand_in,
+    )  # fmt: skip
     approval_code = intent.approval_code if plan.approved else None
     values.update(
         card_id=intent.card_id,
@@ -476,14 +567,19 @@ def _apply_auth(conn: sqlite3.Connection, intent: AuthIntent) -> AuthOutcome:
         response_code=code,
         approval_code=approval_code,
         available_balance=plan.available_after,
+        original_journal_id=None if original is None else original.journal_id,
     )
     journal_id = _insert_journal(conn, values)
+    if plan.original_remaining is not None and original is not None and original.hold:
+        conn.execute(
+            "UPDATE holds SET remaining = ?, completed_by = ? WHERE id = ?",
+            (plan.original_remaining, journal_id, original.hold.id),
+        )
     hold_id = None
-    if plan.approved and intent.account_id is not None:
+    if plan.money_row and intent.account_id is not None:
         cur = conn.execute(
             "INSERT INTO holds (journal_id, account_id, card_id, kind, amount, remaining, "
-            "velocity_day, velocity_month, orig_network, orig_acquirer_id, orig_stan, "
-            "orig_transmission_time, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "velocity_day, velocity_month, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 journal_id,
                 intent.account_id,
@@ -493,16 +589,14 @@ def _apply_auth(conn: sqlite3.Connection, intent: AuthIntent) -> AuthOutcome:
                 moved,
                 intent.velocity_day,
                 intent.velocity_month,
-                *_orig_params(intent.original_key),
                 values["created_at"],
             ),
         )
         hold_id = cur.lastrowid
     if plan.resolve_unmatched:
         conn.execute(
-            "UPDATE unmatched_reversals SET resolved_journal_id = ? WHERE network = ? "
-            "AND acquirer_id = ? AND stan = ? AND transmission_time = ?",
-            (journal_id, *_orig_params(intent.original_key)),
+            "UPDATE unmatched_reversals SET resolved_journal_id = ? WHERE journal_id = ?",
+            (journal_id, unmatched),
         )
     return AuthOutcome(
         reason=plan.reason,
@@ -517,36 +611,18 @@ def _apply_auth(conn: sqlite3.Connection, intent: AuthIntent) -> AuthOutcome:
     )
 
 
-def _reversal_snapshot(conn: sqlite3.Connection, intent: ReversalIntent) -> ReversalSnapshot:
-    orig = _orig_params(intent.original_key)
-    row = conn.execute(
-        "SELECT id, journal_id, account_id, card_id, kind, remaining, velocity_day, "  # noqa: S608
-        f"velocity_month FROM holds WHERE {_ORIG_WHERE} ORDER BY id LIMIT 1",
-        orig,
-    ).fetchone()
-    if row is not None:
-        return ReversalSnapshot(HoldRow(*row))
-    original = conn.execute(
-        f"SELECT id, account_id FROM journal WHERE {_ORIG_WHERE} AND kind != ? "  # noqa: S608
-        "ORDER BY id LIMIT 1",
-        (*orig, REVERSAL_KIND),
-    ).fetchone()
-    if original is None:
-        return ReversalSnapshot(None)
-    return ReversalSnapshot(None, original["id"], original["account_id"])
-
-
 def _apply_reversal(conn: sqlite3.Connection, intent: ReversalIntent) -> ReversalOutcome:
-    stored = _stored_outcome(conn, intent.dup_key)
-    if stored is not None:
+    stored = _stored(conn, intent.dup_key, intent.digest)
+    if not isinstance(stored, bool):
         if not isinstance(stored, ReversalOutcome):
             raise StoreError("invalid", "duplicate key belongs to an authorization")
         return stored
-    snap = _reversal_snapshot(conn, intent)
+    original = None if stored else _original(conn, intent.original_key)
+    snap = ReversalSnapshot(original, conflict=stored)
     plan = plan_reversal(intent, snap)
     code = intent.profile.code(plan.reason)
-    if plan.hold_remaining is not None and snap.hold is not None:
-        hold = snap.hold
+    hold = None if original is None else original.hold
+    if plan.hold_remaining is not None and hold is not None:
         conn.execute("UPDATE holds SET remaining = ? WHERE id = ?", (plan.hold_remaining, hold.id))
         conn.execute(
             "UPDATE accounts SET available_balance = available_balance + ?, "
@@ -569,10 +645,13 @@ def _apply_reversal(conn: sqlite3.Connection, intent: ReversalIntent) -> Reversa
         ).fetchone()
         available = None if row is None else row["available_balance"]
     matched = plan.reason is Reason.REVERSAL_MATCHED
+    kind = DUPLICATE_KIND if plan.reason is Reason.DUPLICATE_TRANSMISSION else REVERSAL_KIND
     values = _journal_values(
-        intent.dup_key, intent.original_key, intent.mti, REVERSAL_KIND, intent.stand_in
-    )
+        intent.dup_key, intent.digest, intent.original_key,
+        mti=intent.mti, kind=kind, stand_in=intent.stand_in,
+    )  # fmt: skip
     values.update(
+        card_id=intent.card_id,
         account_id=plan.account_id,
         masked_pan=intent.masked_pan,
         amount=intent.amount,
@@ -587,11 +666,7 @@ def _apply_reversal(conn: sqlite3.Connection, intent: ReversalIntent) -> Reversa
     )
     journal_id = _insert_journal(conn, values)
     if plan.record_unmatched:
-        conn.execute(
-            "INSERT INTO unmatched_reversals (network, acquirer_id, stan, transmission_time, "
-            "journal_id) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            (*_orig_params(intent.original_key), journal_id),
-        )
+        conn.execute("INSERT INTO unmatched_reversals (journal_id) VALUES (?)", (journal_id,))
     return ReversalOutcome(
         reason=plan.reason,
         response_code=code,
@@ -648,47 +723,17 @@ def _ensure_schema(conn: sqlite3.Connection) -> None:
         return
     if version > SCHEMA_VERSION:
         raise StoreError("unavailable", f"database schema {version} is newer than this code")
-    if version == 0:
-        conn.executescript(
-            f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+    if version != 0:
+        # Schema 1 (0.1 development builds) kept neither reasons, digests nor full original
+        # keys, which cannot be recovered from its rows.
+        raise StoreError(
+            "unavailable",
+            f"database schema {version} predates this release and cannot be migrated; "
+            "recreate the development database (remove it and run cardswitch dev-setup)",
         )
-        return
-    for step in range(version, SCHEMA_VERSION):
-        conn.executescript(
-            f"BEGIN IMMEDIATE;\n{_MIGRATIONS[step]}\nPRAGMA user_version = {step + 1};\nCOMMIT;"
-        )
-
-
-#: Step from schema N to N+1, by N.
-_MIGRATIONS = {
-    # 1 -> 2: the journal records the Reason beside the DE39 it was answered with. Rows
-    # journaled before kept only DE39: their reason is inferred from it (a code shared by
-    # several reasons reads as the first of the ISO table; anything else as system_error).
-    1: """
-ALTER TABLE journal ADD COLUMN reason TEXT NOT NULL DEFAULT '';
-UPDATE journal SET reason = CASE
-    WHEN kind = 'reversal' AND matched = 1 THEN 'reversal_matched'
-    WHEN kind = 'reversal' THEN 'reversal_unmatched'
-    WHEN kind LIKE 'advice%' THEN 'advice_applied'
-    WHEN response_code = '00' THEN 'approved'
-    WHEN response_code = '05' THEN 'original_already_reversed'
-    WHEN response_code = '12' THEN 'invalid_transaction'
-    WHEN response_code = '13' THEN 'invalid_amount'
-    WHEN response_code = '14' THEN 'unknown_card'
-    WHEN response_code = '41' THEN 'lost_card'
-    WHEN response_code = '43' THEN 'stolen_card'
-    WHEN response_code = '51' THEN 'insufficient_funds'
-    WHEN response_code = '54' THEN 'expired_card'
-    WHEN response_code = '55' THEN 'wrong_pin'
-    WHEN response_code = '57' THEN 'card_closed'
-    WHEN response_code = '61' THEN 'exceeds_amount_velocity'
-    WHEN response_code = '62' THEN 'card_blocked'
-    WHEN response_code = '65' THEN 'exceeds_count_velocity'
-    WHEN response_code = '75' THEN 'pin_tries_exceeded'
-    WHEN response_code IN ('82', 'N7') THEN 'cvv_mismatch'
-    ELSE 'system_error' END;
-""",
-}
+    conn.executescript(
+        f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+    )
 
 
 def _as_store_error(exc: Exception) -> StoreError:
@@ -803,8 +848,12 @@ class SqliteStore:
 
         return await self._read(q)
 
-    async def find_outcome(self, key: DuplicateKey) -> StoredOutcome | None:
-        return await self._read(partial(_stored_outcome, key=key))
+    async def find_outcome(self, key: DuplicateKey, digest: str) -> StoredOutcome | None:
+        def q(conn: sqlite3.Connection) -> StoredOutcome | None:
+            stored = _stored(conn, key, digest)
+            return None if isinstance(stored, bool) else stored
+
+        return await self._read(q)
 
     async def list_cards(self) -> list[Card]:
         def q(conn: sqlite3.Connection) -> list[Card]:

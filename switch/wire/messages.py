@@ -528,6 +528,8 @@ class AuthRequest:
     security_control: str | None = de(53, _N16, default=None)
     emv: bytes | None = de(55, BINARY, default=None)
     #: DE39 of an advice (0120/0220): the answer the network gave in the issuer's place.
+    #: DE90 of a completion (0220 of a pre-authorization): the authorization it completes.
+    original: OriginalData | None = de(90, _DE90, default=None)
     response_code: str | None = de(39, _RESPONSE_CODE, default=None)
 
     __repr__ = _safe_repr
