@@ -94,7 +94,8 @@ async def test_cryptogram_of_another_amount_is_declined_and_holds_nothing(
 async def test_cryptogram_bound_to_currency_country_date_and_type(
     switch: Switch, client_ctx: ssl.SSLContext, field: str, value: str
 ) -> None:
-    (answer,) = await _ask(switch, client_ctx, replace(cvn10_request(), **{field: value}))
+    request: Any = cvn10_request()
+    (answer,) = await _ask(switch, client_ctx, replace(request, **{field: value}))
     assert answer.response_code != "00"
     assert _invariants(switch)["demo-acct-emv"][2] == 0
 
