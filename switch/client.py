@@ -21,7 +21,7 @@ import trio
 from switch.wire import codec
 from switch.wire.framing import FrameDecoder, FramingError, HeaderKind, encode_frame
 from switch.wire.messages import Message
-from switch.wire.spec import SpecKind
+from switch.wire.spec import SpecChoice
 
 #: Bytes asked of the TLS stream per read.
 _RECEIVE_SIZE = 65536
@@ -46,11 +46,11 @@ class Client:
     """One mutual-TLS connection to a switch. Create with ``Client.connect``."""
 
     def __init__(
-        self, stream: trio.SSLStream[trio.SocketStream], header: HeaderKind, spec: SpecKind
+        self, stream: trio.SSLStream[trio.SocketStream], header: HeaderKind, spec: SpecChoice
     ) -> None:
         self._stream = stream
         self._header: HeaderKind = header
-        self._spec: SpecKind = spec
+        self._spec: SpecChoice = spec
         self._pending: list[_Pending] = []
         self._send_lock = trio.Lock()
         self._closed = trio.Event()
@@ -71,10 +71,14 @@ class Client:
         *,
         server_hostname: str | None = None,
         header: HeaderKind = "binary2",
-        spec: SpecKind = "ascii",
+        spec: SpecChoice = "ascii",
         connect_timeout: float = 10.0,
     ) -> AsyncIterator[Client]:
-        """Connect, handshake, and run the response reader until the block exits."""
+        """Connect, handshake, and run the response reader until the block exits.
+
+        ``spec`` is the listener's wire spec: a kind, or a ``WireSpec`` when DE52 is not 8
+        bytes (``wire_spec(kind, pin_block_format=4)`` for ISO 9564 format 4 blocks).
+        """
         with trio.fail_after(connect_timeout):
             tcp = await trio.open_tcp_stream(host, port)
             stream = trio.SSLStream(tcp, ssl_context, server_hostname=server_hostname or host)

@@ -14,6 +14,9 @@ complete frame, in stream order, and ``classify``, the rule for a single frame b
   no recoverable request MTI and STAN, EOF inside a frame): stop reading. The connection
   still finishes and writes the answers of the requests before it.
 
+``listener_spec`` is the wire spec a listener's frames are decoded with: its spec kind, with
+DE52 of 16 bytes when its PIN block format is ISO 9564 format 4 (AES), else 8.
+
 Nothing here knows a response code: every DE39 comes from the listener's ``Profile``. Like
 h11, this module does no I/O and imports no trio, so the whole policy is tested with bytes.
 
@@ -38,7 +41,7 @@ from switch.wire.messages import (
     UnsupportedMessage,
     is_request,
 )
-from switch.wire.spec import SpecKind
+from switch.wire.spec import SpecChoice, WireSpec, wire_spec
 
 __all__ = [
     "Action",
@@ -48,6 +51,7 @@ __all__ = [
     "Drop",
     "Session",
     "classify",
+    "listener_spec",
 ]
 
 #: Close kind of a body whose MTI or STAN cannot be recovered (nothing to answer it with).
@@ -108,7 +112,7 @@ class Close:
 Action = Decide | Answer | Drop | Close
 
 
-def classify(frame: bytes, spec: SpecKind, profile: Profile) -> Decide | Answer | Drop | Close:
+def classify(frame: bytes, spec: SpecChoice, profile: Profile) -> Decide | Answer | Drop | Close:
     """The action for one complete frame body.
 
     >>> from switch.decisions import profile
@@ -117,7 +121,7 @@ def classify(frame: bytes, spec: SpecKind, profile: Profile) -> Decide | Answer 
 
     Args:
         frame: the body, length header removed.
-        spec: the listener's wire spec.
+        spec: the listener's wire spec (see ``listener_spec``).
         profile: the listener's network profile (the source of every response code).
     """
     try:
@@ -132,7 +136,7 @@ def classify(frame: bytes, spec: SpecKind, profile: Profile) -> Decide | Answer 
 
 
 def _format_error(
-    err: codec.FormatError, spec: SpecKind, profile: Profile
+    err: codec.FormatError, spec: SpecChoice, profile: Profile
 ) -> Answer | Drop | Close:
     code = profile.code(Reason.FORMAT_ERROR)
     body = codec.format_error_response(err, spec, response_code=code)
@@ -142,6 +146,15 @@ def _format_error(
     if err.mti is not None and not is_request(err.mti):
         return Drop(GARBLED_RESPONSE, err.mti, err.stan)
     return Close(UNDECODABLE, err.reason)
+
+
+def listener_spec(listener: ListenerConfig) -> WireSpec:
+    """The wire spec a listener speaks: its kind, with DE52 sized by its PIN block format.
+
+    >>> listener_spec(ListenerConfig(spec="bcd", pin_block_format=4))
+    WireSpec(kind='bcd', pin_block_bytes=16)
+    """
+    return wire_spec(listener.spec, pin_block_format=listener.pin_block_format)
 
 
 class Session:
@@ -165,7 +178,7 @@ class Session:
         self._header_size = header_size(listener.header)
         self._max_frame = listener.max_frame
         self._decoder = FrameDecoder(listener.header, listener.max_frame)
-        self._spec: SpecKind = listener.spec
+        self._spec = listener_spec(listener)
         self._profile = profile
         self._closed = False
         #: Bytes received since the last frame boundary (at most one header and one body),

@@ -174,9 +174,10 @@ async def running_switch(
 
     ``pipeline_hsm`` replaces the HSM the pipeline talks to (provisioning still uses ``hsm``),
     for tests of a slow or failing HSM; ``pipeline_store`` wraps the store the pipeline talks
-    to (tests of a failing store); ``pipeline`` sets the budget and stand-in policy.
+    to (tests of a failing store); ``pipeline`` sets the budget and stand-in policy. Other
+    keyword arguments are ``ListenerConfig`` fields (``zpk`` defaults to ``demo-zpk``).
     """
-    base = make_config(pki, zpk="demo-zpk", **listener)
+    base = make_config(pki, **{"zpk": "demo-zpk", **listener})
     cfg = replace(
         base,
         pipeline=pipeline or base.pipeline,

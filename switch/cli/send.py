@@ -1,9 +1,11 @@
 """``cardswitch send``: act as an acquirer, send one message to a switch, print the answer.
 
 What lives here: the options of ``send`` and its kinds (echo, signon, signoff, auth,
-reversal), the connection over mutual TLS with the dev client certificate, the answer printed
-as JSON with the PAN masked, and the one-line report of why no answer came, each with its own
-exit status (TIMEOUT, REFUSED, TLS, CLOSED of ``switch.cli.runner.ExitStatus``).
+reversal), the connection over mutual TLS with the dev client certificate, in the listener's
+wire spec with DE52 sized by the PIN block format (``--pin-format``, else the listener's: 16
+bytes for ISO 9564 format 4), the answer printed as JSON with the PAN masked, and the one-line
+report of why no answer came, each with its own exit status (TIMEOUT, REFUSED, TLS, CLOSED of
+``switch.cli.runner.ExitStatus``).
 
 What does not: building the messages (``switch.acquirer``), the connection protocol
 (``switch.client``), encoding (``switch.wire``).
@@ -28,6 +30,7 @@ from switch.config import Config, ListenerConfig
 from switch.pki import pki_paths
 from switch.tls import client_context
 from switch.wire.messages import Message
+from switch.wire.spec import wire_spec
 
 #: Seconds ``send`` waits for the connection, the handshake and the answer, each.
 DEFAULT_TIMEOUT = 10.0
@@ -40,6 +43,8 @@ examples:
       --track2 '4123456789012345=87011011000056100000' --pos-entry-mode 901
   cardswitch send auth --pan 4123456789012345 --amount 100 \\
       --pin 1234 --zpk 0123456789ABCDEFFEDCBA9876543210
+  cardswitch send auth --pan 4123456789012345 --amount 100 \\
+      --pin 1234 --zpk 00112233445566778899AABBCCDDEEFF --pin-format 4
   cardswitch send reversal --pan 4123456789012345 --amount 1250 \\
       --original-stan 123456 --original-time 1128120000
 
@@ -131,7 +136,12 @@ def register(sub: Any) -> None:
     auth.add_argument("--pin", help="clear PIN, enciphered here as an ISO 9564 block (DE52)")
     auth.add_argument("--zpk", metavar="HEX", help="clear ZPK the acquirer shares (dev/test)")
     auth.add_argument(
-        "--pin-format", type=int, default=0, choices=[0, 1, 3, 4], help="ISO 9564 format"
+        "--pin-format",
+        type=int,
+        default=None,
+        choices=[0, 1, 3, 4],
+        help="ISO 9564 PIN block format; 4 is the AES block (16 bytes in DE52, --zpk an AES "
+        "key); default: the listener's pin_block_format",
     )
     auth.add_argument("--mcc", default="5411", help="DE18 merchant category code")
     auth.add_argument("--country", default="250", help="DE19 acquiring country (ISO numeric)")
@@ -165,8 +175,12 @@ def _card_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rrn", default=None, help="DE37; default: from DE7 and DE11")
 
 
-def build_message(args: argparse.Namespace) -> Message:
+def build_message(args: argparse.Namespace, pin_format: int = 0) -> Message:
     """The message the options of ``send KIND`` describe.
+
+    Args:
+        args: the parsed options.
+        pin_format: the ISO 9564 format of the PIN block when ``--pin-format`` is not given.
 
     Raises:
         UsageError: an option value that cannot be used (the message names the option).
@@ -174,7 +188,7 @@ def build_message(args: argparse.Namespace) -> Message:
     if args.kind in acquirer.NETWORK_CODES:
         return acquirer.network_request(args.kind)
     if args.kind == "auth":
-        return _auth(args)
+        return _auth(args, pin_format_of(args, pin_format))
     original = acquirer.build_auth(
         args.pan,
         args.amount,
@@ -192,13 +206,19 @@ def build_message(args: argparse.Namespace) -> Message:
     )
 
 
-def _auth(args: argparse.Namespace) -> Message:
+def pin_format_of(args: argparse.Namespace, default: int) -> int:
+    """The PIN block format of the message: ``--pin-format`` if given, else ``default``."""
+    chosen = getattr(args, "pin_format", None)
+    return default if chosen is None else int(chosen)
+
+
+def _auth(args: argparse.Namespace, pin_format: int) -> Message:
     pin_block = None
     if args.pin:
         if not args.zpk:
             raise UsageError("--pin needs --zpk (the clear zone PIN key, hex)")
         try:
-            pin_block = acquirer.encipher_pin(args.pin, args.pan, args.zpk, args.pin_format)
+            pin_block = acquirer.encipher_pin(args.pin, args.pan, args.zpk, pin_format)
         except ValueError as exc:
             raise UsageError(f"--pin/--zpk: {exc}") from None
     try:
@@ -243,7 +263,8 @@ def _listener(cfg: Config, name: str | None) -> ListenerConfig:
 
 async def _send(args: argparse.Namespace, cfg: Config) -> int:
     listener = _listener(cfg, args.listener)
-    message = build_message(args)
+    pin_format = pin_format_of(args, listener.pin_block_format)
+    message = build_message(args, pin_format)
     pki = pki_paths(args.pki_dir or cfg.tls.ca.parent)
     ctx = client_context(pki.ca, pki.client_cert, pki.client_key)
     host = args.host or listener.host
@@ -255,7 +276,7 @@ async def _send(args: argparse.Namespace, cfg: Config) -> int:
             port,
             ctx,
             header=listener.header,
-            spec=listener.spec,
+            spec=wire_spec(listener.spec, pin_block_format=pin_format),
             connect_timeout=args.timeout,
         ) as client:
             with trio.fail_after(args.timeout):

@@ -26,7 +26,7 @@ from hsm.pan import scrub
 from switch.wire import messages
 from switch.wire.framing import WireError
 from switch.wire.messages import ErrorResponse, FieldError, Message
-from switch.wire.spec import SpecKind, shared_spec
+from switch.wire.spec import SpecChoice, shared_spec
 
 __all__ = [
     "FormatError",
@@ -116,10 +116,10 @@ def _lenient(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_LENIENT_CACHE: Final[dict[str, dict[str, Any]]] = {}
+_LENIENT_CACHE: Final[dict[SpecChoice, dict[str, Any]]] = {}
 
 
-def _recover(frame: bytes, kind: SpecKind, partial: Mapping[str, Any]) -> dict[str, Any]:
+def _recover(frame: bytes, kind: SpecChoice, partial: Mapping[str, Any]) -> dict[str, Any]:
     """Best-effort field dictionary of a body that failed to decode.
 
     Combines what the strict decode got before failing with a second pass that reads text
@@ -139,7 +139,7 @@ def _recover(frame: bytes, kind: SpecKind, partial: Mapping[str, Any]) -> dict[s
     return merged
 
 
-def _decode_dict(frame: bytes, kind: SpecKind) -> dict[str, str]:
+def _decode_dict(frame: bytes, kind: SpecChoice) -> dict[str, str]:
     """pyiso8583-decode ``frame`` strictly; raise FormatError (with context) on failure."""
     if not isinstance(frame, bytes | bytearray):
         raise TypeError("frame must be bytes")
@@ -167,7 +167,7 @@ def _decode_dict(frame: bytes, kind: SpecKind) -> dict[str, str]:
     return doc_dec
 
 
-def decode_fields(frame: bytes, spec: SpecKind = "ascii") -> dict[str, str]:
+def decode_fields(frame: bytes, spec: SpecChoice = "ascii") -> dict[str, str]:
     """Decode ``frame`` to its fields without typing them: ``{"0": MTI, "2": ..., ...}``.
 
     Bitmaps are left out; binary fields (and, in the ``"bcd"`` spec, numeric ones) are
@@ -190,7 +190,7 @@ def decode_fields(frame: bytes, spec: SpecKind = "ascii") -> dict[str, str]:
     return out
 
 
-def decode(frame: bytes, spec: SpecKind = "ascii") -> Message:
+def decode(frame: bytes, spec: SpecChoice = "ascii") -> Message:
     """Decode a frame body into a typed message, validating field contents.
 
     Args:
@@ -214,7 +214,7 @@ def decode(frame: bytes, spec: SpecKind = "ascii") -> Message:
         raise FormatError._with_context("field content malformed", None, doc) from None
 
 
-def encode(msg: Message, spec: SpecKind = "ascii") -> bytes:
+def encode(msg: Message, spec: SpecChoice = "ascii") -> bytes:
     """Encode a typed message into a frame body.
 
     Raises:
@@ -233,7 +233,7 @@ def encode(msg: Message, spec: SpecKind = "ascii") -> bytes:
 
 
 def format_error_response(
-    err: FormatError, spec: SpecKind = "ascii", *, response_code: str
+    err: FormatError, spec: SpecChoice = "ascii", *, response_code: str
 ) -> bytes | None:
     """The encoded format-error answer to ``err``, or None when the message cannot be answered.
 

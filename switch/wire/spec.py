@@ -1,10 +1,12 @@
 """pyiso8583 specifications of the wire encodings the switch speaks, as plain data.
 
-What lives here: :func:`spec_for`, returning the pyiso8583 spec dictionary of a
-:data:`SpecKind`:
+What lives here: :class:`WireSpec`, one listener's encoding (a :data:`SpecKind` and the size
+of its PIN block), :func:`wire_spec`, which derives it from the listener's settings, and
+:func:`spec_for` / :func:`shared_spec`, returning the pyiso8583 spec dictionary of either. The
+spec kinds:
 
 - ``"ascii"``: ISO 8583:1987 all-ASCII with hex-ASCII bitmaps, pyiso8583's ``default_ascii``
-  except that the two binary data elements travel as raw bytes: DE52 (PIN block, 8 bytes) and
+  except that the two binary data elements travel as raw bytes: DE52 (PIN block) and
   DE55 (EMV BER-TLV, LLLVAR with an ASCII byte count). Raw DE55 is what pyiso8583's own
   documentation example shows (corpus entry ``pyiso8583_doc_4``); it round-trips BER-TLV
   bytes unchanged. A peer that puts text into DE55 is read as the bytes of that text.
@@ -16,6 +18,11 @@ What lives here: :func:`spec_for`, returning the pyiso8583 spec dictionary of a
   prefixes (1 byte for LL, 2 for LLL), text elements in ASCII, DE52/DE55 raw binary: the
   shape of jPOS's ``ISO87BPackager``.
 
+DE52 is fixed length in every kind: 8 bytes for the TDES PIN block formats of ISO 9564-1
+(0, 1, 2, 3), 16 bytes for format 4 (AES), so a listener whose PIN block format is 4 speaks a
+variant of its kind (``wire_spec(kind, pin_block_format=4)``). A block of the other size is a
+format error of DE52, as any wrong fixed length is.
+
 The dictionaries are keyed by field number because that is pyiso8583's format; what a field
 means is messages.py's business.
 
@@ -25,6 +32,7 @@ What does not: framing (framing.py), conversion to typed messages (messages.py, 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from iso8583.specs import default as _pyiso_binary
@@ -33,7 +41,17 @@ from iso8583.specs import default_ascii as _pyiso_ascii
 #: Message encodings (see the module docstring); ``switch.config`` types its setting with it.
 SpecKind = Literal["ascii", "binary", "bcd"]
 
-__all__ = ["SPEC_KINDS", "SpecKind", "spec_for"]
+__all__ = [
+    "PIN_BLOCK_SIZES",
+    "SPEC_KINDS",
+    "SpecChoice",
+    "SpecKind",
+    "WireSpec",
+    "pin_block_bytes",
+    "shared_spec",
+    "spec_for",
+    "wire_spec",
+]
 
 #: The spec kinds this module knows, in the order of SpecKind.
 SPEC_KINDS: Final[tuple[SpecKind, ...]] = ("ascii", "binary", "bcd")
@@ -41,8 +59,16 @@ SPEC_KINDS: Final[tuple[SpecKind, ...]] = ("ascii", "binary", "bcd")
 #: Largest DE55 in bytes; ISO allows 255 but contactless ICC data with proprietary tags
 #: (e.g. the Mastercard sample in the corpus) is longer.
 _ICC_MAX: Final = 999
-#: PIN block size in bytes (DE52, b64).
-_PIN_BLOCK_BYTES: Final = 8
+#: PIN block size in bytes (DE52, b64) of ISO 9564-1 formats 0 to 3 (one TDES block).
+_TDES_PIN_BLOCK_BYTES: Final = 8
+#: PIN block size in bytes of ISO 9564-1 format 4 (one AES block).
+_AES_PIN_BLOCK_BYTES: Final = 16
+#: The ISO 9564-1 format whose block is an AES block.
+_AES_PIN_BLOCK_FORMAT: Final = 4
+#: ISO 9564-1 PIN block formats (0 to 4) a DE52 size is known for.
+_PIN_BLOCK_FORMATS: Final = range(5)
+#: The DE52 sizes a spec can have.
+PIN_BLOCK_SIZES: Final = (_TDES_PIN_BLOCK_BYTES, _AES_PIN_BLOCK_BYTES)
 
 #: ISO 8583:1987 elements of format ``n`` with a fixed length (in digits).
 _FIXED_NUMERIC: Final = frozenset(
@@ -56,21 +82,78 @@ _BCD_LEN_BYTES: Final = {2: 1, 3: 2}
 Spec = dict[str, dict[str, Any]]
 
 
-def _ascii() -> Spec:
+@dataclass(frozen=True, slots=True)
+class WireSpec:
+    """The encoding of one listener's messages: its spec kind and its DE52 size.
+
+    Hashable, so the codec caches per value. ``WireSpec("ascii")`` is the plain ``"ascii"``.
+
+    >>> WireSpec("binary", pin_block_bytes=16)
+    WireSpec(kind='binary', pin_block_bytes=16)
+
+    Raises:
+        ValueError: an unknown kind or a PIN block size other than 8 or 16.
+    """
+
+    kind: SpecKind = "ascii"
+    pin_block_bytes: int = _TDES_PIN_BLOCK_BYTES
+
+    def __post_init__(self) -> None:
+        if self.kind not in SPEC_KINDS:
+            raise ValueError(f"unknown spec kind {self.kind!r}")
+        if self.pin_block_bytes not in PIN_BLOCK_SIZES:
+            raise ValueError(f"PIN block size must be one of {PIN_BLOCK_SIZES} bytes")
+
+
+#: What the codec, the session and the client accept as a spec: a kind (8-byte DE52) or a
+#: ``WireSpec``.
+SpecChoice = SpecKind | WireSpec
+
+
+def pin_block_bytes(pin_block_format: int) -> int:
+    """The DE52 size of an ISO 9564-1 PIN block format: 16 for format 4 (AES), else 8.
+
+    >>> pin_block_bytes(0), pin_block_bytes(4)
+    (8, 16)
+
+    Raises:
+        ValueError: not an ISO 9564-1 format (0 to 4).
+    """
+    if pin_block_format not in _PIN_BLOCK_FORMATS:
+        raise ValueError(f"unknown ISO 9564-1 PIN block format {pin_block_format!r}")
+    if pin_block_format == _AES_PIN_BLOCK_FORMAT:
+        return _AES_PIN_BLOCK_BYTES
+    return _TDES_PIN_BLOCK_BYTES
+
+
+def wire_spec(kind: SpecKind, *, pin_block_format: int = 0) -> WireSpec:
+    """The spec of a listener of spec ``kind`` whose PIN blocks are of ``pin_block_format``.
+
+    >>> wire_spec("bcd", pin_block_format=4).pin_block_bytes
+    16
+
+    Raises:
+        ValueError: an unknown kind or PIN block format.
+    """
+    return WireSpec(kind, pin_block_bytes(pin_block_format))
+
+
+def _ascii(pin_bytes: int) -> Spec:
     spec: Spec = copy.deepcopy(_pyiso_ascii)
-    spec["52"].update(data_enc="b", max_len=_PIN_BLOCK_BYTES)
+    spec["52"].update(data_enc="b", max_len=pin_bytes)
     spec["55"].update(data_enc="b", len_enc="ascii", len_type=3, max_len=_ICC_MAX)
     return spec
 
 
-def _binary() -> Spec:
+def _binary(pin_bytes: int) -> Spec:
     spec: Spec = copy.deepcopy(_pyiso_binary)
+    spec["52"].update(max_len=pin_bytes)
     spec["55"].update(max_len=_ICC_MAX)
     return spec
 
 
-def _bcd() -> Spec:
-    spec = _binary()
+def _bcd(pin_bytes: int) -> Spec:
+    spec = _binary(pin_bytes)
     spec["t"].update(data_enc="b")
     for key, item in spec.items():
         if key in _FIXED_NUMERIC:
@@ -83,33 +166,49 @@ def _bcd() -> Spec:
 
 
 _BUILDERS: Final = {"ascii": _ascii, "binary": _binary, "bcd": _bcd}
-_CACHE: Final[dict[str, Spec]] = {}
+_CACHE: Final[dict[WireSpec, Spec]] = {}
 
 
-def spec_for(kind: SpecKind) -> Spec:
-    """Return the pyiso8583 spec of ``kind`` (a fresh deep copy: callers may modify it).
+def _resolve(spec: SpecChoice) -> WireSpec:
+    if isinstance(spec, WireSpec):
+        return spec
+    return WireSpec(spec)
+
+
+def spec_for(spec: SpecChoice, *, pin_block_format: int | None = None) -> Spec:
+    """Return the pyiso8583 spec of ``spec`` (a fresh deep copy: callers may modify it).
+
+    Args:
+        spec: a spec kind or a ``WireSpec``.
+        pin_block_format: with a kind, the ISO 9564-1 format that sizes DE52 (default: 8
+            bytes); not allowed with a ``WireSpec``, which has its size.
 
     >>> spec_for("ascii")["p"]["data_enc"], spec_for("binary")["p"]["data_enc"]
     ('ascii', 'b')
     >>> spec_for("bcd")["4"]["len_count"]
     'nibbles'
+    >>> spec_for("ascii")["52"]["max_len"], spec_for("ascii", pin_block_format=4)["52"]["max_len"]
+    (8, 16)
 
     Raises:
-        ValueError: ``kind`` is not a known spec kind.
+        ValueError: ``spec`` is not a known spec kind, or the format is not known, or both a
+            ``WireSpec`` and a format are given.
     """
-    return copy.deepcopy(shared_spec(kind))
+    if pin_block_format is not None:
+        if isinstance(spec, WireSpec):
+            raise ValueError("a WireSpec has its PIN block size; pass the kind with a format")
+        spec = wire_spec(spec, pin_block_format=pin_block_format)
+    return copy.deepcopy(shared_spec(spec))
 
 
-def shared_spec(kind: SpecKind) -> Spec:
+def shared_spec(spec: SpecChoice) -> Spec:
     """Like :func:`spec_for` but the cached instance, for read-only use on the hot path.
 
     Raises:
-        ValueError: ``kind`` is not a known spec kind.
+        ValueError: ``spec`` is not a known spec kind.
     """
-    spec = _CACHE.get(kind)
-    if spec is None:
-        builder = _BUILDERS.get(kind)
-        if builder is None:
-            raise ValueError(f"unknown spec kind {kind!r}")
-        spec = _CACHE[kind] = builder()
-    return spec
+    key = _resolve(spec)
+    found = _CACHE.get(key)
+    if found is None:
+        found = _CACHE[key] = _BUILDERS[key.kind](key.pin_block_bytes)
+    return found
