@@ -8,10 +8,14 @@
 # State (dev PKI, SoftHSM token directory, SQLite journal) lives in /srv/cardswitch/var, a
 # volume owned by the cardswitch user. Create it once, then serve:
 #   docker build -t cardswitch .
-#   docker run --rm -v cardswitch-var:/srv/cardswitch/var cardswitch dev-setup --config config/container.toml
-#   docker run -v cardswitch-var:/srv/cardswitch/var -p 8583:8583 -p 9583:9583 cardswitch
+#   docker run --rm -e CARDSWITCH_HSM_PIN -v cardswitch-var:/srv/cardswitch/var cardswitch \
+#       dev-setup --config config/container.toml
+#   docker run -e CARDSWITCH_HSM_PIN -v cardswitch-var:/srv/cardswitch/var -p 8583:8583 \
+#       -p 9583:9583 cardswitch
 # config/switch.toml listens on 127.0.0.1; the image serves config/container.toml, the same
 # settings bound to 0.0.0.0 so that published ports reach the listener and the metrics.
+# The HSM user PIN is not in the image: pass it as CARDSWITCH_HSM_PIN (docker run -e, or an
+# orchestrator secret exposed as that variable); see README "Operations".
 
 #: Base image of both stages (Debian bookworm, CPython 3.11).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -59,8 +63,13 @@ RUN mkdir -p var \
 # Numeric, so that runtimes enforcing runAsNonRoot can check it without /etc/passwd.
 USER 10001:10001
 VOLUME ["/srv/cardswitch/var"]
-# 8583: ISO 8583 over mutual TLS; 9583: Prometheus metrics.
+# 8583: ISO 8583 over mutual TLS; 9583: /metrics, /healthz (event loop alive), /readyz.
 EXPOSE 8583 9583
+# Liveness from inside the container, with the interpreter already in the image (no curl):
+# /healthz answers 503 (urlopen raises, exit 1) when the event loop has stopped running.
+# The start period covers the SoftHSM login and SQLite recovery at start-up.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:9583/healthz', timeout=4)"]
 # The switch drains in-flight requests on SIGTERM (server.drain_timeout) and exits 0.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["cardswitch"]

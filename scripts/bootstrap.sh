@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-# Debian packages: SoftHSM2 (the local HSM), tshark (independent ISO 8583 decoder used by tests).
-DEB_PACKAGES=(softhsm2 tshark)
+# Debian packages: SoftHSM2 (the local HSM), tshark (independent ISO 8583 decoder used by tests),
+# prometheus (promtool checks config/ops/alerts.yml).
+DEB_PACKAGES=(softhsm2 tshark prometheus)
 
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do

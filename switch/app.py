@@ -1,8 +1,9 @@
 """A running switch assembled from its configuration: what ``cardswitch serve`` runs.
 
-What lives here: process wiring only. Given the loaded configuration: start the metrics
-endpoint, open the HSM, the card-data vault and the store, build the pipeline and the server,
-and translate signals: SIGTERM/SIGINT drain and exit 0, SIGHUP reloads the TLS certificates.
+What lives here: process wiring only. Given the loaded configuration: start the health and
+metrics endpoint (switch.health), open the HSM, the card-data vault and the store, build the
+pipeline and the server, run the loop's heartbeat and the readiness probes beside it, and
+translate signals: SIGTERM/SIGINT drain and exit 0, SIGHUP reloads the TLS certificates.
 
 What does not: the command line (switch.cli.serve), any protocol or decision logic
 (server.py, pipeline.py).
@@ -14,14 +15,15 @@ import json
 import os
 import signal
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from hsm.carddata import open_vault
 from hsm.token import open_hsm
+from switch import health, metrics
 from switch import log as log_mod
-from switch import metrics
 from switch.config import Config
 from switch.handler import Dispatcher, Engine, RequestHandler, UnavailableEngine
 from switch.pipeline import Pipeline
@@ -48,26 +50,83 @@ async def serve(
         handler: decide with this handler instead (tests); ``engine`` is then ignored.
     """
     tls = TlsContextHolder(cfg.tls)
-    if cfg.metrics.port:
-        metrics.serve(cfg.metrics.host, cfg.metrics.port)
-    async with AsyncExitStack() as stack:
-        if handler is None:
-            handler = Dispatcher(await _open_engine(cfg, stack) if engine else UnavailableEngine())
-        server = Server(cfg, handler, tls.get)
-        async with trio.open_nursery() as nursery:
-            bound = await nursery.start(server.serve)
-            if ready_file is not None:
-                _write_ready(ready_file, bound)
-            nursery.start_soon(_signals, server, tls)
+    metrics.configure_listeners(lst.name for lst in cfg.listeners)
+    metrics.observe_budget(cfg.pipeline.budget)
+    heartbeat = health.Heartbeat()
+    opens_engine = engine and handler is None
+    readiness = health.Readiness(["listeners", "hsm", "store"] if opens_engine else ["listeners"])
+    async with AsyncExitStack() as stack, trio.open_nursery() as monitors:
+        http = _start_health(cfg, heartbeat, readiness, stack)
+        probes: list[health.Probe] = []  # run_probes reads the list at each round
+        # The heartbeat runs while the engine opens (a long store recovery is alive); the
+        # monitors stop once the server has drained, before the engine is closed.
+        monitors.start_soon(_monitor, heartbeat, readiness, probes, tls)
+        try:
+            async with AsyncExitStack() as engine_stack:
+                if handler is None:
+                    if engine:
+                        handler = Dispatcher(await _open_engine(cfg, engine_stack, probes))
+                    else:
+                        readiness.record("engine", "Disabled: serving without an engine (91)")
+                        handler = Dispatcher(UnavailableEngine())
+                server = Server(cfg, handler, tls.get)
+                async with trio.open_nursery() as nursery:
+                    bound = await nursery.start(server.serve)
+                    names = frozenset(x.name for x in cfg.listeners)
+                    probes.append(health.ListenersProbe(server, names))  # checked once bound
+                    if ready_file is not None:
+                        _write_ready(ready_file, bound, http)
+                    nursery.start_soon(_signals, server, tls)
+                monitors.cancel_scope.cancel()
+        finally:
+            monitors.cancel_scope.cancel()
         log.info("exit", reason="drained")
 
 
-async def _open_engine(cfg: Config, stack: AsyncExitStack) -> Engine:
-    """Open the HSM, the vault and the store and return the pipeline over them."""
+def _start_health(
+    cfg: Config, heartbeat: health.Heartbeat, readiness: health.Readiness, stack: AsyncExitStack
+) -> tuple[str, int] | None:
+    """Bind and start /healthz, /readyz and /metrics (port 0: none); returns its address."""
+    if not cfg.metrics.port:
+        return None
+    http = health.HealthServer(cfg.metrics.host, cfg.metrics.port, heartbeat, readiness)
+    http.start()
+    stack.callback(http.close)
+    return http.address
+
+
+async def _monitor(
+    heartbeat: health.Heartbeat,
+    readiness: health.Readiness,
+    probes: list[health.Probe],
+    tls: TlsContextHolder,
+) -> None:
+    """The loop's heartbeat and the readiness probes, until cancelled."""
+    generation = 0
+
+    def certificates() -> None:  # read at start and after each successful reload
+        nonlocal generation
+        if tls.generation != generation:
+            generation = tls.generation
+            metrics.observe_certificates(tls.cfg.cert, tls.cfg.ca)
+
+    async with trio.open_nursery() as nursery:
+        block_file = health.block_file_from_env()
+        nursery.start_soon(partial(health.run_heartbeat, heartbeat, block_file=block_file))
+        nursery.start_soon(partial(health.run_probes, readiness, probes, each_round=certificates))
+
+
+async def _open_engine(cfg: Config, stack: AsyncExitStack, probes: list[health.Probe]) -> Engine:
+    """Open the HSM, the vault and the store and return the pipeline over them.
+
+    Appends the readiness probes of the HSM (check value of the first listener's ZPK) and of
+    the store (a point read) to ``probes``.
+    """
     hsm = open_hsm(cfg.hsm)  # opens the token and logs in once, at start-up
     stack.push_async_callback(hsm.aclose)
     vault = open_vault(cfg.card_data, hsm)
     store = await stack.enter_async_context(open_store(cfg.store))
+    probes += [health.HsmProbe(hsm, cfg.listeners[0].zpk), health.StoreProbe(store)]
     return Pipeline(cfg, store=store, hsm=hsm, vault=vault)
 
 
@@ -83,14 +142,15 @@ async def _signals(server: Server, tls: TlsContextHolder) -> None:
             return
 
 
-def _write_ready(path: Path, bound: list[tuple[str, str, int]]) -> None:
+def _write_ready(
+    path: Path, bound: list[tuple[str, str, int]], http: tuple[str, int] | None
+) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "pid": os.getpid(),
-                "listeners": [{"name": n, "host": h, "port": p} for n, h, p in bound],
-            }
-        )
-    )
+    ready: dict[str, object] = {
+        "pid": os.getpid(),
+        "listeners": [{"name": n, "host": h, "port": p} for n, h, p in bound],
+    }
+    if http is not None:
+        ready["metrics"] = {"host": http[0], "port": http[1]}
+    tmp.write_text(json.dumps(ready))
     tmp.replace(path)

@@ -1,23 +1,50 @@
 """Prometheus metrics of the switch: the only module that imports prometheus_client.
 
-What lives here: every metric the switch exports, with bounded label sets (listener, network,
-MTI, response code, reason, step, error kind; never PAN, STAN or terminal), small functions
-that record an observation (``observe`` takes the ``Decision`` of an answered request), and the
-HTTP exposition server. What does not: deciding what happened (callers pass the outcome in).
+What lives here: every metric the switch exports, the closed set of values each label may
+take, small functions that record an observation (``observe`` takes the ``Decision`` of an
+answered request), the process/platform collectors, build information, the TLS certificate
+expiry gauges and ``exposition`` (the text page that ``switch.health`` serves on ``/metrics``).
+
+Cardinality is bounded by construction: every labelled metric is a ``Bounded`` wrapper whose
+``labels()`` passes each value through its label's closed set (``LabelValues``), and a value
+outside the set is recorded as ``"other"``. The sets come from the code, never from the wire:
+MTIs from the MTI sets of ``switch.wire.messages``, response codes from the profiles' tables
+of ``switch.decisions``, reasons from ``Reason``, networks from the profile names, listener
+names from the configuration (``configure_listeners``), steps, HSM commands and kinds from
+the lists below. A new kind added elsewhere must be added here, or it shows up as ``other``.
+
+What does not: deciding what happened (callers pass the outcome in), serving HTTP
+(``switch.health``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+import math
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Generic, TypeVar, get_args
 
+from cryptography import x509
 from prometheus_client import (
+    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
-    start_http_server,
 )
+
+from hsm import errors as hsm_errors
+from switch import __version__
+from switch.decisions import NETWORKS, Reason, profile
+from switch.handler import StandInCause
+from switch.wire import messages
 
 if TYPE_CHECKING:  # the handler boundary; only a type here
     from switch.handler import Decision
@@ -25,86 +52,230 @@ if TYPE_CHECKING:  # the handler boundary; only a type here
 #: The registry the switch exports; a dedicated one so tests can read it without globals
 #: from other libraries.
 REGISTRY = CollectorRegistry(auto_describe=True)
+#: Content type of ``exposition()`` (the Prometheus text format).
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+#: The label value recorded for anything outside a label's closed set.
+OTHER: Final = "other"
+
+# The default process (process_*), platform (python_info) and GC (python_gc_*) collectors,
+# registered on our registry as prometheus_client registers them on its global one.
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+
+# ------------------------------------------------------------------------- label sets
+
+
+class LabelValues:
+    """The closed set of values of one label; anything else becomes ``"other"``.
+
+    Args:
+        values: the values allowed.
+        admit_first: besides ``values`` and those added by ``admit``, admit the first this
+            many distinct values seen (listener names of code paths that never registered
+            theirs, such as a ``Connection`` built by a unit test). 0: none.
+    """
+
+    def __init__(self, values: Iterable[str] = (), *, admit_first: int = 0) -> None:
+        self._values = set(values)
+        self._first_come = 0
+        self._admit_first = admit_first
+
+    @property
+    def values(self) -> frozenset[str]:
+        """The values currently admitted (``"other"`` aside)."""
+        return frozenset(self._values)
+
+    def admit(self, values: Iterable[str]) -> None:
+        """Add ``values`` to the set (the listener names of the configuration)."""
+        self._values.update(values)
+
+    def __call__(self, value: str) -> str:
+        if value in self._values:
+            return value
+        if self._first_come < self._admit_first:
+            self._first_come += 1
+            self._values.add(value)
+            return value
+        return OTHER
+
+
+#: Every MTI the wire layer decodes into a typed message (requests and responses).
+MTIS: Final = LabelValues(
+    messages.AUTH_REQUEST_MTIS
+    | messages.AUTH_RESPONSE_MTIS
+    | messages.REVERSAL_REQUEST_MTIS
+    | messages.REVERSAL_RESPONSE_MTIS
+    | messages.NETWORK_REQUEST_MTIS
+    | messages.NETWORK_RESPONSE_MTIS
+)
+#: Every DE39 of every network profile's table.
+RESPONSE_CODES: Final = LabelValues(
+    code for network in NETWORKS for code in profile(network).table.values()
+)
+#: ``Reason`` values, and "undecided" (an answer written before any decision).
+REASONS: Final = LabelValues([r.value for r in Reason] + ["undecided"])
+#: Network profile names (a listener's ``network`` must be one of them).
+NETWORK_NAMES: Final = LabelValues(NETWORKS)
+#: Listener names: the configured ones (``configure_listeners``) and, at most, a few others.
+LISTENERS: Final = LabelValues(admit_first=32)
+#: Pipeline steps (switch/pipeline.py ``_step``).
+STEPS: Final = LabelValues(["validate", "duplicate", "card", "security", "controls", "commit"])
+#: HSM and vault commands the pipeline times (switch/pipeline.py ``_hsm_command``).
+HSM_COMMANDS: Final = LabelValues(
+    (
+        *("verify_pin", "verify_cvv", "verify_cvv2", "verify_arqc", "generate_arpc"),
+        *("fingerprint", "encrypt", "decrypt", "translate_pin"),
+    )
+)
+#: Class names of the HSM errors (hsm.errors), the kind of an HSM command failure.
+HSM_ERROR_KINDS: Final = LabelValues(
+    name
+    for name, obj in vars(hsm_errors).items()
+    if isinstance(obj, type) and issubclass(obj, hsm_errors.HsmError)
+)
+#: Stand-in causes (``switch.handler.StandInCause``).
+STAND_IN_CAUSES: Final = LabelValues(get_args(StandInCause))
+#: Protocol error kinds: framing (wire/framing.py), session (session.py) and connection ones.
+PROTOCOL_KINDS: Final = LabelValues(
+    (
+        *("bad_header", "zero_length", "oversize"),
+        *("undecodable", "truncated_frame", "unsolicited_response", "garbled_response"),
+        *("format_error", "frame_timeout", "internal_error"),
+    )
+)
+#: Why an answer was not delivered (connection.py).
+UNDELIVERED_KINDS: Final = LabelValues(["write_failed", "encode_failed", "abandoned", "deadline"])
+#: How a connection ended (server.py, connection.py ``run``) or failed to start.
+CONNECTION_OUTCOMES: Final = LabelValues(
+    (
+        *("closed", "eof", "drained", "broken", "write_failed", "frame_timeout"),
+        *("tls_error", "handshake_timeout", "peer_not_allowed", "accept_error"),
+        *PROTOCOL_KINDS.values,
+    )
+)
+#: Readiness checks (switch.health).
+READY_CHECKS: Final = LabelValues(["listeners", "hsm", "store", "engine"])
+#: TLS files whose expiry is exported.
+CERTIFICATES: Final = LabelValues(["server", "ca"])
+
+
+def configure_listeners(names: Iterable[str]) -> None:
+    """Admit the configured listener names to the listener label (``serve`` at start-up).
+
+    Their open-connection gauges are created at 0, so they are exported before any connection.
+    """
+    names = list(names)
+    LISTENERS.admit(names)
+    for name in names:
+        CONNECTIONS_OPEN.labels(name)
+
+
+# ------------------------------------------------------------------------- bounded metrics
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class Bounded(Generic[M]):
+    """A labelled metric whose label values are each passed through their closed set.
+
+    ``labels(*values)`` returns the child metric, as prometheus_client's ``labels`` does.
+    """
+
+    def __init__(self, metric: M, labels: Mapping[str, LabelValues]) -> None:
+        self.metric: M = metric
+        self._sets = tuple(labels.values())
+
+    def labels(self, *values: str) -> M:
+        """The child for ``values`` (positional, in label order), each bounded."""
+        if len(values) != len(self._sets):
+            raise ValueError(f"expected {len(self._sets)} label values, got {len(values)}")
+        child: M = self.metric.labels(*(s(v) for s, v in zip(self._sets, values, strict=True)))
+        return child
+
+
+def _counter(name: str, doc: str, **labels: LabelValues) -> Bounded[Counter]:
+    return Bounded(Counter(name, doc, list(labels), registry=REGISTRY), labels)
+
+
+def _gauge(name: str, doc: str, **labels: LabelValues) -> Bounded[Gauge]:
+    return Bounded(Gauge(name, doc, list(labels), registry=REGISTRY), labels)
+
+
+def _histogram(name: str, doc: str, **labels: LabelValues) -> Bounded[Histogram]:
+    metric = Histogram(name, doc, list(labels), buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+    return Bounded(metric, labels)
+
 
 #: Latency buckets in seconds, from sub-millisecond echo to the multi-second network budget.
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
 )  # fmt: skip
 
-REQUESTS = Counter(
+REQUESTS = _counter(
     "cardswitch_requests",
     "Requests answered, by request MTI and response code sent.",
-    ["network", "mti", "response_code"],
-    registry=REGISTRY,
+    network=NETWORK_NAMES,
+    mti=MTIS,
+    response_code=RESPONSE_CODES,
 )
-REQUEST_SECONDS = Histogram(
+REQUEST_SECONDS = _histogram(
     "cardswitch_request_seconds",
     "Time from a frame fully read to its response handed to TLS.",
-    ["network", "mti"],
-    buckets=_LATENCY_BUCKETS,
-    registry=REGISTRY,
+    network=NETWORK_NAMES,
+    mti=MTIS,
 )
-STEP_SECONDS = Histogram(
-    "cardswitch_pipeline_step_seconds",
-    "Time spent in each pipeline step.",
-    ["step"],
-    buckets=_LATENCY_BUCKETS,
-    registry=REGISTRY,
+STEP_SECONDS = _histogram(
+    "cardswitch_pipeline_step_seconds", "Time spent in each pipeline step.", step=STEPS
 )
-DECISIONS = Counter(
+DECISIONS = _counter(
     "cardswitch_decisions",
     "Requests answered, by the reason that decided the answer (decisions.Reason values).",
-    ["network", "reason"],
-    registry=REGISTRY,
+    network=NETWORK_NAMES,
+    reason=REASONS,
 )
-UNDELIVERED = Counter(
+UNDELIVERED = _counter(
     "cardswitch_answers_undelivered",
     "Answers decided but not handed to the transport: the write failed, the connection was"
     " closed, or the request was abandoned at a deadline.",
-    ["listener", "kind"],
-    registry=REGISTRY,
+    listener=LISTENERS,
+    kind=UNDELIVERED_KINDS,
 )
-STAND_IN = Counter(
+STAND_IN = _counter(
     "cardswitch_stand_in",
     "Requests answered with the stand-in code because the budget expired or a dependency failed.",
-    ["network", "cause"],
-    registry=REGISTRY,
+    network=NETWORK_NAMES,
+    cause=STAND_IN_CAUSES,
 )
-PROTOCOL_ERRORS = Counter(
+PROTOCOL_ERRORS = _counter(
     "cardswitch_protocol_errors",
     "Frames or messages rejected: framing (connection closed) or format (answered 30) errors.",
-    ["listener", "kind"],
-    registry=REGISTRY,
+    listener=LISTENERS,
+    kind=PROTOCOL_KINDS,
 )
-CONNECTIONS = Counter(
+CONNECTIONS = _counter(
     "cardswitch_connections",
     "Connections accepted, by how they ended.",
-    ["listener", "outcome"],
-    registry=REGISTRY,
+    listener=LISTENERS,
+    outcome=CONNECTION_OUTCOMES,
 )
-CONNECTIONS_OPEN = Gauge(
-    "cardswitch_connections_open",
-    "Connections currently open.",
-    ["listener"],
-    registry=REGISTRY,
+CONNECTIONS_OPEN = _gauge(
+    "cardswitch_connections_open", "Connections currently open.", listener=LISTENERS
 )
 IN_FLIGHT = Gauge(
     "cardswitch_requests_in_flight",
     "Requests read and not yet answered, across all connections.",
     registry=REGISTRY,
 )
-HSM_SECONDS = Histogram(
-    "cardswitch_hsm_command_seconds",
-    "HSM command latency.",
-    ["command"],
-    buckets=_LATENCY_BUCKETS,
-    registry=REGISTRY,
+HSM_SECONDS = _histogram(
+    "cardswitch_hsm_command_seconds", "HSM command latency.", command=HSM_COMMANDS
 )
-HSM_ERRORS = Counter(
+HSM_ERRORS = _counter(
     "cardswitch_hsm_errors",
     "HSM commands that failed (not mismatches: those are results).",
-    ["command", "kind"],
-    registry=REGISTRY,
+    command=HSM_COMMANDS,
+    kind=HSM_ERROR_KINDS,
 )
 STORE_COMMIT_SECONDS = Histogram(
     "cardswitch_store_commit_seconds",
@@ -118,6 +289,79 @@ STORE_BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
     registry=REGISTRY,
 )
+READY = _gauge(
+    "cardswitch_ready_check",
+    "1 when the readiness check passed at its last run, 0 when it failed (switch.health).",
+    check=READY_CHECKS,
+)
+HEARTBEAT_AGE = Gauge(
+    "cardswitch_loop_heartbeat_age_seconds",
+    "Seconds since the event loop last updated its heartbeat, at the time of the scrape.",
+    registry=REGISTRY,
+)
+BUDGET = Gauge(
+    "cardswitch_pipeline_budget_seconds",
+    "The configured request budget (pipeline.budget): latency is judged against it.",
+    registry=REGISTRY,
+)
+BUILD = Info("cardswitch_build", "Version of the running switch.", registry=REGISTRY)
+BUILD.info({"version": __version__})
+
+
+# ------------------------------------------------------------------------- TLS expiry
+
+
+class _CertificateExpiry:
+    """The notAfter instants of the TLS files; the gauge is computed at each scrape."""
+
+    def __init__(self) -> None:
+        self._not_after: dict[str, float] = {}
+        self.gauge = _gauge(
+            "cardswitch_tls_certificate_expiry_seconds",
+            "Seconds until the certificate expires (negative once expired): the server"
+            " certificate, and the earliest-expiring certificate of the CA bundle.",
+            certificate=CERTIFICATES,
+        )
+
+    def set(self, certificate: str, not_after: float) -> None:
+        if certificate not in self._not_after:
+            self.gauge.labels(certificate).set_function(
+                functools.partial(self.seconds_left, certificate)
+            )
+        self._not_after[certificate] = not_after
+
+    def seconds_left(self, certificate: str) -> float:
+        """Seconds until ``certificate`` expires; NaN before its file was read."""
+        not_after = self._not_after.get(certificate)
+        return math.nan if not_after is None else not_after - time.time()
+
+
+_EXPIRY = _CertificateExpiry()
+
+
+def observe_certificates(server_cert: Path, ca: Path) -> None:
+    """Read the notAfter of the server certificate and of the CA bundle (start, reload).
+
+    A file that cannot be read or parsed leaves the previous value (the TLS layer reports
+    such files itself, and keeps the previous context).
+    """
+    for certificate, path in (("server", server_cert), ("ca", ca)):
+        try:
+            certs = x509.load_pem_x509_certificates(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        chosen = certs[:1] if certificate == "server" else certs
+        if chosen:
+            not_after = min(c.not_valid_after_utc for c in chosen)
+            _EXPIRY.set(certificate, not_after.timestamp())
+
+
+def certificate_expiry(certificate: str) -> float:
+    """Seconds until ``certificate`` ("server" or "ca") expires; NaN before it was read."""
+    return _EXPIRY.seconds_left(certificate)
+
+
+# ------------------------------------------------------------------------- observations
 
 
 def observe_answer(
@@ -168,11 +412,21 @@ def observe_protocol_error(listener: str, kind: str) -> None:
     PROTOCOL_ERRORS.labels(listener, kind).inc()
 
 
+def observe_budget(seconds: float) -> None:
+    """Export the configured request budget (``serve`` at start-up)."""
+    BUDGET.set(seconds)
+
+
+def observe_ready(check: str, ok: bool) -> None:
+    """Record the result of one readiness check."""
+    READY.labels(check).set(1 if ok else 0)
+
+
+def observe_heartbeat_age(seconds: float) -> None:
+    """Record the age of the event loop's heartbeat (set by the HTTP side before a scrape)."""
+    HEARTBEAT_AGE.set(seconds)
+
+
 def exposition() -> bytes:
-    """The current metrics in the Prometheus text format."""
+    """The current metrics in the Prometheus text format (``CONTENT_TYPE``)."""
     return generate_latest(REGISTRY)
-
-
-def serve(host: str, port: int) -> None:
-    """Start the exposition HTTP server in a daemon thread (prometheus_client's own)."""
-    start_http_server(port, addr=host, registry=REGISTRY)
