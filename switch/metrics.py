@@ -176,3 +176,30 @@ def exposition() -> bytes:
 def serve(host: str, port: int) -> None:
     """Start the exposition HTTP server in a daemon thread (prometheus_client's own)."""
     start_http_server(port, addr=host, registry=REGISTRY)
+
+
+# -- connection limits (listener resource bounds) ---------------------------------------------
+# Self-contained block: the limit counter, its label values and its observer.
+
+#: The ``limit`` label values: which bound refused or closed a connection.
+CONNECTION_LIMITS = (
+    "max_connections",
+    "max_handshakes",
+    "max_handshakes_per_ip",
+    "max_connections_per_peer",
+    "idle_timeout",
+)
+CONNECTION_LIMIT_HITS = Counter(
+    "cardswitch_connection_limit_hits",
+    "Connections refused (at accept or right after the handshake) or closed because a"
+    " listener limit was reached; limit is the ListenerConfig setting.",
+    ["listener", "limit"],
+    registry=REGISTRY,
+)
+
+
+def observe_limit(listener: str, limit: str) -> None:
+    """Record one connection refused or closed by ``limit`` (one of ``CONNECTION_LIMITS``)."""
+    if limit not in CONNECTION_LIMITS:
+        raise ValueError(f"unknown connection limit {limit!r}")
+    CONNECTION_LIMIT_HITS.labels(listener, limit).inc()

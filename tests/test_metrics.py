@@ -20,6 +20,7 @@ PAN = "4123456789012345"
 ALLOWED_LABELS = {"network", "mti", "response_code", "listener", "outcome", "kind", "step"}
 ALLOWED_LABELS |= {"reason"}  # decisions.Reason values: a fixed set
 ALLOWED_LABELS |= {"cause", "command", "le"}
+ALLOWED_LABELS |= {"limit"}  # ListenerConfig limit names: metrics.CONNECTION_LIMITS
 
 
 def _samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
