@@ -97,6 +97,9 @@ class TlsConfig:
     key: Path = Path("var/pki/server.key")
     #: Lowest protocol version offered; "1.2" or "1.3".
     min_version: Literal["1.2", "1.3"] = "1.2"
+    #: PEM certificate revocation list(s) of the CA checked for client certificates (the
+    #: leaf only), reloaded with the certificates on SIGHUP; empty: no revocation check.
+    crl: str = ""
 
 
 @dataclass(frozen=True)
