@@ -14,6 +14,7 @@ and the counts of the adversarial report (1,000 TCP, 300 idle mTLS).
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import ssl
@@ -127,6 +128,7 @@ async def run_flood(
     refused_peer = hits(name, "max_connections_per_peer")
     flood = Flood()
     async with running_server(cfg) as (_, port):
+        gc.collect()  # earlier tests' unreferenced sockets would close mid-flood
         baseline = fd_count()
         try:
             await tcp_flood(port, tcp, flood)
@@ -139,10 +141,11 @@ async def run_flood(
         finally:
             await flood.aclose()
         for _ in range(int(SETTLE_TIMEOUT / POLL)):
-            if fd_count() == baseline and open_now(name) == 0:
+            if fd_count() <= baseline and open_now(name) == 0:
                 break
             await trio.sleep(POLL)
-        assert (fd_count(), open_now(name)) == (baseline, 0)
+        # At most the baseline: descriptors of other code may close meanwhile, never ours stay.
+        assert fd_count() <= baseline and open_now(name) == 0
     assert flood.refused_at_connect == 0  # refused by closing, never left to time out
     held = len(FLOOD_SOURCES) * MAX_HANDSHAKES_PER_IP
     assert hits(name, "max_handshakes_per_ip") - refused_ip >= tcp - held
