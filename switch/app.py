@@ -3,7 +3,10 @@
 What lives here: process wiring only. Given the loaded configuration: start the health and
 metrics endpoint (switch.health), open the HSM, the card-data vault and the store, build the
 pipeline and the server, run the loop's heartbeat and the readiness probes beside it, and
-translate signals: SIGTERM/SIGINT drain and exit 0, SIGHUP reloads the TLS certificates.
+translate signals: SIGTERM/SIGINT drain and exit 0, SIGHUP reloads the TLS certificates (and
+CRL). During a drain a SIGHUP is logged and ignored (no connection is accepted any more), and
+a second SIGTERM/SIGINT cuts the drain short: the answers already queued are still written
+and the process still exits 0.
 
 What does not: the command line (switch.cli.serve), any protocol or decision logic
 (server.py, pipeline.py).
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
@@ -70,13 +74,18 @@ async def serve(
                         readiness.record("engine", "Disabled: serving without an engine (91)")
                         handler = Dispatcher(UnavailableEngine())
                 server = Server(cfg, handler, tls.get)
-                async with trio.open_nursery() as nursery:
-                    bound = await nursery.start(server.serve)
-                    names = frozenset(x.name for x in cfg.listeners)
-                    probes.append(health.ListenersProbe(server, names))  # checked once bound
-                    if ready_file is not None:
-                        _write_ready(ready_file, bound, http)
-                    nursery.start_soon(_signals, server, tls)
+                # Held until the server has stopped, so that no signal meets its default
+                # action (SIGHUP's kills the process) while the switch is still draining.
+                with trio.open_signal_receiver(*_SIGNALS) as signals:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_signals, signals, server, tls)
+                        async with trio.open_nursery() as serving:
+                            bound = await serving.start(server.serve)
+                            names = frozenset(x.name for x in cfg.listeners)
+                            probes.append(health.ListenersProbe(server, names))
+                            if ready_file is not None:
+                                _write_ready(ready_file, bound, http)
+                        nursery.cancel_scope.cancel()  # the server has stopped
                 monitors.cancel_scope.cancel()
         finally:
             monitors.cancel_scope.cancel()
@@ -130,16 +139,25 @@ async def _open_engine(cfg: Config, stack: AsyncExitStack, probes: list[health.P
     return Pipeline(cfg, store=store, hsm=hsm, vault=vault)
 
 
-async def _signals(server: Server, tls: TlsContextHolder) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                ok = tls.reload()
-                log.info("tls_reload", ok=ok.reloaded, error=ok.error, generation=ok.generation)
+#: The signals the switch handles (see the module docstring).
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+async def _signals(signals: AsyncIterator[int], server: Server, tls: TlsContextHolder) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            if server.draining:
+                log.warning("signal_ignored", signal=name, reason="draining")
                 continue
-            log.info("signal", signal=signal.Signals(signum).name)
+            ok = tls.reload()
+            log.info("tls_reload", ok=ok.reloaded, error=ok.error, generation=ok.generation)
+        elif server.draining:
+            log.warning("signal", signal=name, action="drain_cut_short")
+            server.hurry()
+        else:
+            log.info("signal", signal=name, action="drain")
             server.shutdown()
-            return
 
 
 def _write_ready(

@@ -64,6 +64,21 @@ class ListenerConfig:
     frame_timeout: float = 10.0
     #: Requests processed concurrently on one connection; reading pauses beyond it.
     max_in_flight: int = 256
+    #: Connections open on this listener at once, handshakes included; beyond it a new
+    #: connection is closed at accept. A network holds a handful of links per listener.
+    max_connections: int = 64
+    #: TLS handshakes in progress on this listener at once; beyond it a new connection is
+    #: closed at accept (a flood of connections that never handshake cannot queue up).
+    max_handshakes: int = 16
+    #: Handshakes in progress from one remote IP address; beyond it a new connection from
+    #: that address is closed at accept, so one address cannot take every handshake slot.
+    max_handshakes_per_ip: int = 4
+    #: Established connections of one peer (the set of its certificate's identities);
+    #: beyond it a new connection is closed right after its handshake.
+    max_connections_per_peer: int = 8
+    #: Seconds without a complete frame after which the connection is closed; networks
+    #: send an echo test (0800 301) every minute or so on an idle link. 0 disables it.
+    idle_timeout: float = 300.0
     #: Client identities (certificate subject CN or a DNS/URI SAN) allowed; empty allows any
     #: certificate that chains to the CA bundle.
     allowed_clients: tuple[str, ...] = ()
@@ -88,6 +103,9 @@ class TlsConfig:
     key: Path = Path("var/pki/server.key")
     #: Lowest protocol version offered; "1.2" or "1.3".
     min_version: Literal["1.2", "1.3"] = "1.2"
+    #: PEM certificate revocation list(s) of the CA checked for client certificates (the
+    #: leaf only), reloaded with the certificates on SIGHUP; empty: no revocation check.
+    crl: str = ""
 
 
 @dataclass(frozen=True)
@@ -280,8 +298,17 @@ def _check(cfg: Config, source: str) -> None:
                 f"{key}.network",
                 f"unknown network {lst.network!r}; known: {', '.join(NETWORKS)}",
             )
-        if lst.max_in_flight < 1:
-            raise ConfigError(source, f"{key}.max_in_flight", "must be at least 1")
+        for name in (
+            "max_in_flight",
+            "max_connections",
+            "max_handshakes",
+            "max_handshakes_per_ip",
+            "max_connections_per_peer",
+        ):
+            if getattr(lst, name) < 1:
+                raise ConfigError(source, f"{key}.{name}", "must be at least 1")
+        if lst.idle_timeout < 0:
+            raise ConfigError(source, f"{key}.idle_timeout", "must be positive, or 0 (off)")
     if cfg.pipeline.budget <= 0:
         raise ConfigError(source, "pipeline.budget", "must be positive")
     allowed = sorted(r.value for r in STAND_IN_REASONS)

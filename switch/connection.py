@@ -3,6 +3,8 @@
 What lives here: ``Connection``, which runs over any ``trio.abc.Stream`` (a TLS stream from
 the listener in production, one end of ``trio.testing.memory_stream_pair()`` in tests):
 
+- the reader closes the link when no complete frame has arrived for the listener's idle
+  timeout (every complete frame, whatever it is, restarts that timer);
 - the reader feeds the bytes it receives to the sans-IO ``Session`` under a per-frame
   deadline (the clock starts at a frame's first byte, so a body dripped slowly is cut off
   however steady the drip) and acts on what the session returns: a request to decide starts
@@ -147,6 +149,11 @@ class Connection:
             listener.max_in_flight
         )
         self._reader_scope = trio.CancelScope()
+        #: Around the request tasks: cancelled by ``abort`` (a drain cut short).
+        self._requests_scope = trio.CancelScope()
+        #: The writer's scope once ``run`` has started, and the deadline ``abort`` gives it.
+        self._writer_scope: trio.CancelScope | None = None
+        self._flush_deadline = math.inf
         self._write_failed = False
         self._outcome: str | None = None
 
@@ -155,26 +162,39 @@ class Connection:
         self._set_outcome("drained")
         self._reader_scope.cancel()
 
+    def abort(self, flush: float) -> None:
+        """End the drain early: read no more, abandon the requests not yet answered (each is
+        logged and counted as undelivered), and write the answers already queued within
+        ``flush`` seconds."""
+        self.stop_reading()
+        self._flush_deadline = min(self._flush_deadline, trio.current_time() + flush)
+        self._requests_scope.cancel()
+        if self._writer_scope is not None:
+            self._writer_scope.deadline = min(self._writer_scope.deadline, self._flush_deadline)
+
     async def run(self) -> str:
         """Serve until the connection ends; returns how it ended (a short metric label).
 
         ``"eof"`` (the peer closed), ``"drained"``, ``"broken"`` (a read failed),
-        ``"write_failed"``, ``"frame_timeout"``, or the ``Close`` kind of the bad input.
+        ``"write_failed"``, ``"frame_timeout"``, ``"idle_timeout"``, or the ``Close`` kind
+        of the bad input.
         """
         deadline = math.inf
         try:
             async with trio.open_nursery() as conn_nursery:
+                self._writer_scope = conn_nursery.cancel_scope
                 conn_nursery.start_soon(self._write_loop)
                 try:
-                    async with trio.open_nursery() as requests:
-                        with self._reader_scope:
-                            self._set_outcome(await self._read_loop(requests))
-                        # Reading has stopped; what was read is still decided and answered.
-                        deadline = trio.current_time() + self._linger
-                        requests.cancel_scope.deadline = deadline
+                    with self._requests_scope:
+                        async with trio.open_nursery() as requests:
+                            with self._reader_scope:
+                                self._set_outcome(await self._read_loop(requests))
+                            # Reading has stopped; what was read is still decided and answered.
+                            deadline = trio.current_time() + self._linger
+                            requests.cancel_scope.deadline = deadline
                 finally:
                     self._outbox_send.close()
-                conn_nursery.cancel_scope.deadline = deadline
+                conn_nursery.cancel_scope.deadline = min(deadline, self._flush_deadline)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                 await _aclose_quietly(self._stream)
@@ -190,8 +210,9 @@ class Connection:
         """Read and act on frames until the stream ends or must be closed; returns why."""
         lst = self._listener
         frame_deadline = math.inf
+        idle_deadline = self._idle_deadline_after(trio.current_time())
         while True:
-            with trio.move_on_at(frame_deadline) as frame_scope:
+            with trio.move_on_at(min(frame_deadline, idle_deadline)) as frame_scope:
                 try:
                     data = await self._stream.receive_some(_RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -199,8 +220,13 @@ class Connection:
                              error=describe(exc.__cause__ or exc))  # fmt: skip
                     return "broken"
             if frame_scope.cancelled_caught:
-                self._protocol_error(Close("frame_timeout", "frame slower than its deadline"))
-                return "frame_timeout"
+                if trio.current_time() >= frame_deadline:
+                    self._protocol_error(Close("frame_timeout", "frame slower than its deadline"))
+                    return "frame_timeout"
+                metrics.observe_limit(lst.name, "idle_timeout")
+                log.warning("idle_timeout", listener=lst.name, remote=self._remote,
+                            seconds=lst.idle_timeout)  # fmt: skip
+                return "idle_timeout"
             if not data:
                 close = self._session.end_of_stream()
                 if close is not None:
@@ -209,6 +235,8 @@ class Connection:
                 return "eof"
             received_at = trio.current_time()
             actions = self._session.receive(bytes(data))
+            if actions:  # each action is one complete frame: the link is alive
+                idle_deadline = self._idle_deadline_after(received_at)
             for action in actions:
                 if isinstance(action, Decide):
                     # Backpressure: stop reading while this connection or the switch is full.
@@ -232,6 +260,11 @@ class Connection:
             elif actions or frame_deadline == math.inf:
                 # A new frame began in this read: its deadline starts now.
                 frame_deadline = trio.current_time() + lst.frame_timeout
+
+    def _idle_deadline_after(self, now: float) -> float:
+        """When the link counts as idle if no complete frame arrives after ``now``."""
+        idle = self._listener.idle_timeout
+        return now + idle if idle > 0 else math.inf
 
     def _protocol_error(self, close: Close) -> None:
         metrics.observe_protocol_error(self._listener.name, close.kind)

@@ -152,6 +152,7 @@ CONNECTION_OUTCOMES: Final = LabelValues(
     (
         *("closed", "eof", "drained", "broken", "write_failed", "frame_timeout"),
         *("tls_error", "handshake_timeout", "peer_not_allowed", "accept_error"),
+        *("refused", "idle_timeout"),
         *PROTOCOL_KINDS.values,
     )
 )
@@ -430,3 +431,29 @@ def observe_heartbeat_age(seconds: float) -> None:
 def exposition() -> bytes:
     """The current metrics in the Prometheus text format (``CONTENT_TYPE``)."""
     return generate_latest(REGISTRY)
+
+
+# -- connection limits (listener resource bounds) ---------------------------------------------
+
+#: The ``limit`` label values: which bound refused or closed a connection.
+CONNECTION_LIMITS = (
+    "max_connections",
+    "max_handshakes",
+    "max_handshakes_per_ip",
+    "max_connections_per_peer",
+    "idle_timeout",
+)
+CONNECTION_LIMIT_HITS = _counter(
+    "cardswitch_connection_limit_hits",
+    "Connections refused (at accept or right after the handshake) or closed because a"
+    " listener limit was reached; limit is the ListenerConfig setting.",
+    listener=LISTENERS,
+    limit=LabelValues(CONNECTION_LIMITS),
+)
+
+
+def observe_limit(listener: str, limit: str) -> None:
+    """Record one connection refused or closed by ``limit`` (one of ``CONNECTION_LIMITS``)."""
+    if limit not in CONNECTION_LIMITS:
+        raise ValueError(f"unknown connection limit {limit!r}")
+    CONNECTION_LIMIT_HITS.labels(listener, limit).inc()

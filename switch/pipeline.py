@@ -194,6 +194,8 @@ class Pipeline:
                     with _step("commit"):
                         outcome = await self._store.commit_auth(prepared.intent)
         except (_Unavailable, StoreError, HsmError) as exc:
+            if isinstance(exc, StoreError):  # its message carries no card data (contract)
+                log.error("store_failed", mti=request.mti, stan=request.stan, error=str(exc))
             return self._stand_in(request, context, _cause(exc))
         if isinstance(stored, AuthOutcome):
             return await self._replay(request, stored)
@@ -554,6 +556,8 @@ class Pipeline:
                 with _step("commit"):
                     outcome = await self._store.commit_reversal(intent)
         except (StoreError, HsmError) as exc:
+            if isinstance(exc, StoreError):  # its message carries no card data (contract)
+                log.error("store_failed", mti=request.mti, stan=request.stan, error=str(exc))
             cause = _cause(exc)
         if outcome is None:
             # Not taken by the store: nothing kept. The network repeats a reversal until it

@@ -2,7 +2,8 @@
 
 What lives here: ``init_pki`` (the files behind ``cardswitch pki init``), the certificate
 primitives tests use to build other CAs, expired certificates and clients with other names
-(``new_ca``, ``issue_cert``) and the file layout (``pki_paths``, ``all_files``).
+(``new_ca``, ``issue_cert``), a certificate revocation list of a CA (``issue_crl``, for the
+``[tls] crl`` check of client certificates) and the file layout (``pki_paths``, ``all_files``).
 Every key is ECDSA P-256 and every certificate is signed with ECDSA-SHA-256 by ``cryptography``.
 
 What does not: the ``pki`` command (switch.cli.pki), building ``ssl.SSLContext`` objects or
@@ -235,6 +236,48 @@ def issue_cert(
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     return cert.public_bytes(serialization.Encoding.PEM), key_to_pem(key)
+
+
+#: Time until the nextUpdate of a dev CRL; past it the switch refuses every client.
+CRL_VALIDITY = datetime.timedelta(days=7)
+
+
+def issue_crl(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    revoked_serials: Sequence[int] = (),
+    *,
+    next_update: datetime.datetime | None = None,
+) -> bytes:
+    """A CRL of ``ca_cert`` revoking the certificates with ``revoked_serials``, PEM.
+
+    Args:
+        ca_cert: the CA whose certificates are listed (the CRL's issuer).
+        ca_key: its private key (signs the CRL, ECDSA-SHA-256).
+        revoked_serials: serial numbers of the revoked certificates (revoked now).
+        next_update: when the CRL expires; default ``CRL_VALIDITY`` after now.
+    """
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - CLOCK_SKEW)
+        .next_update(next_update or now + CRL_VALIDITY)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .add_extension(x509.CRLNumber(int(now.timestamp())), critical=False)
+    )
+    for serial in revoked_serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(now - CLOCK_SKEW)
+            .build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    return crl.public_bytes(serialization.Encoding.PEM)
 
 
 def cert_to_pem(cert: x509.Certificate) -> bytes:

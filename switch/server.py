@@ -7,9 +7,19 @@ the stream to a ``Connection`` with the listener's network profile and the switc
 in-flight slots. It counts connections (open gauge, and how each ended) and logs one line
 when a connection starts and one when it ends.
 
+Resource bounds, per listener (``ListenerConfig``): connections open (``max_connections``),
+handshakes in progress (``max_handshakes``) and handshakes in progress from one remote IP
+(``max_handshakes_per_ip``) are checked at accept, established connections of one peer
+identity (``max_connections_per_peer``) right after the handshake. A connection over a bound
+is closed at once, never queued; each refusal is counted (``metrics.observe_limit``) and
+logged, at most once a second per listener and bound with the number of refusals since the
+last line (a flood must not become a log flood). The idle timeout is the connection's.
+
 Shutdown (``Server.shutdown()``, wired to SIGTERM/SIGINT by app.py): stop accepting, stop
 every connection reading new frames, let the requests in flight finish and their answers be
-written, bounded by the drain deadline.
+written, bounded by the drain deadline. ``Server.hurry()`` (a second SIGTERM/SIGINT) ends
+the drain early: requests not yet answered are abandoned, the answers already queued are
+still written, within ``FLUSH_TIMEOUT``.
 
 What does not live here: the connection loop, backpressure and frame deadlines
 (connection.py), what each frame means and how it is answered (session.py), the decision
@@ -20,7 +30,9 @@ signals (app.py).
 from __future__ import annotations
 
 import contextlib
+import math
 import ssl
+from collections import Counter
 from collections.abc import Callable
 
 import trio
@@ -39,6 +51,51 @@ log = get_logger("switch.server")
 _CLOSE_TIMEOUT = 1.0
 #: Seconds to wait before accepting again after accept() failed (EMFILE and friends).
 _ACCEPT_BACKOFF = 0.1
+#: Seconds a drain cut short (``Server.hurry``) allows to write the answers already queued.
+FLUSH_TIMEOUT = 1.0
+#: Seconds between two log lines about the same bound of the same listener being hit.
+_REFUSAL_LOG_INTERVAL = 1.0
+
+
+class _ListenerLoad:
+    """What one listener holds now, against its bounds; refusal log lines rate-limited.
+
+    Counts only: the server increments when it admits and decrements in ``finally``.
+    """
+
+    def __init__(self, lst: ListenerConfig) -> None:
+        self.lst = lst
+        self.open = 0
+        self.handshakes = 0
+        self.handshakes_by_ip: Counter[str] = Counter()
+        self.by_peer: Counter[frozenset[str]] = Counter()
+        self._last_logged: dict[str, float] = {}
+        self._unlogged: Counter[str] = Counter()
+
+    def at_accept(self, ip: str) -> str | None:
+        """The bound a new connection from ``ip`` would exceed, or None to admit it."""
+        lst = self.lst
+        if self.open >= lst.max_connections:
+            return "max_connections"
+        if self.handshakes >= lst.max_handshakes:
+            return "max_handshakes"
+        if self.handshakes_by_ip[ip] >= lst.max_handshakes_per_ip:
+            return "max_handshakes_per_ip"
+        return None
+
+    def refused(self, limit: str, remote: str, **extra: object) -> None:
+        """Count a refusal by ``limit``; log it unless one was logged within the interval."""
+        metrics.observe_limit(self.lst.name, limit)
+        now = trio.current_time()
+        last = self._last_logged.get(limit, -math.inf)
+        if now - last < _REFUSAL_LOG_INTERVAL:
+            self._unlogged[limit] += 1
+            return
+        self._last_logged[limit] = now
+        suppressed = self._unlogged.pop(limit, 0)
+        log.warning("connection_limit", listener=self.lst.name, limit=limit, remote=remote,
+                    value=getattr(self.lst, limit), suppressed=suppressed or None,
+                    **extra)  # fmt: skip
 
 
 class Server:
@@ -66,7 +123,11 @@ class Server:
         self._profiles: dict[str, Profile] = {
             lst.name: profile(lst.network) for lst in config.listeners
         }
+        self._load: dict[str, _ListenerLoad] = {
+            lst.name: _ListenerLoad(lst) for lst in config.listeners
+        }
         self._draining = False
+        self._hurried = False
         self._nursery: trio.Nursery | None = None
         #: (listener name, host, port) actually bound; known once serve() has started.
         self.bound: list[tuple[str, str, int]] = []
@@ -106,6 +167,22 @@ class Server:
                 trio.current_time() + self._config.server.drain_timeout
             )
 
+    def hurry(self) -> None:
+        """End the drain early (a second SIGTERM/SIGINT): abandon the requests not yet
+        answered, write the answers already queued within ``FLUSH_TIMEOUT``, then stop."""
+        self.shutdown()
+        if self._hurried:
+            return
+        self._hurried = True
+        log.warning("drain_cut_short", connections=len(self._connections))
+        for conn in list(self._connections):
+            conn.abort(FLUSH_TIMEOUT)
+        if self._nursery is not None:
+            scope = self._nursery.cancel_scope
+            scope.deadline = min(
+                scope.deadline, trio.current_time() + FLUSH_TIMEOUT + 2 * _CLOSE_TIMEOUT
+            )
+
     @property
     def draining(self) -> bool:
         """Whether ``shutdown()`` has been called."""
@@ -125,22 +202,47 @@ class Server:
                         metrics.CONNECTIONS.labels(lst.name, "accept_error").inc()
                         await trio.sleep(_ACCEPT_BACKOFF)
                         continue
-                    self._nursery.start_soon(self._handle_tcp, lst, tcp)
+                    ip, remote = _remote(tcp)
+                    load = self._load[lst.name]
+                    limit = load.at_accept(ip)
+                    if limit is not None:
+                        # Closed now, before any TLS work: a flood costs an accept and a close.
+                        load.refused(limit, remote)
+                        metrics.CONNECTIONS.labels(lst.name, "refused").inc()
+                        _close_now(tcp)
+                        continue
+                    load.open += 1
+                    load.handshakes += 1
+                    load.handshakes_by_ip[ip] += 1
+                    self._nursery.start_soon(self._handle_tcp, lst, tcp, ip, remote)
 
-    async def _handle_tcp(self, lst: ListenerConfig, tcp: trio.SocketStream) -> None:
-        """Handshake, check the peer, then serve the connection until it ends."""
-        try:
-            remote = "{}:{}".format(*tcp.socket.getpeername()[:2])
-        except OSError:
-            remote = "?"
-        stream = trio.SSLStream(tcp, self._context_for(), server_side=True)
+    async def _handle_tcp(
+        self, lst: ListenerConfig, tcp: trio.SocketStream, ip: str, remote: str
+    ) -> None:
+        """Handshake, check the peer, then serve the connection until it ends.
+
+        The accept loop has counted the connection and its handshake in the listener's load;
+        both are given back here.
+        """
+        load = self._load[lst.name]
+        handshaking = True
+        peer_counted: frozenset[str] | None = None
         outcome = "closed"
         metrics.CONNECTIONS_OPEN.labels(lst.name).inc()
+        stream = trio.SSLStream(tcp, self._context_for(), server_side=True)
         try:
             peer = await self._handshake(lst, stream, remote)
+            handshaking = False
+            _release_handshake(load, ip)
             if isinstance(peer, str):
                 outcome = peer
                 return
+            if load.by_peer[peer] >= lst.max_connections_per_peer:
+                load.refused("max_connections_per_peer", remote, peer=sorted(peer))
+                outcome = "refused"
+                return
+            load.by_peer[peer] += 1
+            peer_counted = peer
             log.info("connected", listener=lst.name, remote=remote, peer=sorted(peer))
             conn = Connection(
                 stream,
@@ -152,7 +254,9 @@ class Server:
                 peer=peer,
                 remote=remote,
             )
-            if self._draining:
+            if self._hurried:
+                conn.abort(FLUSH_TIMEOUT)
+            elif self._draining:
                 conn.stop_reading()
             self._connections.add(conn)
             try:
@@ -160,10 +264,17 @@ class Server:
             finally:
                 self._connections.discard(conn)
         finally:
+            if handshaking:  # cancelled during the handshake (a drain deadline)
+                _release_handshake(load, ip)
+            if peer_counted is not None:
+                load.by_peer[peer_counted] -= 1
+                if not load.by_peer[peer_counted]:
+                    del load.by_peer[peer_counted]
             metrics.CONNECTIONS_OPEN.labels(lst.name).dec()
             metrics.CONNECTIONS.labels(lst.name, outcome).inc()
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                 await _aclose_quietly(stream)
+            load.open -= 1
             log.info("disconnected", listener=lst.name, remote=remote, outcome=outcome)
 
     @staticmethod
@@ -187,6 +298,28 @@ class Server:
                         peer=sorted(peer))  # fmt: skip
             return "peer_not_allowed"
         return peer
+
+
+def _remote(tcp: trio.SocketStream) -> tuple[str, str]:
+    """The peer's IP address and ``ip:port`` of an accepted socket (``"?"`` when gone)."""
+    try:
+        host, port = tcp.socket.getpeername()[:2]
+    except OSError:
+        return "?", "?"
+    return str(host), f"{host}:{port}"
+
+
+def _release_handshake(load: _ListenerLoad, ip: str) -> None:
+    load.handshakes -= 1
+    load.handshakes_by_ip[ip] -= 1
+    if not load.handshakes_by_ip[ip]:
+        del load.handshakes_by_ip[ip]
+
+
+def _close_now(tcp: trio.SocketStream) -> None:
+    """Close a socket refused at accept without waiting (nothing was sent on it)."""
+    with contextlib.suppress(OSError):
+        tcp.socket.close()
 
 
 async def _aclose_quietly(stream: trio.abc.AsyncResource) -> None:

@@ -1,7 +1,8 @@
 """TLS contexts of the switch: the mutual-TLS server side, the acquirer client side, reload.
 
 What lives here: ``server_context`` (built from ``[tls]``: TLS 1.2 or newer, client
-certificate required and verified against the CA bundle), ``client_context`` (used by
+certificate required and verified against the CA bundle and, when ``[tls] crl`` names one,
+checked against the CA's revocation list), ``client_context`` (used by
 ``cardswitch send``, tests and benchmarks), ``peer_identities`` / ``identity_allowed`` (the
 per-listener allow-list of client identities) and ``TlsContextHolder``, which rebuilds the
 server context from the files on demand (SIGHUP) and keeps the previous one when the new
@@ -17,6 +18,11 @@ Choices, fixed here rather than configurable:
   AEAD and stay at OpenSSL's defaults.
 - No compression (CRIME), no renegotiation (neither side may start one), X.509 strict
   verification, server cipher preference.
+- Revocation (``[tls] crl``): the PEM file holds one or more CRLs, each signed by a CA of
+  the bundle and not past its nextUpdate when loaded (else the file is refused, naming it).
+  Only the client's own certificate is checked (``VERIFY_CRL_CHECK_LEAF``); a client whose
+  issuer has no CRL in the file is refused, and once the CRL passes its nextUpdate every
+  client is refused (OpenSSL fails closed): publish a new CRL before then and SIGHUP.
 - Session tickets are OFF (``OP_NO_TICKET`` and ``num_tickets = 0``): the network holds
   long-lived connections, so resumption saves nothing, and tickets would be encrypted with a
   process-wide key that never rotates, weakening forward secrecy. OpenSSL's in-memory
@@ -27,6 +33,7 @@ Choices, fixed here rather than configurable:
 from __future__ import annotations
 
 import datetime
+import re
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -124,6 +131,42 @@ def _load_ca(ctx: ssl.SSLContext, ca: Path, key: str) -> None:
         raise ConfigError(str(ca), key, f"unusable CA bundle: {exc.reason or exc}") from None
 
 
+_CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+
+
+def _load_crl(ctx: ssl.SSLContext, crl: Path, cas: list[x509.Certificate], key: str) -> None:
+    """Check the CRL file, then load it into ``ctx`` and turn on the leaf check."""
+    data = _read(crl, key)
+    blocks = _CRL_BLOCK.findall(data)
+    if not blocks:
+        raise ConfigError(str(crl), key, "not a PEM CRL file")
+    now = datetime.datetime.now(datetime.UTC)
+    for block in blocks:
+        try:
+            parsed = x509.load_pem_x509_crl(block)
+        except ValueError:
+            raise ConfigError(str(crl), key, "not a PEM CRL file") from None
+        issuers = [ca for ca in cas if ca.subject == parsed.issuer]
+        if not any(_crl_signed_by(parsed, ca) for ca in issuers):
+            raise ConfigError(str(crl), key, "CRL not signed by a CA of tls.ca")
+        next_update = parsed.next_update_utc
+        if next_update is not None and next_update <= now:
+            raise ConfigError(str(crl), key, f"CRL expired at {next_update.isoformat()}")
+    try:
+        ctx.load_verify_locations(cafile=crl)  # OpenSSL reads the CRLs of a PEM file
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+        raise ConfigError(str(crl), key, f"unusable: {reason}") from None
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    try:
+        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
 def _load_chain(ctx: ssl.SSLContext, cert: Path, key_file: Path, prefix: str) -> None:
     _check_pair(cert, key_file, prefix)
     try:
@@ -157,7 +200,8 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
 
     Raises:
         ConfigError: a file is missing, unreadable or not PEM, the key does not match the
-            certificate, or the server certificate has expired; the message names the file.
+            certificate, the server certificate has expired, or the CRL is not signed by a
+            CA of the bundle or has expired; the message names the file.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx, cfg.min_version, None, "tls.min_version")
@@ -165,6 +209,8 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
     ctx.num_tickets = 0
     ctx.verify_mode = ssl.CERT_REQUIRED
     _load_ca(ctx, cfg.ca, "tls.ca")
+    if cfg.crl:
+        _load_crl(ctx, Path(cfg.crl), _load_certs(cfg.ca, "tls.ca"), "tls.crl")
     _load_chain(ctx, cfg.cert, cfg.key, "tls.")
     return ctx
 

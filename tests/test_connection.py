@@ -286,9 +286,12 @@ async def test_body_dripped_slower_than_the_frame_deadline_is_closed(
     assert run.network.closed_at - t0 == pytest.approx(LISTENER.frame_timeout)
 
 
-async def test_an_idle_connection_has_no_deadline(autojump_clock: trio.testing.MockClock) -> None:
+async def test_between_frames_only_the_idle_timeout_runs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Far longer than the frame deadline, just under the idle timeout: nothing closes.
     async with connection() as run:
-        await trio.sleep(500)
+        await trio.sleep(LISTENER.idle_timeout * 0.9)
         await run.network.send(codec.encode(echo(stan="000001")))
         assert (await run.network.answers(1))[0]["39"] == "00"
         await run.network.end()
@@ -308,6 +311,75 @@ async def test_frame_deadline_restarts_with_each_frame(
         await run.network.answers(5)
         await run.network.end()
     assert run.outcome == "eof"
+
+
+async def test_no_complete_frame_for_the_idle_timeout_closes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    before = sample("cardswitch_connection_limit_hits_total", listener="test", limit="idle_timeout")
+    async with connection(listener=replace(LISTENER, idle_timeout=60.0)) as run:
+        t0 = trio.current_time()
+        await run.network.wait_closed()
+    assert run.outcome == "idle_timeout"
+    assert run.network.closed_at is not None
+    assert run.network.closed_at - t0 == pytest.approx(60.0)
+    after = sample("cardswitch_connection_limit_hits_total", listener="test", limit="idle_timeout")
+    assert after == before + 1
+
+
+async def test_every_complete_frame_restarts_the_idle_timer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Echo requests, an unsolicited 0810 (what a keep-alive's answer will be) and a frame
+    # dripped in two parts all count: the link closes one idle period after the last.
+    lst = replace(LISTENER, idle_timeout=60.0)
+    reply = raw({"t": "0810", "7": "0101120000", "11": "000099", "39": "00", "70": "301"})
+    async with connection(listener=lst) as run:
+        for i in range(1, 4):
+            await trio.sleep(50.0)
+            await run.network.send(codec.encode(echo(stan=f"{i:06d}")))
+        await trio.sleep(50.0)
+        await run.network.send(reply)
+        await trio.sleep(50.0)
+        frame = encode_frame(codec.encode(echo(stan="000004")))
+        await run.network.send_raw(frame[:5])
+        await trio.sleep(1.0)
+        await run.network.send_raw(frame[5:])
+        last = trio.current_time()
+        await run.network.wait_closed()
+    assert run.outcome == "idle_timeout"
+    assert sorted(run.network.codes()) == ["000001", "000002", "000003", "000004"]
+    assert run.network.closed_at is not None
+    assert run.network.closed_at - last == pytest.approx(60.0)
+
+
+async def test_idle_timeout_zero_never_closes(autojump_clock: trio.testing.MockClock) -> None:
+    async with connection(listener=replace(LISTENER, idle_timeout=0.0)) as run:
+        await trio.sleep(550.0)  # past the default idle timeout (300 s), under the guard
+        await run.network.send(codec.encode(echo(stan="000001")))
+        assert (await run.network.answers(1))[0]["39"] == "00"
+        await run.network.end()
+    assert run.outcome == "eof"
+
+
+async def test_abort_writes_what_is_ready_and_abandons_the_rest(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A drain cut short: the answers already decided leave, the slow one is abandoned and
+    # counted, and the connection ends within the flush time, not the linger.
+    engine = FakeEngine(delay=lambda r: 100.0 if r.stan == "000009" else 0.0)
+    before = sample("cardswitch_answers_undelivered_total", listener="test", kind="abandoned")
+    async with connection(engine, linger=300.0) as run:
+        await run.network.send(auth("000001"), auth("000002"), auth("000009"))
+        await run.network.answers(2)
+        t0 = trio.current_time()
+        run.connection.abort(1.0)
+        await run.network.wait_closed()
+    assert run.outcome == "drained"
+    assert sorted(run.network.codes()) == ["000001", "000002"]
+    assert run.network.closed_at is not None and run.network.closed_at - t0 <= 1.0
+    after = sample("cardswitch_answers_undelivered_total", listener="test", kind="abandoned")
+    assert after == before + 1
 
 
 # ------------------------------------------------------------------------ bad input

@@ -38,6 +38,7 @@ ALLOWED_LABELS |= {"reason"}  # decisions.Reason values: a fixed set
 ALLOWED_LABELS |= {"cause", "command", "le", "check", "certificate", "version"}
 #: Labels of the default process/platform/GC collectors (python_info, python_gc_*).
 COLLECTOR_LABELS = {"implementation", "major", "minor", "patchlevel", "version", "generation"}
+ALLOWED_LABELS |= {"limit"}  # ListenerConfig limit names: metrics.CONNECTION_LIMITS
 
 
 def _samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

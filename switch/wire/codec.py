@@ -7,8 +7,11 @@ DE39 = 30 answer to a body that cannot be used when its MTI and STAN can be reco
 
 Errors: ``decode`` raises nothing but :class:`FormatError`, whatever the bytes. pyiso8583's
 ``DecodeError`` carries the raw message, so it never leaves this module: only the field
-number, the position and a sanitised reason are kept. ``encode`` raises ``ValueError`` or
-``TypeError`` for programmer errors (a message that cannot be laid out).
+number, the position and a sanitised reason are kept. A tertiary bitmap (DE65) or a data
+element the spec does not define (DE129-192) is a :class:`FormatError` too, with the MTI,
+STAN and echo fields before it recovered, so it is answered rather than closing the link.
+``encode`` raises ``ValueError`` or ``TypeError`` for programmer errors (a message that cannot
+be laid out).
 
 What does not: framing (framing.py), what a field number means (messages.py), the pyiso8583
 spec data (spec.py), BER-TLV of DE55 (emv.py).
@@ -47,6 +50,14 @@ _STRUCTURE_NAMES: Final = {"t": "mti", "p": "bitmap", "1": "bitmap", "h": "heade
 #: Characters of one decoded bitmap (hex text of 8 bytes); a longer secondary one means a
 #: tertiary bitmap followed (DE65), which the switch does not serve.
 _HEX_BITMAP_WIDTH: Final = 16
+#: Data elements a bitmap can announce: 2-128, and 129-192 behind a tertiary bitmap
+#: (pyiso8583 4.x reads DE65 as the tertiary bitmap indicator, never as data).
+_BITMAP_FIELDS: Final = tuple(str(i) for i in range(2, 193) if i != 65)
+#: How an element the spec does not define is read, only to get past it: LLLVAR bytes.
+#: Such a message is answered as a format error whatever this reads.
+_UNDEFINED_FIELD: Final = {
+    "data_enc": "b", "len_enc": "ascii", "len_type": 3, "max_len": 999, "desc": "undefined",
+}  # fmt: skip
 #: Exceptions a malformed body can provoke inside pyiso8583 besides DecodeError.
 _DECODE_FAILURES: Final = (ValueError, IndexError, KeyError, TypeError, LookupError)
 
@@ -116,7 +127,29 @@ def _lenient(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _guarded(spec: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``spec`` where every element a bitmap can announce is defined.
+
+    pyiso8583 fails with a bare ``KeyError`` on an element its spec lacks (one behind a
+    tertiary bitmap, say), which would lose the MTI and STAN needed to answer; with a stub
+    for each, it reads on (or fails with a ``DecodeError`` that keeps what came before), and
+    ``_decode_dict`` then answers the undefined element as a format error.
+    """
+    out = dict(spec)
+    for key in _BITMAP_FIELDS:
+        out.setdefault(key, dict(_UNDEFINED_FIELD))
+    return out
+
+
 _LENIENT_CACHE: Final[dict[SpecChoice, dict[str, Any]]] = {}
+_GUARDED_CACHE: Final[dict[SpecChoice, dict[str, Any]]] = {}
+
+
+def _guarded_spec(kind: SpecChoice) -> dict[str, Any]:
+    spec = _GUARDED_CACHE.get(kind)
+    if spec is None:
+        spec = _GUARDED_CACHE[kind] = _guarded(shared_spec(kind))
+    return spec
 
 
 def _recover(frame: bytes, kind: SpecChoice, partial: Mapping[str, Any]) -> dict[str, Any]:
@@ -128,7 +161,7 @@ def _recover(frame: bytes, kind: SpecChoice, partial: Mapping[str, Any]) -> dict
     merged: dict[str, Any] = {}
     lenient = _LENIENT_CACHE.get(kind)
     if lenient is None:
-        lenient = _LENIENT_CACHE[kind] = _lenient(shared_spec(kind))
+        lenient = _LENIENT_CACHE[kind] = _lenient(_guarded_spec(kind))
     try:
         merged.update(iso8583.decode(frame, lenient)[0])
     except iso8583.DecodeError as exc:
@@ -143,7 +176,8 @@ def _decode_dict(frame: bytes, kind: SpecChoice) -> dict[str, str]:
     """pyiso8583-decode ``frame`` strictly; raise FormatError (with context) on failure."""
     if not isinstance(frame, bytes | bytearray):
         raise TypeError("frame must be bytes")
-    spec = shared_spec(kind)
+    defined = shared_spec(kind)
+    spec = _guarded_spec(kind)
     frame = bytes(frame)
     try:
         doc_dec, doc_enc = iso8583.decode(frame, spec)
@@ -163,7 +197,10 @@ def _decode_dict(frame: bytes, kind: SpecChoice) -> dict[str, str]:
                 raise FormatError._with_context("length prefix is not digits", key, doc_dec)
     # Binary bitmaps decode to hex text too, so one width covers both encodings.
     if len(doc_dec.get("1", "")) > _HEX_BITMAP_WIDTH:
-        raise FormatError._with_context("tertiary bitmap not supported", "bitmap", doc_dec)
+        raise FormatError._with_context("tertiary bitmap not supported", "65", doc_dec)
+    for key in doc_dec:
+        if key not in defined:
+            raise FormatError._with_context("data element not defined by the spec", key, doc_dec)
     return doc_dec
 
 

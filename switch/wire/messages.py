@@ -703,6 +703,8 @@ class UnsupportedMessage:
     acquirer_id: str | None = de(32, _INSTITUTION, echo=True, default=None)
     rrn: str | None = de(37, text(12), echo=True, default=None)
     terminal_id: str | None = de(41, text(8), echo=True, default=None)
+    #: DE70 of an 08xx the switch does not serve (0801, 0820, ...): every 08xx answer echoes it.
+    network_code: str | None = de(70, _N3, echo=True, default=None)
 
     @property
     def is_request(self) -> bool:
