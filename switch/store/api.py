@@ -37,6 +37,7 @@ Mapping to PostgreSQL (same schema, ``BIGINT`` amounts, ``BYTEA`` blobs):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 from switch.store.models import (
@@ -44,6 +45,7 @@ from switch.store.models import (
     AuthIntent,
     AuthOutcome,
     Card,
+    CardChange,
     CardStatus,
     DuplicateKey,
     ReversalIntent,
@@ -142,4 +144,23 @@ class Store(Protocol):
 
     async def set_card_status(self, card_id: str, status: CardStatus) -> bool:
         """Change a card's status; ``False`` when no such card exists."""
+        ...
+
+    async def update_card(
+        self, card_id: str, changes: Mapping[str, object], *, actor: str
+    ) -> CardChange | None:
+        """Change only the named attributes of a card (``models.CARD_UPDATABLE``, and
+        ``pin_tries`` reset to 0), in one transaction with a ``card_changes`` row saying who,
+        when and what (masked; secrets only named). ``None`` when no such card exists.
+
+        PostgreSQL: ``SELECT ... FROM cards WHERE id = $1 FOR UPDATE``, ``UPDATE cards SET``
+        the named columns, ``INSERT INTO card_changes``.
+
+        Raises:
+            StoreError: ``invalid`` for an attribute that cannot be changed.
+        """
+        ...
+
+    async def card_changes(self, card_id: str) -> list[CardChange]:
+        """The journaled changes of a card, oldest first."""
         ...

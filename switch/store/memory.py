@@ -12,7 +12,9 @@ by ``[store] backend``), SQL, the rules themselves (``rules.py``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
 import trio
 
@@ -22,6 +24,7 @@ from switch.store.models import (
     AuthIntent,
     AuthOutcome,
     Card,
+    CardChange,
     CardStatus,
     DuplicateKey,
     OriginalKey,
@@ -29,6 +32,8 @@ from switch.store.models import (
     ReversalOutcome,
     StoredOutcome,
     StoreError,
+    apply_card_changes,
+    card_diff,
 )
 from switch.store.rules import (
     AccountRow,
@@ -74,6 +79,8 @@ class MemoryStore:
     commit_delay: float = 0.0
     #: Money rows by journal id of the request that moved the money.
     holds: dict[int, HoldRow] = field(default_factory=dict)
+    #: Journaled card changes, oldest first.
+    changes: list[CardChange] = field(default_factory=list)
     _counters: dict[tuple[str, str], Counters] = field(default_factory=dict)
     #: Unmatched reversals: journal id -> journal id of the original that resolved it.
     _unmatched: dict[int, int | None] = field(default_factory=dict)
@@ -314,6 +321,24 @@ class MemoryStore:
             card = replace(card, pin_tries=old.pin_tries, last_atc=old.last_atc,
                            atc_seen=old.atc_seen)  # fmt: skip
         self.cards[card.id] = card
+
+    async def update_card(
+        self, card_id: str, changes: Mapping[str, object], *, actor: str
+    ) -> CardChange | None:
+        await self._before_write()
+        old = self.cards.get(card_id)
+        if old is None:
+            return None
+        new = apply_card_changes(old, changes)
+        self.cards[card_id] = new
+        at = datetime.now(UTC).isoformat(timespec="microseconds")
+        change = CardChange(card_id, old.masked_pan, actor, at, card_diff(old, new))
+        self.changes.append(change)
+        return change
+
+    async def card_changes(self, card_id: str) -> list[CardChange]:
+        self._check()
+        return [c for c in self.changes if c.card_id == card_id]
 
     async def set_card_status(self, card_id: str, status: CardStatus) -> bool:
         await self._before_write()

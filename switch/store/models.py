@@ -18,7 +18,8 @@ minor units of the account currency.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from switch.decisions import Profile, Reason
@@ -189,6 +190,77 @@ class Card:
     def masked_pan(self) -> str:
         """First six and last four digits, the rest masked."""
         return mask_fields(self.first6, self.last4, self.pan_length)
+
+
+#: Card attributes an operator or a provisioning file may change, by name (the controls'
+#: limits included); identity (PAN fingerprint and ciphertext, account) and the decision
+#: counters are not among them (``pin_tries`` only through a reset to zero).
+CARD_UPDATABLE = frozenset(
+    {
+        "status", "expiry", "service_code", "pan_sequence", "cvk", "pvk", "imk_ac", "emv_cvn",
+        "pin_method", "pvki", "pin_verification_value", "ibm_dec_table",
+        "ibm_validation_data", "pin_try_limit",
+        "per_txn_max", "daily_amount", "daily_count", "monthly_amount", "monthly_count",
+        "blocked_mccs", "blocked_countries",
+    }
+)  # fmt: skip
+#: Fields of SpendControls among them.
+CONTROL_FIELDS = frozenset(
+    {"per_txn_max", "daily_amount", "daily_count", "monthly_amount", "monthly_count",
+     "blocked_mccs", "blocked_countries"}
+)  # fmt: skip
+#: Attributes whose values a change record never shows (only that they changed).
+CARD_SECRET_FIELDS = frozenset({"pin_verification_value", "ibm_validation_data"})
+
+
+def apply_card_changes(card: Card, changes: Mapping[str, object]) -> Card:
+    """``card`` with ``changes`` (attribute name -> new value) applied; ``pin_tries`` may be
+    given only as 0 (a reset).
+
+    Raises:
+        StoreError: ``invalid`` for an attribute that cannot be changed.
+    """
+    unknown = set(changes) - CARD_UPDATABLE - {"pin_tries"}
+    if unknown:
+        raise StoreError("invalid", f"card attributes cannot be changed: {sorted(unknown)}")
+    if changes.get("pin_tries", 0) != 0:
+        raise StoreError("invalid", "pin_tries can only be reset to 0")
+    controls = {k: v for k, v in changes.items() if k in CONTROL_FIELDS}
+    plain = {k: v for k, v in changes.items() if k not in CONTROL_FIELDS}
+    if "status" in plain:
+        plain["status"] = CardStatus(str(plain["status"]))
+    return replace(card, **plain, controls=replace(card.controls, **controls))  # type: ignore[arg-type]
+
+
+def card_diff(old: Card, new: Card) -> dict[str, list[object]]:
+    """What changed between two versions of a card: name -> [old, new], secrets hidden."""
+    diff: dict[str, list[object]] = {}
+    for name in sorted(CARD_UPDATABLE | {"pin_tries"}):
+        source_old = old.controls if name in CONTROL_FIELDS else old
+        source_new = new.controls if name in CONTROL_FIELDS else new
+        before, after = getattr(source_old, name), getattr(source_new, name)
+        if before == after:
+            continue
+        if name in CARD_SECRET_FIELDS:
+            diff[name] = ["(hidden)", "(changed)"]
+        elif isinstance(before, frozenset) or isinstance(after, frozenset):
+            diff[name] = [sorted(before or ()), sorted(after or ())]
+        else:
+            diff[name] = [str(before) if isinstance(before, enum.Enum) else before,
+                          str(after) if isinstance(after, enum.Enum) else after]  # fmt: skip
+    return diff
+
+
+@dataclass(frozen=True, slots=True)
+class CardChange:
+    """One journaled change of a card: who, when, what (masked; secrets only named)."""
+
+    card_id: str
+    masked_pan: str
+    actor: str
+    at: str
+    #: attribute -> [old, new]; empty when the change changed nothing.
+    changed: Mapping[str, list[object]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,9 +26,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,6 +47,7 @@ from switch.store.models import (
     AuthIntent,
     AuthOutcome,
     Card,
+    CardChange,
     CardStatus,
     DuplicateKey,
     OriginalKey,
@@ -54,6 +56,8 @@ from switch.store.models import (
     SpendControls,
     StoredOutcome,
     StoreError,
+    apply_card_changes,
+    card_diff,
 )
 from switch.store.rules import (
     AccountRow,
@@ -170,6 +174,18 @@ CREATE TABLE holds (
     created_at     TEXT NOT NULL
 ) STRICT;
 CREATE INDEX holds_account ON holds(account_id) WHERE kind = 'hold' AND remaining > 0;
+
+-- Every change of a card by an operator or a provisioning file: who, when, what (a JSON
+-- object attribute -> [old, new], secrets only named).
+CREATE TABLE card_changes (
+    id         INTEGER PRIMARY KEY,
+    card_id    TEXT NOT NULL REFERENCES cards(id),
+    masked_pan TEXT NOT NULL,
+    actor      TEXT NOT NULL,
+    at         TEXT NOT NULL,
+    changed    TEXT NOT NULL
+) STRICT;
+CREATE INDEX card_changes_card ON card_changes(card_id);
 
 -- Reversals whose original was not found (their journal row names it); an original of the
 -- same card and currency arriving later is declined and resolves the row.
@@ -696,6 +712,38 @@ def _set_card_status(conn: sqlite3.Connection, card_id: str, status: CardStatus)
     return cur.rowcount == 1
 
 
+def _update_card(
+    conn: sqlite3.Connection, card_id: str, changes: Mapping[str, object], actor: str
+) -> CardChange | None:
+    row = conn.execute(f"{_CARD_SELECT} WHERE id = ?", (card_id,)).fetchone()
+    if row is None:
+        return None
+    old = _card_from_row(row)
+    new = apply_card_changes(old, changes)
+    params = dict(zip(_CARD_COLUMNS, _card_params(new), strict=True))
+    names = [c.name for c in _CARD_TABLE if c.name != "id" and c.name in changes]
+    if names:
+        conn.execute(
+            f"UPDATE cards SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",  # noqa: S608
+            (*(params[n] for n in names), card_id),
+        )
+    change = CardChange(card_id, old.masked_pan, actor, _now(), card_diff(old, new))
+    conn.execute(
+        "INSERT INTO card_changes (card_id, masked_pan, actor, at, changed) VALUES (?, ?, ?, ?, ?)",
+        (card_id, change.masked_pan, actor, change.at, json.dumps(change.changed, sort_keys=True)),
+    )
+    return change
+
+
+def _card_changes(conn: sqlite3.Connection, card_id: str) -> list[CardChange]:
+    rows = conn.execute(
+        "SELECT card_id, masked_pan, actor, at, changed FROM card_changes WHERE card_id = ? "
+        "ORDER BY id",
+        (card_id,),
+    ).fetchall()
+    return [CardChange(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+
+
 # -- connections -------------------------------------------------------------------------------
 
 
@@ -893,6 +941,15 @@ class SqliteStore:
         return cast(
             bool, await self._submit(partial(_set_card_status, card_id=card_id, status=status))
         )
+
+    async def update_card(
+        self, card_id: str, changes: Mapping[str, object], *, actor: str
+    ) -> CardChange | None:
+        op = partial(_update_card, card_id=card_id, changes=dict(changes), actor=actor)
+        return cast(CardChange | None, await self._submit(op))
+
+    async def card_changes(self, card_id: str) -> list[CardChange]:
+        return await self._read_offloaded(partial(_card_changes, card_id=card_id))
 
     async def _submit(self, op: Callable[[sqlite3.Connection], Any]) -> Any:
         item = _Pending(op)
