@@ -377,8 +377,42 @@ class AuthIntent:
     original: OriginalKey | None = None
     #: A completion for less than its pre-authorization keeps the rest held (profile rule).
     keep_rest_on_partial_completion: bool = False
+    #: When the hold this request may take expires (ISO 8601 UTC); released by the sweeper
+    #: if no reversal or completion came first. Empty: never (a debit).
+    hold_expires_at: str = ""
     #: The network answered in our place (advice of a stand-in decision).
     stand_in: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HoldView:
+    """A money row as operators see it (masked PAN, no card data)."""
+
+    id: int
+    journal_id: int
+    account_id: str
+    card_id: str | None
+    masked_pan: str
+    kind: str
+    amount: int
+    remaining: int
+    created_at: str
+    expires_at: str | None
+    #: When it was released without a reversal (expired or by an operator), if it was.
+    released_at: str | None
+    released_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRelease:
+    """A hold given back without a reversal: expired, or released by an operator."""
+
+    hold_id: int
+    account_id: str
+    masked_pan: str
+    amount: int
+    by: str
+    at: str
 
 
 #: Reasons under which an authorization's amount is (or was) authorized: the ARPC says
