@@ -61,7 +61,8 @@ async def serve(
     opens_engine = engine and handler is None
     readiness = health.Readiness(["listeners", "hsm", "store"] if opens_engine else ["listeners"])
     async with AsyncExitStack() as stack, trio.open_nursery() as monitors:
-        http = _start_health(cfg, heartbeat, readiness, stack)
+        board = health.StatusBoard()
+        http = _start_health(cfg, heartbeat, readiness, board, stack)
         probes: list[health.Probe] = []  # run_probes reads the list at each round
         # The heartbeat runs while the engine opens (a long store recovery is alive); the
         # monitors stop once the server has drained, before the engine is closed.
@@ -85,6 +86,7 @@ async def serve(
                             bound = await serving.start(server.serve)
                             names = frozenset(x.name for x in cfg.listeners)
                             probes.append(health.ListenersProbe(server, names))
+                            monitors.start_soon(_publish_status, board, server)
                             if ready_file is not None:
                                 _write_ready(ready_file, bound, http)
                         nursery.cancel_scope.cancel()  # the server has stopped
@@ -95,15 +97,32 @@ async def serve(
 
 
 def _start_health(
-    cfg: Config, heartbeat: health.Heartbeat, readiness: health.Readiness, stack: AsyncExitStack
+    cfg: Config,
+    heartbeat: health.Heartbeat,
+    readiness: health.Readiness,
+    board: health.StatusBoard,
+    stack: AsyncExitStack,
 ) -> tuple[str, int] | None:
-    """Bind and start /healthz, /readyz and /metrics (port 0: none); returns its address."""
+    """Bind and start /healthz, /readyz, /status and /metrics (port 0: none); its address."""
     if not cfg.metrics.port:
         return None
-    http = health.HealthServer(cfg.metrics.host, cfg.metrics.port, heartbeat, readiness)
+    http = health.HealthServer(
+        cfg.metrics.host, cfg.metrics.port, heartbeat, readiness, board=board
+    )
     http.start()
     stack.callback(http.close)
     return http.address
+
+
+#: Seconds between two status snapshots published for ``/status``.
+_STATUS_INTERVAL = 1.0
+
+
+async def _publish_status(board: health.StatusBoard, server: Server) -> None:
+    """Publish the server's status for ``/status`` until cancelled."""
+    while True:
+        board.publish({"pid": os.getpid(), **server.status()})
+        await trio.sleep(_STATUS_INTERVAL)
 
 
 async def _monitor(

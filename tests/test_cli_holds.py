@@ -68,3 +68,24 @@ def test_holds_list_expire_and_release(tmp_path: Path) -> None:
     assert "Traceback" not in twice.stderr
     bad = _cardswitch(config, "holds", "expire", "--now", "yesterday")
     assert bad.returncode == 2 and "--now" in bad.stderr
+
+
+def test_journal_search_command_masks_and_refuses_full_pans(tmp_path: Path) -> None:
+    db = tmp_path / "cardswitch.db"
+
+    async def seed() -> None:
+        async with seeded_store(db, 10_000) as store:
+            await store.commit_auth(auth("000007", 700))
+
+    trio.run(seed)
+    config = write_config(Config(store=StoreConfig(path=db)), tmp_path / "switch.toml")
+    found = _cardswitch(config, "journal", "search", "--stan", "000007", "--json")
+    assert found.returncode == 0, found.stderr
+    (row,) = [json.loads(line) for line in found.stdout.splitlines()]
+    assert (row["stan"], row["amount"], row["response_code"]) == ("000007", 700, "00")
+    assert "*" in row["masked_pan"]
+    table = _cardswitch(config, "journal", "search", "--pan", row["masked_pan"])
+    assert table.returncode == 0 and "000007" in table.stdout
+    refused = _cardswitch(config, "journal", "search", "--pan", "4123456789012345")
+    assert refused.returncode == 2 and "4123456789012345" not in refused.stderr
+    assert refused.stderr.count("\n") == 1

@@ -38,6 +38,7 @@ from switch.store import (
     mti_class,
     normalise_acquirer_id,
 )
+from switch.store.models import JournalQuery
 
 BALANCE = 100_000
 
@@ -499,3 +500,21 @@ async def test_operator_release_gives_back_once_and_never_a_debit(
         assert await store.release_hold(hold.hold_id, actor="alice") is None
         assert await store.release_hold(debit.hold_id, actor="alice") is None
         assert await balances(store) == (BALANCE - 200, BALANCE - 200)
+
+
+async def test_journal_search_by_stan_rrn_masked_pan_and_card(tmp_path: Path, backend: str) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
+        await store.commit_auth(auth("000001", 700))
+        await store.commit_auth(auth("000002", 300))
+        await store.commit_reversal(reversal("000101", "000001", 700))
+        by_stan = await store.search_journal(JournalQuery(stan="000002"))
+        assert [(r.stan, r.amount, r.reason) for r in by_stan] == [("000002", 300, "approved")]
+        by_rrn = await store.search_journal(JournalQuery(rrn=dup_key("000001").rrn))
+        assert [r.stan for r in by_rrn] == ["000001"]
+        masked = mask_pan(PAN)
+        by_pan = await store.search_journal(JournalQuery(masked_pan=masked))
+        assert [r.stan for r in by_pan] == ["000101", "000002", "000001"]  # newest first
+        assert [r.stan for r in await store.search_journal(JournalQuery(masked_pan=PAN[-4:]))]
+        assert await store.search_journal(JournalQuery(masked_pan="999999")) == []
+        assert len(await store.search_journal(JournalQuery(card_id=CARD_ID, limit=2))) == 2
+        assert await store.search_journal(JournalQuery(since="2999-01-01")) == []

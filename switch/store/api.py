@@ -50,6 +50,8 @@ from switch.store.models import (
     DuplicateKey,
     HoldRelease,
     HoldView,
+    JournalEntry,
+    JournalQuery,
     ReversalIntent,
     ReversalOutcome,
     StoredOutcome,
@@ -165,6 +167,10 @@ class Store(Protocol):
 
     async def card_changes(self, card_id: str) -> list[CardChange]:
         """The journaled changes of a card, oldest first."""
+        ...
+
+    async def search_journal(self, query: JournalQuery) -> list[JournalEntry]:
+        """Journal rows matching ``query``, newest first, at most ``query.limit``."""
         ...
 
     # -- holds ---------------------------------------------------------------------------------

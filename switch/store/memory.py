@@ -29,6 +29,8 @@ from switch.store.models import (
     DuplicateKey,
     HoldRelease,
     HoldView,
+    JournalEntry,
+    JournalQuery,
     OriginalKey,
     ReversalIntent,
     ReversalOutcome,
@@ -36,6 +38,7 @@ from switch.store.models import (
     StoreError,
     apply_card_changes,
     card_diff,
+    masked_parts,
 )
 from switch.store.rules import (
     AccountRow,
@@ -68,6 +71,7 @@ class JournalRow:
     outcome: StoredOutcome
     stand_in: bool
     masked_pan: str = ""
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
 
 @dataclass
@@ -349,6 +353,33 @@ class MemoryStore:
     async def card_changes(self, card_id: str) -> list[CardChange]:
         self._check()
         return [c for c in self.changes if c.card_id == card_id]
+
+    async def search_journal(self, query: JournalQuery) -> list[JournalEntry]:
+        self._check()
+        first6, last4 = masked_parts(query.masked_pan or "")
+        found = []
+        for r in reversed(self.journal):
+            k = r.dup_key
+            if (
+                (query.stan is not None and k.stan != query.stan)
+                or (query.rrn is not None and k.rrn != query.rrn)
+                or (query.card_id is not None and r.card_id != query.card_id)
+                or not r.masked_pan.startswith(first6)
+                or not r.masked_pan.endswith(last4)
+                or (query.since is not None and r.created_at < query.since)
+                or (query.until is not None and r.created_at >= query.until)
+            ):
+                continue
+            o = r.outcome
+            found.append(
+                JournalEntry(
+                    r.id, r.created_at, k.network, r.mti, r.kind, k.stan, k.rrn, k.terminal_id,
+                    r.masked_pan, r.card_id, r.account_id, r.amount, r.currency, o.reason.value,
+                    o.response_code, getattr(o, "approval_code", None), r.stand_in,
+                    getattr(o, "released_amount", None),
+                )
+            )  # fmt: skip
+        return found[: query.limit]
 
     async def expire_holds(self, now: str, limit: int = 100) -> list[HoldRelease]:
         await self._before_write()

@@ -52,6 +52,8 @@ from switch.store.models import (
     DuplicateKey,
     HoldRelease,
     HoldView,
+    JournalEntry,
+    JournalQuery,
     OriginalKey,
     ReversalIntent,
     ReversalOutcome,
@@ -60,6 +62,7 @@ from switch.store.models import (
     StoreError,
     apply_card_changes,
     card_diff,
+    masked_parts,
 )
 from switch.store.rules import (
     AccountRow,
@@ -814,6 +817,40 @@ def _list_holds(
     return [_hold_view(r) for r in rows]
 
 
+_JOURNAL_ENTRY = (
+    "SELECT id, created_at, network, mti, kind, stan, rrn, terminal_id, masked_pan, card_id, "
+    "account_id, amount, currency, reason, response_code, approval_code, stand_in, "
+    "released_amount FROM journal"
+)
+
+
+def _search_journal(conn: sqlite3.Connection, query: JournalQuery) -> list[JournalEntry]:
+    where, params = ["1 = 1"], []
+    for column, value in (("stan", query.stan), ("rrn", query.rrn), ("card_id", query.card_id)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if query.masked_pan:
+        first6, last4 = masked_parts(query.masked_pan)
+        if first6:
+            where.append("substr(masked_pan, 1, ?) = ?")
+            params += [str(len(first6)), first6]
+        if last4:
+            where.append("substr(masked_pan, -4) = ?")
+            params.append(last4)
+    if query.since is not None:
+        where.append("created_at >= ?")
+        params.append(query.since)
+    if query.until is not None:
+        where.append("created_at < ?")
+        params.append(query.until)
+    rows = conn.execute(
+        f"{_JOURNAL_ENTRY} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+        (*params, query.limit),
+    ).fetchall()
+    return [JournalEntry(**{**dict(row), "stand_in": bool(row["stand_in"])}) for row in rows]
+
+
 def _card_changes(conn: sqlite3.Connection, card_id: str) -> list[CardChange]:
     rows = conn.execute(
         "SELECT card_id, masked_pan, actor, at, changed FROM card_changes WHERE card_id = ? "
@@ -1029,6 +1066,9 @@ class SqliteStore:
 
     async def card_changes(self, card_id: str) -> list[CardChange]:
         return await self._read_offloaded(partial(_card_changes, card_id=card_id))
+
+    async def search_journal(self, query: JournalQuery) -> list[JournalEntry]:
+        return await self._read_offloaded(partial(_search_journal, query=query))
 
     async def expire_holds(self, now: str, limit: int = 100) -> list[HoldRelease]:
         return cast(
