@@ -148,6 +148,8 @@ class PhaseResult:
     #: Seconds from the first send to the last answer or timeout.
     elapsed: float
     latency: LatencySummary | None
+    #: Answers that came after their request was counted as a timeout (not errors again).
+    late_answers: int
     #: Open loop: how late sends went out behind their schedule (the generator's own queue).
     send_lag: LatencySummary | None
     target_cpu_ms_per_msg: float
@@ -205,6 +207,7 @@ class PhaseResult:
             codes={str(k): int(v) for k, v in raw["codes"].items()},
             scenarios={str(k): int(v) for k, v in raw["scenarios"].items()},
             errors={str(k): int(v) for k, v in raw["errors"].items()},
+            late_answers=int(raw.get("late_answers", 0)),
             elapsed=float(raw["elapsed"]),
             latency=summary("latency"),
             send_lag=summary("send_lag"),
@@ -239,6 +242,8 @@ class _Tally:
     scenarios: Counter[str] = field(default_factory=Counter)
     sent: int = 0
     answered: int = 0
+    #: Answers to requests already counted as timeouts.
+    late: int = 0
     last_event: float = 0.0
     #: False during warm-up: nothing is counted.
     measuring: bool = False
@@ -256,6 +261,8 @@ class _Connection:
         self.tally = tally
         #: STAN -> (scheduled or actual send time, counted in the tally).
         self.pending: dict[str, tuple[float, bool]] = {}
+        #: STANs settled as timeouts: their answer, if it still comes, is late, not unmatched.
+        self.timed_out: set[str] = set()
         self.window: trio.Semaphore | None = None
         self.closed = False
         self.timeout = 10.0
@@ -303,6 +310,10 @@ class _Connection:
                         self.tally.errors["undecodable answer"] += 1
                         continue
                     stan = doc.get("11")
+                    if stan in self.timed_out:
+                        self.timed_out.discard(stan)
+                        self.tally.late += 1
+                        continue
                     if stan is None or stan not in self.pending:
                         self.tally.errors["unmatched answer"] += 1
                         continue
@@ -320,6 +331,7 @@ class _Connection:
         """Settle the requests past their timeout (their answer, if it comes, is unmatched)."""
         late = [s for s, (t, _c) in self.pending.items() if now - t > self.timeout]
         for stan in late:
+            self.timed_out.add(stan)
             self._settle(stan, "timeout", None)
 
 
@@ -489,6 +501,7 @@ async def run_on_streams(
         codes=dict(sorted(tally.codes.items())),
         scenarios=dict(sorted(tally.scenarios.items())),
         errors=dict(sorted(tally.errors.items())),
+        late_answers=tally.late,
         elapsed=end - first,
         latency=tally.latency.summary(),
         send_lag=tally.lag.summary(),

@@ -356,6 +356,7 @@ def ratios(run: dict[str, Any]) -> dict[str, Any]:
         "p99_ms": _p99(over),
         "max_ms": over.latency.max if over.latency else math.nan,
         "errors": over.errors,
+        "late_answers": over.late_answers,
         "codes": over.codes,
     }
     # The model's service time: the measured one (1 / the closed 1x64 rate).
@@ -410,6 +411,7 @@ def markdown(run: dict[str, Any], r: dict[str, Any], machine: dict[str, Any], co
         f"load average at start {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}, "
         f"{m['when']}",
         "",
+        *_load_note(m),
         "## What ran",
         "",
         "Every target gets the same mutual TLS (dev PKI), the same 2-byte length header and the "
@@ -469,7 +471,8 @@ def markdown(run: dict[str, Any], r: dict[str, Any], machine: dict[str, Any], co
         f"{run['settings']['open_s']:g} s): {_f(over['answered_per_s'], 0)}/s answered, "
         f"{_f(100 * over['answered_share'], 1)} % of the sent requests answered in time, "
         f"p50 {_f(over['p50_ms'], 0)} ms, p99 {_f(over['p99_ms'], 0)} ms, max "
-        f"{_f(over['max_ms'], 0)} ms; errors {over['errors'] or 'none'}; DE39 {over['codes']}.",
+        f"{_f(over['max_ms'], 0)} ms; errors {over['errors'] or 'none'} (and "
+        f"{over['late_answers']} answers after their timeout); DE39 {over['codes']}.",
         "",
         "## The harness does not hide queueing",
         "",
@@ -509,6 +512,21 @@ def markdown(run: dict[str, Any], r: dict[str, Any], machine: dict[str, Any], co
         "",
     ]
     return "\n".join(lines)
+
+
+def _load_note(m: dict[str, Any]) -> list[str]:
+    """A warning when other processes kept the machine busy at the start of the run."""
+    load = m["load_average_at_start"][0]
+    if load < 0.5 * (m["nproc"] or 1):
+        return []
+    return [
+        f"**Shared machine**: load average {load:.1f} on {m['nproc']} cores when this run "
+        "started: other processes ran on both cores, so throughput and latency here are "
+        "lower and noisier than on a quiet machine; CPU per message (and the CPU ratios) are "
+        "the least disturbed figures. Rerun `make bench` on a quiet machine before quoting "
+        "absolute figures.",
+        "",
+    ]
 
 
 def run(s: Settings, command: str) -> Path:
