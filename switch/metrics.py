@@ -520,3 +520,18 @@ REGISTRY.register(_HSM_SESSION)
 def watch_hsm_session(source: HsmSessionSource | None) -> None:
     """Export the HSM session state read from ``source`` (None: stop exporting it)."""
     _HSM_SESSION.source = source
+
+
+# -- hold expiry ---------------------------------------------------------------------------------
+
+HOLDS_EXPIRED = Counter(
+    "cardswitch_holds_expired",
+    "Holds given back by the expiry sweeper (no reversal or completion came in time).",
+    registry=REGISTRY,
+)
+
+
+def observe_holds_expired(count: int) -> None:
+    """Count holds the sweeper released."""
+    if count:
+        HOLDS_EXPIRED.inc(count)
