@@ -24,8 +24,9 @@ from pathlib import Path
 
 import trio
 
+from hsm.api import KeyUsage
 from hsm.carddata import open_vault
-from hsm.token import open_hsm
+from hsm.token import RequiredKey, open_hsm, require_keys, session_status
 from switch import health, metrics
 from switch import log as log_mod
 from switch.config import Config
@@ -154,12 +155,27 @@ async def _open_engine(
 ) -> Engine:
     """Open the HSM, the vault and the store and return the pipeline over them.
 
-    Appends the readiness probes of the HSM (check value of the first listener's ZPK) and of
-    the store (a point read) to ``probes``, and starts the hold-expiry sweeper in
-    ``background`` (stopped, like the probes, before the store closes).
+    Opens only what exists (``hsm.token.open_hsm``: a missing module, SoftHSM configuration or
+    token is an ``HsmConfigError``) and checks the keys the configuration names: each
+    listener's ZPK and, for ``card-data`` backend ``hsm``, the fingerprint and encryption keys.
+    Keys named by provisioned cards (CVK, PVK, IMK) are checked when a request needs them
+    (``KeyNotFound`` then declines that request), not at start. Exports the HSM session state
+    to the metrics, appends the readiness probes of the HSM (check value of the first
+    listener's ZPK) and of the store (a point read) to ``probes``, and starts the hold-expiry
+    sweeper in ``background`` (stopped, like the probes, before the store closes).
     """
     hsm = open_hsm(cfg.hsm)  # opens the token and logs in once, at start-up
     stack.push_async_callback(hsm.aclose)
+    required = [RequiredKey(f"listener[{x.name}].zpk", x.zpk, KeyUsage.ZPK) for x in cfg.listeners]
+    if cfg.card_data.backend == "hsm":
+        fp, enc = cfg.card_data.fingerprint_key, cfg.card_data.encryption_key
+        required += [
+            RequiredKey("card-data.fingerprint_key", fp, KeyUsage.HMAC),
+            RequiredKey("card-data.encryption_key", enc, KeyUsage.DATA),
+        ]
+    await require_keys(hsm, required)
+    metrics.watch_hsm_session(lambda: session_status(hsm))
+    stack.callback(metrics.watch_hsm_session, None)
     vault = open_vault(cfg.card_data, hsm)
     store = await stack.enter_async_context(open_store(cfg.store))
     probes += [health.HsmProbe(hsm, cfg.listeners[0].zpk), health.StoreProbe(store)]
