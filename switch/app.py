@@ -24,12 +24,14 @@ from pathlib import Path
 
 import trio
 
+from hsm.api import Hsm
 from hsm.carddata import open_vault
 from hsm.token import open_hsm
 from switch import health, metrics
 from switch import log as log_mod
 from switch.config import Config
 from switch.handler import Dispatcher, Engine, RequestHandler, UnavailableEngine
+from switch.keys import ListenerSessions
 from switch.pipeline import Pipeline
 from switch.server import Server
 from switch.store import open_store
@@ -67,13 +69,16 @@ async def serve(
         monitors.start_soon(_monitor, heartbeat, readiness, probes, tls)
         try:
             async with AsyncExitStack() as engine_stack:
+                sessions = ListenerSessions(cfg.listeners)
                 if handler is None:
                     if engine:
-                        handler = Dispatcher(await _open_engine(cfg, engine_stack, probes))
+                        pipeline, hsm = await _open_engine(cfg, engine_stack, probes)
+                        await sessions.restore(hsm)  # key exchanges before a restart hold
+                        handler = Dispatcher(pipeline, keys=hsm)
                     else:
                         readiness.record("engine", "Disabled: serving without an engine (91)")
                         handler = Dispatcher(UnavailableEngine())
-                server = Server(cfg, handler, tls.get)
+                server = Server(cfg, handler, tls.get, sessions)
                 # Held until the server has stopped, so that no signal meets its default
                 # action (SIGHUP's kills the process) while the switch is still draining.
                 with trio.open_signal_receiver(*_SIGNALS) as signals:
@@ -125,8 +130,11 @@ async def _monitor(
         nursery.start_soon(partial(health.run_probes, readiness, probes, each_round=certificates))
 
 
-async def _open_engine(cfg: Config, stack: AsyncExitStack, probes: list[health.Probe]) -> Engine:
-    """Open the HSM, the vault and the store and return the pipeline over them.
+async def _open_engine(
+    cfg: Config, stack: AsyncExitStack, probes: list[health.Probe]
+) -> tuple[Engine, Hsm]:
+    """Open the HSM, the vault and the store; the pipeline over them, and the HSM (key
+    exchange imports into it).
 
     Appends the readiness probes of the HSM (check value of the first listener's ZPK) and of
     the store (a point read) to ``probes``.
@@ -136,7 +144,7 @@ async def _open_engine(cfg: Config, stack: AsyncExitStack, probes: list[health.P
     vault = open_vault(cfg.card_data, hsm)
     store = await stack.enter_async_context(open_store(cfg.store))
     probes += [health.HsmProbe(hsm, cfg.listeners[0].zpk), health.StoreProbe(store)]
-    return Pipeline(cfg, store=store, hsm=hsm, vault=vault)
+    return Pipeline(cfg, store=store, hsm=hsm, vault=vault), hsm
 
 
 #: The signals the switch handles (see the module docstring).
