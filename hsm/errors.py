@@ -86,3 +86,12 @@ class InvalidInput(HsmError):
 
 class DecryptionFailed(HsmError):
     """Authenticated decryption failed: wrong key, wrong associated data or tampered blob."""
+
+
+class KeyCheckFailed(HsmError):
+    """A key received under a key-encrypting key does not have the check value sent with it;
+    nothing was kept."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        super().__init__(f"key {label!r}: check value differs from the one sent")

@@ -24,13 +24,14 @@ from pathlib import Path
 
 import trio
 
-from hsm.api import KeyUsage
+from hsm.api import Hsm, KeyUsage
 from hsm.carddata import open_vault
 from hsm.token import RequiredKey, open_hsm, require_keys, session_status
 from switch import health, metrics
 from switch import log as log_mod
 from switch.config import Config
 from switch.handler import Dispatcher, Engine, RequestHandler, UnavailableEngine
+from switch.keys import ListenerSessions
 from switch.pipeline import Pipeline
 from switch.server import Server
 from switch.store import open_store
@@ -70,14 +71,16 @@ async def serve(
         monitors.start_soon(_monitor, heartbeat, readiness, probes, tls)
         try:
             async with AsyncExitStack() as engine_stack:
+                sessions = ListenerSessions(cfg.listeners)
                 if handler is None:
                     if engine:
-                        engine_ = await _open_engine(cfg, engine_stack, probes, monitors)
-                        handler = Dispatcher(engine_)
+                        pipeline, hsm = await _open_engine(cfg, engine_stack, probes, monitors)
+                        await sessions.restore(hsm)  # key exchanges before a restart hold
+                        handler = Dispatcher(pipeline, keys=hsm)
                     else:
                         readiness.record("engine", "Disabled: serving without an engine (91)")
                         handler = Dispatcher(UnavailableEngine())
-                server = Server(cfg, handler, tls.get)
+                server = Server(cfg, handler, tls.get, sessions)
                 # Held until the server has stopped, so that no signal meets its default
                 # action (SIGHUP's kills the process) while the switch is still draining.
                 with trio.open_signal_receiver(*_SIGNALS) as signals:
@@ -152,8 +155,9 @@ async def _open_engine(
     stack: AsyncExitStack,
     probes: list[health.Probe],
     background: trio.Nursery,
-) -> Engine:
-    """Open the HSM, the vault and the store and return the pipeline over them.
+) -> tuple[Engine, Hsm]:
+    """Open the HSM, the vault and the store; the pipeline over them, and the HSM (key
+    exchange imports into it).
 
     Opens only what exists (``hsm.token.open_hsm``: a missing module, SoftHSM configuration or
     token is an ``HsmConfigError``) and checks the keys the configuration names: each
@@ -181,7 +185,7 @@ async def _open_engine(
     probes += [health.HsmProbe(hsm, cfg.listeners[0].zpk), health.StoreProbe(store)]
     if cfg.holds.sweep_interval:
         background.start_soon(run_sweeper, store, cfg.holds)
-    return Pipeline(cfg, store=store, hsm=hsm, vault=vault)
+    return Pipeline(cfg, store=store, hsm=hsm, vault=vault), hsm
 
 
 #: The signals the switch handles (see the module docstring).

@@ -144,7 +144,7 @@ PROTOCOL_KINDS: Final = LabelValues(
     (
         *("bad_header", "zero_length", "oversize"),
         *("undecodable", "truncated_frame", "unsolicited_response", "garbled_response"),
-        *("format_error", "frame_timeout", "internal_error"),
+        *("format_error", "frame_timeout", "internal_error", "echo_timeout"),
     )
 )
 #: Why an answer was not delivered (connection.py).
