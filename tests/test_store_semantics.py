@@ -1,7 +1,8 @@
 """Money, PIN-try, velocity, duplicate and reversal semantics of the store.
 
-The decision semantics run on every backend (SQLite and the in-memory test store share the
-commit rules); batching, cancellation and closing are the SQLite writer's own.
+The decision semantics run on every backend (SQLite, PostgreSQL and the in-memory test store
+share the commit rules); batching, cancellation and closing are the SQLite writer's own
+(PostgreSQL's are in test_postgres_store.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from test_store_support import (
     ACCOUNT_ID,
     CARD_ID,
     CURRENCY,
+    Backend,
     auth,
     dup_key,
     make_card,
@@ -40,9 +42,11 @@ from switch.store import (
 BALANCE = 100_000
 
 
-@pytest.fixture(params=["sqlite", "memory"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+@pytest.fixture(params=["sqlite", "memory", "postgres"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "postgres":
+        return Backend("postgres", request.getfixturevalue("pg_dsn"))
+    return Backend(str(request.param))
 
 
 async def balances(store: object, account_id: str = ACCOUNT_ID) -> tuple[int, int]:
@@ -71,7 +75,7 @@ def test_acquirer_ids_and_mti_classes_are_normalised() -> None:
 # -- authorizations ----------------------------------------------------------------------------
 
 
-async def test_approved_hold_reserves_available_only(tmp_path: Path, backend: str) -> None:
+async def test_approved_hold_reserves_available_only(tmp_path: Path, backend: Backend) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         out = await store.commit_auth(auth("000001", 2500))
         assert out.response_code == "00"
@@ -85,7 +89,7 @@ async def test_approved_hold_reserves_available_only(tmp_path: Path, backend: st
 
 
 async def test_insufficient_funds_declines_51_without_moving_money(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", balance=1000, backend=backend) as store:
         out = await store.commit_auth(auth("000001", 1001))
@@ -97,7 +101,9 @@ async def test_insufficient_funds_declines_51_without_moving_money(
         assert exact.available_balance == 0
 
 
-async def test_financial_request_debits_ledger_and_available(tmp_path: Path, backend: str) -> None:
+async def test_financial_request_debits_ledger_and_available(
+    tmp_path: Path, backend: Backend
+) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         out = await store.commit_auth(auth("000001", 4000, kind="debit"))
         assert out.response_code == "00"
@@ -109,7 +115,7 @@ async def test_financial_request_debits_ledger_and_available(tmp_path: Path, bac
 
 
 async def test_advices_are_applied_even_beyond_funds_and_never_declined(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     limits = SpendControls(daily_count=1)
     async with seeded_store(
@@ -134,7 +140,7 @@ async def test_advices_are_applied_even_beyond_funds_and_never_declined(
         assert card is not None and card.pin_tries == 3  # the advice did not count a try
 
 
-async def test_pipeline_decline_is_recorded_without_money(tmp_path: Path, backend: str) -> None:
+async def test_pipeline_decline_is_recorded_without_money(tmp_path: Path, backend: Backend) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         out = await store.commit_auth(
             auth("000001", 100, kind="decline", decline_reason=Reason.EXPIRED_CARD)
@@ -148,7 +154,7 @@ async def test_pipeline_decline_is_recorded_without_money(tmp_path: Path, backen
         assert err.value.kind == "invalid"
 
 
-async def test_unknown_card_decline_needs_no_account(tmp_path: Path, backend: str) -> None:
+async def test_unknown_card_decline_needs_no_account(tmp_path: Path, backend: Backend) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         out = await store.commit_auth(
             auth(
@@ -165,7 +171,7 @@ async def test_unknown_card_decline_needs_no_account(tmp_path: Path, backend: st
 
 
 async def test_duplicate_replays_stored_answer_without_second_hold(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         first = await store.commit_auth(auth("000001", 1000))
@@ -190,7 +196,7 @@ async def test_duplicate_replays_stored_answer_without_second_hold(
 
 
 async def test_wrong_pins_count_to_75_and_replays_do_not_count(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         codes = [
@@ -211,7 +217,7 @@ async def test_wrong_pins_count_to_75_and_replays_do_not_count(
 
 
 async def test_correct_pin_resets_tries_even_when_declined_for_funds(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", balance=1000, backend=backend) as store:
         await store.commit_auth(auth("000001", 100, pin_check="bad"))
@@ -224,7 +230,7 @@ async def test_correct_pin_resets_tries_even_when_declined_for_funds(
         assert bad.response_code == "55"  # counting starts again from zero
 
 
-async def test_daily_amount_velocity_declines_61(tmp_path: Path, backend: str) -> None:
+async def test_daily_amount_velocity_declines_61(tmp_path: Path, backend: Backend) -> None:
     limits = SpendControls(daily_amount=1000)
     async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits, backend=backend) as store:
         assert (await store.commit_auth(auth("000001", 600, velocity=limits))).response_code == "00"
@@ -237,7 +243,9 @@ async def test_daily_amount_velocity_declines_61(tmp_path: Path, backend: str) -
         assert await balances(store) == (BALANCE, BALANCE - 2000)
 
 
-async def test_count_velocity_declines_65_daily_and_monthly(tmp_path: Path, backend: str) -> None:
+async def test_count_velocity_declines_65_daily_and_monthly(
+    tmp_path: Path, backend: Backend
+) -> None:
     limits = SpendControls(daily_count=2, monthly_count=3)
     async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits, backend=backend) as store:
         day1 = [
@@ -256,7 +264,7 @@ async def test_count_velocity_declines_65_daily_and_monthly(tmp_path: Path, back
         assert day2 == ["00", "65"]  # the month's third is allowed, the fourth is not
 
 
-async def test_monthly_amount_velocity_declines_61(tmp_path: Path, backend: str) -> None:
+async def test_monthly_amount_velocity_declines_61(tmp_path: Path, backend: Backend) -> None:
     limits = SpendControls(monthly_amount=1500)
     async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits, backend=backend) as store:
         first = auth("000001", 1000, velocity=limits, velocity_day="20250101")
@@ -268,7 +276,7 @@ async def test_monthly_amount_velocity_declines_61(tmp_path: Path, backend: str)
 # -- reversals ---------------------------------------------------------------------------------
 
 
-async def test_full_reversal_releases_the_hold_once(tmp_path: Path, backend: str) -> None:
+async def test_full_reversal_releases_the_hold_once(tmp_path: Path, backend: Backend) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         await store.commit_auth(auth("000001", 1000))
         out = await store.commit_reversal(reversal("000101", "000001", 1000))
@@ -283,7 +291,9 @@ async def test_full_reversal_releases_the_hold_once(tmp_path: Path, backend: str
         assert await balances(store) == (BALANCE, BALANCE)
 
 
-async def test_partial_reversals_never_release_more_than_held(tmp_path: Path, backend: str) -> None:
+async def test_partial_reversals_never_release_more_than_held(
+    tmp_path: Path, backend: Backend
+) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         await store.commit_auth(auth("000001", 1000))
         part = await store.commit_reversal(reversal("000101", "000001", 1000, replacement=600))
@@ -299,7 +309,7 @@ async def test_partial_reversals_never_release_more_than_held(tmp_path: Path, ba
 
 
 async def test_reversal_of_a_debit_credits_ledger_and_available(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         await store.commit_auth(auth("000001", 3000, kind="debit"))
@@ -311,7 +321,7 @@ async def test_reversal_of_a_debit_credits_ledger_and_available(
 
 
 async def test_reversal_finds_original_through_zero_filled_de90_acquirer(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         await store.commit_auth(auth("000001", 1000))
@@ -322,7 +332,7 @@ async def test_reversal_finds_original_through_zero_filled_de90_acquirer(
 
 
 async def test_reversal_of_a_declined_original_matches_and_releases_nothing(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", balance=10, backend=backend) as store:
         assert (await store.commit_auth(auth("000001", 1000))).response_code == "51"
@@ -330,7 +340,7 @@ async def test_reversal_of_a_declined_original_matches_and_releases_nothing(
         assert (out.matched, out.released_amount, out.available_balance) == (True, 0, 10)
 
 
-async def test_reversal_releases_velocity_of_the_original(tmp_path: Path, backend: str) -> None:
+async def test_reversal_releases_velocity_of_the_original(tmp_path: Path, backend: Backend) -> None:
     limits = SpendControls(daily_amount=1000, daily_count=1)
     async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits, backend=backend) as store:
         assert (await store.commit_auth(auth("000001", 1000, velocity=limits))).approved
@@ -340,7 +350,7 @@ async def test_reversal_releases_velocity_of_the_original(tmp_path: Path, backen
 
 
 async def test_unmatched_reversal_is_kept_and_late_original_declined(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         early = await store.commit_reversal(reversal("000101", "000001", 1000))
@@ -354,7 +364,7 @@ async def test_unmatched_reversal_is_kept_and_late_original_declined(
 
 
 async def test_advice_after_its_reversal_is_acknowledged_without_money(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         # The network reversed its stand-in 0200 (DE90 names the 0200), then advises it.
