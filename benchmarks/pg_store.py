@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import psycopg
 import trio
@@ -91,7 +91,8 @@ class _BatchWriter:
         self.batches = 0
 
     async def commit(self, intent: Any) -> Any:
-        done, box: tuple[trio.Event, list[Any]] = trio.Event(), []
+        done = trio.Event()
+        box: list[Any] = []
         self._send.send_nowait((intent, done, box))
         await done.wait()
         return box[0]

@@ -33,6 +33,7 @@ from switch.handler import Dispatcher, Engine, RequestHandler, UnavailableEngine
 from switch.pipeline import Pipeline
 from switch.server import Server
 from switch.store import open_store
+from switch.sweeper import run_sweeper
 from switch.tls import TlsContextHolder
 
 log = log_mod.get_logger("switch.app")
@@ -69,7 +70,8 @@ async def serve(
             async with AsyncExitStack() as engine_stack:
                 if handler is None:
                     if engine:
-                        handler = Dispatcher(await _open_engine(cfg, engine_stack, probes))
+                        engine_ = await _open_engine(cfg, engine_stack, probes, monitors)
+                        handler = Dispatcher(engine_)
                     else:
                         readiness.record("engine", "Disabled: serving without an engine (91)")
                         handler = Dispatcher(UnavailableEngine())
@@ -125,17 +127,25 @@ async def _monitor(
         nursery.start_soon(partial(health.run_probes, readiness, probes, each_round=certificates))
 
 
-async def _open_engine(cfg: Config, stack: AsyncExitStack, probes: list[health.Probe]) -> Engine:
+async def _open_engine(
+    cfg: Config,
+    stack: AsyncExitStack,
+    probes: list[health.Probe],
+    background: trio.Nursery,
+) -> Engine:
     """Open the HSM, the vault and the store and return the pipeline over them.
 
     Appends the readiness probes of the HSM (check value of the first listener's ZPK) and of
-    the store (a point read) to ``probes``.
+    the store (a point read) to ``probes``, and starts the hold-expiry sweeper in
+    ``background`` (stopped, like the probes, before the store closes).
     """
     hsm = open_hsm(cfg.hsm)  # opens the token and logs in once, at start-up
     stack.push_async_callback(hsm.aclose)
     vault = open_vault(cfg.card_data, hsm)
     store = await stack.enter_async_context(open_store(cfg.store))
     probes += [health.HsmProbe(hsm, cfg.listeners[0].zpk), health.StoreProbe(store)]
+    if cfg.holds.sweep_interval:
+        background.start_soon(run_sweeper, store, cfg.holds)
     return Pipeline(cfg, store=store, hsm=hsm, vault=vault)
 
 

@@ -44,15 +44,17 @@ DSN never carries it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import heapq
 import itertools
+import json
 import math
 import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,13 +75,18 @@ from switch.store.models import (
     AuthIntent,
     AuthOutcome,
     Card,
+    CardChange,
     CardStatus,
     DuplicateKey,
+    HoldRelease,
+    HoldView,
     OriginalKey,
     ReversalIntent,
     ReversalOutcome,
     StoredOutcome,
     StoreError,
+    apply_card_changes,
+    card_diff,
 )
 from switch.store.rules import (
     AccountRow,
@@ -90,6 +97,7 @@ from switch.store.rules import (
     OriginalRow,
     ReversalSnapshot,
     plan_auth,
+    plan_hold_release,
     plan_reversal,
 )
 from switch.store.sqlite import (
@@ -103,6 +111,7 @@ from switch.store.sqlite import (
     _card_params,
     _journal_values,
     _key_params,
+    _now,
     _outcome_from_row,
 )
 
@@ -504,8 +513,8 @@ def _apply_auth(conn: Conn, intent: AuthIntent) -> AuthOutcome:
     if plan.money_row and intent.account_id is not None:
         row = conn.execute(
             "INSERT INTO holds (journal_id, account_id, card_id, kind, amount, remaining, "
-            "velocity_day, velocity_month, created_at) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            "velocity_day, velocity_month, created_at, expires_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
             (
                 journal_id,
                 intent.account_id,
@@ -516,6 +525,7 @@ def _apply_auth(conn: Conn, intent: AuthIntent) -> AuthOutcome:
                 intent.velocity_day,
                 intent.velocity_month,
                 values["created_at"],
+                None if plan.debit or not intent.hold_expires_at else intent.hold_expires_at,
             ),
         ).fetchone()
         assert row is not None
@@ -625,6 +635,114 @@ def _put_card(conn: Conn, card: Card) -> None:
 def _set_card_status(conn: Conn, card_id: str, status: CardStatus) -> bool:
     cur = conn.execute("UPDATE cards SET status = %s WHERE id = %s", (status.value, card_id))
     return cur.rowcount == 1
+
+
+def _update_card(
+    conn: Conn, card_id: str, changes: Mapping[str, object], actor: str
+) -> CardChange | None:
+    row = conn.execute(f"{_CARD_SELECT} WHERE id = %s FOR UPDATE", (card_id,)).fetchone()
+    if row is None:
+        return None
+    old = _card_from_row(cast(Any, row))
+    new = apply_card_changes(old, changes)
+    params = dict(zip(_CARD_COLUMNS, _card_params(new), strict=True))
+    names = [c.name for c in _CARD_TABLE if c.name != "id" and c.name in changes]
+    if names:
+        conn.execute(
+            f"UPDATE cards SET {', '.join(f'{n} = %s' for n in names)} WHERE id = %s",  # noqa: S608
+            (*(params[n] for n in names), card_id),
+        )
+    change = CardChange(card_id, old.masked_pan, actor, _now(), card_diff(old, new))
+    conn.execute(
+        "INSERT INTO card_changes (card_id, masked_pan, actor, at, changed) "
+        "VALUES (%s, %s, %s, %s, %s)",
+        (card_id, change.masked_pan, actor, change.at, json.dumps(change.changed, sort_keys=True)),
+    )
+    return change
+
+
+_HOLD_SELECT = (
+    "SELECT h.id, h.journal_id, h.account_id, h.card_id, j.masked_pan, h.kind, h.amount, "
+    "h.remaining, h.created_at, h.expires_at, h.released_at, h.released_by, "
+    "h.velocity_day, h.velocity_month, h.completed_by "
+    "FROM holds h JOIN journal j ON j.id = h.journal_id"
+)
+_HOLD_VIEW_FIELDS = tuple(f.name for f in dataclasses.fields(HoldView))
+
+
+def _release(conn: Conn, row: dict[str, Any], by: str, at: str) -> HoldRelease | None:
+    """Give back what remains of the locked hold ``row`` (a _HOLD_SELECT row), as
+    ``rules.plan_hold_release`` says; None if nothing."""
+    hold = HoldRow(
+        row["id"], row["journal_id"], row["account_id"], row["card_id"], row["kind"],
+        row["remaining"], row["velocity_day"], row["velocity_month"], row["completed_by"],
+    )  # fmt: skip
+    plan = plan_hold_release(hold)
+    if plan is None:
+        return None
+    amount, count_delta = plan
+    conn.execute(
+        "UPDATE holds SET remaining = 0, released_at = %s, released_by = %s WHERE id = %s",
+        (at, by, hold.id),
+    )
+    conn.execute(
+        "UPDATE accounts SET available_balance = available_balance + %s WHERE id = %s",
+        (amount, hold.account_id),
+    )
+    if hold.card_id is not None:
+        _bump_counters(conn, hold.card_id, day=hold.velocity_day, month=hold.velocity_month,
+                       amount=-amount, count=count_delta)  # fmt: skip
+    return HoldRelease(hold.id, hold.account_id, row["masked_pan"], amount, by, at)
+
+
+def _expire_holds(conn: Conn, now: str, limit: int) -> list[HoldRelease]:
+    # SKIP LOCKED: instances sweeping at once take different holds; accounts are then locked
+    # in id order, so two sweepers cannot deadlock on them.
+    rows = conn.execute(
+        f"{_HOLD_SELECT} WHERE h.kind = 'hold' AND h.remaining > 0 "
+        "AND h.expires_at IS NOT NULL AND h.expires_at <= %s ORDER BY h.expires_at LIMIT %s "
+        "FOR UPDATE OF h SKIP LOCKED",
+        (now, limit),
+    ).fetchall()
+    rows.sort(key=lambda r: (r["account_id"], r["id"]))
+    released = (_release(conn, row, "expiry", now) for row in rows)
+    return [r for r in released if r is not None]
+
+
+def _release_hold(conn: Conn, hold_id: int, actor: str) -> HoldRelease | None:
+    row = conn.execute(f"{_HOLD_SELECT} WHERE h.id = %s FOR UPDATE OF h", (hold_id,)).fetchone()
+    return None if row is None else _release(conn, row, actor, _now())
+
+
+def _list_holds(
+    conn: Conn, account_id: str | None, card_id: str | None, active: bool, limit: int
+) -> list[HoldView]:
+    where, params = ["TRUE"], []
+    if account_id is not None:
+        where.append("h.account_id = %s")
+        params.append(account_id)
+    if card_id is not None:
+        where.append("h.card_id = %s")
+        params.append(card_id)
+    if active:
+        where.append("h.kind = 'hold' AND h.remaining > 0")
+    rows = conn.execute(
+        f"{_HOLD_SELECT} WHERE {' AND '.join(where)} ORDER BY h.id DESC LIMIT %s",
+        (*params, limit),
+    ).fetchall()
+    return [HoldView(**{name: r[name] for name in _HOLD_VIEW_FIELDS}) for r in rows]
+
+
+def _card_changes(conn: Conn, card_id: str) -> list[CardChange]:
+    rows = conn.execute(
+        "SELECT card_id, masked_pan, actor, at, changed FROM card_changes WHERE card_id = %s "
+        "ORDER BY id",
+        (card_id,),
+    ).fetchall()
+    return [
+        CardChange(r["card_id"], r["masked_pan"], r["actor"], r["at"], json.loads(r["changed"]))
+        for r in rows
+    ]
 
 
 # -- the store --------------------------------------------------------------------------------
@@ -791,6 +909,33 @@ class PostgresStore:
 
     async def set_card_status(self, card_id: str, status: CardStatus) -> bool:
         return await self._run(lambda conn: _set_card_status(conn, card_id, status), write=True)
+
+    async def update_card(
+        self, card_id: str, changes: Mapping[str, object], *, actor: str
+    ) -> CardChange | None:
+        frozen = dict(changes)
+        return await self._run(lambda conn: _update_card(conn, card_id, frozen, actor), write=True)
+
+    async def card_changes(self, card_id: str) -> list[CardChange]:
+        return await self._run(lambda conn: _card_changes(conn, card_id), write=False)
+
+    async def expire_holds(self, now: str, limit: int = 100) -> list[HoldRelease]:
+        return await self._run(lambda conn: _expire_holds(conn, now, limit), write=True)
+
+    async def release_hold(self, hold_id: int, *, actor: str) -> HoldRelease | None:
+        return await self._run(lambda conn: _release_hold(conn, hold_id, actor), write=True)
+
+    async def list_holds(
+        self,
+        *,
+        account_id: str | None = None,
+        card_id: str | None = None,
+        active: bool = True,
+        limit: int = 100,
+    ) -> list[HoldView]:
+        return await self._run(
+            lambda conn: _list_holds(conn, account_id, card_id, active, limit), write=False
+        )
 
     def _close(self) -> None:
         self._closed = True
