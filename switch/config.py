@@ -16,6 +16,7 @@ is the repository root for ``make run`` and the image's work directory in the co
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -29,7 +30,7 @@ from switch.decisions import NETWORKS, STAND_IN_REASONS
 from switch.wire.framing import HeaderKind
 from switch.wire.spec import SpecKind
 
-StoreBackend = Literal["sqlite"]
+StoreBackend = Literal["sqlite", "postgres"]
 LogFormat = Literal["json", "console"]
 
 
@@ -162,10 +163,29 @@ class PipelineConfig:
 class StoreConfig:
     """The durable store of cards, accounts and the authorization journal."""
 
+    #: "sqlite" (one embedded file, one process) or "postgres" (one database that several
+    #: switch processes may share).
     backend: StoreBackend = "sqlite"
+    #: SQLite: the database file.
     path: Path = Path("var/cardswitch.db")
-    #: Most decisions committed in one group-commit transaction.
+    #: SQLite: most decisions committed in one group-commit transaction.
     batch_max: int = 128
+    #: PostgreSQL: libpq connection string or URI, WITHOUT a password (e.g. "host=db.internal
+    #: dbname=cardswitch user=cardswitch sslmode=verify-full"). The password comes from the
+    #: environment (CARDSWITCH_PG_PASSWORD, or libpq's own PGPASSWORD / PGPASSFILE) or from
+    #: ``password_file``, never from this file.
+    dsn: str = ""
+    #: PostgreSQL: a file holding the password (first line), readable by the switch only.
+    password_file: str = ""
+    #: PostgreSQL: connections per process; also how many decisions commit concurrently.
+    pool_size: int = 8
+    #: PostgreSQL: seconds one statement may run, and may wait for a row lock, before the
+    #: database cancels it (the decision fails as "unavailable" and is stood in for); both
+    #: must be below ``pipeline.budget``.
+    statement_timeout: float = 1.0
+    lock_timeout: float = 0.5
+    #: PostgreSQL: seconds to establish a connection (libpq connect_timeout, at least 2).
+    connect_timeout: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -388,8 +408,36 @@ def _check(cfg: Config, source: str) -> None:
         raise ConfigError(source, "pipeline.atc_window", "must be between 0 and 32")
     if cfg.server.max_in_flight < 1:
         raise ConfigError(source, "server.max_in_flight", "must be at least 1")
+    _check_store(cfg, source)
     if not 0 <= cfg.metrics.port <= 65535:
         raise ConfigError(source, "metrics.port", f"out of range: {cfg.metrics.port}")
+
+
+#: A password written into a libpq keyword/value string or a URI's user information.
+_DSN_PASSWORD = re.compile(r"(^|\s)password\s*=|^[a-z]+://[^/@\s]*:[^/@\s]*@|[?&]password=", re.I)
+
+
+def _check_store(cfg: Config, source: str) -> None:
+    store = cfg.store
+    if store.backend != "postgres":
+        return
+    if not store.dsn.strip():
+        raise ConfigError(source, "store.dsn", 'required with backend = "postgres"')
+    if _DSN_PASSWORD.search(store.dsn.strip()):
+        raise ConfigError(
+            source,
+            "store.dsn",
+            "must not carry a password: use CARDSWITCH_PG_PASSWORD, PGPASSWORD, a pgpass "
+            "file or store.password_file",
+        )
+    if store.pool_size < 1:
+        raise ConfigError(source, "store.pool_size", "must be at least 1")
+    for name in ("statement_timeout", "lock_timeout"):
+        value = getattr(store, name)
+        if not 0 < value < cfg.pipeline.budget:
+            raise ConfigError(source, f"store.{name}", "must be positive and below pipeline.budget")
+    if store.connect_timeout < 2:
+        raise ConfigError(source, "store.connect_timeout", "must be at least 2 (libpq)")
 
 
 #: The default configuration file shipped in the repository.

@@ -1,7 +1,10 @@
 """The embedded default store: one SQLite file in WAL mode with a single group-committing writer.
 
-What lives here: the schema (versioned with ``PRAGMA user_version``), ``SqliteStore`` (the
-``Store`` Protocol of ``api.py``), its writer task and the SQL of every operation.
+What lives here: ``SqliteStore`` (the ``Store`` Protocol of ``api.py``), its writer task, the
+SQL of every operation, the mapping of the cards table to ``Card`` (``_CARD_TABLE``, shared
+with the PostgreSQL backend) and ``_ensure_schema``, which applies the migrations
+(``switch/store/migrations/sqlite/*.sql``) and records the version in ``PRAGMA
+user_version``.
 
 What does not: decisions (the pipeline decides; the writer only applies the atomic rules that
 need the database: duplicates, unmatched reversals, PIN tries, velocity counters, funds), card
@@ -42,6 +45,7 @@ import trio
 from switch import metrics
 from switch.config import StoreConfig
 from switch.decisions import Reason
+from switch.store import migrations
 from switch.store.models import (
     Account,
     AuthIntent,
@@ -79,8 +83,8 @@ from switch.store.rules import (
 
 T = TypeVar("T")
 
-#: Schema version written to ``PRAGMA user_version``; bump it with a migration step.
-SCHEMA_VERSION = 2
+#: Schema version written to ``PRAGMA user_version``: that of the last migration file.
+SCHEMA_VERSION = migrations.latest("sqlite")
 #: Read-only connections in the pool; the machine has few cores and reads are short.
 READ_CONNECTIONS = 2
 #: Milliseconds a connection waits on a lock held by another process (e.g. a second CLI)
@@ -93,118 +97,6 @@ DUPLICATE_KIND = "duplicate"
 #: Separator of the blocked MCC / country lists in their TEXT columns.
 _LIST_SEP = ","
 
-_SCHEMA_TEMPLATE = """
-CREATE TABLE accounts (
-    id                TEXT PRIMARY KEY,
-    currency          TEXT NOT NULL CHECK (length(currency) = 3),
-    ledger_balance    INTEGER NOT NULL,
-    available_balance INTEGER NOT NULL
-) STRICT;
-
-{cards_table}
-CREATE INDEX cards_account ON cards(account_id);
-
--- Velocity counters of approved requests per card and period ('D'||YYYYMMDD, 'M'||YYYYMM).
-CREATE TABLE velocity (
-    card_id TEXT NOT NULL REFERENCES cards(id),
-    period  TEXT NOT NULL,
-    amount  INTEGER NOT NULL,
-    count   INTEGER NOT NULL,
-    PRIMARY KEY (card_id, period)
-) STRICT, WITHOUT ROWID;
-
--- One row per request answered, keyed by its duplicate key (network, DE32, DE7, DE11, DE37,
--- DE41, MTI class) and the digest of what defines it. A request reusing a key with other
--- content is journaled as kind 'duplicate'. orig_* name the original a reversal, advice or
--- completion refers to (NULL rrn/terminal: not compared); NULL for a plain authorization.
-CREATE TABLE journal (
-    id                     INTEGER PRIMARY KEY,
-    network                TEXT NOT NULL,
-    acquirer_id            TEXT NOT NULL,
-    transmission_time      TEXT NOT NULL,
-    stan                   TEXT NOT NULL,
-    rrn                    TEXT NOT NULL,
-    terminal_id            TEXT NOT NULL,
-    mti_class              TEXT NOT NULL,
-    digest                 TEXT NOT NULL,
-    mti                    TEXT NOT NULL,
-    kind                   TEXT NOT NULL,
-    orig_network           TEXT,
-    orig_acquirer_id       TEXT,
-    orig_transmission_time TEXT,
-    orig_stan              TEXT,
-    orig_mti_class         TEXT,
-    orig_rrn               TEXT,
-    orig_terminal_id       TEXT,
-    card_id                TEXT,
-    account_id             TEXT,
-    masked_pan             TEXT NOT NULL,
-    amount                 INTEGER NOT NULL,
-    replacement_amount     INTEGER,
-    currency               TEXT NOT NULL,
-    reason                 TEXT NOT NULL,
-    response_code          TEXT NOT NULL,
-    approval_code          TEXT,
-    available_balance      INTEGER,
-    stand_in               INTEGER NOT NULL,
-    matched                INTEGER,
-    released_amount        INTEGER,
-    original_journal_id    INTEGER REFERENCES journal(id),
-    created_at             TEXT NOT NULL
-) STRICT;
-CREATE UNIQUE INDEX journal_key
-    ON journal(network, acquirer_id, transmission_time, stan, rrn, terminal_id, mti_class)
-    WHERE kind != 'duplicate';
-CREATE UNIQUE INDEX journal_duplicate
-    ON journal(network, acquirer_id, transmission_time, stan, rrn, terminal_id, mti_class,
-               digest)
-    WHERE kind = 'duplicate';
-CREATE INDEX journal_original
-    ON journal(orig_network, orig_acquirer_id, orig_transmission_time, orig_stan)
-    WHERE orig_network IS NOT NULL;
-
--- Money an approved request moved: a hold on available funds or a posted debit; remaining
--- is what a reversal can still give back; completed_by is the completion that converted a
--- pre-authorization's hold.
-CREATE TABLE holds (
-    id             INTEGER PRIMARY KEY,
-    journal_id     INTEGER NOT NULL UNIQUE REFERENCES journal(id),
-    account_id     TEXT NOT NULL REFERENCES accounts(id),
-    card_id        TEXT REFERENCES cards(id),
-    kind           TEXT NOT NULL CHECK (kind IN ('hold', 'debit')),
-    amount         INTEGER NOT NULL,
-    remaining      INTEGER NOT NULL CHECK (remaining >= 0 AND remaining <= amount),
-    velocity_day   TEXT NOT NULL,
-    velocity_month TEXT NOT NULL,
-    completed_by   INTEGER REFERENCES journal(id),
-    created_at     TEXT NOT NULL,
-    expires_at     TEXT,
-    released_at    TEXT,
-    released_by    TEXT
-) STRICT;
-CREATE INDEX holds_account ON holds(account_id) WHERE kind = 'hold' AND remaining > 0;
-CREATE INDEX holds_expiry ON holds(expires_at) WHERE kind = 'hold' AND remaining > 0;
-
--- Every change of a card by an operator or a provisioning file: who, when, what (a JSON
--- object attribute -> [old, new], secrets only named).
-CREATE TABLE card_changes (
-    id         INTEGER PRIMARY KEY,
-    card_id    TEXT NOT NULL REFERENCES cards(id),
-    masked_pan TEXT NOT NULL,
-    actor      TEXT NOT NULL,
-    at         TEXT NOT NULL,
-    changed    TEXT NOT NULL
-) STRICT;
-CREATE INDEX card_changes_card ON card_changes(card_id);
-
--- Reversals whose original was not found (their journal row names it); an original of the
--- same card and currency arriving later is declined and resolves the row.
-CREATE TABLE unmatched_reversals (
-    journal_id          INTEGER PRIMARY KEY REFERENCES journal(id),
-    resolved_journal_id INTEGER REFERENCES journal(id)
-) STRICT;
-"""
-
 
 @dataclass(frozen=True, slots=True)
 class _Column:
@@ -212,7 +104,6 @@ class _Column:
     ``controls``, to an attribute of its ``SpendControls``)."""
 
     name: str
-    sql: str
     controls: bool = False
     dump: Callable[[Any], Any] | None = None
     load: Callable[[Any], Any] | None = None
@@ -231,59 +122,51 @@ def _split(text: str) -> frozenset[str]:
     return frozenset(t for t in text.split(_LIST_SEP) if t)
 
 
-#: The cards table, the one place its columns are written: the DDL, the SELECT, the upsert
-#: and the mapping to and from ``Card`` are all generated from it.
+#: The cards table's columns as ``Card`` maps them: the SELECT, the upsert and the mapping to
+#: and from ``Card`` of both backends are generated from it; the DDL is in the migrations,
+#: and ``_ensure_schema`` checks that the table it finds has exactly these columns.
 _CARD_TABLE = (
-    _Column("id", "TEXT PRIMARY KEY"),
-    _Column("account_id", "TEXT NOT NULL REFERENCES accounts(id)"),
-    _Column("pan_fingerprint", "BLOB NOT NULL UNIQUE", load=bytes),
-    _Column("pan_ciphertext", "BLOB NOT NULL", load=bytes),
-    _Column("first6", "TEXT NOT NULL"),
-    _Column("last4", "TEXT NOT NULL"),
-    _Column("pan_length", "INTEGER NOT NULL"),
-    _Column("expiry", "TEXT NOT NULL"),
+    _Column("id"),
+    _Column("account_id"),
+    _Column("pan_fingerprint", load=bytes),
+    _Column("pan_ciphertext", load=bytes),
+    _Column("first6"),
+    _Column("last4"),
+    _Column("pan_length"),
+    _Column("expiry"),
     _Column(
         "status",
-        "TEXT NOT NULL\n        "
-        "CHECK (status IN ('active', 'blocked', 'lost', 'stolen', 'closed'))",
         dump=lambda status: status.value,
         load=CardStatus,
     ),
-    _Column("service_code", "TEXT NOT NULL"),
-    _Column("pan_sequence", "TEXT NOT NULL"),
-    _Column("cvk", "TEXT"),
-    _Column("pvk", "TEXT"),
-    _Column("imk_ac", "TEXT"),
-    _Column("emv_cvn", "TEXT"),
-    _Column("pin_method", "TEXT CHECK (pin_method IN ('pvv', 'ibm3624'))"),
-    _Column("pvki", "TEXT"),
-    _Column("pin_verification_value", "TEXT"),
-    _Column("ibm_dec_table", "TEXT"),
-    _Column("ibm_validation_data", "TEXT"),
-    _Column("pin_tries", "INTEGER NOT NULL DEFAULT 0", counter=True),
-    _Column("pin_try_limit", "INTEGER NOT NULL"),
-    _Column("last_atc", "INTEGER", counter=True),
-    _Column("atc_seen", "INTEGER NOT NULL DEFAULT 0", counter=True),
-    _Column("per_txn_max", "INTEGER", controls=True),
-    _Column("daily_amount", "INTEGER", controls=True),
-    _Column("daily_count", "INTEGER", controls=True),
-    _Column("monthly_amount", "INTEGER", controls=True),
-    _Column("monthly_count", "INTEGER", controls=True),
-    _Column("blocked_mccs", "TEXT NOT NULL DEFAULT ''", controls=True, dump=_join, load=_split),
-    _Column(
-        "blocked_countries", "TEXT NOT NULL DEFAULT ''", controls=True, dump=_join, load=_split
-    ),
+    _Column("service_code"),
+    _Column("pan_sequence"),
+    _Column("cvk"),
+    _Column("pvk"),
+    _Column("imk_ac"),
+    _Column("emv_cvn"),
+    _Column("pin_method"),
+    _Column("pvki"),
+    _Column("pin_verification_value"),
+    _Column("ibm_dec_table"),
+    _Column("ibm_validation_data"),
+    _Column("pin_tries", counter=True),
+    _Column("pin_try_limit"),
+    _Column("last_atc", counter=True),
+    _Column("atc_seen", counter=True),
+    _Column("per_txn_max", controls=True),
+    _Column("daily_amount", controls=True),
+    _Column("daily_count", controls=True),
+    _Column("monthly_amount", controls=True),
+    _Column("monthly_count", controls=True),
+    _Column("blocked_mccs", controls=True, dump=_join, load=_split),
+    _Column("blocked_countries", controls=True, dump=_join, load=_split),
 )
 _CARD_COLUMNS = tuple(c.name for c in _CARD_TABLE)
 if set(_CARD_COLUMNS) != ({f.name for f in dataclasses.fields(Card)} - {"controls"}) | {
     f.name for f in dataclasses.fields(SpendControls)
 }:  # pragma: no cover - a schema bug
     raise RuntimeError("the cards table and the Card record disagree")
-_SCHEMA = _SCHEMA_TEMPLATE.format(
-    cards_table="CREATE TABLE cards (\n"
-    + ",\n".join(f"    {c.name:<22} {c.sql}" for c in _CARD_TABLE)
-    + "\n) STRICT;"
-)
 _CARD_SELECT = f"SELECT {', '.join(_CARD_COLUMNS)} FROM cards"  # noqa: S608 - constant columns
 _CARD_UPSERT = (
     f"INSERT INTO cards ({', '.join(_CARD_COLUMNS)}) "  # noqa: S608 - constant columns
@@ -882,12 +765,84 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
 
 
 def _ensure_schema(conn: sqlite3.Connection) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version == SCHEMA_VERSION:
-        return
+    """Bring the database to ``SCHEMA_VERSION`` by applying the missing migrations, each in
+    its own ``BEGIN IMMEDIATE`` transaction (a second process opening the file at the same
+    time waits, then finds it done); refuse a newer schema, or one from before the first
+    migratable schema.
+
+    Raises:
+        StoreError: ``unavailable`` for a schema newer than this code or older than
+            ``migrations.FIRST_VERSION``, or a cards table other than ``_CARD_TABLE``.
+    """
+    version = _check_version(conn.execute("PRAGMA user_version").fetchone()[0])
+    for migration in migrations.migrations("sqlite"):
+        if migration.version <= version:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            version = _check_version(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version < migration.version:
+                for statement in migrations.split_statements(migration.sql):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {migration.version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        version = max(version, migration.version)
+    columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(cards)"))
+    if columns != _CARD_COLUMNS:  # pragma: no cover - a migration disagrees with _CARD_TABLE
+        raise StoreError("unavailable", "the cards table differs from the code's columns")
+
+
+def migrate_file(path: Path) -> tuple[int, int]:
+    """Bring the database file at ``path`` (created if missing) to ``SCHEMA_VERSION``; the
+    schema version before and after. Blocking: call it from a thread.
+
+    Raises:
+        StoreError: as ``_ensure_schema``, or the file cannot be opened.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = _connect(path, readonly=False)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError("unavailable", f"cannot open the database: {exc}") from exc
+    try:
+        before = conn.execute("PRAGMA user_version").fetchone()[0]
+        _ensure_schema(conn)
+        return int(before), SCHEMA_VERSION
+    except sqlite3.Error as exc:
+        raise _as_store_error(exc) from exc
+    finally:
+        conn.close()
+
+
+def file_version(path: Path) -> tuple[int, int]:
+    """The schema version of the database file at ``path`` (0: missing or empty) and this
+    code's. Blocking: call it from a thread."""
+    if not path.exists():
+        return 0, SCHEMA_VERSION
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0]), SCHEMA_VERSION
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError("unavailable", f"cannot open the database: {exc}") from exc
+
+
+def _check_version(version: int) -> int:
+    """``version`` when this code can migrate it (0 is a new, empty file)."""
     if version > SCHEMA_VERSION:
-        raise StoreError("unavailable", f"database schema {version} is newer than this code")
-    if version != 0:
+        raise StoreError(
+            "unavailable",
+            f"database schema {version} is newer than this code (schema {SCHEMA_VERSION}); "
+            "upgrade cardswitch",
+        )
+    if 0 < version < migrations.FIRST_VERSION:
         # Schema 1 (0.1 development builds) kept neither reasons, digests nor full original
         # keys, which cannot be recovered from its rows.
         raise StoreError(
@@ -895,9 +850,7 @@ def _ensure_schema(conn: sqlite3.Connection) -> None:
             f"database schema {version} predates this release and cannot be migrated; "
             "recreate the development database (remove it and run cardswitch dev-setup)",
         )
-    conn.executescript(
-        f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
-    )
+    return version
 
 
 def _as_store_error(exc: Exception) -> StoreError:
