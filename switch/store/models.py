@@ -377,8 +377,18 @@ class AuthIntent:
     original: OriginalKey | None = None
     #: A completion for less than its pre-authorization keeps the rest held (profile rule).
     keep_rest_on_partial_completion: bool = False
-    #: The network answered in our place (advice of a stand-in decision).
+    #: The network answered in our place (advice of a stand-in decision), or the issuer
+    #: stand-in policy approved it without the HSM (``stand_in_daily`` then set).
     stand_in: bool = False
+    #: For an approval by the issuer stand-in policy: the card's allowance of stand-in
+    #: approvals on ``velocity_day`` (minor units); beyond it the commit declines with
+    #: ``decline_reason``. The backend counts the approvals in the velocity table under the
+    #: period ``"S" + velocity_day`` (a reversal does not give the allowance back).
+    stand_in_daily: int | None = None
+
+
+#: Velocity period prefix of a card's daily stand-in approvals (``AuthIntent.stand_in_daily``).
+STAND_IN_PERIOD = "S"
 
 
 #: Reasons under which an authorization's amount is (or was) authorized: the ARPC says
