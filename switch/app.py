@@ -128,15 +128,17 @@ async def _monitor(
 async def _open_engine(cfg: Config, stack: AsyncExitStack, probes: list[health.Probe]) -> Engine:
     """Open the HSM, the vault and the store and return the pipeline over them.
 
-    Appends the readiness probes of the HSM (check value of the first listener's ZPK) and of
-    the store (a point read) to ``probes``.
+    Appends the readiness probes of the HSM (check value of the first listener's ZPK), of
+    the store (a point read) and of the pipeline's circuit breakers to ``probes``.
     """
     hsm = open_hsm(cfg.hsm)  # opens the token and logs in once, at start-up
     stack.push_async_callback(hsm.aclose)
     vault = open_vault(cfg.card_data, hsm)
     store = await stack.enter_async_context(open_store(cfg.store))
     probes += [health.HsmProbe(hsm, cfg.listeners[0].zpk), health.StoreProbe(store)]
-    return Pipeline(cfg, store=store, hsm=hsm, vault=vault)
+    pipeline = Pipeline(cfg, store=store, hsm=hsm, vault=vault)
+    probes += [health.BreakerProbe(breaker) for breaker in pipeline.breakers.values()]
+    return pipeline
 
 
 #: The signals the switch handles (see the module docstring).

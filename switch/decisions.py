@@ -93,6 +93,10 @@ class Reason(enum.Enum):
     ISSUER_UNAVAILABLE = "issuer_unavailable"
     #: A defect of the switch itself: the engine raised instead of deciding.
     SYSTEM_ERROR = "system_error"
+    #: The switch could not start the request before its deadline (queue full, or too little
+    #: of the budget left): answered at once, nothing decided or kept (stand-in cause
+    #: "overload"). 91 lets the network stand in, as for any issuer that cannot answer.
+    SYSTEM_OVERLOAD = "system_overload"
 
 
 #: ISO 8583:1987 DE39 codes shared by the networks we profile.
@@ -140,6 +144,7 @@ _BASE: dict[Reason, str] = {
     Reason.SECURITY_UNAVAILABLE: "91",
     Reason.ISSUER_UNAVAILABLE: "91",
     Reason.SYSTEM_ERROR: "96",
+    Reason.SYSTEM_OVERLOAD: "91",
 }
 
 #: Per-network departures from the base table.
@@ -186,7 +191,7 @@ class Profile:
         if missing:
             raise ValueError(f"profile {name}: no code for {sorted(r.value for r in missing)}")
         approve = table[Reason.APPROVED]
-        for reason in STAND_IN_REASONS:
+        for reason in STAND_IN_REASONS | {Reason.SYSTEM_OVERLOAD}:
             if table[reason] == approve:
                 raise ValueError(f"profile {name}: stand-in reason {reason.value} approves")
         self.name = name

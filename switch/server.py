@@ -253,6 +253,8 @@ class Server:
                 global_slots=self._global_slots,
                 peer=peer,
                 remote=remote,
+                budget=self._config.pipeline.budget,
+                min_remaining=self._config.pipeline.min_remaining,
             )
             if self._hurried:
                 conn.abort(FLUSH_TIMEOUT)
