@@ -60,6 +60,10 @@ from switch.store.models import (
     CardChange,
     CardStatus,
     DuplicateKey,
+    HoldRelease,
+    HoldView,
+    JournalEntry,
+    JournalQuery,
     ReversalIntent,
     ReversalOutcome,
     StoredOutcome,
@@ -181,4 +185,36 @@ class Store(Protocol):
 
     async def card_changes(self, card_id: str) -> list[CardChange]:
         """The journaled changes of a card, oldest first."""
+        ...
+
+    async def search_journal(self, query: JournalQuery) -> list[JournalEntry]:
+        """Journal rows matching ``query``, newest first, at most ``query.limit``."""
+        ...
+
+    # -- holds ---------------------------------------------------------------------------------
+
+    async def expire_holds(self, now: str, limit: int = 100) -> list[HoldRelease]:
+        """Release up to ``limit`` holds whose expiry (ISO 8601 UTC) is at or before ``now``,
+        in one transaction; idempotent (a released hold gives back nothing more, and a
+        reversal after it releases nothing more).
+
+        PostgreSQL: ``SELECT ... FROM holds WHERE kind = 'hold' AND remaining > 0 AND
+        expires_at <= $1 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED`` (instances
+        sweeping at once take different holds), then per hold the account ``FOR UPDATE``.
+        """
+        ...
+
+    async def release_hold(self, hold_id: int, *, actor: str) -> HoldRelease | None:
+        """An operator gives back what remains of a hold; ``None`` when there is nothing."""
+        ...
+
+    async def list_holds(
+        self,
+        *,
+        account_id: str | None = None,
+        card_id: str | None = None,
+        active: bool = True,
+        limit: int = 100,
+    ) -> list[HoldView]:
+        """Money rows, newest first; ``active`` keeps holds with something left to release."""
         ...

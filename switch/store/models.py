@@ -377,6 +377,9 @@ class AuthIntent:
     original: OriginalKey | None = None
     #: A completion for less than its pre-authorization keeps the rest held (profile rule).
     keep_rest_on_partial_completion: bool = False
+    #: When the hold this request may take expires (ISO 8601 UTC); released by the sweeper
+    #: if no reversal or completion came first. Empty: never (a debit).
+    hold_expires_at: str = ""
     #: The network answered in our place (advice of a stand-in decision), or the issuer
     #: stand-in policy approved it without the HSM (``stand_in_daily`` then set).
     stand_in: bool = False
@@ -389,6 +392,88 @@ class AuthIntent:
 
 #: Velocity period prefix of a card's daily stand-in approvals (``AuthIntent.stand_in_daily``).
 STAND_IN_PERIOD = "S"
+
+
+@dataclass(frozen=True, slots=True)
+class HoldView:
+    """A money row as operators see it (masked PAN, no card data)."""
+
+    id: int
+    journal_id: int
+    account_id: str
+    card_id: str | None
+    masked_pan: str
+    kind: str
+    amount: int
+    remaining: int
+    created_at: str
+    expires_at: str | None
+    #: When it was released without a reversal (expired or by an operator), if it was.
+    released_at: str | None
+    released_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class JournalQuery:
+    """What ``Store.search_journal`` looks for; every given field must match."""
+
+    stan: str | None = None
+    rrn: str | None = None
+    #: A masked PAN (first six, last four: ``412345******2345``), or just ``412345`` /
+    #: ``2345`` parts of one.
+    masked_pan: str | None = None
+    card_id: str | None = None
+    #: ISO 8601 UTC bounds of ``created_at`` (inclusive since, exclusive until).
+    since: str | None = None
+    until: str | None = None
+    limit: int = 100
+
+
+def masked_parts(text: str) -> tuple[str, str]:
+    """The leading and trailing digits a masked-PAN query names.
+
+    >>> masked_parts("412345******2345"), masked_parts("412345"), masked_parts("2345")
+    (('412345', '2345'), ('412345', ''), ('', '2345'))
+    """
+    if "*" in text:
+        return text.split("*", 1)[0], text.rsplit("*", 1)[1]
+    return ("", text) if len(text) == 4 else (text, "")
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One journal row as operators see it (masked PAN, no card data)."""
+
+    id: int
+    created_at: str
+    network: str
+    mti: str
+    kind: str
+    stan: str
+    rrn: str
+    terminal_id: str
+    masked_pan: str
+    card_id: str | None
+    account_id: str | None
+    amount: int
+    currency: str
+    reason: str
+    response_code: str
+    approval_code: str | None
+    stand_in: bool
+    released_amount: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRelease:
+    """A hold given back without a reversal: expired, or released by an operator."""
+
+    hold_id: int
+    account_id: str
+    masked_pan: str
+    amount: int
+    by: str
+    at: str
 
 
 #: Reasons under which an authorization's amount is (or was) authorized: the ARPC says

@@ -57,6 +57,10 @@ from switch.store.models import (
     CardChange,
     CardStatus,
     DuplicateKey,
+    HoldRelease,
+    HoldView,
+    JournalEntry,
+    JournalQuery,
     OriginalKey,
     ReversalIntent,
     ReversalOutcome,
@@ -65,6 +69,7 @@ from switch.store.models import (
     StoreError,
     apply_card_changes,
     card_diff,
+    masked_parts,
 )
 from switch.store.rules import (
     AccountRow,
@@ -75,6 +80,7 @@ from switch.store.rules import (
     OriginalRow,
     ReversalSnapshot,
     plan_auth,
+    plan_hold_release,
     plan_reversal,
 )
 
@@ -179,9 +185,13 @@ CREATE TABLE holds (
     velocity_day   TEXT NOT NULL,
     velocity_month TEXT NOT NULL,
     completed_by   INTEGER REFERENCES journal(id),
-    created_at     TEXT NOT NULL
+    created_at     TEXT NOT NULL,
+    expires_at     TEXT,
+    released_at    TEXT,
+    released_by    TEXT
 ) STRICT;
 CREATE INDEX holds_account ON holds(account_id) WHERE kind = 'hold' AND remaining > 0;
+CREATE INDEX holds_expiry ON holds(expires_at) WHERE kind = 'hold' AND remaining > 0;
 
 -- Every change of a card by an operator or a provisioning file: who, when, what (a JSON
 -- object attribute -> [old, new], secrets only named).
@@ -614,7 +624,8 @@ def _apply_auth(conn: sqlite3.Connection, intent: AuthIntent) -> AuthOutcome:
     if plan.money_row and intent.account_id is not None:
         cur = conn.execute(
             "INSERT INTO holds (journal_id, account_id, card_id, kind, amount, remaining, "
-            "velocity_day, velocity_month, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "velocity_day, velocity_month, created_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 journal_id,
                 intent.account_id,
@@ -625,6 +636,7 @@ def _apply_auth(conn: sqlite3.Connection, intent: AuthIntent) -> AuthOutcome:
                 intent.velocity_day,
                 intent.velocity_month,
                 values["created_at"],
+                None if plan.debit or not intent.hold_expires_at else intent.hold_expires_at,
             ),
         )
         hold_id = cur.lastrowid
@@ -752,6 +764,110 @@ def _update_card(
         (card_id, change.masked_pan, actor, change.at, json.dumps(change.changed, sort_keys=True)),
     )
     return change
+
+
+_HOLD_SELECT = (
+    "SELECT h.id, h.journal_id, h.account_id, h.card_id, j.masked_pan, h.kind, h.amount, "
+    "h.remaining, h.created_at, h.expires_at, h.released_at, h.released_by, "
+    "h.velocity_day, h.velocity_month, h.completed_by "
+    "FROM holds h JOIN journal j ON j.id = h.journal_id"
+)
+
+
+def _hold_view(row: sqlite3.Row) -> HoldView:
+    return HoldView(*row[:12])
+
+
+def _release(conn: sqlite3.Connection, row: sqlite3.Row, by: str, at: str) -> HoldRelease | None:
+    """Give back what remains of the hold ``row`` (a _HOLD_SELECT row); None if nothing."""
+    hold = HoldRow(
+        row["id"], row["journal_id"], row["account_id"], row["card_id"], row["kind"],
+        row["remaining"], row["velocity_day"], row["velocity_month"], row["completed_by"],
+    )  # fmt: skip
+    plan = plan_hold_release(hold)
+    if plan is None:
+        return None
+    amount, count_delta = plan
+    conn.execute(
+        "UPDATE holds SET remaining = 0, released_at = ?, released_by = ? WHERE id = ?",
+        (at, by, hold.id),
+    )
+    conn.execute(
+        "UPDATE accounts SET available_balance = available_balance + ? WHERE id = ?",
+        (amount, hold.account_id),
+    )
+    if hold.card_id is not None:
+        _bump_counters(conn, hold.card_id, day=hold.velocity_day, month=hold.velocity_month,
+                       amount=-amount, count=count_delta)  # fmt: skip
+    return HoldRelease(hold.id, hold.account_id, row["masked_pan"], amount, by, at)
+
+
+def _expire_holds(conn: sqlite3.Connection, now: str, limit: int) -> list[HoldRelease]:
+    rows = conn.execute(
+        f"{_HOLD_SELECT} WHERE h.kind = 'hold' AND h.remaining > 0 "
+        "AND h.expires_at IS NOT NULL AND h.expires_at <= ? ORDER BY h.expires_at LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    released = (_release(conn, row, "expiry", now) for row in rows)
+    return [r for r in released if r is not None]
+
+
+def _release_hold(conn: sqlite3.Connection, hold_id: int, actor: str) -> HoldRelease | None:
+    row = conn.execute(f"{_HOLD_SELECT} WHERE h.id = ?", (hold_id,)).fetchone()
+    return None if row is None else _release(conn, row, actor, _now())
+
+
+def _list_holds(
+    conn: sqlite3.Connection, account_id: str | None, card_id: str | None, active: bool, limit: int
+) -> list[HoldView]:
+    where, params = ["1 = 1"], []
+    if account_id is not None:
+        where.append("h.account_id = ?")
+        params.append(account_id)
+    if card_id is not None:
+        where.append("h.card_id = ?")
+        params.append(card_id)
+    if active:
+        where.append("h.kind = 'hold' AND h.remaining > 0")
+    rows = conn.execute(
+        f"{_HOLD_SELECT} WHERE {' AND '.join(where)} ORDER BY h.id DESC LIMIT ?",
+        (*params, limit),
+    ).fetchall()
+    return [_hold_view(r) for r in rows]
+
+
+_JOURNAL_ENTRY = (
+    "SELECT id, created_at, network, mti, kind, stan, rrn, terminal_id, masked_pan, card_id, "
+    "account_id, amount, currency, reason, response_code, approval_code, stand_in, "
+    "released_amount FROM journal"
+)
+
+
+def _search_journal(conn: sqlite3.Connection, query: JournalQuery) -> list[JournalEntry]:
+    where, params = ["1 = 1"], []
+    for column, value in (("stan", query.stan), ("rrn", query.rrn), ("card_id", query.card_id)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if query.masked_pan:
+        first6, last4 = masked_parts(query.masked_pan)
+        if first6:
+            where.append("substr(masked_pan, 1, ?) = ?")
+            params += [str(len(first6)), first6]
+        if last4:
+            where.append("substr(masked_pan, -4) = ?")
+            params.append(last4)
+    if query.since is not None:
+        where.append("created_at >= ?")
+        params.append(query.since)
+    if query.until is not None:
+        where.append("created_at < ?")
+        params.append(query.until)
+    rows = conn.execute(
+        f"{_JOURNAL_ENTRY} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+        (*params, query.limit),
+    ).fetchall()
+    return [JournalEntry(**{**dict(row), "stand_in": bool(row["stand_in"])}) for row in rows]
 
 
 def _card_changes(conn: sqlite3.Connection, card_id: str) -> list[CardChange]:
@@ -977,6 +1093,30 @@ class SqliteStore:
 
     async def card_changes(self, card_id: str) -> list[CardChange]:
         return await self._read_offloaded(partial(_card_changes, card_id=card_id))
+
+    async def search_journal(self, query: JournalQuery) -> list[JournalEntry]:
+        return await self._read_offloaded(partial(_search_journal, query=query))
+
+    async def expire_holds(self, now: str, limit: int = 100) -> list[HoldRelease]:
+        return cast(
+            list[HoldRelease], await self._submit(partial(_expire_holds, now=now, limit=limit))
+        )
+
+    async def release_hold(self, hold_id: int, *, actor: str) -> HoldRelease | None:
+        op = partial(_release_hold, hold_id=hold_id, actor=actor)
+        return cast(HoldRelease | None, await self._submit(op))
+
+    async def list_holds(
+        self,
+        *,
+        account_id: str | None = None,
+        card_id: str | None = None,
+        active: bool = True,
+        limit: int = 100,
+    ) -> list[HoldView]:
+        op = partial(_list_holds, account_id=account_id, card_id=card_id, active=active,
+                     limit=limit)  # fmt: skip
+        return await self._read_offloaded(op)
 
     async def _submit(
         self, op: Callable[[sqlite3.Connection], Any], deadline: float | None = None
