@@ -117,6 +117,23 @@ class ListenerConfig:
     #: and before it signs on again: "decide" them as usual (logged), or "decline" them with
     #: ``Reason.SIGNED_OFF`` (91: the network stands in). Echo and sign-on are always served.
     after_sign_off: Literal["decide", "decline"] = "decide"
+    #: Complete frames of one connection waiting for a free slot (read, timestamped, not yet
+    #: started); a frame arriving when it is full is answered at once with the overload
+    #: reason (``SYSTEM_OVERLOAD``). About 1.7 KiB per waiting 0100 (218-byte frame, measured
+    #: with tracemalloc); more with chip data.
+    max_queued: int = 512
+    #: The issuer stand-in policy when the HSM (not the store) cannot answer: "decline" (the
+    #: ``pipeline.stand_in`` reason) or "approve_low_risk": an active, unexpired card with no
+    #: PIN or CVV2 to check, an amount of at most ``stand_in_max_amount`` and within the
+    #: card's ``stand_in_daily_amount`` of stand-in approvals that day is approved, journaled
+    #: as stand-in with its hold through the normal commit; anything else is declined.
+    stand_in: Literal["decline", "approve_low_risk"] = "decline"
+    #: Largest amount (minor units of the account's currency) approved in stand-in.
+    stand_in_max_amount: int = 0
+    #: Total a card may be approved in stand-in per day (minor units), counted atomically
+    #: by the commit; 0: not limited per day (the per-transaction limit and the card's own
+    #: velocity limits still apply).
+    stand_in_daily_amount: int = 0
 
 
 @dataclass(frozen=True)
@@ -157,6 +174,15 @@ class PipelineConfig:
     #: How many chip counters (ATC) below the highest accepted one a card's cryptogram may
     #: carry and still be accepted once (requests overtaking each other on the network).
     atc_window: int = 4
+    #: Seconds of the budget a request must still have to be started; with less (it waited
+    #: for a slot) it is answered at once with the overload reason instead.
+    min_remaining: float = 0.1
+    #: Consecutive failures or timeouts of a dependency (HSM, store, card-data vault) that
+    #: open its circuit breaker: while open, requests needing it get the stand-in answer at
+    #: once, without calling it.
+    breaker_failures: int = 5
+    #: Seconds an open breaker waits before letting one request probe the dependency.
+    breaker_cool_down: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -387,6 +413,15 @@ def _check(cfg: Config, source: str) -> None:
                 raise ConfigError(source, f"{key}.{name}", "must be positive, or 0 (off)")
         if lst.echo_timeout <= 0:
             raise ConfigError(source, f"{key}.echo_timeout", "must be positive")
+        if lst.max_queued < 1:
+            raise ConfigError(source, f"{key}.max_queued", "must be at least 1")
+        for name in ("stand_in_max_amount", "stand_in_daily_amount"):
+            if getattr(lst, name) < 0:
+                raise ConfigError(source, f"{key}.{name}", "must not be negative")
+        if lst.stand_in == "approve_low_risk" and lst.stand_in_max_amount <= 0:
+            raise ConfigError(
+                source, f"{key}.stand_in_max_amount", "approve_low_risk needs a positive limit"
+            )
     if cfg.pipeline.budget <= 0:
         raise ConfigError(source, "pipeline.budget", "must be positive")
     allowed = sorted(r.value for r in STAND_IN_REASONS)
@@ -396,6 +431,14 @@ def _check(cfg: Config, source: str) -> None:
             "pipeline.stand_in",
             f"must be one of {', '.join(allowed)}, got {cfg.pipeline.stand_in!r}",
         )
+    if not 0 <= cfg.pipeline.min_remaining < cfg.pipeline.budget:
+        raise ConfigError(
+            source, "pipeline.min_remaining", "must be at least 0 and less than the budget"
+        )
+    if cfg.pipeline.breaker_failures < 1:
+        raise ConfigError(source, "pipeline.breaker_failures", "must be at least 1")
+    if cfg.pipeline.breaker_cool_down <= 0:
+        raise ConfigError(source, "pipeline.breaker_cool_down", "must be positive")
     if cfg.holds.expiry_days < 1 or cfg.holds.long_expiry_days < 1:
         raise ConfigError(source, "holds.expiry_days", "hold expiry must be at least a day")
     if cfg.holds.sweep_interval < 0 or cfg.holds.sweep_batch < 1:

@@ -71,6 +71,7 @@ from switch.config import StoreConfig
 from switch.decisions import Reason
 from switch.store import migrations
 from switch.store.models import (
+    STAND_IN_PERIOD,
     Account,
     AuthIntent,
     AuthOutcome,
@@ -413,9 +414,18 @@ def _auth_snapshot(
             account = AccountRow(
                 row["id"], row["currency"], row["ledger_balance"], row["available_balance"]
             )
+    stand_in_day = Counters()
+    if card is not None and intent.stand_in_daily is not None:
+        row = conn.execute(
+            "SELECT amount, count FROM velocity WHERE card_id = %s AND period = %s",
+            (card.id, STAND_IN_PERIOD + intent.velocity_day),
+        ).fetchone()
+        if row is not None:
+            stand_in_day = Counters(row["amount"], row["count"])
     snap = AuthSnapshot(
-        account, card, day, month, reversed_before=unmatched is not None, original=original
-    )
+        account, card, day, month, reversed_before=unmatched is not None, original=original,
+        stand_in_day=stand_in_day,
+    )  # fmt: skip
     return snap, unmatched
 
 
@@ -488,6 +498,13 @@ def _apply_auth(conn: Conn, intent: AuthIntent) -> AuthOutcome:
                 amount=moved - plan.release_original,
                 count=0 if plan.release_original else 1,
             )
+    if plan.approved and intent.stand_in_daily is not None and intent.card_id is not None:
+        conn.execute(
+            "INSERT INTO velocity (card_id, period, amount, count) VALUES (%s, %s, %s, 1) "
+            "ON CONFLICT (card_id, period) DO UPDATE SET "
+            "amount = velocity.amount + excluded.amount, count = velocity.count + 1",
+            (intent.card_id, STAND_IN_PERIOD + intent.velocity_day, intent.amount),
+        )
     kind = DUPLICATE_KIND if plan.reason is Reason.DUPLICATE_TRANSMISSION else intent.kind
     values = _journal_values(
         intent.dup_key, intent.digest, intent.original,
@@ -817,17 +834,29 @@ class PostgresStore:
     def stats(self) -> PoolStats:
         return PoolStats(self._operations, self._retries, self._watchdog.cuts)
 
-    async def _run(self, fn: Callable[[Conn], T], *, write: bool) -> T:
+    async def _run(
+        self, fn: Callable[[Conn], T], *, write: bool, deadline: float | None = None
+    ) -> T:
+        """Run ``fn`` in a worker thread; ``deadline`` (trio time) bounds it further than the
+        configured ``statement_timeout``: an operation whose deadline has passed is not
+        started, and one running is cut (client-side) when it comes."""
         if self._closed:
             raise StoreError("closed", "the store is closed")
+        limit = self._timeout
+        if deadline is not None:
+            limit = min(limit, deadline - trio.current_time())
+            if limit <= 0:
+                raise StoreError("unavailable", "the decision's deadline passed before commit")
         # Waiting for the limiter is cancellable (nothing started: withdrawn); the thread,
         # once started, is waited for (abandon_on_cancel=False).
-        return await trio.to_thread.run_sync(self._attempts, fn, write, limiter=self._limiter)
+        return await trio.to_thread.run_sync(
+            self._attempts, fn, write, limit, limiter=self._limiter
+        )
 
-    def _attempts(self, fn: Callable[[Conn], T], write: bool) -> T:
+    def _attempts(self, fn: Callable[[Conn], T], write: bool, limit: float) -> T:
         """Worker thread: run ``fn`` (in a transaction when ``write``), retrying what is safe
-        to retry, within the operation's deadline."""
-        deadline = time.monotonic() + self._timeout
+        to retry, within ``limit`` seconds."""
+        deadline = time.monotonic() + limit
         started = time.perf_counter()
         last: BaseException | None = None
         for _attempt in range(ATTEMPTS):
@@ -933,11 +962,19 @@ class PostgresStore:
 
     # -- writes --------------------------------------------------------------------------------
 
-    async def commit_auth(self, intent: AuthIntent) -> AuthOutcome:
-        return await self._run(lambda conn: _apply_auth(conn, intent), write=True)
+    async def commit_auth(
+        self, intent: AuthIntent, *, deadline: float | None = None
+    ) -> AuthOutcome:
+        return await self._run(
+            lambda conn: _apply_auth(conn, intent), write=True, deadline=deadline
+        )
 
-    async def commit_reversal(self, intent: ReversalIntent) -> ReversalOutcome:
-        return await self._run(lambda conn: _apply_reversal(conn, intent), write=True)
+    async def commit_reversal(
+        self, intent: ReversalIntent, *, deadline: float | None = None
+    ) -> ReversalOutcome:
+        return await self._run(
+            lambda conn: _apply_reversal(conn, intent), write=True, deadline=deadline
+        )
 
     async def put_account(self, account: Account) -> None:
         await self._run(lambda conn: _put_account(conn, account), write=True)

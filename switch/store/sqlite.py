@@ -15,7 +15,13 @@ Concurrency: every write is an operation queued to one trio task. It takes every
 ``CapacityLimiter(1)``, which runs ``BEGIN IMMEDIATE``, applies each operation inside its own
 ``SAVEPOINT`` (an error rolls back only that operation and fails only its caller), and
 ``COMMIT``s once: one fsync for the whole batch (group commit). Only then are the callers
-woken. Reads use a small pool of separate read-only connections (WAL readers never block the
+woken. A commit may carry a deadline (api.py): the writer does not take a queued
+commit whose deadline has passed (its caller gets ``StoreError("unavailable")``, nothing
+written), and sets the batch's ``busy_timeout`` to the time left before the earliest
+deadline in it (at most ``BUSY_TIMEOUT_MS``), so a database locked by another process fails
+the batch at about that deadline instead of holding the answers past it.
+
+Reads use a small pool of separate read-only connections (WAL readers never block the
 writer): indexed point lookups run on the trio thread (microseconds, cheaper than a thread
 hop), scans in a worker thread.
 
@@ -47,6 +53,7 @@ from switch.config import StoreConfig
 from switch.decisions import Reason
 from switch.store import migrations
 from switch.store.models import (
+    STAND_IN_PERIOD,
     Account,
     AuthIntent,
     AuthOutcome,
@@ -88,7 +95,8 @@ SCHEMA_VERSION = migrations.latest("sqlite")
 #: Read-only connections in the pool; the machine has few cores and reads are short.
 READ_CONNECTIONS = 2
 #: Milliseconds a connection waits on a lock held by another process (e.g. a second CLI)
-#: before failing with "database is locked".
+#: before failing with "database is locked"; a batch with deadlines waits at most until the
+#: earliest of them.
 BUSY_TIMEOUT_MS = 5000
 #: Journal ``kind`` of a reversal row (authorizations use their ``AuthKind``).
 REVERSAL_KIND = "reversal"
@@ -420,9 +428,13 @@ def _auth_snapshot(
         named = intent.original.as_key(intent.dup_key)
         unmatched = _unmatched_reversal(conn, named, intent.card_id, intent.currency)
     original = None if intent.original is None else _original(conn, intent.original)
+    stand_in_day = Counters()
+    if card is not None and intent.stand_in_daily is not None:
+        stand_in_day = _counters(conn, card.id, STAND_IN_PERIOD + intent.velocity_day)
     snap = AuthSnapshot(
-        account, card, day, month, reversed_before=unmatched is not None, original=original
-    )
+        account, card, day, month, reversed_before=unmatched is not None, original=original,
+        stand_in_day=stand_in_day,
+    )  # fmt: skip
     return snap, unmatched
 
 
@@ -460,6 +472,13 @@ def _apply_auth(conn: sqlite3.Connection, intent: AuthIntent) -> AuthOutcome:
                 amount=moved - plan.release_original,
                 count=0 if plan.release_original else 1,
             )
+    if plan.approved and intent.stand_in_daily is not None and intent.card_id is not None:
+        conn.execute(
+            "INSERT INTO velocity (card_id, period, amount, count) VALUES (?, ?, ?, 1) "
+            "ON CONFLICT(card_id, period) DO UPDATE SET "
+            "amount = amount + excluded.amount, count = count + 1",
+            (intent.card_id, STAND_IN_PERIOD + intent.velocity_day, intent.amount),
+        )
     kind = DUPLICATE_KIND if plan.reason is Reason.DUPLICATE_TRANSMISSION else intent.kind
     values = _journal_values(
         intent.dup_key, intent.digest, intent.original,
@@ -868,15 +887,19 @@ class _State(enum.Enum):
     QUEUED = enum.auto()
     TAKEN = enum.auto()
     WITHDRAWN = enum.auto()
+    EXPIRED = enum.auto()
 
 
 class _Pending:
     """One queued write and the caller waiting for it."""
 
-    __slots__ = ("done", "error", "op", "result", "state")
+    __slots__ = ("deadline", "done", "error", "op", "result", "state")
 
-    def __init__(self, op: Callable[[sqlite3.Connection], Any]) -> None:
+    def __init__(
+        self, op: Callable[[sqlite3.Connection], Any], deadline: float | None = None
+    ) -> None:
         self.op = op
+        self.deadline = deadline
         self.state = _State.QUEUED
         self.done = trio.Event()
         self.result: Any = None
@@ -992,12 +1015,16 @@ class SqliteStore:
 
     # -- writes --------------------------------------------------------------------------------
 
-    async def commit_auth(self, intent: AuthIntent) -> AuthOutcome:
-        result = await self._submit(partial(_apply_auth, intent=intent))
+    async def commit_auth(
+        self, intent: AuthIntent, *, deadline: float | None = None
+    ) -> AuthOutcome:
+        result = await self._submit(partial(_apply_auth, intent=intent), deadline)
         return cast(AuthOutcome, result)
 
-    async def commit_reversal(self, intent: ReversalIntent) -> ReversalOutcome:
-        result = await self._submit(partial(_apply_reversal, intent=intent))
+    async def commit_reversal(
+        self, intent: ReversalIntent, *, deadline: float | None = None
+    ) -> ReversalOutcome:
+        result = await self._submit(partial(_apply_reversal, intent=intent), deadline)
         return cast(ReversalOutcome, result)
 
     async def put_account(self, account: Account) -> None:
@@ -1044,8 +1071,10 @@ class SqliteStore:
                      limit=limit)  # fmt: skip
         return await self._read_offloaded(op)
 
-    async def _submit(self, op: Callable[[sqlite3.Connection], Any]) -> Any:
-        item = _Pending(op)
+    async def _submit(
+        self, op: Callable[[sqlite3.Connection], Any], deadline: float | None = None
+    ) -> Any:
+        item = _Pending(op, deadline)
         try:
             if self._closed:
                 raise trio.ClosedResourceError
@@ -1075,14 +1104,15 @@ class SqliteStore:
                         batch.append(self._recv.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                live = [item for item in batch if item.state is _State.QUEUED]
-                for item in live:
-                    item.state = _State.TAKEN
+                live, busy_ms = self._take(batch)
                 if not live:
                     continue
                 try:
                     results = await trio.to_thread.run_sync(
-                        self._apply_batch, [item.op for item in live], limiter=self._write_limiter
+                        self._apply_batch,
+                        [item.op for item in live],
+                        busy_ms,
+                        limiter=self._write_limiter,
                     )
                 except BaseException:
                     for item in live:
@@ -1096,6 +1126,33 @@ class SqliteStore:
             self._closed = True
             self._fail_queued()
 
+    @staticmethod
+    def _take(batch: list[_Pending]) -> tuple[list[_Pending], int]:
+        """The commits of ``batch`` to apply now, and the batch's busy timeout (ms).
+
+        A commit withdrawn by its caller is skipped; one whose deadline has passed fails
+        without being applied (its caller may not have noticed yet: a slow batch before it).
+        """
+        now = trio.current_time()
+        live: list[_Pending] = []
+        for item in batch:
+            if item.state is not _State.QUEUED:
+                continue
+            if item.deadline is not None and item.deadline <= now:
+                item.state = _State.EXPIRED
+                item.error = StoreError(
+                    "unavailable", "the deadline passed before the commit started"
+                )
+                item.done.set()
+                continue
+            item.state = _State.TAKEN
+            live.append(item)
+        deadlines = [item.deadline for item in live if item.deadline is not None]
+        busy_ms = BUSY_TIMEOUT_MS
+        if deadlines:
+            busy_ms = max(1, min(busy_ms, int((min(deadlines) - now) * 1000)))
+        return live, busy_ms
+
     def _fail_queued(self) -> None:
         while True:
             try:
@@ -1106,13 +1163,15 @@ class SqliteStore:
             item.done.set()
 
     def _apply_batch(
-        self, ops: Sequence[Callable[[sqlite3.Connection], Any]]
+        self, ops: Sequence[Callable[[sqlite3.Connection], Any]], busy_ms: int = BUSY_TIMEOUT_MS
     ) -> list[tuple[Any, StoreError | None]]:
-        """Worker thread: apply ``ops`` in one transaction, each in its own savepoint."""
+        """Worker thread: apply ``ops`` in one transaction, each in its own savepoint, waiting
+        at most ``busy_ms`` for a lock another connection holds."""
         conn = self._writer
         started = time.perf_counter()
         results: list[tuple[Any, StoreError | None]] = []
         try:
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
             conn.execute("BEGIN IMMEDIATE")
             for op in ops:
                 conn.execute("SAVEPOINT op")
