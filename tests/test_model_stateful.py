@@ -102,6 +102,9 @@ PIN_TRY_LIMIT = 3
 #: and one cent over it.
 AMOUNTS = (0, 1, 60, 100, 101, 2500, 150_000, 499_999, 500_000, 500_001)
 UNKNOWN_PAN = "4999999999999999"
+#: How often each (MTI, path, DE39) and each money event was reached in this run
+#: (printed with CARDSWITCH_MODEL_STATS=1 and pytest -s).
+PATHS: Counter[str] = Counter()
 
 
 @dataclass
@@ -371,9 +374,11 @@ class _Model:
                 row = new_row(approval)
                 row.card_id, row.code, row.hold = card_id, code, hold
                 if tries is not None and card_id is not None:
+                    PATHS["pin tries reset" if tries == 0 else "pin tries counted"] += 1
                     self.pin_tries[card_id] = tries
                 if unmatched is not None:
                     unmatched.resolved = True
+                    PATHS["unmatched reversal resolved"] += 1
                 if extra is not None:
                     extra()
 
@@ -447,6 +452,7 @@ class _Model:
         debit = MHold(c.account, c.id, "debit", req.amount, req.amount) if req.amount else None
 
         def extra() -> None:
+            PATHS["completion released a hold"] += 1
             h.remaining, h.completed = 0, True
             self.ledger[c.account] -= req.amount
             self._bump(c.id, req.amount - release, 0)
@@ -489,6 +495,9 @@ class _Model:
         def matched(approval: str | None) -> None:
             add(approval)
             h.remaining -= release
+            PATHS["reversal released" if release else "reversal released nothing"] += 1
+            if release and h.remaining:
+                PATHS["partial reversal"] += 1
             if h.kind == "debit":
                 self.ledger[h.account] += release
             self._bump(h.card_id, -release, -1 if release and not h.remaining else 0)
@@ -798,8 +807,6 @@ class _Loop:
 #: Seconds after which a request on the SQLite backend (real clock) is cancelled, for each
 #: choice of the memory backend's (autojump clock) cancel times.
 _SQLITE_CANCEL = {0.25: 0.0, 1.0: 0.0005, 2.5: 0.002, 10.0: 0.02}
-#: How often each (MTI, path, DE39) was reached in this run (CARDSWITCH_MODEL_STATS=1).
-PATHS: Counter[str] = Counter()
 PIN_CHOICES = st.sampled_from([None, "right", "wrong"])
 _Answer = tuple[str, str | None] | None  # (DE39, DE38) of the answer sent; None: cancelled
 
@@ -998,12 +1005,15 @@ class ModelMachine(RuleBasedStateMachine):
     @rule(
         pick=st.integers(0, 1000),
         amount=st.sampled_from(AMOUNTS),
-        other_card=st.sampled_from([None, *PANS]),
+        other_card=st.one_of(st.none(), st.sampled_from(PANS)),
         same_rrn=st.booleans(),
     )
     def completion(self, pick: int, amount: int, other_card: str | None, same_rrn: bool) -> None:
-        """0220 naming an earlier request in DE90 (a pre-authorization to complete)."""
-        pre = self.sent[pick % len(self.sent)]
+        """0220 naming an earlier 0100 in DE90 (a pre-authorization to complete; any request
+        when none was sent), mostly a recent one; with its RRN (found) or its own (another
+        transaction)."""
+        pool = [r for r in self.sent if r.mti == "0100"] or self.sent
+        pre = pool[-1 - pick % len(pool)]
         req = self._auth(other_card or pre.pan, amount, "0220", None)
         req = replace(
             req,
@@ -1015,6 +1025,15 @@ class ModelMachine(RuleBasedStateMachine):
             req = replace(req, rrn=pre.rrn)
         self._send(req)
         self.sent.append(req)
+
+    @rule(pan=st.sampled_from(PANS), amount=st.sampled_from(AMOUNTS), wrong=st.integers(1, 3))
+    def pin_retry(self, pan: str, amount: int, wrong: int) -> None:
+        """Wrong PINs, then the right one, on one card (the counter counts, locks, resets)."""
+        for pin in ["wrong"] * wrong + ["right"]:
+            req = self._auth(pan, amount, "0100", pin)
+            self._send(req, pin)
+            self.sent.append(req)
+            self.store_matches_model()
 
     @precondition(lambda self: self.sent or self.reserved)
     @rule(
