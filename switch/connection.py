@@ -42,7 +42,6 @@ from switch.handler import Decision, Request, RequestContext, RequestHandler
 from switch.log import get_logger
 from switch.session import Answer, Close, Decide, Drop, Session
 from switch.wire import codec
-from switch.wire.framing import encode_frame
 from switch.wire.messages import AuthRequest
 
 __all__ = ["Connection", "describe"]
@@ -246,7 +245,7 @@ class Connection:
                     requests.start_soon(self._request, action.message, received_at)
                 elif isinstance(action, Answer):
                     metrics.observe_protocol_error(lst.name, "format_error")
-                    framed = encode_frame(action.body, lst.header)
+                    framed = self._session.frame(action.body)
                     await self._queue(_Outgoing(framed, _Outcome.of_answer(action, received_at)))
                 elif isinstance(action, Drop):
                     metrics.observe_protocol_error(lst.name, action.kind)
@@ -295,8 +294,8 @@ class Connection:
                 return
             outcome = _Outcome.of_decision(message, decision, received_at)
             try:
-                body = codec.encode(decision.response, self._listener.spec)
-                data = encode_frame(body, self._listener.header)
+                body = codec.encode(decision.response, self._session.spec)
+                data = self._session.frame(body)
             except ValueError as exc:
                 accounted = True
                 self._undelivered(outcome, "encode_failed", error=describe(exc))
