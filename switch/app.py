@@ -33,6 +33,7 @@ from switch.handler import Dispatcher, Engine, RequestHandler, UnavailableEngine
 from switch.pipeline import Pipeline
 from switch.server import Server
 from switch.store import open_store
+from switch.sweeper import run_sweeper
 from switch.tls import TlsContextHolder
 
 log = log_mod.get_logger("switch.app")
@@ -60,7 +61,8 @@ async def serve(
     opens_engine = engine and handler is None
     readiness = health.Readiness(["listeners", "hsm", "store"] if opens_engine else ["listeners"])
     async with AsyncExitStack() as stack, trio.open_nursery() as monitors:
-        http = _start_health(cfg, heartbeat, readiness, stack)
+        board = health.StatusBoard()
+        http = _start_health(cfg, heartbeat, readiness, board, stack)
         probes: list[health.Probe] = []  # run_probes reads the list at each round
         # The heartbeat runs while the engine opens (a long store recovery is alive); the
         # monitors stop once the server has drained, before the engine is closed.
@@ -69,7 +71,8 @@ async def serve(
             async with AsyncExitStack() as engine_stack:
                 if handler is None:
                     if engine:
-                        handler = Dispatcher(await _open_engine(cfg, engine_stack, probes))
+                        engine_ = await _open_engine(cfg, engine_stack, probes, monitors)
+                        handler = Dispatcher(engine_)
                     else:
                         readiness.record("engine", "Disabled: serving without an engine (91)")
                         handler = Dispatcher(UnavailableEngine())
@@ -83,6 +86,7 @@ async def serve(
                             bound = await serving.start(server.serve)
                             names = frozenset(x.name for x in cfg.listeners)
                             probes.append(health.ListenersProbe(server, names))
+                            monitors.start_soon(_publish_status, board, server)
                             if ready_file is not None:
                                 _write_ready(ready_file, bound, http)
                         nursery.cancel_scope.cancel()  # the server has stopped
@@ -93,15 +97,32 @@ async def serve(
 
 
 def _start_health(
-    cfg: Config, heartbeat: health.Heartbeat, readiness: health.Readiness, stack: AsyncExitStack
+    cfg: Config,
+    heartbeat: health.Heartbeat,
+    readiness: health.Readiness,
+    board: health.StatusBoard,
+    stack: AsyncExitStack,
 ) -> tuple[str, int] | None:
-    """Bind and start /healthz, /readyz and /metrics (port 0: none); returns its address."""
+    """Bind and start /healthz, /readyz, /status and /metrics (port 0: none); its address."""
     if not cfg.metrics.port:
         return None
-    http = health.HealthServer(cfg.metrics.host, cfg.metrics.port, heartbeat, readiness)
+    http = health.HealthServer(
+        cfg.metrics.host, cfg.metrics.port, heartbeat, readiness, board=board
+    )
     http.start()
     stack.callback(http.close)
     return http.address
+
+
+#: Seconds between two status snapshots published for ``/status``.
+_STATUS_INTERVAL = 1.0
+
+
+async def _publish_status(board: health.StatusBoard, server: Server) -> None:
+    """Publish the server's status for ``/status`` until cancelled."""
+    while True:
+        board.publish({"pid": os.getpid(), **server.status()})
+        await trio.sleep(_STATUS_INTERVAL)
 
 
 async def _monitor(
@@ -125,17 +146,25 @@ async def _monitor(
         nursery.start_soon(partial(health.run_probes, readiness, probes, each_round=certificates))
 
 
-async def _open_engine(cfg: Config, stack: AsyncExitStack, probes: list[health.Probe]) -> Engine:
+async def _open_engine(
+    cfg: Config,
+    stack: AsyncExitStack,
+    probes: list[health.Probe],
+    background: trio.Nursery,
+) -> Engine:
     """Open the HSM, the vault and the store and return the pipeline over them.
 
     Appends the readiness probes of the HSM (check value of the first listener's ZPK) and of
-    the store (a point read) to ``probes``.
+    the store (a point read) to ``probes``, and starts the hold-expiry sweeper in
+    ``background`` (stopped, like the probes, before the store closes).
     """
     hsm = open_hsm(cfg.hsm)  # opens the token and logs in once, at start-up
     stack.push_async_callback(hsm.aclose)
     vault = open_vault(cfg.card_data, hsm)
     store = await stack.enter_async_context(open_store(cfg.store))
     probes += [health.HsmProbe(hsm, cfg.listeners[0].zpk), health.StoreProbe(store)]
+    if cfg.holds.sweep_interval:
+        background.start_soon(run_sweeper, store, cfg.holds)
     return Pipeline(cfg, store=store, hsm=hsm, vault=vault)
 
 

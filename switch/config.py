@@ -184,6 +184,36 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class HoldsConfig:
+    """How long an authorization's hold lasts when no reversal or completion comes.
+
+    >>> holds = HoldsConfig()
+    >>> holds.days_for("7011"), holds.days_for("3400"), holds.days_for("5411")
+    (30, 30, 7)
+    """
+
+    #: Days a hold lasts (networks expect about a week for a purchase).
+    expiry_days: int = 7
+    #: Days for merchants that authorize long before completing: hotels and car rental.
+    long_expiry_days: int = 30
+    #: Merchant category codes (DE18) of ``long_expiry_days``; "A-B" is a range.
+    long_expiry_mccs: tuple[str, ...] = ("7011", "3501-3999", "7512", "3351-3441")
+    #: Seconds between two sweeps of expired holds inside the daemon (0: no sweeper).
+    sweep_interval: float = 60.0
+    #: Holds released per sweep transaction.
+    sweep_batch: int = 100
+
+    def days_for(self, mcc: str | None) -> int:
+        """How many days a hold taken at merchant category ``mcc`` lasts."""
+        if mcc:
+            for entry in self.long_expiry_mccs:
+                low, _, high = entry.partition("-")
+                if low <= mcc <= (high or low):
+                    return self.long_expiry_days
+        return self.expiry_days
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """Prometheus exposition endpoint; port 0 disables it."""
 
@@ -208,6 +238,7 @@ class Config:
     hsm: HsmConfig = field(default_factory=HsmConfig)
     card_data: CardDataConfig = field(default_factory=CardDataConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    holds: HoldsConfig = field(default_factory=HoldsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -360,6 +391,14 @@ def _check(cfg: Config, source: str) -> None:
             "pipeline.stand_in",
             f"must be one of {', '.join(allowed)}, got {cfg.pipeline.stand_in!r}",
         )
+    if cfg.holds.expiry_days < 1 or cfg.holds.long_expiry_days < 1:
+        raise ConfigError(source, "holds.expiry_days", "hold expiry must be at least a day")
+    if cfg.holds.sweep_interval < 0 or cfg.holds.sweep_batch < 1:
+        raise ConfigError(source, "holds.sweep_interval", "must be >= 0 (batch >= 1)")
+    for i, mcc in enumerate(cfg.holds.long_expiry_mccs):
+        bounds = mcc.split("-")
+        if len(bounds) > 2 or not all(len(b) == 4 and b.isdigit() for b in bounds):
+            raise ConfigError(source, f"holds.long_expiry_mccs[{i}]", "expected NNNN or NNNN-NNNN")
     if not 0 <= cfg.pipeline.atc_window <= 32:
         raise ConfigError(source, "pipeline.atc_window", "must be between 0 and 32")
     if cfg.server.max_in_flight < 1:

@@ -14,7 +14,9 @@ What lives here:
   daemon thread so it keeps answering (and saying 503) while the loop is blocked. Routes:
   ``/healthz`` (200 while the heartbeat is fresh, else 503), ``/readyz`` (200 when every check
   passed at its last run and the heartbeat is fresh, else 503 with
-  ``{"ready": false, "failed": {check: "Error: detail"}}``), ``/metrics`` (the Prometheus page
+  ``{"ready": false, "failed": {check: "Error: detail"}}``), ``/status`` (what the loop last
+  published: listeners, connections, peers, in-flight, draining, with readiness; read by
+  ``cardswitch status``), ``/metrics`` (the Prometheus page
   of ``switch.metrics``); anything else is 404.
 
 A test hook: when the environment names a file in ``CARDSWITCH_TEST_BLOCK_LOOP_FILE`` and that
@@ -319,10 +321,28 @@ async def run_probes(
 # ------------------------------------------------------------------------- HTTP
 
 
+class StatusBoard:
+    """The running switch's status as the loop last published it, for ``/status``.
+
+    The loop publishes a fresh snapshot every second; the HTTP thread reads the latest (one
+    reference assignment: no lock needed).
+    """
+
+    def __init__(self) -> None:
+        self._snapshot: Mapping[str, Any] = {}
+
+    def publish(self, snapshot: Mapping[str, Any]) -> None:
+        self._snapshot = dict(snapshot)
+
+    def snapshot(self) -> Mapping[str, Any]:
+        return self._snapshot
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     heartbeat: Heartbeat
     readiness: Readiness
+    board: StatusBoard
     stale_after: float
 
 
@@ -346,6 +366,15 @@ class _Handler(BaseHTTPRequestHandler):
             state = ReadyState(failed)
             status = HTTPStatus.OK if state.ready else HTTPStatus.SERVICE_UNAVAILABLE
             self._send_json(status, state.body())
+        elif path == "/status":
+            ready = self.server.readiness.state()
+            snapshot: dict[str, Any] = {
+                **self.server.board.snapshot(),
+                "alive": not stale,
+                "ready": ready.ready and not stale,
+                "failed": dict(ready.failed),
+            }
+            self._send_json(HTTPStatus.OK, snapshot)
         elif path == "/metrics":
             metrics.observe_heartbeat_age(age)
             self._send(HTTPStatus.OK, metrics.exposition(), metrics.CONTENT_TYPE)
@@ -367,7 +396,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Requests are not logged (scrapes and probes every few seconds)."""
 
 
-_PATHS = ["/healthz", "/readyz", "/metrics"]
+_PATHS = ["/healthz", "/readyz", "/status", "/metrics"]
 
 
 class HealthServer:
@@ -392,11 +421,13 @@ class HealthServer:
         heartbeat: Heartbeat,
         readiness: Readiness,
         *,
+        board: StatusBoard | None = None,
         stale_after: float = STALE_AFTER,
     ) -> None:
         self._httpd = _Server((host, port), _Handler)
         self._httpd.heartbeat = heartbeat
         self._httpd.readiness = readiness
+        self._httpd.board = board or StatusBoard()
         self._httpd.stale_after = stale_after
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="cardswitch-health", daemon=True

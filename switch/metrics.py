@@ -457,3 +457,18 @@ def observe_limit(listener: str, limit: str) -> None:
     if limit not in CONNECTION_LIMITS:
         raise ValueError(f"unknown connection limit {limit!r}")
     CONNECTION_LIMIT_HITS.labels(listener, limit).inc()
+
+
+# -- hold expiry ---------------------------------------------------------------------------------
+
+HOLDS_EXPIRED = Counter(
+    "cardswitch_holds_expired",
+    "Holds given back by the expiry sweeper (no reversal or completion came in time).",
+    registry=REGISTRY,
+)
+
+
+def observe_holds_expired(count: int) -> None:
+    """Count holds the sweeper released."""
+    if count:
+        HOLDS_EXPIRED.inc(count)

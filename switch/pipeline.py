@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import trio
 
@@ -267,6 +267,9 @@ class Pipeline:
             velocity_day=now.strftime("%Y%m%d"),
             velocity_month=now.strftime("%Y%m"),
             original=_advice_original(req, ctx) if advice else None,
+            hold_expires_at=(now + timedelta(days=self._cfg.holds.days_for(req.mcc))).isoformat(
+                timespec="seconds"
+            ),
             keep_rest_on_partial_completion=ctx.listener.completion_keeps_rest,
             atc_window=self._cfg.pipeline.atc_window,
             stand_in=advice,

@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hsm.api import IbmOffsetGeneration, PvvGeneration
-from hsm.pan import mask_pan
+from hsm.pan import (
+    PAN_MAX_DIGITS,
+    PAN_MIN_DIGITS,
+    PIN_MAX_DIGITS,
+    PIN_MIN_DIGITS,
+    is_pan,
+    mask_pan,
+)
 from switch.config import Config
 from switch.store import (
     Account,
@@ -46,11 +53,11 @@ from switch.store import (
     StoreError,
     open_store,
 )
+from switch.store.models import CARD_UPDATABLE, CONTROL_FIELDS, CardChange
 
-#: PAN length bounds (ISO/IEC 7812-1).
-PAN_MIN, PAN_MAX = 12, 19
-#: PIN length bounds (ISO 9564-1).
-PIN_MIN, PIN_MAX = 4, 12
+#: PAN and PIN length bounds (ISO/IEC 7812-1, ISO 9564-1), owned by the card-data module.
+PAN_MIN, PAN_MAX = PAN_MIN_DIGITS, PAN_MAX_DIGITS
+PIN_MIN, PIN_MAX = PIN_MIN_DIGITS, PIN_MAX_DIGITS
 #: Default consecutive wrong PINs before the card answers 75.
 DEFAULT_PIN_TRY_LIMIT = 3
 #: Separators accepted inside the MCC / country list cells of a CSV file.
@@ -119,6 +126,8 @@ class CardRow:
     ibm_validation_data: str | None = None
     pin_try_limit: int = DEFAULT_PIN_TRY_LIMIT
     controls: SpendControls = field(default_factory=SpendControls)
+    #: The fields the source row named (an update of an existing card changes only these).
+    present: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __repr__(self) -> str:
         return (
@@ -168,7 +177,12 @@ class CardRow:
             except ValueError:
                 choices = ", ".join(s.value for s in CardStatus)
                 raise ProvisionError(f"{where}: status must be one of {choices}") from None
-        row = cls(controls=controls, **values)
+        named = frozenset(values) | {
+            n for n in ("per_txn_max", "daily_amount", "daily_count", "monthly_amount",
+                        "monthly_count", "blocked_mccs", "blocked_countries")
+            if any(k.strip().lower().replace("-", "_") == n for k in raw)
+        }  # fmt: skip
+        row = cls(controls=controls, present=named, **values)
         row._check(where)
         return row
 
@@ -299,6 +313,8 @@ class ImportReport:
     failures: tuple[RowFailure, ...] = ()
     #: Ids of the cards written, in row order (failed rows excluded).
     card_ids: tuple[str, ...] = ()
+    #: For each existing card updated: its masked PAN and the attributes that changed.
+    changes: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -310,11 +326,17 @@ async def import_cards(
     hsm: PinReferenceHsm | None,
     vault: PanVault,
     rows: Sequence[CardRow],
+    *,
+    replace_existing: bool = False,
+    actor: str = "cards import",
 ) -> ImportReport:
     """Provision ``rows``: accounts first seen are created, cards created or updated.
 
-    A failing row (HSM error, store error, currency clash) is reported and skipped; the
-    other rows are still imported.
+    A card that exists already is updated in the attributes its row names and only those
+    (journaled as a card change); with ``replace_existing`` it is replaced by the row whole
+    (attributes the row leaves out take their defaults). The decision counters (PIN tries,
+    chip counter) are never reset by an import. A failing row (HSM error, store error,
+    currency clash) is reported and skipped; the other rows are still imported.
 
     Args:
         store: the open store.
@@ -325,9 +347,12 @@ async def import_cards(
     created = updated = accounts = 0
     failures: list[RowFailure] = []
     ids: list[str] = []
+    changes: list[tuple[str, tuple[str, ...]]] = []
     for index, row in enumerate(rows):
         try:
-            card, is_new, new_account = await _import_one(store, hsm, vault, row)
+            card, is_new, new_account, changed = await _import_one(
+                store, hsm, vault, row, replace_existing=replace_existing, actor=actor
+            )
         except (ProvisionError, StoreError) as exc:
             failures.append(RowFailure(index, mask_pan(row.pan), str(exc)))
             continue
@@ -339,7 +364,9 @@ async def import_cards(
         updated += not is_new
         accounts += new_account
         ids.append(card.id)
-    return ImportReport(created, updated, accounts, tuple(failures), tuple(ids))
+        if changed is not None:
+            changes.append((card.masked_pan, changed))
+    return ImportReport(created, updated, accounts, tuple(failures), tuple(ids), tuple(changes))
 
 
 def _scrub(text: str, row: CardRow) -> str:
@@ -350,8 +377,14 @@ def _scrub(text: str, row: CardRow) -> str:
 
 
 async def _import_one(
-    store: Store, hsm: PinReferenceHsm | None, vault: PanVault, row: CardRow
-) -> tuple[Card, bool, bool]:
+    store: Store,
+    hsm: PinReferenceHsm | None,
+    vault: PanVault,
+    row: CardRow,
+    *,
+    replace_existing: bool,
+    actor: str,
+) -> tuple[Card, bool, bool, tuple[str, ...] | None]:
     account = await store.get_account(row.account)
     new_account = account is None
     if account is None:
@@ -410,10 +443,40 @@ async def _import_one(
             pvki=existing.pvki,
             pin_verification_value=existing.pin_verification_value,
         )
+    if existing is not None and not replace_existing:
+        if existing.account_id != row.account:
+            raise ProvisionError(
+                f"the card is on account {existing.account_id}, the row says {row.account}: "
+                "moving a card needs --replace"
+            )
+        named = _updatable_named(row)
+        new = card
+        values = {
+            name: getattr(new.controls if name in CONTROL_FIELDS else new, name) for name in named
+        }
+        change = await store.update_card(existing.id, values, actor=actor)
+        assert change is not None  # found by its fingerprint just above
+        updated_card = await store.get_card(existing.id)
+        assert updated_card is not None
+        return updated_card, False, False, tuple(change.changed)
     if new_account:
         await store.put_account(account)
     await store.put_card(card)
-    return card, existing is None, new_account
+    return card, existing is None, new_account, None
+
+
+#: Row fields that are not card attributes, and the attributes a PIN in a row sets.
+_ROW_ONLY = frozenset({"pan", "account", "currency", "balance", "pin"})
+_PIN_ATTRIBUTES = ("pin_method", "pvki", "pin_verification_value")
+
+
+def _updatable_named(row: CardRow) -> frozenset[str]:
+    """The card attributes an update from ``row`` changes: those it names (a PIN names the
+    PIN reference, its method and PVKI)."""
+    named = set(row.present - _ROW_ONLY)
+    if "pin" in row.present:
+        named.update(_PIN_ATTRIBUTES)
+    return frozenset(n for n in named if n in CARD_UPDATABLE)
 
 
 # -- demo keys ---------------------------------------------------------------------------------
@@ -462,7 +525,9 @@ def load_keys(path: Path | str) -> list[DemoKey]:
 # -- on a configured switch -----------------------------------------------------------------
 
 
-async def import_with_config(cfg: Config, rows: Sequence[CardRow]) -> ImportReport:
+async def import_with_config(
+    cfg: Config, rows: Sequence[CardRow], *, replace_existing: bool = False, actor: str
+) -> ImportReport:
     """Import ``rows`` into the configured store through the configured HSM and vault."""
     # Imported here: the HSM backends load PKCS#11 libraries, which `cards list` never needs.
     from hsm.carddata import open_vault  # noqa: PLC0415
@@ -472,7 +537,9 @@ async def import_with_config(cfg: Config, rows: Sequence[CardRow]) -> ImportRepo
     try:
         vault = open_vault(cfg.card_data, hsm)
         async with open_store(cfg.store) as store:
-            return await import_cards(store, hsm, vault, rows)
+            return await import_cards(
+                store, hsm, vault, rows, replace_existing=replace_existing, actor=actor
+            )
     finally:
         await hsm.aclose()
 
@@ -501,3 +568,61 @@ async def find_account(cfg: Config, account_id: str) -> AccountView | None:
         holds = await store.active_holds_total(account_id)
         cards = tuple(c for c in await store.list_cards() if c.account_id == account_id)
         return AccountView(account, holds, cards)
+
+
+# -- card maintenance --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CardView:
+    """A card (masked), its account's balances and its journaled changes."""
+
+    card: Card
+    account: Account | None
+    changes: tuple[CardChange, ...]
+
+
+async def _resolve_card(cfg: Config, store: Store, ref: str) -> Card | None:
+    """The card named by ``ref``: its id, or its PAN (fingerprinted through the HSM)."""
+    card = await store.get_card(ref)
+    if card is not None or not is_pan(ref):
+        return card
+    from hsm.carddata import open_vault  # noqa: PLC0415 - only a PAN reference needs the HSM
+    from hsm.token import open_hsm  # noqa: PLC0415
+
+    hsm = open_hsm(cfg.hsm)
+    try:
+        fingerprint = await open_vault(cfg.card_data, hsm).fingerprint(ref)
+    finally:
+        await hsm.aclose()
+    return await store.get_card_by_fingerprint(fingerprint)
+
+
+async def change_card(
+    cfg: Config, ref: str, changes: Mapping[str, object], *, actor: str
+) -> CardChange:
+    """Change only the named attributes of the card ``ref`` (id or PAN), journaled.
+
+    Raises:
+        ProvisionError: no such card, or an attribute that cannot be changed.
+    """
+    async with open_store(cfg.store) as store:
+        card = await _resolve_card(cfg, store, ref)
+        if card is None:
+            raise ProvisionError(f"no card {mask_pan(ref) if is_pan(ref) else ref!r}")
+        try:
+            change = await store.update_card(card.id, changes, actor=actor)
+        except StoreError as exc:
+            raise ProvisionError(str(exc)) from None
+        assert change is not None
+        return change
+
+
+async def show_card(cfg: Config, ref: str) -> CardView | None:
+    """The card ``ref`` (id or PAN) with its account and change history, or None."""
+    async with open_store(cfg.store) as store:
+        card = await _resolve_card(cfg, store, ref)
+        if card is None:
+            return None
+        account = await store.get_account(card.account_id)
+        return CardView(card, account, tuple(await store.card_changes(card.id)))

@@ -183,6 +183,26 @@ class Server:
                 scope.deadline, trio.current_time() + FLUSH_TIMEOUT + 2 * _CLOSE_TIMEOUT
             )
 
+    def status(self) -> dict[str, object]:
+        """What an operator asks of a running switch (``cardswitch status``): per listener its
+        addresses, open connections, handshakes in progress and connected peer identities;
+        requests in flight; whether it drains. No card data, no remote addresses."""
+        in_flight = self._config.server.max_in_flight - self._global_slots.value
+        listeners = {}
+        for name, load in self._load.items():
+            peers: dict[str, int] = {}
+            for identities, count in load.by_peer.items():
+                if count:
+                    peers[",".join(sorted(identities)) or "(none)"] = count
+            listeners[name] = {
+                "network": load.lst.network,
+                "bound": [f"{h}:{p}" for n, h, p in self.bound if n == name],
+                "connections": load.open,
+                "handshakes": load.handshakes,
+                "peers": peers,
+            }
+        return {"draining": self._draining, "in_flight": in_flight, "listeners": listeners}
+
     @property
     def draining(self) -> bool:
         """Whether ``shutdown()`` has been called."""

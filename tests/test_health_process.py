@@ -8,7 +8,9 @@ listeners, HSM session and store answer; every metric the dashboard and alerts q
 
 from __future__ import annotations
 
+import json
 import socket
+import sys
 from pathlib import Path
 
 import trio
@@ -73,6 +75,18 @@ async def test_health_endpoints_of_a_running_switch(pki: PkiPaths, tmp_path: Pat
             assert body == {"ready": True, "failed": {}}
             assert (await trio.to_thread.run_sync(get, port, "/healthz")).status == 200
             assert (await trio.to_thread.run_sync(get, port, "/nope")).status == 404
+
+            # `cardswitch status` reads /status: listeners, connections, readiness
+            await trio.sleep(1.5)  # one status snapshot published after the listeners bound
+            status = await trio.run_process(
+                [sys.executable, "-m", "switch", "status", "--json", "--config", str(config)],
+                capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+            assert status.returncode == 0, status.stderr
+            document = json.loads(status.stdout)
+            assert document["ready"] is True and document["draining"] is False
+            assert document["listeners"]["visa"]["connections"] == 0
+            assert document["listeners"]["visa"]["bound"]
 
             scrape = await trio.to_thread.run_sync(get, port, "/metrics")
             exported = exported_series_names(scrape.body.decode())

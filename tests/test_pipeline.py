@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -274,3 +275,31 @@ async def test_store_failure_during_lookup_is_stand_in() -> None:
     engine.store.unavailable = True
     decision = await _auth(engine, build_auth(APPROVAL_PAN, 100))
     assert (decision.reason, decision.stand_in) == (Reason.ISSUER_UNAVAILABLE, "store")
+
+
+async def test_holds_expire_by_merchant_category_and_the_sweeper_releases_them_once() -> None:
+    """A purchase hold lasts 7 days, a hotel's 30 (pinned clock); the sweeper gives each back
+    once when its day comes, and a reversal after that releases nothing more."""
+    from switch.sweeper import sweep_once
+    from switch.testing import PINNED_NOW
+
+    engine = await _engine()
+    shop = build_auth(APPROVAL_PAN, 700, mcc="5411")
+    hotel = build_auth(APPROVAL_PAN, 900, mcc="7011")
+    for request in (shop, hotel):
+        assert (await _auth(engine, request)).reason is Reason.APPROVED
+    store = engine.store
+    assert sorted(store.expiry.values()) == [
+        (PINNED_NOW + timedelta(days=7)).isoformat(timespec="seconds"),
+        (PINNED_NOW + timedelta(days=30)).isoformat(timespec="seconds"),
+    ]
+    assert await sweep_once(store, PINNED_NOW + timedelta(days=6), 100) == []
+    week = await sweep_once(store, PINNED_NOW + timedelta(days=7), 100)
+    assert [r.amount for r in week] == [700]
+    assert await sweep_once(store, PINNED_NOW + timedelta(days=8), 100) == []
+    reversed_late = await engine.pipeline.reverse(build_reversal(shop), context_for(engine.config))
+    assert (reversed_late.reason, reversed_late.released) == (Reason.REVERSAL_MATCHED, 0)
+    month = await sweep_once(store, PINNED_NOW + timedelta(days=31), 100)
+    assert [r.amount for r in month] == [900]
+    assert await store.active_holds_total("demo-acct-main") == 0
+    await _check_invariants(engine)

@@ -16,6 +16,7 @@ from test_store_support import (
     ACCOUNT_ID,
     CARD_ID,
     CURRENCY,
+    PAN,
     auth,
     dup_key,
     make_card,
@@ -24,6 +25,7 @@ from test_store_support import (
     seeded_store,
 )
 
+from hsm.pan import mask_pan
 from switch.decisions import Reason
 from switch.store import (
     AuthOutcome,
@@ -36,6 +38,7 @@ from switch.store import (
     mti_class,
     normalise_acquirer_id,
 )
+from switch.store.models import JournalQuery
 
 BALANCE = 100_000
 
@@ -455,3 +458,63 @@ async def test_closed_store_refuses_operations(tmp_path: Path) -> None:
     assert err.value.kind == "closed"
     with pytest.raises(StoreError):
         await store.get_account(ACCOUNT_ID)
+
+
+# -- hold expiry ---------------------------------------------------------------------------------
+
+
+async def test_expired_holds_are_released_once_and_reversals_after_release_nothing(
+    tmp_path: Path, backend: str
+) -> None:
+    limits = SpendControls(daily_amount=1000)
+    async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits, backend=backend) as store:
+        expiring = auth("000001", 700, velocity=limits, hold_expires_at="2026-12-08T12:00:00+00:00")
+        lasting = auth("000002", 300, velocity=limits, hold_expires_at="2027-01-01T12:00:00+00:00")
+        assert (await store.commit_auth(expiring)).approved
+        assert (await store.commit_auth(lasting)).approved
+        assert await store.expire_holds("2026-12-08T11:59:59+00:00") == []
+        released = await store.expire_holds("2026-12-08T12:00:00+00:00")
+        assert [(r.amount, r.by) for r in released] == [(700, "expiry")]
+        assert await store.expire_holds("2026-12-09T00:00:00+00:00") == []  # once
+        assert await balances(store) == (BALANCE, BALANCE - 300)
+        assert await store.active_holds_total(ACCOUNT_ID) == 300
+        late = await store.commit_reversal(reversal("000101", "000001", 700))
+        assert (late.matched, late.released_amount) == (True, 0)
+        assert await balances(store) == (BALANCE, BALANCE - 300)
+        # the expired amount no longer counts against the daily limit
+        assert (await store.commit_auth(auth("000003", 700, velocity=limits))).approved
+        views = await store.list_holds(account_id=ACCOUNT_ID, active=False)
+        expired = next(v for v in views if v.amount == 700 and v.released_by == "expiry")
+        assert (expired.remaining, expired.masked_pan) == (0, mask_pan(PAN))
+
+
+async def test_operator_release_gives_back_once_and_never_a_debit(
+    tmp_path: Path, backend: str
+) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
+        hold = await store.commit_auth(auth("000001", 700))
+        debit = await store.commit_auth(auth("000002", 200, kind="debit"))
+        assert hold.hold_id is not None and debit.hold_id is not None
+        released = await store.release_hold(hold.hold_id, actor="alice")
+        assert released is not None and (released.amount, released.by) == (700, "alice")
+        assert await store.release_hold(hold.hold_id, actor="alice") is None
+        assert await store.release_hold(debit.hold_id, actor="alice") is None
+        assert await balances(store) == (BALANCE - 200, BALANCE - 200)
+
+
+async def test_journal_search_by_stan_rrn_masked_pan_and_card(tmp_path: Path, backend: str) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
+        await store.commit_auth(auth("000001", 700))
+        await store.commit_auth(auth("000002", 300))
+        await store.commit_reversal(reversal("000101", "000001", 700))
+        by_stan = await store.search_journal(JournalQuery(stan="000002"))
+        assert [(r.stan, r.amount, r.reason) for r in by_stan] == [("000002", 300, "approved")]
+        by_rrn = await store.search_journal(JournalQuery(rrn=dup_key("000001").rrn))
+        assert [r.stan for r in by_rrn] == ["000001"]
+        masked = mask_pan(PAN)
+        by_pan = await store.search_journal(JournalQuery(masked_pan=masked))
+        assert [r.stan for r in by_pan] == ["000101", "000002", "000001"]  # newest first
+        assert [r.stan for r in await store.search_journal(JournalQuery(masked_pan=PAN[-4:]))]
+        assert await store.search_journal(JournalQuery(masked_pan="999999")) == []
+        assert len(await store.search_journal(JournalQuery(card_id=CARD_ID, limit=2))) == 2
+        assert await store.search_journal(JournalQuery(since="2999-01-01")) == []

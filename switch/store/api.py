@@ -37,6 +37,7 @@ Mapping to PostgreSQL (same schema, ``BIGINT`` amounts, ``BYTEA`` blobs):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 from switch.store.models import (
@@ -44,8 +45,13 @@ from switch.store.models import (
     AuthIntent,
     AuthOutcome,
     Card,
+    CardChange,
     CardStatus,
     DuplicateKey,
+    HoldRelease,
+    HoldView,
+    JournalEntry,
+    JournalQuery,
     ReversalIntent,
     ReversalOutcome,
     StoredOutcome,
@@ -142,4 +148,55 @@ class Store(Protocol):
 
     async def set_card_status(self, card_id: str, status: CardStatus) -> bool:
         """Change a card's status; ``False`` when no such card exists."""
+        ...
+
+    async def update_card(
+        self, card_id: str, changes: Mapping[str, object], *, actor: str
+    ) -> CardChange | None:
+        """Change only the named attributes of a card (``models.CARD_UPDATABLE``, and
+        ``pin_tries`` reset to 0), in one transaction with a ``card_changes`` row saying who,
+        when and what (masked; secrets only named). ``None`` when no such card exists.
+
+        PostgreSQL: ``SELECT ... FROM cards WHERE id = $1 FOR UPDATE``, ``UPDATE cards SET``
+        the named columns, ``INSERT INTO card_changes``.
+
+        Raises:
+            StoreError: ``invalid`` for an attribute that cannot be changed.
+        """
+        ...
+
+    async def card_changes(self, card_id: str) -> list[CardChange]:
+        """The journaled changes of a card, oldest first."""
+        ...
+
+    async def search_journal(self, query: JournalQuery) -> list[JournalEntry]:
+        """Journal rows matching ``query``, newest first, at most ``query.limit``."""
+        ...
+
+    # -- holds ---------------------------------------------------------------------------------
+
+    async def expire_holds(self, now: str, limit: int = 100) -> list[HoldRelease]:
+        """Release up to ``limit`` holds whose expiry (ISO 8601 UTC) is at or before ``now``,
+        in one transaction; idempotent (a released hold gives back nothing more, and a
+        reversal after it releases nothing more).
+
+        PostgreSQL: ``SELECT ... FROM holds WHERE kind = 'hold' AND remaining > 0 AND
+        expires_at <= $1 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED`` (instances
+        sweeping at once take different holds), then per hold the account ``FOR UPDATE``.
+        """
+        ...
+
+    async def release_hold(self, hold_id: int, *, actor: str) -> HoldRelease | None:
+        """An operator gives back what remains of a hold; ``None`` when there is nothing."""
+        ...
+
+    async def list_holds(
+        self,
+        *,
+        account_id: str | None = None,
+        card_id: str | None = None,
+        active: bool = True,
+        limit: int = 100,
+    ) -> list[HoldView]:
+        """Money rows, newest first; ``active`` keeps holds with something left to release."""
         ...

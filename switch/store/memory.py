@@ -12,7 +12,9 @@ by ``[store] backend``), SQL, the rules themselves (``rules.py``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
 import trio
 
@@ -22,13 +24,21 @@ from switch.store.models import (
     AuthIntent,
     AuthOutcome,
     Card,
+    CardChange,
     CardStatus,
     DuplicateKey,
+    HoldRelease,
+    HoldView,
+    JournalEntry,
+    JournalQuery,
     OriginalKey,
     ReversalIntent,
     ReversalOutcome,
     StoredOutcome,
     StoreError,
+    apply_card_changes,
+    card_diff,
+    masked_parts,
 )
 from switch.store.rules import (
     AccountRow,
@@ -39,6 +49,7 @@ from switch.store.rules import (
     OriginalRow,
     ReversalSnapshot,
     plan_auth,
+    plan_hold_release,
     plan_reversal,
 )
 
@@ -59,6 +70,8 @@ class JournalRow:
     amount: int
     outcome: StoredOutcome
     stand_in: bool
+    masked_pan: str = ""
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
 
 @dataclass
@@ -74,6 +87,11 @@ class MemoryStore:
     commit_delay: float = 0.0
     #: Money rows by journal id of the request that moved the money.
     holds: dict[int, HoldRow] = field(default_factory=dict)
+    #: Hold expiry (ISO 8601) and releases without a reversal (by, at), by journal id.
+    expiry: dict[int, str] = field(default_factory=dict)
+    released: dict[int, tuple[str, str]] = field(default_factory=dict)
+    #: Journaled card changes, oldest first.
+    changes: list[CardChange] = field(default_factory=list)
     _counters: dict[tuple[str, str], Counters] = field(default_factory=dict)
     #: Unmatched reversals: journal id -> journal id of the original that resolved it.
     _unmatched: dict[int, int | None] = field(default_factory=dict)
@@ -211,6 +229,8 @@ class MemoryStore:
                 original.hold, remaining=plan.original_remaining, completed_by=journal_id
             )
         if plan.money_row and account is not None:
+            if plan.hold and intent.hold_expires_at:
+                self.expiry[journal_id] = intent.hold_expires_at
             hold_id = len(self.holds) + 1
             self.holds[journal_id] = HoldRow(
                 hold_id, journal_id, account.id, intent.card_id,
@@ -236,6 +256,7 @@ class MemoryStore:
                 journal_id, intent.dup_key, intent.digest, intent.original, intent.mti, kind,
                 intent.card_id, intent.account_id, intent.currency, intent.amount,
                 replace(outcome, replayed=True, held=0, debited=0), intent.stand_in,
+                intent.masked_pan,
             )
         )  # fmt: skip
         return outcome
@@ -282,7 +303,7 @@ class MemoryStore:
             JournalRow(
                 journal_id, intent.dup_key, intent.digest, intent.original_key, intent.mti,
                 kind, intent.card_id, plan.account_id, intent.currency, intent.amount,
-                replace(outcome, replayed=True), intent.stand_in,
+                replace(outcome, replayed=True), intent.stand_in, intent.masked_pan,
             )
         )  # fmt: skip
         return outcome
@@ -314,6 +335,112 @@ class MemoryStore:
             card = replace(card, pin_tries=old.pin_tries, last_atc=old.last_atc,
                            atc_seen=old.atc_seen)  # fmt: skip
         self.cards[card.id] = card
+
+    async def update_card(
+        self, card_id: str, changes: Mapping[str, object], *, actor: str
+    ) -> CardChange | None:
+        await self._before_write()
+        old = self.cards.get(card_id)
+        if old is None:
+            return None
+        new = apply_card_changes(old, changes)
+        self.cards[card_id] = new
+        at = datetime.now(UTC).isoformat(timespec="microseconds")
+        change = CardChange(card_id, old.masked_pan, actor, at, card_diff(old, new))
+        self.changes.append(change)
+        return change
+
+    async def card_changes(self, card_id: str) -> list[CardChange]:
+        self._check()
+        return [c for c in self.changes if c.card_id == card_id]
+
+    async def search_journal(self, query: JournalQuery) -> list[JournalEntry]:
+        self._check()
+        first6, last4 = masked_parts(query.masked_pan or "")
+        found = []
+        for r in reversed(self.journal):
+            k = r.dup_key
+            if (
+                (query.stan is not None and k.stan != query.stan)
+                or (query.rrn is not None and k.rrn != query.rrn)
+                or (query.card_id is not None and r.card_id != query.card_id)
+                or not r.masked_pan.startswith(first6)
+                or not r.masked_pan.endswith(last4)
+                or (query.since is not None and r.created_at < query.since)
+                or (query.until is not None and r.created_at >= query.until)
+            ):
+                continue
+            o = r.outcome
+            found.append(
+                JournalEntry(
+                    r.id, r.created_at, k.network, r.mti, r.kind, k.stan, k.rrn, k.terminal_id,
+                    r.masked_pan, r.card_id, r.account_id, r.amount, r.currency, o.reason.value,
+                    o.response_code, getattr(o, "approval_code", None), r.stand_in,
+                    getattr(o, "released_amount", None),
+                )
+            )  # fmt: skip
+        return found[: query.limit]
+
+    async def expire_holds(self, now: str, limit: int = 100) -> list[HoldRelease]:
+        await self._before_write()
+        due = sorted(
+            (j for j, h in self.holds.items()
+             if h.kind == "hold" and h.remaining > 0 and self.expiry.get(j, "~") <= now),
+            key=lambda j: self.expiry[j],
+        )[:limit]  # fmt: skip
+        return [r for r in (self._release(j, "expiry", now) for j in due) if r is not None]
+
+    async def release_hold(self, hold_id: int, *, actor: str) -> HoldRelease | None:
+        await self._before_write()
+        journal_id = next((j for j, h in self.holds.items() if h.id == hold_id), None)
+        if journal_id is None:
+            return None
+        return self._release(journal_id, actor, datetime.now(UTC).isoformat())
+
+    async def list_holds(
+        self,
+        *,
+        account_id: str | None = None,
+        card_id: str | None = None,
+        active: bool = True,
+        limit: int = 100,
+    ) -> list[HoldView]:
+        self._check()
+        views = []
+        for journal_id, h in sorted(self.holds.items(), key=lambda kv: -kv[1].id):
+            if account_id is not None and h.account_id != account_id:
+                continue
+            if card_id is not None and h.card_id != card_id:
+                continue
+            if active and not (h.kind == "hold" and h.remaining > 0):
+                continue
+            row = self.journal[journal_id - 1]
+            released = self.released.get(journal_id)
+            views.append(
+                HoldView(
+                    h.id, journal_id, h.account_id, h.card_id, row.masked_pan, h.kind,
+                    row.amount, h.remaining, "", self.expiry.get(journal_id),
+                    released[1] if released else None, released[0] if released else None,
+                )
+            )  # fmt: skip
+        return views[:limit]
+
+    def _release(self, journal_id: int, by: str, at: str) -> HoldRelease | None:
+        hold = self.holds[journal_id]
+        plan = plan_hold_release(hold)
+        if plan is None:
+            return None
+        amount, count_delta = plan
+        self.holds[journal_id] = replace(hold, remaining=0)
+        self.released[journal_id] = (by, at)
+        account = self.accounts[hold.account_id]
+        self.accounts[account.id] = replace(
+            account, available_balance=account.available_balance + amount
+        )
+        if hold.card_id is not None:
+            self._bump(hold.card_id, hold.velocity_day, hold.velocity_month, -amount, count_delta)
+        return HoldRelease(hold.id, hold.account_id, self.journal[journal_id - 1].masked_pan,
+                           amount, by, at)  # fmt: skip
 
     async def set_card_status(self, card_id: str, status: CardStatus) -> bool:
         await self._before_write()

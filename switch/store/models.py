@@ -18,7 +18,8 @@ minor units of the account currency.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from switch.decisions import Profile, Reason
@@ -191,6 +192,77 @@ class Card:
         return mask_fields(self.first6, self.last4, self.pan_length)
 
 
+#: Card attributes an operator or a provisioning file may change, by name (the controls'
+#: limits included); identity (PAN fingerprint and ciphertext, account) and the decision
+#: counters are not among them (``pin_tries`` only through a reset to zero).
+CARD_UPDATABLE = frozenset(
+    {
+        "status", "expiry", "service_code", "pan_sequence", "cvk", "pvk", "imk_ac", "emv_cvn",
+        "pin_method", "pvki", "pin_verification_value", "ibm_dec_table",
+        "ibm_validation_data", "pin_try_limit",
+        "per_txn_max", "daily_amount", "daily_count", "monthly_amount", "monthly_count",
+        "blocked_mccs", "blocked_countries",
+    }
+)  # fmt: skip
+#: Fields of SpendControls among them.
+CONTROL_FIELDS = frozenset(
+    {"per_txn_max", "daily_amount", "daily_count", "monthly_amount", "monthly_count",
+     "blocked_mccs", "blocked_countries"}
+)  # fmt: skip
+#: Attributes whose values a change record never shows (only that they changed).
+CARD_SECRET_FIELDS = frozenset({"pin_verification_value", "ibm_validation_data"})
+
+
+def apply_card_changes(card: Card, changes: Mapping[str, object]) -> Card:
+    """``card`` with ``changes`` (attribute name -> new value) applied; ``pin_tries`` may be
+    given only as 0 (a reset).
+
+    Raises:
+        StoreError: ``invalid`` for an attribute that cannot be changed.
+    """
+    unknown = set(changes) - CARD_UPDATABLE - {"pin_tries"}
+    if unknown:
+        raise StoreError("invalid", f"card attributes cannot be changed: {sorted(unknown)}")
+    if changes.get("pin_tries", 0) != 0:
+        raise StoreError("invalid", "pin_tries can only be reset to 0")
+    controls = {k: v for k, v in changes.items() if k in CONTROL_FIELDS}
+    plain = {k: v for k, v in changes.items() if k not in CONTROL_FIELDS}
+    if "status" in plain:
+        plain["status"] = CardStatus(str(plain["status"]))
+    return replace(card, **plain, controls=replace(card.controls, **controls))  # type: ignore[arg-type]
+
+
+def card_diff(old: Card, new: Card) -> dict[str, list[object]]:
+    """What changed between two versions of a card: name -> [old, new], secrets hidden."""
+    diff: dict[str, list[object]] = {}
+    for name in sorted(CARD_UPDATABLE | {"pin_tries"}):
+        source_old = old.controls if name in CONTROL_FIELDS else old
+        source_new = new.controls if name in CONTROL_FIELDS else new
+        before, after = getattr(source_old, name), getattr(source_new, name)
+        if before == after:
+            continue
+        if name in CARD_SECRET_FIELDS:
+            diff[name] = ["(hidden)", "(changed)"]
+        elif isinstance(before, frozenset) or isinstance(after, frozenset):
+            diff[name] = [sorted(before or ()), sorted(after or ())]
+        else:
+            diff[name] = [str(before) if isinstance(before, enum.Enum) else before,
+                          str(after) if isinstance(after, enum.Enum) else after]  # fmt: skip
+    return diff
+
+
+@dataclass(frozen=True, slots=True)
+class CardChange:
+    """One journaled change of a card: who, when, what (masked; secrets only named)."""
+
+    card_id: str
+    masked_pan: str
+    actor: str
+    at: str
+    #: attribute -> [old, new]; empty when the change changed nothing.
+    changed: Mapping[str, list[object]]
+
+
 @dataclass(frozen=True, slots=True)
 class DuplicateKey:
     """What makes a request a repeat of one already answered; unique in the journal.
@@ -305,8 +377,93 @@ class AuthIntent:
     original: OriginalKey | None = None
     #: A completion for less than its pre-authorization keeps the rest held (profile rule).
     keep_rest_on_partial_completion: bool = False
+    #: When the hold this request may take expires (ISO 8601 UTC); released by the sweeper
+    #: if no reversal or completion came first. Empty: never (a debit).
+    hold_expires_at: str = ""
     #: The network answered in our place (advice of a stand-in decision).
     stand_in: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HoldView:
+    """A money row as operators see it (masked PAN, no card data)."""
+
+    id: int
+    journal_id: int
+    account_id: str
+    card_id: str | None
+    masked_pan: str
+    kind: str
+    amount: int
+    remaining: int
+    created_at: str
+    expires_at: str | None
+    #: When it was released without a reversal (expired or by an operator), if it was.
+    released_at: str | None
+    released_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class JournalQuery:
+    """What ``Store.search_journal`` looks for; every given field must match."""
+
+    stan: str | None = None
+    rrn: str | None = None
+    #: A masked PAN (first six, last four: ``412345******2345``), or just ``412345`` /
+    #: ``2345`` parts of one.
+    masked_pan: str | None = None
+    card_id: str | None = None
+    #: ISO 8601 UTC bounds of ``created_at`` (inclusive since, exclusive until).
+    since: str | None = None
+    until: str | None = None
+    limit: int = 100
+
+
+def masked_parts(text: str) -> tuple[str, str]:
+    """The leading and trailing digits a masked-PAN query names.
+
+    >>> masked_parts("412345******2345"), masked_parts("412345"), masked_parts("2345")
+    (('412345', '2345'), ('412345', ''), ('', '2345'))
+    """
+    if "*" in text:
+        return text.split("*", 1)[0], text.rsplit("*", 1)[1]
+    return ("", text) if len(text) == 4 else (text, "")
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One journal row as operators see it (masked PAN, no card data)."""
+
+    id: int
+    created_at: str
+    network: str
+    mti: str
+    kind: str
+    stan: str
+    rrn: str
+    terminal_id: str
+    masked_pan: str
+    card_id: str | None
+    account_id: str | None
+    amount: int
+    currency: str
+    reason: str
+    response_code: str
+    approval_code: str | None
+    stand_in: bool
+    released_amount: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRelease:
+    """A hold given back without a reversal: expired, or released by an operator."""
+
+    hold_id: int
+    account_id: str
+    masked_pan: str
+    amount: int
+    by: str
+    at: str
 
 
 #: Reasons under which an authorization's amount is (or was) authorized: the ARPC says

@@ -415,3 +415,20 @@ def plan_reversal(intent: ReversalIntent, snap: ReversalSnapshot) -> ReversalPla
         original_journal_id=original.journal_id,
         account_id=hold.account_id,
     )
+
+
+def plan_hold_release(hold: HoldRow) -> tuple[int, int] | None:
+    """What releasing ``hold`` without a reversal gives back (expiry or an operator): the
+    amount and the velocity count delta, or ``None`` when there is nothing to release (a
+    debit, a completed or already released hold). Releasing twice gives back nothing more.
+
+    >>> plan_hold_release(HoldRow(1, 2, "a", "c", "hold", 700, "d", "m"))
+    (700, -1)
+    >>> plan_hold_release(HoldRow(1, 2, "a", "c", "hold", 0, "d", "m")) is None
+    True
+    >>> plan_hold_release(HoldRow(1, 2, "a", "c", "debit", 700, "d", "m")) is None
+    True
+    """
+    if hold.kind != "hold" or hold.completed_by is not None or hold.remaining <= 0:
+        return None
+    return hold.remaining, -1

@@ -26,9 +26,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,14 +47,22 @@ from switch.store.models import (
     AuthIntent,
     AuthOutcome,
     Card,
+    CardChange,
     CardStatus,
     DuplicateKey,
+    HoldRelease,
+    HoldView,
+    JournalEntry,
+    JournalQuery,
     OriginalKey,
     ReversalIntent,
     ReversalOutcome,
     SpendControls,
     StoredOutcome,
     StoreError,
+    apply_card_changes,
+    card_diff,
+    masked_parts,
 )
 from switch.store.rules import (
     AccountRow,
@@ -64,6 +73,7 @@ from switch.store.rules import (
     OriginalRow,
     ReversalSnapshot,
     plan_auth,
+    plan_hold_release,
     plan_reversal,
 )
 
@@ -167,9 +177,25 @@ CREATE TABLE holds (
     velocity_day   TEXT NOT NULL,
     velocity_month TEXT NOT NULL,
     completed_by   INTEGER REFERENCES journal(id),
-    created_at     TEXT NOT NULL
+    created_at     TEXT NOT NULL,
+    expires_at     TEXT,
+    released_at    TEXT,
+    released_by    TEXT
 ) STRICT;
 CREATE INDEX holds_account ON holds(account_id) WHERE kind = 'hold' AND remaining > 0;
+CREATE INDEX holds_expiry ON holds(expires_at) WHERE kind = 'hold' AND remaining > 0;
+
+-- Every change of a card by an operator or a provisioning file: who, when, what (a JSON
+-- object attribute -> [old, new], secrets only named).
+CREATE TABLE card_changes (
+    id         INTEGER PRIMARY KEY,
+    card_id    TEXT NOT NULL REFERENCES cards(id),
+    masked_pan TEXT NOT NULL,
+    actor      TEXT NOT NULL,
+    at         TEXT NOT NULL,
+    changed    TEXT NOT NULL
+) STRICT;
+CREATE INDEX card_changes_card ON card_changes(card_id);
 
 -- Reversals whose original was not found (their journal row names it); an original of the
 -- same card and currency arriving later is declined and resolves the row.
@@ -579,7 +605,8 @@ def _apply_auth(conn: sqlite3.Connection, intent: AuthIntent) -> AuthOutcome:
     if plan.money_row and intent.account_id is not None:
         cur = conn.execute(
             "INSERT INTO holds (journal_id, account_id, card_id, kind, amount, remaining, "
-            "velocity_day, velocity_month, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "velocity_day, velocity_month, created_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 journal_id,
                 intent.account_id,
@@ -590,6 +617,7 @@ def _apply_auth(conn: sqlite3.Connection, intent: AuthIntent) -> AuthOutcome:
                 intent.velocity_day,
                 intent.velocity_month,
                 values["created_at"],
+                None if plan.debit or not intent.hold_expires_at else intent.hold_expires_at,
             ),
         )
         hold_id = cur.lastrowid
@@ -694,6 +722,142 @@ def _put_card(conn: sqlite3.Connection, card: Card) -> None:
 def _set_card_status(conn: sqlite3.Connection, card_id: str, status: CardStatus) -> bool:
     cur = conn.execute("UPDATE cards SET status = ? WHERE id = ?", (status.value, card_id))
     return cur.rowcount == 1
+
+
+def _update_card(
+    conn: sqlite3.Connection, card_id: str, changes: Mapping[str, object], actor: str
+) -> CardChange | None:
+    row = conn.execute(f"{_CARD_SELECT} WHERE id = ?", (card_id,)).fetchone()
+    if row is None:
+        return None
+    old = _card_from_row(row)
+    new = apply_card_changes(old, changes)
+    params = dict(zip(_CARD_COLUMNS, _card_params(new), strict=True))
+    names = [c.name for c in _CARD_TABLE if c.name != "id" and c.name in changes]
+    if names:
+        conn.execute(
+            f"UPDATE cards SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",  # noqa: S608
+            (*(params[n] for n in names), card_id),
+        )
+    change = CardChange(card_id, old.masked_pan, actor, _now(), card_diff(old, new))
+    conn.execute(
+        "INSERT INTO card_changes (card_id, masked_pan, actor, at, changed) VALUES (?, ?, ?, ?, ?)",
+        (card_id, change.masked_pan, actor, change.at, json.dumps(change.changed, sort_keys=True)),
+    )
+    return change
+
+
+_HOLD_SELECT = (
+    "SELECT h.id, h.journal_id, h.account_id, h.card_id, j.masked_pan, h.kind, h.amount, "
+    "h.remaining, h.created_at, h.expires_at, h.released_at, h.released_by, "
+    "h.velocity_day, h.velocity_month, h.completed_by "
+    "FROM holds h JOIN journal j ON j.id = h.journal_id"
+)
+
+
+def _hold_view(row: sqlite3.Row) -> HoldView:
+    return HoldView(*row[:12])
+
+
+def _release(conn: sqlite3.Connection, row: sqlite3.Row, by: str, at: str) -> HoldRelease | None:
+    """Give back what remains of the hold ``row`` (a _HOLD_SELECT row); None if nothing."""
+    hold = HoldRow(
+        row["id"], row["journal_id"], row["account_id"], row["card_id"], row["kind"],
+        row["remaining"], row["velocity_day"], row["velocity_month"], row["completed_by"],
+    )  # fmt: skip
+    plan = plan_hold_release(hold)
+    if plan is None:
+        return None
+    amount, count_delta = plan
+    conn.execute(
+        "UPDATE holds SET remaining = 0, released_at = ?, released_by = ? WHERE id = ?",
+        (at, by, hold.id),
+    )
+    conn.execute(
+        "UPDATE accounts SET available_balance = available_balance + ? WHERE id = ?",
+        (amount, hold.account_id),
+    )
+    if hold.card_id is not None:
+        _bump_counters(conn, hold.card_id, day=hold.velocity_day, month=hold.velocity_month,
+                       amount=-amount, count=count_delta)  # fmt: skip
+    return HoldRelease(hold.id, hold.account_id, row["masked_pan"], amount, by, at)
+
+
+def _expire_holds(conn: sqlite3.Connection, now: str, limit: int) -> list[HoldRelease]:
+    rows = conn.execute(
+        f"{_HOLD_SELECT} WHERE h.kind = 'hold' AND h.remaining > 0 "
+        "AND h.expires_at IS NOT NULL AND h.expires_at <= ? ORDER BY h.expires_at LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    released = (_release(conn, row, "expiry", now) for row in rows)
+    return [r for r in released if r is not None]
+
+
+def _release_hold(conn: sqlite3.Connection, hold_id: int, actor: str) -> HoldRelease | None:
+    row = conn.execute(f"{_HOLD_SELECT} WHERE h.id = ?", (hold_id,)).fetchone()
+    return None if row is None else _release(conn, row, actor, _now())
+
+
+def _list_holds(
+    conn: sqlite3.Connection, account_id: str | None, card_id: str | None, active: bool, limit: int
+) -> list[HoldView]:
+    where, params = ["1 = 1"], []
+    if account_id is not None:
+        where.append("h.account_id = ?")
+        params.append(account_id)
+    if card_id is not None:
+        where.append("h.card_id = ?")
+        params.append(card_id)
+    if active:
+        where.append("h.kind = 'hold' AND h.remaining > 0")
+    rows = conn.execute(
+        f"{_HOLD_SELECT} WHERE {' AND '.join(where)} ORDER BY h.id DESC LIMIT ?",
+        (*params, limit),
+    ).fetchall()
+    return [_hold_view(r) for r in rows]
+
+
+_JOURNAL_ENTRY = (
+    "SELECT id, created_at, network, mti, kind, stan, rrn, terminal_id, masked_pan, card_id, "
+    "account_id, amount, currency, reason, response_code, approval_code, stand_in, "
+    "released_amount FROM journal"
+)
+
+
+def _search_journal(conn: sqlite3.Connection, query: JournalQuery) -> list[JournalEntry]:
+    where, params = ["1 = 1"], []
+    for column, value in (("stan", query.stan), ("rrn", query.rrn), ("card_id", query.card_id)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if query.masked_pan:
+        first6, last4 = masked_parts(query.masked_pan)
+        if first6:
+            where.append("substr(masked_pan, 1, ?) = ?")
+            params += [str(len(first6)), first6]
+        if last4:
+            where.append("substr(masked_pan, -4) = ?")
+            params.append(last4)
+    if query.since is not None:
+        where.append("created_at >= ?")
+        params.append(query.since)
+    if query.until is not None:
+        where.append("created_at < ?")
+        params.append(query.until)
+    rows = conn.execute(
+        f"{_JOURNAL_ENTRY} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+        (*params, query.limit),
+    ).fetchall()
+    return [JournalEntry(**{**dict(row), "stand_in": bool(row["stand_in"])}) for row in rows]
+
+
+def _card_changes(conn: sqlite3.Connection, card_id: str) -> list[CardChange]:
+    rows = conn.execute(
+        "SELECT card_id, masked_pan, actor, at, changed FROM card_changes WHERE card_id = ? "
+        "ORDER BY id",
+        (card_id,),
+    ).fetchall()
+    return [CardChange(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
 
 
 # -- connections -------------------------------------------------------------------------------
@@ -893,6 +1057,39 @@ class SqliteStore:
         return cast(
             bool, await self._submit(partial(_set_card_status, card_id=card_id, status=status))
         )
+
+    async def update_card(
+        self, card_id: str, changes: Mapping[str, object], *, actor: str
+    ) -> CardChange | None:
+        op = partial(_update_card, card_id=card_id, changes=dict(changes), actor=actor)
+        return cast(CardChange | None, await self._submit(op))
+
+    async def card_changes(self, card_id: str) -> list[CardChange]:
+        return await self._read_offloaded(partial(_card_changes, card_id=card_id))
+
+    async def search_journal(self, query: JournalQuery) -> list[JournalEntry]:
+        return await self._read_offloaded(partial(_search_journal, query=query))
+
+    async def expire_holds(self, now: str, limit: int = 100) -> list[HoldRelease]:
+        return cast(
+            list[HoldRelease], await self._submit(partial(_expire_holds, now=now, limit=limit))
+        )
+
+    async def release_hold(self, hold_id: int, *, actor: str) -> HoldRelease | None:
+        op = partial(_release_hold, hold_id=hold_id, actor=actor)
+        return cast(HoldRelease | None, await self._submit(op))
+
+    async def list_holds(
+        self,
+        *,
+        account_id: str | None = None,
+        card_id: str | None = None,
+        active: bool = True,
+        limit: int = 100,
+    ) -> list[HoldView]:
+        op = partial(_list_holds, account_id=account_id, card_id=card_id, active=active,
+                     limit=limit)  # fmt: skip
+        return await self._read_offloaded(op)
 
     async def _submit(self, op: Callable[[sqlite3.Connection], Any]) -> Any:
         item = _Pending(op)
