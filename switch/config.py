@@ -30,6 +30,8 @@ from switch.wire.framing import HeaderKind
 from switch.wire.spec import SpecKind
 
 StoreBackend = Literal["sqlite"]
+#: Most worker processes ``[server] workers`` may ask for.
+MAX_WORKERS = 64
 LogFormat = Literal["json", "console"]
 
 
@@ -116,6 +118,10 @@ class ServerConfig:
     max_in_flight: int = 4096
     #: Seconds to finish in-flight requests after SIGTERM/SIGINT before exiting.
     drain_timeout: float = 10.0
+    #: Worker processes sharing the listening ports (SO_REUSEPORT) under a supervisor
+    #: (switch.supervisor); 1 is one process, no supervisor. Each worker has its own loop,
+    #: HSM session and store connections, and the limits above apply to each worker.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -361,6 +367,8 @@ def _check(cfg: Config, source: str) -> None:
         raise ConfigError(source, "pipeline.atc_window", "must be between 0 and 32")
     if cfg.server.max_in_flight < 1:
         raise ConfigError(source, "server.max_in_flight", "must be at least 1")
+    if not 1 <= cfg.server.workers <= MAX_WORKERS:
+        raise ConfigError(source, "server.workers", f"must be between 1 and {MAX_WORKERS}")
     if not 0 <= cfg.metrics.port <= 65535:
         raise ConfigError(source, "metrics.port", f"out of range: {cfg.metrics.port}")
 
