@@ -27,10 +27,11 @@ unit: setup
 
 test: lint typecheck unit
 
-# HSM command latency, then the full authorization path against the echo-only baseline.
+# The switch against its baselines in one run (a few minutes): benchmarks/RESULTS.md, plots and
+# JSON under benchmarks/reports/. The other benchmarks (hsm_bench, store_reads, load) run alone.
 bench: setup
-	$(BIN)/python -m benchmarks.hsm_bench
-	$(BIN)/python -m benchmarks.load
+	$(BIN)/python -c "import hdrh, matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m benchmarks.results
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

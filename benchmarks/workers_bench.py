@@ -42,6 +42,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import load
+from benchmarks.procstat import cpu_seconds
 from switch import config, testing
 from switch.config import MetricsConfig
 from switch.pki import pki_paths
@@ -152,13 +153,13 @@ async def _one(work: Path, base: Path, workers: int, opts: argparse.Namespace, t
             await load._phase(clients, requests, mode="auth", level=opts.level,
                               count=opts.warmup, issue_for=60)  # fmt: skip
             store0 = await trio.to_thread.run_sync(_store_totals, cfg.metrics.port)
-            cpu0 = sum(load.cpu_seconds(p) for p in pids)
+            cpu0 = sum(cpu_seconds(p) for p in pids)
             own0 = time.process_time()
             tally, elapsed, _ = await load._phase(
                 clients, requests, mode="auth", level=opts.level, count=opts.requests,
                 issue_for=120,
             )  # fmt: skip
-            cpu1 = sum(load.cpu_seconds(p) for p in pids)
+            cpu1 = sum(cpu_seconds(p) for p in pids)
             own1 = time.process_time()
             store1 = await trio.to_thread.run_sync(_store_totals, cfg.metrics.port)
     finally:

@@ -94,6 +94,30 @@ class ListenerConfig:
     chip_fallback: Literal["decline", "allow"] = "decline"
     #: A completion below its pre-authorization keeps the rest held (true) or releases it.
     completion_keeps_rest: bool = False
+    # -- keep-alive (moves to the network profile's [keepalive] section, same names) ------
+    #: A zero-length frame (the keep-alive some links send): "close" the connection (a
+    #: framing error, the behaviour before keep-alives), "ignore" it, or "answer" it with a
+    #: zero-length frame. Either of the last two counts as traffic for the idle timers.
+    zero_length_frames: Literal["close", "ignore", "answer"] = "close"
+    #: Seconds without a complete frame after which the switch sends its own echo test
+    #: (0800 DE70 301, a STAN of its own); 0: never. Which side echoes is agreed per network.
+    idle_echo_after: float = 0.0
+    #: Seconds the network has to answer that echo (0810, same STAN) before the link is
+    #: closed as dead (``echo_timeout``).
+    echo_timeout: float = 30.0
+    # -- key exchange (0800 DE70 161 new key / 101 key change) ------------------------------
+    #: HSM label of the zone master key (usage kek) the network sends new ZPKs under; empty:
+    #: key exchange is not served (answered as an invalid transaction).
+    zmk: str = ""
+    #: How the new ZPK is carried in DE48: "raw" (hex of the key encrypted under the ZMK,
+    #: ECB, then its 6-hex-digit check value) or "tr31" (a TR-31 key block, version B or D,
+    #: protected by the ZMK, optionally followed by its 6-hex-digit check value).
+    key_block: Literal["raw", "tr31"] = "raw"
+    # -- session -----------------------------------------------------------------------------
+    #: Authorizations, advices and reversals after the network signed off (0800 DE70 002)
+    #: and before it signs on again: "decide" them as usual (logged), or "decline" them with
+    #: ``Reason.SIGNED_OFF`` (91: the network stands in). Echo and sign-on are always served.
+    after_sign_off: Literal["decide", "decline"] = "decide"
 
 
 @dataclass(frozen=True)
@@ -344,8 +368,11 @@ def _check(cfg: Config, source: str) -> None:
         ):
             if getattr(lst, name) < 1:
                 raise ConfigError(source, f"{key}.{name}", "must be at least 1")
-        if lst.idle_timeout < 0:
-            raise ConfigError(source, f"{key}.idle_timeout", "must be positive, or 0 (off)")
+        for name in ("idle_timeout", "idle_echo_after"):
+            if getattr(lst, name) < 0:
+                raise ConfigError(source, f"{key}.{name}", "must be positive, or 0 (off)")
+        if lst.echo_timeout <= 0:
+            raise ConfigError(source, f"{key}.echo_timeout", "must be positive")
     if cfg.pipeline.budget <= 0:
         raise ConfigError(source, "pipeline.budget", "must be positive")
     allowed = sorted(r.value for r in STAND_IN_REASONS)

@@ -93,6 +93,12 @@ class Reason(enum.Enum):
     ISSUER_UNAVAILABLE = "issuer_unavailable"
     #: A defect of the switch itself: the engine raised instead of deciding.
     SYSTEM_ERROR = "system_error"
+    #: A key exchange (0800 DE70 101/161) whose key block does not open under the zone
+    #: master key, or whose key does not have the check value sent: the old key stays.
+    KEY_EXCHANGE_FAILED = "key_exchange_failed"
+    #: A request on a listener the network signed off (0800 DE70 002), when the listener
+    #: declines those (``after_sign_off = "decline"``).
+    SIGNED_OFF = "signed_off"
 
 
 #: ISO 8583:1987 DE39 codes shared by the networks we profile.
@@ -140,6 +146,10 @@ _BASE: dict[Reason, str] = {
     Reason.SECURITY_UNAVAILABLE: "91",
     Reason.ISSUER_UNAVAILABLE: "91",
     Reason.SYSTEM_ERROR: "96",
+    # ISO 8583:1987 DE39 63 "security violation": the key offered cannot be taken.
+    Reason.KEY_EXCHANGE_FAILED: "63",
+    # ISO 8583:1987 DE39 91 "issuer or switch inoperative": the network stands in.
+    Reason.SIGNED_OFF: "91",
 }
 
 #: Per-network departures from the base table.

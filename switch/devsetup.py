@@ -22,7 +22,7 @@ import trio
 from hsm.api import Hsm, KeyAlgorithm, KeyImport, KeyUsage
 from hsm.carddata import ensure_card_data_keys, open_vault
 from hsm.errors import KeyExists
-from hsm.token import open_hsm
+from hsm.token import ensure_hsm
 from switch.config import Config
 from switch.pki import ensure_pki
 from switch.provision import import_cards, load_keys, load_rows
@@ -47,7 +47,7 @@ async def dev_setup(cfg: Config, keys_path: Path, cards_path: Path, say: Say) ->
     report = await trio.to_thread.run_sync(ensure_pki, cfg.tls.ca.parent)
     written = ", ".join(p.name for p in report.written) or "nothing new"
     say(f"pki {cfg.tls.ca.parent}: {written}")
-    hsm = open_hsm(cfg.hsm)
+    hsm = ensure_hsm(cfg.hsm)  # creates the dev token if missing: dev-setup may
     try:
         for line in await ensure_card_data_keys(hsm, cfg.card_data):
             say(line)

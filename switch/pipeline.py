@@ -317,7 +317,7 @@ class Pipeline:
             return decline(reason, card)
 
         with _step("security"):
-            security = await self._security(req, card, ctx.listener)
+            security = await self._security(req, card, ctx.listener, ctx.zpk)
         if security.failed is not None:
             return decline(security.failed, card, pin_check=security.pin_check)
         atc = None if security.emv is None else int.from_bytes(security.emv.atc, "big")
@@ -339,7 +339,9 @@ class Pipeline:
         )
         return _Prepared(intent, security.emv)
 
-    async def _security(self, req: AuthRequest, card: Card, listener: ListenerConfig) -> _Security:
+    async def _security(
+        self, req: AuthRequest, card: Card, listener: ListenerConfig, zpk: str
+    ) -> _Security:
         """CVV/iCVV from track 2, CVV2 from DE48, ARQC from DE55, PIN from DE52, in order.
 
         Data the HSM rejects as malformed (``InvalidInput``: a CVV with letters, a PIN block
@@ -355,7 +357,7 @@ class Pipeline:
                 failed, emv_ctx = await self._check_arqc(req, card)
             if failed is not None:
                 return _Security(failed)
-            pin_check = await self._check_pin(req, card, listener)
+            pin_check = await self._check_pin(req, card, listener, zpk)
             return _Security(None, pin_check, emv_ctx)
         except HsmError as exc:
             if isinstance(exc, InvalidInput):  # pragma: no cover - each check maps its own
@@ -395,9 +397,12 @@ class Pipeline:
         return None if result.ok else Reason.CVV2_MISMATCH
 
     async def _check_pin(
-        self, req: AuthRequest, card: Card, listener: ListenerConfig
+        self, req: AuthRequest, card: Card, listener: ListenerConfig, zpk: str
     ) -> PinCheck | None:
         """The PIN result the store's rules count: ``None`` when no PIN was entered.
+
+        ``zpk`` is the key in force when the request was read (``RequestContext.zpk``): a
+        key exchange meanwhile does not change the key a request in flight is verified with.
 
         A card already at its try limit is not verified again: the rules answer it
         ``PIN_TRIES_EXCEEDED`` without counting.
@@ -424,7 +429,7 @@ class Pipeline:
             with _hsm_command("verify_pin"):
                 result = await self._hsm.verify_pin(
                     PinVerification(
-                        zpk=listener.zpk,
+                        zpk=zpk,
                         pin_block=req.pin_block,
                         format=PinBlockFormat(listener.pin_block_format),
                         pan=req.pan,

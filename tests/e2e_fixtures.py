@@ -193,7 +193,7 @@ async def running_switch(
         assert isinstance(store, SqliteStore)
         engine_store = pipeline_store(store) if pipeline_store else store
         engine = Pipeline(cfg, store=engine_store, hsm=pipeline_hsm or hsm, vault=vault)
-        server = Server(cfg, Dispatcher(engine), server_context(cfg.tls))
+        server = Server(cfg, Dispatcher(engine, keys=hsm), server_context(cfg.tls))
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(server.serve)
             try:
