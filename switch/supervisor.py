@@ -198,6 +198,10 @@ class Supervisor:
                 )
                 http.start()
             log.info("supervisor_start", workers=len(self._slots), ports=self._ports)
+            if self._engine and self._cfg.store.backend == "sqlite":
+                log.warning("sqlite_shared_by_workers", workers=len(self._slots),
+                            hint="correct, but one write lock: see benchmarks/reports/"
+                            "workers.md; use PostgreSQL to scale writes")  # fmt: skip
             with trio.open_signal_receiver(*_SIGNALS) as signals:
                 async with trio.open_nursery() as services:
                     services.start_soon(self._signals, signals)
