@@ -2,7 +2,8 @@
 
 One supervisor and two workers on one shared port (SO_REUSEPORT), seeded like the crash test.
 Connections are answered by both workers (the ``worker`` label of the supervisor's
-/metrics); /healthz and /readyz are 200 with both up; under load (crash_support's mix of
+/metrics); /healthz and /readyz are 200 with both up; SIGHUP reaches both (TLS reload);
+under load (crash_support's mix of
 authorizations, duplicates and reversals over several connections) one worker is killed with
 SIGKILL: the supervisor starts it again and counts it, the other worker keeps answering, and
 /readyz names the missing worker until it is back. SIGTERM to the supervisor drains both and
@@ -151,6 +152,16 @@ async def test_two_workers_share_the_port_survive_a_kill_and_drain(
         assert status == 200 and body["alive"] is True
 
         await _answered_by_both(sup, client_ctx, load)
+
+        # SIGHUP is passed on: each worker reloads its TLS files.
+        sup.switch.process.send_signal(signal.SIGHUP)
+
+        async def reloaded() -> bool:
+            done = [e for e in sup.events() if e["event"] == "tls_reload" and e["ok"]]
+            return sorted(e["worker"] for e in done) == [0, 1]  # type: ignore[type-var]
+
+        await _until("reloaded by both workers", reloaded, limit=10)
+
         outage = await _load_with_a_kill(sup, client_ctx, load)
         with trio.fail_after(30):
             code = await sup.switch.process.wait()
