@@ -196,7 +196,8 @@ async def _open_engine(
     Keys named by provisioned cards (CVK, PVK, IMK) are checked when a request needs them
     (``KeyNotFound`` then declines that request), not at start. Exports the HSM session state
     to the metrics, appends the readiness probes of the HSM (check value of the first
-    listener's ZPK) and of the store (a point read) to ``probes``, and starts the hold-expiry
+    listener's ZPK), of the store (a point read) and of the pipeline's circuit breakers to
+    ``probes``, and starts the hold-expiry
     sweeper in ``background`` (stopped, like the probes, before the store closes).
     """
     hsm = open_hsm(cfg.hsm)  # opens the token and logs in once, at start-up
@@ -216,7 +217,9 @@ async def _open_engine(
     probes += [health.HsmProbe(hsm, cfg.listeners[0].zpk), health.StoreProbe(store)]
     if cfg.holds.sweep_interval:
         background.start_soon(run_sweeper, store, cfg.holds)
-    return Pipeline(cfg, store=store, hsm=hsm, vault=vault), hsm
+    pipeline = Pipeline(cfg, store=store, hsm=hsm, vault=vault)
+    probes += [health.BreakerProbe(breaker) for breaker in pipeline.breakers.values()]
+    return pipeline, hsm
 
 
 #: The signals the switch handles (see the module docstring).

@@ -16,6 +16,7 @@ is the repository root for ``make run`` and the image's work directory in the co
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -29,7 +30,7 @@ from switch.decisions import NETWORKS, STAND_IN_REASONS
 from switch.wire.framing import HeaderKind
 from switch.wire.spec import SpecKind
 
-StoreBackend = Literal["sqlite"]
+StoreBackend = Literal["sqlite", "postgres"]
 #: Most worker processes ``[server] workers`` may ask for.
 MAX_WORKERS = 64
 LogFormat = Literal["json", "console"]
@@ -118,6 +119,23 @@ class ListenerConfig:
     #: and before it signs on again: "decide" them as usual (logged), or "decline" them with
     #: ``Reason.SIGNED_OFF`` (91: the network stands in). Echo and sign-on are always served.
     after_sign_off: Literal["decide", "decline"] = "decide"
+    #: Complete frames of one connection waiting for a free slot (read, timestamped, not yet
+    #: started); a frame arriving when it is full is answered at once with the overload
+    #: reason (``SYSTEM_OVERLOAD``). About 1.7 KiB per waiting 0100 (218-byte frame, measured
+    #: with tracemalloc); more with chip data.
+    max_queued: int = 512
+    #: The issuer stand-in policy when the HSM (not the store) cannot answer: "decline" (the
+    #: ``pipeline.stand_in`` reason) or "approve_low_risk": an active, unexpired card with no
+    #: PIN or CVV2 to check, an amount of at most ``stand_in_max_amount`` and within the
+    #: card's ``stand_in_daily_amount`` of stand-in approvals that day is approved, journaled
+    #: as stand-in with its hold through the normal commit; anything else is declined.
+    stand_in: Literal["decline", "approve_low_risk"] = "decline"
+    #: Largest amount (minor units of the account's currency) approved in stand-in.
+    stand_in_max_amount: int = 0
+    #: Total a card may be approved in stand-in per day (minor units), counted atomically
+    #: by the commit; 0: not limited per day (the per-transaction limit and the card's own
+    #: velocity limits still apply).
+    stand_in_daily_amount: int = 0
 
 
 @dataclass(frozen=True)
@@ -162,16 +180,44 @@ class PipelineConfig:
     #: How many chip counters (ATC) below the highest accepted one a card's cryptogram may
     #: carry and still be accepted once (requests overtaking each other on the network).
     atc_window: int = 4
+    #: Seconds of the budget a request must still have to be started; with less (it waited
+    #: for a slot) it is answered at once with the overload reason instead.
+    min_remaining: float = 0.1
+    #: Consecutive failures or timeouts of a dependency (HSM, store, card-data vault) that
+    #: open its circuit breaker: while open, requests needing it get the stand-in answer at
+    #: once, without calling it.
+    breaker_failures: int = 5
+    #: Seconds an open breaker waits before letting one request probe the dependency.
+    breaker_cool_down: float = 5.0
 
 
 @dataclass(frozen=True)
 class StoreConfig:
     """The durable store of cards, accounts and the authorization journal."""
 
+    #: "sqlite" (one embedded file, one process) or "postgres" (one database that several
+    #: switch processes may share).
     backend: StoreBackend = "sqlite"
+    #: SQLite: the database file.
     path: Path = Path("var/cardswitch.db")
-    #: Most decisions committed in one group-commit transaction.
+    #: SQLite: most decisions committed in one group-commit transaction.
     batch_max: int = 128
+    #: PostgreSQL: libpq connection string or URI, WITHOUT a password (e.g. "host=db.internal
+    #: dbname=cardswitch user=cardswitch sslmode=verify-full"). The password comes from the
+    #: environment (CARDSWITCH_PG_PASSWORD, or libpq's own PGPASSWORD / PGPASSFILE) or from
+    #: ``password_file``, never from this file.
+    dsn: str = ""
+    #: PostgreSQL: a file holding the password (first line), readable by the switch only.
+    password_file: str = ""
+    #: PostgreSQL: connections per process; also how many decisions commit concurrently.
+    pool_size: int = 8
+    #: PostgreSQL: seconds one statement may run, and may wait for a row lock, before the
+    #: database cancels it (the decision fails as "unavailable" and is stood in for); both
+    #: must be below ``pipeline.budget``.
+    statement_timeout: float = 1.0
+    lock_timeout: float = 0.5
+    #: PostgreSQL: seconds to establish a connection (libpq connect_timeout, at least 2).
+    connect_timeout: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -373,6 +419,15 @@ def _check(cfg: Config, source: str) -> None:
                 raise ConfigError(source, f"{key}.{name}", "must be positive, or 0 (off)")
         if lst.echo_timeout <= 0:
             raise ConfigError(source, f"{key}.echo_timeout", "must be positive")
+        if lst.max_queued < 1:
+            raise ConfigError(source, f"{key}.max_queued", "must be at least 1")
+        for name in ("stand_in_max_amount", "stand_in_daily_amount"):
+            if getattr(lst, name) < 0:
+                raise ConfigError(source, f"{key}.{name}", "must not be negative")
+        if lst.stand_in == "approve_low_risk" and lst.stand_in_max_amount <= 0:
+            raise ConfigError(
+                source, f"{key}.stand_in_max_amount", "approve_low_risk needs a positive limit"
+            )
     if cfg.pipeline.budget <= 0:
         raise ConfigError(source, "pipeline.budget", "must be positive")
     allowed = sorted(r.value for r in STAND_IN_REASONS)
@@ -382,6 +437,14 @@ def _check(cfg: Config, source: str) -> None:
             "pipeline.stand_in",
             f"must be one of {', '.join(allowed)}, got {cfg.pipeline.stand_in!r}",
         )
+    if not 0 <= cfg.pipeline.min_remaining < cfg.pipeline.budget:
+        raise ConfigError(
+            source, "pipeline.min_remaining", "must be at least 0 and less than the budget"
+        )
+    if cfg.pipeline.breaker_failures < 1:
+        raise ConfigError(source, "pipeline.breaker_failures", "must be at least 1")
+    if cfg.pipeline.breaker_cool_down <= 0:
+        raise ConfigError(source, "pipeline.breaker_cool_down", "must be positive")
     if cfg.holds.expiry_days < 1 or cfg.holds.long_expiry_days < 1:
         raise ConfigError(source, "holds.expiry_days", "hold expiry must be at least a day")
     if cfg.holds.sweep_interval < 0 or cfg.holds.sweep_batch < 1:
@@ -396,8 +459,36 @@ def _check(cfg: Config, source: str) -> None:
         raise ConfigError(source, "server.max_in_flight", "must be at least 1")
     if not 1 <= cfg.server.workers <= MAX_WORKERS:
         raise ConfigError(source, "server.workers", f"must be between 1 and {MAX_WORKERS}")
+    _check_store(cfg, source)
     if not 0 <= cfg.metrics.port <= 65535:
         raise ConfigError(source, "metrics.port", f"out of range: {cfg.metrics.port}")
+
+
+#: A password written into a libpq keyword/value string or a URI's user information.
+_DSN_PASSWORD = re.compile(r"(^|\s)password\s*=|^[a-z]+://[^/@\s]*:[^/@\s]*@|[?&]password=", re.I)
+
+
+def _check_store(cfg: Config, source: str) -> None:
+    store = cfg.store
+    if store.backend != "postgres":
+        return
+    if not store.dsn.strip():
+        raise ConfigError(source, "store.dsn", 'required with backend = "postgres"')
+    if _DSN_PASSWORD.search(store.dsn.strip()):
+        raise ConfigError(
+            source,
+            "store.dsn",
+            "must not carry a password: use CARDSWITCH_PG_PASSWORD, PGPASSWORD, a pgpass "
+            "file or store.password_file",
+        )
+    if store.pool_size < 1:
+        raise ConfigError(source, "store.pool_size", "must be at least 1")
+    for name in ("statement_timeout", "lock_timeout"):
+        value = getattr(store, name)
+        if not 0 < value < cfg.pipeline.budget:
+            raise ConfigError(source, f"store.{name}", "must be positive and below pipeline.budget")
+    if store.connect_timeout < 2:
+        raise ConfigError(source, "store.connect_timeout", "must be at least 2 (libpq)")
 
 
 #: The default configuration file shipped in the repository.

@@ -14,12 +14,20 @@ the listener in production, one end of ``trio.testing.memory_stream_pair()`` in 
   as an unsolicited response, is taken as the answer instead of being dropped;
 - the reader feeds the bytes it receives to the sans-IO ``Session`` under a per-frame
   deadline (the clock starts at a frame's first byte, so a body dripped slowly is cut off
-  however steady the drip) and acts on what the session returns: a request to decide starts
-  one task, once a slot is free on this connection and in the switch (backpressure: reading
-  pauses while either is full), with its ``RequestContext`` resolved as it is read (the ZPK
-  in force in the listener's session then is the one it is verified with); a format error's
-  answer is queued as it is; a dropped frame is logged and counted; a ``Close`` stops
-  reading;
+  however steady the drip) and acts on what the session returns: a request to decide is
+  timestamped when its last byte arrived, its ``RequestContext`` resolved then (the ZPK in
+  force in the listener's session then is the one it is verified with), and queued for
+  admission; a format error's answer
+  is queued as it is; a dropped frame is logged and counted; a ``Close`` stops reading;
+- admission (load shedding): the reader reads eagerly, whatever the load, so a request's
+  budget counts from when its bytes arrived, not from when a slot freed up. A request waits
+  in a per-connection queue of complete frames (``listener.max_queued``) for a slot on this
+  connection and in the switch, in arrival order; it is answered AT ONCE with the profile's
+  code for ``SYSTEM_OVERLOAD`` (stand-in cause "overload", nothing decided or kept) when the
+  queue is full on arrival, or when it cannot start while at least ``min_remaining`` of its
+  budget is left (then at that instant, never later). Reading pauses only when answers
+  cannot be written (the outbox is full: the peer does not read), which bounds memory to
+  ``max_queued`` waiting frames plus the outbox;
 - request tasks call the ``RequestHandler`` and queue the encoded answer of the ``Decision``
   it returns; answers leave in the order they are ready (networks match them by STAN/RRN);
 - one writer sends every queued answer ready at that moment in one ``send_all`` and, once an
@@ -50,13 +58,21 @@ from switch import metrics
 from switch.acquirer import echo
 from switch.config import ListenerConfig
 from switch.decisions import Profile, Reason
-from switch.handler import ECHO, Decision, Request, RequestContext, RequestHandler
+from switch.handler import ECHO, Decision, Request, RequestContext, RequestHandler, Response
 from switch.keys import ListenerSession
 from switch.log import get_logger
 from switch.session import UNSOLICITED_RESPONSE, Answer, Close, Decide, Drop, KeepAlive, Session
 from switch.wire import codec
 from switch.wire.framing import encode_frame, keepalive_frame
-from switch.wire.messages import AuthRequest, response_mti
+from switch.wire.messages import (
+    AuthRequest,
+    AuthResponse,
+    NetworkRequest,
+    NetworkResponse,
+    ReversalRequest,
+    ReversalResponse,
+    response_mti,
+)
 
 __all__ = ["Connection", "describe"]
 
@@ -116,6 +132,19 @@ class _Outcome:
 
 
 @dataclass(frozen=True, slots=True)
+class _Waiting:
+    """A complete request read and not yet started: its message and its context (arrival
+    time, ZPK in force when it was read)."""
+
+    message: Request
+    ctx: RequestContext
+
+    @property
+    def received_at(self) -> float:
+        return self.ctx.received_at
+
+
+@dataclass(frozen=True, slots=True)
 class _Outgoing:
     """A framed answer queued for the writer, and what to log once it is written (None for
     what the connection sends of its own: keep-alives and echo tests)."""
@@ -139,6 +168,10 @@ class Connection:
         remote: the peer address, for logs.
         session: the listener's session state (ZPK in force, sign-on), shared by the
             listener's connections; a fresh one of ``listener`` when not given.
+        budget: seconds from a request's arrival to its answer (``pipeline.budget``); infinite
+            (the default) sheds only when the admission queue is full.
+        min_remaining: seconds of its budget a request must have left to be started
+            (``pipeline.min_remaining``); with less it is answered with the overload code.
     """
 
     def __init__(
@@ -153,6 +186,8 @@ class Connection:
         peer: frozenset[str] = frozenset(),
         remote: str = "?",
         session: ListenerSession | None = None,
+        budget: float = math.inf,
+        min_remaining: float = 0.0,
     ) -> None:
         self._stream = stream
         self._handler = handler
@@ -169,6 +204,12 @@ class Connection:
         self._next_stan = secrets.randbelow(_STAN_MODULUS)
         self._echo_stan: str | None = None
         self._echo_sent_at = -math.inf
+        self._budget = budget
+        self._min_remaining = min_remaining
+        # Complete frames waiting for a slot, oldest first (admission, see the docstring);
+        # bounded by ``_waiting`` against ``listener.max_queued``, not by the channel.
+        self._waiting_send, self._waiting_recv = trio.open_memory_channel[_Waiting](math.inf)
+        self._waiting = 0
         # Bounded: when the peer stops reading, request tasks wait here holding their slots,
         # and the reader stops taking new requests.
         self._outbox_send, self._outbox_recv = trio.open_memory_channel[_Outgoing](
@@ -213,8 +254,12 @@ class Connection:
                 try:
                     with self._requests_scope:
                         async with trio.open_nursery() as requests:
-                            with self._reader_scope:
-                                self._set_outcome(await self._read_loop(requests))
+                            requests.start_soon(self._admission_loop, requests)
+                            try:
+                                with self._reader_scope:
+                                    self._set_outcome(await self._read_loop(requests))
+                            finally:
+                                self._waiting_send.close()  # admission drains what was read
                             # Reading has stopped; what was read is still decided and answered.
                             deadline = trio.current_time() + self._linger
                             requests.cancel_scope.deadline = deadline
@@ -284,14 +329,18 @@ class Connection:
                     echo_at = self._echo_at(received_at)
             for action in actions:
                 if isinstance(action, Decide):
-                    # Backpressure: stop reading while this connection or the switch is full.
-                    await self._slots.acquire()
-                    if self._global_slots is not None:
-                        await self._global_slots.acquire()
                     # Resolved now, in stream order: a key change read later does not apply.
                     ctx = RequestContext(lst, self._profile, self._peer, received_at,
                                          zpk=self._state.zpk, session=self._state)  # fmt: skip
-                    requests.start_soon(self._request, action.message, ctx)
+                    # Admission: start now if nothing waits and slots are free; else queue
+                    # behind the others, or answer at once when the queue is full.
+                    if self._waiting == 0 and self._try_slots():
+                        requests.start_soon(self._request, action.message, ctx)
+                    elif self._waiting >= lst.max_queued:
+                        await self._shed(action.message, received_at, "queue_full")
+                    else:
+                        self._waiting += 1
+                        self._waiting_send.send_nowait(_Waiting(action.message, ctx))
                 elif isinstance(action, Answer):
                     metrics.observe_protocol_error(lst.name, "format_error")
                     framed = encode_frame(action.body, lst.header)
@@ -356,6 +405,93 @@ class Connection:
         metrics.observe_protocol_error(self._listener.name, close.kind)
         log.warning("connection_input_rejected", listener=self._listener.name,
                     remote=self._remote, kind=close.kind, detail=close.detail)  # fmt: skip
+
+    # ------------------------------------------------------------------------- admission
+
+    async def _admission_loop(self, requests: trio.Nursery) -> None:
+        """Start the waiting requests in arrival order as slots free up; answer at once with
+        the overload code those that cannot start with ``min_remaining`` of their budget
+        left. Ends when the reader has stopped and the queue is empty; requests still
+        waiting when it is cancelled (a drain cut short) are counted as abandoned."""
+        try:
+            async for item in self._waiting_recv:
+                start_by = item.received_at + self._budget - self._min_remaining
+                started = await self._acquire_slots(start_by)
+                self._waiting -= 1
+                if started:
+                    requests.start_soon(self._request, item.message, item.ctx)
+                else:
+                    await self._shed(item.message, item.received_at, "deadline")
+        finally:
+            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                while True:
+                    left = self._waiting_recv.receive_nowait()
+                    self._undelivered(_abandoned(left.message, left.received_at), "abandoned")
+            self._waiting_recv.close()
+
+    def _try_slots(self) -> bool:
+        """Take a slot on this connection and one in the switch if both are free now."""
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        if self._global_slots is not None:
+            try:
+                self._global_slots.acquire_nowait()
+            except trio.WouldBlock:
+                self._slots.release()
+                return False
+        return True
+
+    async def _acquire_slots(self, start_by: float) -> bool:
+        """Take a slot on this connection and one in the switch before ``start_by``; False
+        (holding neither) when that is not possible in time."""
+        local = False
+        try:
+            with trio.move_on_at(start_by):
+                await self._slots.acquire()
+                local = True
+                if self._global_slots is not None:
+                    await self._global_slots.acquire()
+                return True
+        except BaseException:
+            if local:
+                self._slots.release()
+            raise
+        if local:
+            self._slots.release()
+        return False
+
+    async def _shed(self, message: Request, received_at: float, why: str) -> None:
+        """Answer ``message`` now with the overload code: nothing is decided or kept."""
+        metrics.observe_shed(self._listener.name, why)
+        code = self._profile.code(Reason.SYSTEM_OVERLOAD)
+        response: Response | None
+        if isinstance(message, AuthRequest):
+            response = AuthResponse.answer(message, code)
+        elif isinstance(message, ReversalRequest):
+            response = ReversalResponse.answer(message, code)
+        elif isinstance(message, NetworkRequest):
+            response = NetworkResponse.answer(message, code)
+        else:
+            response = message.answer(code)
+        pan = message.pan if isinstance(message, AuthRequest | ReversalRequest) else None
+        if response is None:  # nothing to answer (a response-class message)
+            return
+        decision = Decision(
+            response,
+            Reason.SYSTEM_OVERLOAD,
+            stand_in="overload",
+            masked_pan=mask_pan(pan) if pan else None,
+        )
+        outcome = _Outcome.of_decision(message, decision, received_at)
+        try:
+            body = codec.encode(response, self._listener.spec)
+            data = encode_frame(body, self._listener.header)
+        except ValueError as exc:
+            self._undelivered(outcome, "encode_failed", error=describe(exc))
+            return
+        await self._queue(_Outgoing(data, outcome))
 
     # ------------------------------------------------------------------------- requests
 

@@ -99,6 +99,10 @@ class Reason(enum.Enum):
     #: A request on a listener the network signed off (0800 DE70 002), when the listener
     #: declines those (``after_sign_off = "decline"``).
     SIGNED_OFF = "signed_off"
+    #: The switch could not start the request before its deadline (queue full, or too little
+    #: of the budget left): answered at once, nothing decided or kept (stand-in cause
+    #: "overload"). 91 lets the network stand in, as for any issuer that cannot answer.
+    SYSTEM_OVERLOAD = "system_overload"
 
 
 #: ISO 8583:1987 DE39 codes shared by the networks we profile.
@@ -150,6 +154,7 @@ _BASE: dict[Reason, str] = {
     Reason.KEY_EXCHANGE_FAILED: "63",
     # ISO 8583:1987 DE39 91 "issuer or switch inoperative": the network stands in.
     Reason.SIGNED_OFF: "91",
+    Reason.SYSTEM_OVERLOAD: "91",
 }
 
 #: Per-network departures from the base table.
@@ -196,7 +201,7 @@ class Profile:
         if missing:
             raise ValueError(f"profile {name}: no code for {sorted(r.value for r in missing)}")
         approve = table[Reason.APPROVED]
-        for reason in STAND_IN_REASONS:
+        for reason in STAND_IN_REASONS | {Reason.SYSTEM_OVERLOAD}:
             if table[reason] == approve:
                 raise ValueError(f"profile {name}: stand-in reason {reason.value} approves")
         self.name = name

@@ -161,8 +161,12 @@ CONNECTION_OUTCOMES: Final = LabelValues(
         *PROTOCOL_KINDS.values,
     )
 )
-#: Readiness checks (switch.health).
-READY_CHECKS: Final = LabelValues(["listeners", "hsm", "store", "engine"])
+#: Dependencies behind a circuit breaker (switch/pipeline.py, switch/breaker.py).
+BREAKER_DEPENDENCIES: Final = LabelValues(["hsm", "store", "vault"])
+#: Readiness checks (switch.health); ``<dependency>_breaker`` per breaker.
+READY_CHECKS: Final = LabelValues(
+    ["listeners", "hsm", "store", "engine", *(f"{d}_breaker" for d in BREAKER_DEPENDENCIES.values)]
+)
 #: TLS files whose expiry is exported.
 CERTIFICATES: Final = LabelValues(["server", "ca"])
 
@@ -310,6 +314,45 @@ BUDGET = Gauge(
     "The configured request budget (pipeline.budget): latency is judged against it.",
     registry=REGISTRY,
 )
+# -- circuit breakers and stand-in approvals (switch/breaker.py, switch/pipeline.py)
+BREAKER_STATE = _gauge(
+    "cardswitch_breaker_state",
+    "Circuit breaker of a dependency: 0 closed, 1 open (stand-in at once), 2 half-open.",
+    dependency=BREAKER_DEPENDENCIES,
+)
+STAND_IN_APPROVALS = _counter(
+    "cardswitch_stand_in_approvals",
+    "Authorizations approved by the issuer stand-in policy (journaled as stand-in).",
+    network=NETWORK_NAMES,
+)
+#: Why a request was answered with the overload code before it started (connection.py).
+SHED_KINDS: Final = LabelValues(["queue_full", "deadline"])
+SHED = _counter(
+    "cardswitch_shed",
+    "Requests answered at once with the overload code: the admission queue was full, or"
+    " too little of the budget was left to start them.",
+    listener=LISTENERS,
+    kind=SHED_KINDS,
+)
+for _dependency in BREAKER_DEPENDENCIES.values:
+    BREAKER_STATE.labels(_dependency).set(0)
+
+
+def observe_breaker(dependency: str, state: int) -> None:
+    """Record the state of a dependency's breaker (``switch.breaker.State`` value)."""
+    BREAKER_STATE.labels(dependency).set(state)
+
+
+def observe_shed(listener: str, kind: str) -> None:
+    """Count one request answered with the overload code before it started."""
+    SHED.labels(listener, kind).inc()
+
+
+def observe_stand_in_approval(network: str) -> None:
+    """Count one authorization approved in stand-in (at its commit)."""
+    STAND_IN_APPROVALS.labels(network).inc()
+
+
 BUILD = Info("cardswitch_build", "Version of the running switch.", registry=REGISTRY)
 BUILD.info({"version": __version__})
 

@@ -292,6 +292,8 @@ class Server:
                 peer=peer,
                 remote=remote,
                 session=self.sessions[lst.name],
+                budget=self._config.pipeline.budget,
+                min_remaining=self._config.pipeline.min_remaining,
             )
             if self._hurried:
                 conn.abort(FLUSH_TIMEOUT)

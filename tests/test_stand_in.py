@@ -137,10 +137,10 @@ async def test_a_slow_hsm_under_load_gets_the_stand_in_answer_and_holds_nothing(
 ) -> None:
     """Eight requests in flight against an HSM slower than any test: each is answered with
     the stand-in code while its HSM command is still waiting (so within the budget, not when
-    the HSM would have replied), nothing is held, and once the latency is gone the same
-    switch approves again."""
+    the HSM would have replied), nothing is held, the HSM breaker opens, and once the latency
+    is gone and the breaker's cool-down has passed the same switch approves again."""
     slow = _SlowHsm(demo_hsm, delay=3600.0)
-    budget = PipelineConfig(budget=0.3, stand_in="issuer_unavailable")
+    budget = PipelineConfig(budget=0.3, stand_in="issuer_unavailable", breaker_cool_down=0.5)
     async with running_switch(
         pki, demo_hsm, card_rows, tmp_path, pipeline_hsm=slow, pipeline=budget
     ) as sw:
@@ -161,6 +161,7 @@ async def test_a_slow_hsm_under_load_gets_the_stand_in_answer_and_holds_nothing(
         account = await sw.store.get_account("demo-acct-main")
         holds = await sw.store.active_holds_total("demo-acct-main")
         slow.delay = 0
+        await trio.sleep(0.6)  # the breaker half-opens: the next request probes the HSM
         recovered = await _one(sw.port, client_ctx)
         holds_after = await sw.store.active_holds_total("demo-acct-main")
     assert [a.response_code for a in answers] == ["91"] * 8
