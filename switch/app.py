@@ -8,8 +8,14 @@ CRL). During a drain a SIGHUP is logged and ignored (no connection is accepted a
 a second SIGTERM/SIGINT cuts the drain short: the answers already queued are still written
 and the process still exits 0.
 
+Worker mode (``worker=WorkerRole(...)``, a worker of ``switch.supervisor``): the listeners
+are bound with ``SO_REUSEPORT`` on the ports the supervisor chose, the health and metrics
+endpoint listens on an internal loopback port (port 0; the ready file reports it) for the
+supervisor to aggregate, every log line carries ``worker`` (the index), and the worker drains
+as on SIGTERM when its supervisor is gone.
+
 What does not: the command line (switch.cli.serve), any protocol or decision logic
-(server.py, pipeline.py).
+(server.py, pipeline.py), supervising workers (switch.supervisor).
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
+import structlog
 import trio
 
 from hsm.api import Hsm, KeyUsage
@@ -41,11 +49,24 @@ from switch.tls import TlsContextHolder
 log = log_mod.get_logger("switch.app")
 
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """What makes a process one worker of ``switch.supervisor`` (its command line)."""
+
+    #: The worker's index, 0 to N-1: its ``worker`` label and log key.
+    index: int
+    #: The supervisor's pid; when the parent is another process, the worker drains.
+    supervisor_pid: int
+    #: Port of each listener, by name, as the supervisor reserved it.
+    ports: dict[str, int]
+
+
 async def serve(
     cfg: Config,
     ready_file: Path | None = None,
     engine: bool = True,
     handler: RequestHandler | None = None,
+    worker: WorkerRole | None = None,
 ) -> None:
     """Run the switch until SIGTERM/SIGINT, then drain and return.
 
@@ -55,7 +76,11 @@ async def serve(
         engine: open the HSM, vault and store and decide with the pipeline; without it every
             authorization is answered 91.
         handler: decide with this handler instead (tests); ``engine`` is then ignored.
+        worker: run as this worker of a supervisor (see the module docstring).
     """
+    if worker is not None:
+        cfg = _worker_config(cfg, worker)
+        structlog.contextvars.bind_contextvars(worker=worker.index)
     tls = TlsContextHolder(cfg.tls)
     metrics.configure_listeners(lst.name for lst in cfg.listeners)
     metrics.observe_budget(cfg.pipeline.budget)
@@ -64,7 +89,7 @@ async def serve(
     readiness = health.Readiness(["listeners", "hsm", "store"] if opens_engine else ["listeners"])
     async with AsyncExitStack() as stack, trio.open_nursery() as monitors:
         board = health.StatusBoard()
-        http = _start_health(cfg, heartbeat, readiness, board, stack)
+        http = _start_health(cfg, heartbeat, readiness, board, stack, internal=worker is not None)
         probes: list[health.Probe] = []  # run_probes reads the list at each round
         # The heartbeat runs while the engine opens (a long store recovery is alive); the
         # monitors stop once the server has drained, before the engine is closed.
@@ -80,7 +105,7 @@ async def serve(
                     else:
                         readiness.record("engine", "Disabled: serving without an engine (91)")
                         handler = Dispatcher(UnavailableEngine())
-                server = Server(cfg, handler, tls.get, sessions)
+                server = Server(cfg, handler, tls.get, sessions, reuse_port=worker is not None)
                 # Held until the server has stopped, so that no signal meets its default
                 # action (SIGHUP's kills the process) while the switch is still draining.
                 with trio.open_signal_receiver(*_SIGNALS) as signals:
@@ -91,8 +116,10 @@ async def serve(
                             names = frozenset(x.name for x in cfg.listeners)
                             probes.append(health.ListenersProbe(server, names))
                             monitors.start_soon(_publish_status, board, server)
+                            if worker is not None:
+                                nursery.start_soon(_watch_supervisor, worker, server)
                             if ready_file is not None:
-                                _write_ready(ready_file, bound, http)
+                                _write_ready(ready_file, bound, http, worker)
                         nursery.cancel_scope.cancel()  # the server has stopped
                 monitors.cancel_scope.cancel()
         finally:
@@ -106,13 +133,17 @@ def _start_health(
     readiness: health.Readiness,
     board: health.StatusBoard,
     stack: AsyncExitStack,
+    *,
+    internal: bool = False,
 ) -> tuple[str, int] | None:
-    """Bind and start /healthz, /readyz, /status and /metrics (port 0: none); its address."""
-    if not cfg.metrics.port:
+    """Bind and start /healthz, /readyz, /status and /metrics (port 0: none); its address.
+
+    ``internal`` (a worker): on any free loopback port, whatever ``[metrics]`` says.
+    """
+    host, port = ("127.0.0.1", 0) if internal else (cfg.metrics.host, cfg.metrics.port)
+    if not (port or internal):
         return None
-    http = health.HealthServer(
-        cfg.metrics.host, cfg.metrics.port, heartbeat, readiness, board=board
-    )
+    http = health.HealthServer(host, port, heartbeat, readiness, board=board)
     http.start()
     stack.callback(http.close)
     return http.address
@@ -213,14 +244,43 @@ async def _signals(signals: AsyncIterator[int], server: Server, tls: TlsContextH
 
 
 def _write_ready(
-    path: Path, bound: list[tuple[str, str, int]], http: tuple[str, int] | None
+    path: Path,
+    bound: list[tuple[str, str, int]],
+    http: tuple[str, int] | None,
+    worker: WorkerRole | None = None,
 ) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     ready: dict[str, object] = {
         "pid": os.getpid(),
         "listeners": [{"name": n, "host": h, "port": p} for n, h, p in bound],
     }
+    if worker is not None:
+        ready["worker"] = worker.index
     if http is not None:
         ready["metrics"] = {"host": http[0], "port": http[1]}
     tmp.write_text(json.dumps(ready))
     tmp.replace(path)
+
+
+# -- worker mode (switch.supervisor) ----------------------------------------------------------
+
+#: Seconds between two looks at whether the supervisor is still this worker's parent.
+_PARENT_CHECK_INTERVAL = 1.0
+
+
+def _worker_config(cfg: Config, worker: WorkerRole) -> Config:
+    """``cfg`` with each listener on the port the supervisor reserved for it."""
+    listeners = tuple(
+        replace(lst, port=worker.ports.get(lst.name, lst.port)) for lst in cfg.listeners
+    )
+    return replace(cfg, listeners=listeners)
+
+
+async def _watch_supervisor(worker: WorkerRole, server: Server) -> None:
+    """Drain, as on SIGTERM, once the supervisor is no longer this process's parent."""
+    while True:
+        if os.getppid() != worker.supervisor_pid:
+            break
+        await trio.sleep(_PARENT_CHECK_INTERVAL)
+    log.warning("supervisor_gone", supervisor_pid=worker.supervisor_pid, action="drain")
+    server.shutdown()

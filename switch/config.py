@@ -42,6 +42,8 @@ StoreBackend = Literal["sqlite", "postgres"]
 PROFILE_HEADER: HeaderKind = typing.cast(HeaderKind, "")
 #: ``listener.spec`` short names of the shipped ISO 8583:1987 layouts.
 SPEC_ALIASES = {"ascii": "iso87-ascii", "binary": "iso87-binary", "bcd": "iso87-bcd"}
+#: Most worker processes ``[server] workers`` may ask for.
+MAX_WORKERS = 64
 LogFormat = Literal["json", "console"]
 
 
@@ -197,6 +199,10 @@ class ServerConfig:
     max_in_flight: int = 4096
     #: Seconds to finish in-flight requests after SIGTERM/SIGINT before exiting.
     drain_timeout: float = 10.0
+    #: Worker processes sharing the listening ports (SO_REUSEPORT) under a supervisor
+    #: (switch.supervisor); 1 is one process, no supervisor. Each worker has its own loop,
+    #: HSM session and store connections, and the limits above apply to each worker.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -493,6 +499,8 @@ def _check(cfg: Config, source: str) -> None:
         raise ConfigError(source, "pipeline.atc_window", "must be between 0 and 32")
     if cfg.server.max_in_flight < 1:
         raise ConfigError(source, "server.max_in_flight", "must be at least 1")
+    if not 1 <= cfg.server.workers <= MAX_WORKERS:
+        raise ConfigError(source, "server.workers", f"must be between 1 and {MAX_WORKERS}")
     _check_store(cfg, source)
     if not 0 <= cfg.metrics.port <= 65535:
         raise ConfigError(source, "metrics.port", f"out of range: {cfg.metrics.port}")

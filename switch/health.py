@@ -21,6 +21,15 @@ What lives here:
   ``cardswitch status``), ``/metrics`` (the Prometheus page
   of ``switch.metrics``); anything else is 404.
 
+With workers (``switch.supervisor``): the supervisor's ``HealthServer`` is given
+``workers=`` (who runs now, and on which internal port) and answers every route by asking
+each worker's own port (concurrently, each under ``WORKER_FETCH_TIMEOUT``): ``/healthz`` is 200
+only when the supervisor's loop and every worker is alive, ``/readyz`` only when every worker
+is ready (``failed`` names the worker: ``"worker 1"``, ``"worker 0: hsm"``), ``/status`` lists
+each worker's status under ``workers`` and sums their connections per listener, and
+``/metrics`` is one page: every worker's samples labelled ``worker="I"``
+(``metrics.merge_expositions``). A worker not running (being restarted) fails all of them.
+
 A test hook: when the environment names a file in ``CARDSWITCH_TEST_BLOCK_LOOP_FILE`` and that
 file appears, the heartbeat task removes it and blocks the loop with ``time.sleep`` for the
 number of seconds the file holds (default 5). Without the variable nothing is looked at.
@@ -37,7 +46,10 @@ import math
 import os
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -64,6 +76,7 @@ __all__ = [
     "Readiness",
     "ReadyState",
     "StoreProbe",
+    "WorkerEndpoint",
     "block_file_from_env",
     "run_heartbeat",
     "run_probes",
@@ -364,12 +377,75 @@ class StatusBoard:
         return self._snapshot
 
 
+@dataclass(frozen=True)
+class WorkerEndpoint:
+    """One worker as its supervisor knows it now."""
+
+    index: int
+    #: Its pid while a process runs for it, else None (exited, being restarted).
+    pid: int | None
+    #: Its internal health port once it is ready, else None.
+    address: tuple[str, int] | None
+    #: Times it was started again.
+    restarts: int = 0
+
+
+#: Seconds the supervisor waits for one worker's answer on its internal port.
+WORKER_FETCH_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """One worker's answer to a route: HTTP status and body, or why there was none."""
+
+    worker: WorkerEndpoint
+    status: int | None
+    body: bytes
+    error: str | None
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.worker.index}"
+
+    def json(self) -> dict[str, Any]:
+        try:
+            loaded = json.loads(self.body)
+        except ValueError:
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+
+
+def _fetch(worker: WorkerEndpoint, path: str) -> _Reply:
+    """GET ``path`` of a worker's internal port (run in the fan-out pool)."""
+    if worker.pid is None:
+        return _Reply(worker, None, b"", "NotRunning: exited, being restarted")
+    if worker.address is None:
+        return _Reply(worker, None, b"", "Starting: not ready yet")
+    host, port = worker.address
+    try:
+        url = f"http://{host}:{port}{path}"
+        with urllib.request.urlopen(url, timeout=WORKER_FETCH_TIMEOUT) as reply:
+            return _Reply(worker, reply.status, reply.read(), None)
+    except urllib.error.HTTPError as exc:  # 503 and friends carry a body
+        return _Reply(worker, exc.code, exc.read(), None)
+    except (OSError, ValueError) as exc:
+        return _Reply(worker, None, b"", f"Unreachable: {_describe(exc)}")
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     heartbeat: Heartbeat
     readiness: Readiness
     board: StatusBoard
     stale_after: float
+    workers: Callable[[], Sequence[WorkerEndpoint]] | None
+    pool: ThreadPoolExecutor | None
+
+    def fan_out(self, path: str) -> list[_Reply]:
+        """Every worker's answer to ``path``, asked concurrently."""
+        assert self.workers is not None and self.pool is not None
+        workers = list(self.workers())
+        return list(self.pool.map(lambda w: _fetch(w, path), workers))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -381,7 +457,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         age = self.server.heartbeat.age()
         stale = age > self.server.stale_after
-        if path == "/healthz":
+        if self.server.workers is not None and path in _PATHS:
+            self._aggregate(path, age, stale)
+        elif path == "/healthz":
             status = HTTPStatus.SERVICE_UNAVAILABLE if stale else HTTPStatus.OK
             body = {"alive": not stale, "heartbeat_age_seconds": round(age, 3)}
             self._send_json(status, body)
@@ -407,6 +485,48 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send_json(HTTPStatus.NOT_FOUND, {"error": "not found", "paths": _PATHS})
 
+    def _aggregate(self, path: str, age: float, stale: bool) -> None:
+        """A route of the supervisor: every worker's answer, combined."""
+        replies = self.server.fan_out(path)
+        if path == "/metrics":
+            metrics.observe_heartbeat_age(age)
+            pages = {}
+            for r in replies:
+                up = r.status == HTTPStatus.OK
+                metrics.observe_worker_up(r.worker.index, up)
+                if up:
+                    pages[str(r.worker.index)] = r.body
+            self._send(HTTPStatus.OK, metrics.merge_expositions(pages), metrics.CONTENT_TYPE)
+            return
+        failed: dict[str, str] = {}
+        if stale:
+            failed["supervisor"] = f"Stale: event loop heartbeat {age:.1f} s old"
+        for r in replies:
+            if r.error is not None:
+                failed[r.name] = r.error
+            elif r.status != HTTPStatus.OK and path != "/status":
+                reasons = r.json().get("failed") or {}
+                if path == "/healthz" or not reasons:
+                    failed[r.name] = f"Status: {r.status}"
+                for check, error in reasons.items():
+                    failed[f"{r.name}: {check}"] = str(error)
+        ok = not failed
+        status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
+        workers = {str(r.worker.index): _worker_view(r) for r in replies}
+        if path == "/healthz":
+            body: dict[str, Any] = {"alive": ok, "heartbeat_age_seconds": round(age, 3)}
+            self._send_json(status, {**body, "failed": failed, "workers": workers})
+        elif path == "/readyz":
+            self._send_json(status, {"ready": ok, "failed": failed, "workers": workers})
+        else:
+            ready = ok and all(r.json().get("ready") for r in replies)
+            for r in replies:
+                for check, error in (r.json().get("failed") or {}).items():
+                    failed[f"{r.name}: {check}"] = str(error)
+            snapshot = {"pid": os.getpid(), **_combined_status(replies)}
+            snapshot.update(alive=not stale, ready=ready, failed=failed, workers=workers)
+            self._send_json(HTTPStatus.OK, snapshot)
+
     def _send_json(self, status: HTTPStatus, body: Mapping[str, Any]) -> None:
         self._send(status, json.dumps(body).encode() + b"\n", "application/json")
 
@@ -425,6 +545,41 @@ class _Handler(BaseHTTPRequestHandler):
 _PATHS = ["/healthz", "/readyz", "/status", "/metrics"]
 
 
+def _worker_view(reply: _Reply) -> dict[str, Any]:
+    """What the supervisor's routes say of one worker besides its own body."""
+    view: dict[str, Any] = {"pid": reply.worker.pid, "restarts": reply.worker.restarts}
+    if reply.error is not None:
+        view["error"] = reply.error
+    else:
+        view["status"] = reply.status
+        view.update(reply.json())
+    return view
+
+
+def _combined_status(replies: Sequence[_Reply]) -> dict[str, Any]:
+    """The workers' ``/status`` summed: in flight, draining (any), and per listener its
+    addresses, connections, handshakes and peers."""
+    in_flight = 0
+    draining = False
+    listeners: dict[str, dict[str, Any]] = {}
+    for r in replies:
+        doc = r.json() if r.error is None else {}
+        in_flight += int(doc.get("in_flight") or 0)
+        draining = draining or bool(doc.get("draining"))
+        for name, lst in (doc.get("listeners") or {}).items():
+            into = listeners.setdefault(
+                name,
+                {"network": lst.get("network"), "bound": [], "connections": 0,
+                 "handshakes": 0, "peers": {}},
+            )  # fmt: skip
+            into["bound"] = sorted(set(into["bound"]) | set(lst.get("bound") or []))
+            into["connections"] += int(lst.get("connections") or 0)
+            into["handshakes"] += int(lst.get("handshakes") or 0)
+            for peer, count in (lst.get("peers") or {}).items():
+                into["peers"][peer] = into["peers"].get(peer, 0) + int(count)
+    return {"in_flight": in_flight, "draining": draining, "listeners": listeners}
+
+
 class HealthServer:
     """``/healthz``, ``/readyz`` and ``/metrics`` on one port, served from a daemon thread.
 
@@ -435,6 +590,8 @@ class HealthServer:
         heartbeat: the loop's heartbeat.
         readiness: the checks' latest results.
         stale_after: heartbeat age, in seconds, past which the loop counts as stuck.
+        workers: a supervisor's: the workers now (read at each request); every route is
+            then answered from theirs (see the module docstring).
 
     Raises:
         OSError: the address cannot be bound.
@@ -449,12 +606,18 @@ class HealthServer:
         *,
         board: StatusBoard | None = None,
         stale_after: float = STALE_AFTER,
+        workers: Callable[[], Sequence[WorkerEndpoint]] | None = None,
     ) -> None:
         self._httpd = _Server((host, port), _Handler)
         self._httpd.heartbeat = heartbeat
         self._httpd.readiness = readiness
         self._httpd.board = board or StatusBoard()
         self._httpd.stale_after = stale_after
+        self._httpd.workers = workers
+        self._httpd.pool = None
+        if workers is not None:
+            fan_out = max(4, 2 * len(workers()))
+            self._httpd.pool = ThreadPoolExecutor(fan_out, thread_name_prefix="cardswitch-fan")
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="cardswitch-health", daemon=True
         )
@@ -475,3 +638,5 @@ class HealthServer:
             self._httpd.shutdown()
             self._thread.join()
         self._httpd.server_close()
+        if self._httpd.pool is not None:
+            self._httpd.pool.shutdown(wait=False, cancel_futures=True)

@@ -4,7 +4,9 @@ What lives here: every metric the switch exports (the HSM session state is read 
 callback at each scrape: ``watch_hsm_session``), the closed set of values each label may
 take, small functions that record an observation (``observe`` takes the ``Decision`` of an
 answered request), the process/platform collectors, build information, the TLS certificate
-expiry gauges and ``exposition`` (the text page that ``switch.health`` serves on ``/metrics``).
+expiry gauges, the workers' restart counter, ``exposition`` (the text page that
+``switch.health`` serves on ``/metrics``) and ``merge_expositions`` (the supervisor's one page
+from every worker's, each sample labelled ``worker``).
 
 Cardinality is bounded by construction: every labelled metric is a ``Bounded`` wrapper whose
 ``labels()`` passes each value through its label's closed set (``LabelValues``), and a value
@@ -41,6 +43,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from hsm import errors as hsm_errors
 from switch import __version__
@@ -578,3 +581,81 @@ def observe_holds_expired(count: int) -> None:
     """Count holds the sweeper released."""
     if count:
         HOLDS_EXPIRED.inc(count)
+
+
+# -- workers (switch.supervisor) -------------------------------------------------------------
+
+#: Worker indexes "0" .. "N-1" (``configure_workers``) and "supervisor".
+WORKERS: Final = LabelValues(["supervisor"])
+WORKER_RESTARTS = _counter(
+    "cardswitch_worker_restarts",
+    "Worker processes started again by the supervisor after the previous one exited.",
+    worker=WORKERS,
+)
+WORKER_UP = _gauge(
+    "cardswitch_worker_up",
+    "1 when the worker process runs and answered this scrape of /metrics, else 0.",
+    worker=WORKERS,
+)
+#: Families of the supervisor's own registry put on the aggregated page (with
+#: ``worker="supervisor"`` unless they carry a worker label already); the rest of its
+#: registry is the workers' business and would only add zeros.
+_SUPERVISOR_FAMILIES = ("cardswitch_worker_", "process_", "cardswitch_loop_heartbeat_age")
+
+
+def configure_workers(count: int) -> None:
+    """Admit worker indexes 0..count-1 and create their restart counters at 0."""
+    names = [str(i) for i in range(count)]
+    WORKERS.admit(names)
+    for name in names:
+        WORKER_RESTARTS.labels(name)
+
+
+def observe_worker_restart(index: int) -> None:
+    """Count one restart of worker ``index``."""
+    WORKER_RESTARTS.labels(str(index)).inc()
+
+
+def observe_worker_up(index: int, up: bool) -> None:
+    """Record whether worker ``index`` answered the scrape being served."""
+    WORKER_UP.labels(str(index)).set(1 if up else 0)
+
+
+class _Families:
+    """A collector yielding already-built metric families (the merged page)."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def merge_expositions(pages: Mapping[str, bytes]) -> bytes:
+    """One Prometheus page from the supervisor's registry and each worker's page.
+
+    Every sample of ``pages[worker]`` gets the label ``worker="<key>"``; families of the same
+    name are merged (the first page's help and type win). The supervisor's own families
+    (``_SUPERVISOR_FAMILIES``) come first, labelled ``worker="supervisor"``.
+    """
+    merged: dict[str, Metric] = {}
+
+    def add(family: Metric, worker: str | None) -> None:
+        into = merged.get(family.name)
+        if into is None:
+            into = merged[family.name] = Metric(family.name, family.documentation, family.type)
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            if worker is not None:
+                labels.setdefault("worker", worker)
+            into.samples.append(sample._replace(labels=labels))
+
+    for family in REGISTRY.collect():
+        if family.name.startswith(_SUPERVISOR_FAMILIES):
+            add(family, "supervisor")
+    for worker, page in pages.items():
+        for family in text_string_to_metric_families(page.decode()):
+            add(family, worker)
+    out = CollectorRegistry(auto_describe=False)
+    out.register(_Families(merged.values()))
+    return generate_latest(out)

@@ -21,6 +21,11 @@ written, bounded by the drain deadline. ``Server.hurry()`` (a second SIGTERM/SIG
 the drain early: requests not yet answered are abandoned, the answers already queued are
 still written, within ``FLUSH_TIMEOUT``.
 
+Shared ports (``reuse_port``, the workers of ``switch.supervisor``): every listening socket
+is bound with ``SO_REUSEPORT``, so several processes listen on the same address and the
+kernel spreads new connections over them; ``trio.open_tcp_listeners`` cannot set it, so
+``open_reuseport_listeners`` makes the sockets.
+
 What does not live here: the connection loop, backpressure and frame deadlines
 (connection.py), what each frame means and how it is answered (session.py), the decision
 (handler.py and the engine behind it), TLS context construction (tls.py), process setup and
@@ -30,7 +35,9 @@ signals (app.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
+import socket
 import ssl
 from collections import Counter
 from collections.abc import Callable
@@ -117,8 +124,11 @@ class Server:
         handler: RequestHandler,
         ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext],
         sessions: ListenerSessions | None = None,
+        *,
+        reuse_port: bool = False,
     ) -> None:
         self._config = config
+        self._reuse_port = reuse_port
         self.sessions = sessions if sessions is not None else ListenerSessions(config.listeners)
         self._handler = handler
         self._context_for = ssl_context if callable(ssl_context) else (lambda: ssl_context)
@@ -146,7 +156,10 @@ class Server:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for lst in self._config.listeners:
-                listeners = await trio.open_tcp_listeners(lst.port, host=lst.host)
+                if self._reuse_port:
+                    listeners = await open_reuseport_listeners(lst.port, host=lst.host)
+                else:
+                    listeners = await trio.open_tcp_listeners(lst.port, host=lst.host)
                 for sock_listener in listeners:
                     host, port = sock_listener.socket.getsockname()[:2]
                     self.bound.append((lst.name, host, port))
@@ -326,6 +339,46 @@ class Server:
                         peer=sorted(peer))  # fmt: skip
             return "peer_not_allowed"
         return peer
+
+
+#: Pending connections queued per listening socket (what trio.open_tcp_listeners asks).
+_BACKLOG = 0xFFFF
+
+
+async def open_reuseport_listeners(port: int, *, host: str) -> list[trio.SocketListener]:
+    """Listen on every address of ``host``:``port`` with ``SO_REUSEPORT`` set (and
+    ``SO_REUSEADDR``), so other processes of the same user may listen there too.
+
+    Raises:
+        OSError: an address cannot be bound (``EADDRINUSE`` when a socket without
+            ``SO_REUSEPORT``, or of another user, holds it), or the platform has no
+            ``SO_REUSEPORT``.
+    """
+    if not hasattr(socket, "SO_REUSEPORT"):  # pragma: no cover - Linux and the BSDs have it
+        raise OSError(errno.ENOPROTOOPT, "SO_REUSEPORT is not available on this platform")
+    infos = await trio.socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    listeners: list[trio.SocketListener] = []
+    try:
+        for family, kind, proto, _, address in infos:
+            sock = trio.socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                await sock.bind(address)
+                sock.listen(_BACKLOG)
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners
 
 
 def _remote(tcp: trio.SocketStream) -> tuple[str, str]:
