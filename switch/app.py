@@ -34,6 +34,7 @@ import trio
 
 from hsm.api import Hsm, KeyUsage
 from hsm.carddata import open_vault
+from hsm.errors import HsmError
 from hsm.token import RequiredKey, open_hsm, require_keys, session_status
 from switch import health, metrics
 from switch import log as log_mod
@@ -101,6 +102,9 @@ async def serve(
                     if engine:
                         pipeline, hsm = await _open_engine(cfg, engine_stack, probes, monitors)
                         await sessions.restore(hsm)  # key exchanges before a restart hold
+                        if worker is not None:
+                            # A key exchange another worker accepted is taken up here too.
+                            monitors.start_soon(_follow_key_exchanges, sessions, hsm)
                         handler = Dispatcher(pipeline, keys=hsm)
                     else:
                         readiness.record("engine", "Disabled: serving without an engine (91)")
@@ -147,6 +151,22 @@ def _start_health(
     http.start()
     stack.callback(http.close)
     return http.address
+
+
+#: Seconds between two looks, in a worker, for a ZPK generation another worker imported.
+_KEY_FOLLOW_INTERVAL = 2.0
+
+
+async def _follow_key_exchanges(sessions: ListenerSessions, hsm: Hsm) -> None:
+    """Put in force the newest ZPK generation the HSM holds, until cancelled: the worker
+    that answered a key exchange imported it into the shared token; the others follow
+    within ``_KEY_FOLLOW_INTERVAL`` (requests already read keep the key they started with)."""
+    while True:
+        await trio.sleep(_KEY_FOLLOW_INTERVAL)
+        try:
+            await sessions.restore(hsm)
+        except HsmError as exc:  # the HSM's own recovery and readiness report it
+            log.warning("zpk_follow_failed", error=type(exc).__name__)
 
 
 #: Seconds between two status snapshots published for ``/status``.

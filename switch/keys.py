@@ -120,7 +120,7 @@ class ListenerSessions:
                 for info in infos
                 if info.usage is KeyUsage.ZPK and (m := pattern.fullmatch(info.label))
             ]
-            if generations:
+            if generations and max(generations) > session.generation:
                 session.generation = max(generations)
                 session.zpk = zpk_label(base, session.generation)
                 log.info("zpk_restored", listener=session.listener.name, zpk=session.zpk)
