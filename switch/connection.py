@@ -61,7 +61,16 @@ from switch.decisions import Profile, Reason
 from switch.handler import ECHO, Decision, Request, RequestContext, RequestHandler, Response
 from switch.keys import ListenerSession
 from switch.log import get_logger
-from switch.session import UNSOLICITED_RESPONSE, Answer, Close, Decide, Drop, KeepAlive, Session
+from switch.session import (
+    UNSOLICITED_RESPONSE,
+    Answer,
+    Close,
+    Decide,
+    Drop,
+    KeepAlive,
+    Session,
+    keepalive_of,
+)
 from switch.wire import codec
 from switch.wire.framing import encode_frame
 from switch.wire.messages import (
@@ -199,6 +208,7 @@ class Connection:
         self._peer = peer
         self._remote = remote
         self._session = Session(listener, profile)
+        self._keepalive = keepalive_of(listener, profile)
         self._state = session if session is not None else ListenerSession(listener)
         #: STAN of the next echo test this connection sends, and of the one awaiting its 0810.
         self._next_stan = secrets.randbelow(_STAN_MODULUS)
@@ -311,7 +321,7 @@ class Connection:
                 # The link has been quiet for idle_echo_after: ask the network if it is there.
                 echo_at = math.inf
                 if self._send_echo():
-                    echo_deadline = now + lst.echo_timeout
+                    echo_deadline = now + self._keepalive.echo_timeout
                 else:  # answers are still queued for the peer: the link is not idle
                     echo_at = self._echo_at(now)
                 continue
@@ -375,7 +385,7 @@ class Connection:
 
     def _echo_at(self, now: float) -> float:
         """When to send an echo test if no complete frame arrives after ``now``."""
-        after = self._listener.idle_echo_after
+        after = self._keepalive.idle_echo_after
         return now + after if after > 0 else math.inf
 
     def _send_echo(self) -> bool:

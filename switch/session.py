@@ -34,7 +34,7 @@ TLS (server.py), deciding a request (handler.py and the engine behind it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from switch.config import SPEC_ALIASES, ListenerConfig
 from switch.decisions import Profile, Reason, profile
@@ -113,6 +113,36 @@ class Drop:
     kind: str
     mti: str | None = None
     stan: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAliveRules:
+    """A listener's keep-alive rules: its own settings, or where it keeps the defaults, its
+    network profile's ``[keepalive]`` section."""
+
+    zero_length_frames: str
+    idle_echo_after: float
+    echo_timeout: float
+
+
+def keepalive_of(listener: ListenerConfig, profile: Profile) -> KeepAliveRules:
+    """The keep-alive rules of ``listener``: each listener setting other than its default
+    overrides the profile's.
+
+    >>> from switch.decisions import profile as prof
+    >>> keepalive_of(ListenerConfig(idle_echo_after=60.0), prof("iso")).idle_echo_after
+    60.0
+    """
+    base = ListenerConfig()
+    wire = profile.wire.keepalive if profile.wire is not None else None
+
+    def pick(name: str) -> Any:
+        own = getattr(listener, name)
+        if wire is None or own != getattr(base, name):
+            return own
+        return getattr(wire, name)
+
+    return KeepAliveRules(pick("zero_length_frames"), pick("idle_echo_after"), pick("echo_timeout"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,8 +274,8 @@ class Session:
         self._framing = listener_framing(listener, profile)
         self._header_size = self._framing.header_size
         self._max_frame = listener.max_frame
-        self._keepalive = listener.zero_length_frames
-        self._empty_frames = listener.zero_length_frames != "close"
+        self._keepalive = keepalive_of(listener, profile).zero_length_frames
+        self._empty_frames = self._keepalive != "close"
         self._decoder = FrameDecoder(
             self._framing, listener.max_frame, empty_frames=self._empty_frames
         )

@@ -20,7 +20,7 @@ from switch import session as session_mod
 from switch.acquirer import build_auth, build_reversal, echo
 from switch.config import ListenerConfig
 from switch.decisions import Profile, Reason, profile
-from switch.session import Answer, Close, Decide, Drop, KeepAlive, Session, classify
+from switch.session import Answer, Close, Decide, Drop, KeepAlive, Session, classify, keepalive_of
 from switch.wire import codec
 from switch.wire.framing import HeaderKind, encode_frame, keepalive_frame
 from switch.wire.messages import AuthRequest, AuthResponse, NetworkRequest, UnsupportedMessage
@@ -247,3 +247,21 @@ def test_zero_length_frame_still_closes_by_default() -> None:
     assert LISTENER.zero_length_frames == "close"
     (action,) = Session(LISTENER, ODD).receive(b"\x00\x00")
     assert isinstance(action, Close) and action.kind == "zero_length"
+
+
+def test_keep_alive_rules_come_from_the_profile_unless_the_listener_sets_its_own(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "answering.toml").write_text(
+        'extends = "iso87-ascii"\n[keepalive]\nzero_length_frames = "answer"\n'
+        "idle_echo_after = 30.0\necho_timeout = 5.0\n"
+    )
+    prof = profile("answering", tmp_path)
+    rules = keepalive_of(ListenerConfig(network="iso87-ascii"), prof)
+    assert (rules.zero_length_frames, rules.idle_echo_after, rules.echo_timeout) == (
+        "answer", 30.0, 5.0,
+    )  # fmt: skip
+    own = keepalive_of(ListenerConfig(network="iso87-ascii", zero_length_frames="ignore"), prof)
+    assert (own.zero_length_frames, own.idle_echo_after) == ("ignore", 30.0)
+    session = Session(ListenerConfig(network="iso87-ascii"), prof)
+    assert session.receive(b"\x00\x00") == [KeepAlive(answer=True)]

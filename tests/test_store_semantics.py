@@ -551,3 +551,13 @@ async def test_card_updates_change_only_the_named_columns_and_are_journaled(
         with pytest.raises(StoreError) as err:
             await store.update_card(CARD_ID, {"pan_fingerprint": b"x"}, actor="x")
         assert err.value.kind == "invalid"
+
+
+async def test_journal_search_lists_stand_in_decisions_for_reconciliation(
+    tmp_path: Path, backend: Backend
+) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
+        await store.commit_auth(auth("000001", 700))
+        await store.commit_auth(auth("000002", 300, stand_in=True))
+        found = await store.search_journal(JournalQuery(stand_in=True))
+        assert [(r.stan, r.stand_in) for r in found] == [("000002", True)]

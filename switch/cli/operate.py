@@ -53,6 +53,11 @@ def register(sub: Any) -> None:
     search.add_argument("--card", default=None, help="card id")
     search.add_argument("--since", default=None, help="ISO 8601 UTC, inclusive")
     search.add_argument("--until", default=None, help="ISO 8601 UTC, exclusive")
+    search.add_argument(
+        "--stand-in",
+        action="store_true",
+        help="only decisions taken in stand-in (for reconciliation once the HSM is back)",
+    )
     search.add_argument("--limit", type=int, default=50, help="at most this many rows")
     search.add_argument("--json", action="store_true", help="one JSON object per row")
     search.set_defaults(func=runner(_search))
@@ -100,7 +105,8 @@ async def _search(args: argparse.Namespace, cfg: Config) -> int:
         raise UsageError("--pan takes a masked PAN (first six, last four), never a full PAN")
     query = JournalQuery(
         stan=args.stan, rrn=args.rrn, masked_pan=args.pan, card_id=args.card,
-        since=args.since, until=args.until, limit=args.limit,
+        since=args.since, until=args.until, stand_in=True if args.stand_in else None,
+        limit=args.limit,
     )  # fmt: skip
     async with open_store(cfg.store) as store:
         rows = await store.search_journal(query)

@@ -383,6 +383,7 @@ class MemoryStore:
                 or (query.card_id is not None and r.card_id != query.card_id)
                 or not r.masked_pan.startswith(first6)
                 or not r.masked_pan.endswith(last4)
+                or (query.stand_in is not None and r.stand_in != query.stand_in)
                 or (query.since is not None and r.created_at < query.since)
                 or (query.until is not None and r.created_at >= query.until)
             ):

@@ -426,6 +426,9 @@ class JournalQuery:
     #: ISO 8601 UTC bounds of ``created_at`` (inclusive since, exclusive until).
     since: str | None = None
     until: str | None = None
+    #: Only the decisions taken in stand-in (approved or answered without the HSM or store):
+    #: what reconciliation reviews once the dependency is back.
+    stand_in: bool | None = None
     limit: int = 100
 
 

@@ -775,6 +775,9 @@ def _search_journal(conn: Conn, query: JournalQuery) -> list[JournalEntry]:
         if last4:
             where.append("right(masked_pan, 4) = %s")
             params.append(last4)
+    if query.stand_in is not None:
+        where.append("stand_in = %s")
+        params.append(int(query.stand_in))
     if query.since is not None:
         where.append("created_at >= %s")
         params.append(query.since)

@@ -727,7 +727,8 @@ _JOURNAL_ENTRY = (
 
 
 def _search_journal(conn: sqlite3.Connection, query: JournalQuery) -> list[JournalEntry]:
-    where, params = ["1 = 1"], []
+    where: list[str] = ["1 = 1"]
+    params: list[object] = []
     for column, value in (("stan", query.stan), ("rrn", query.rrn), ("card_id", query.card_id)):
         if value is not None:
             where.append(f"{column} = ?")
@@ -740,6 +741,9 @@ def _search_journal(conn: sqlite3.Connection, query: JournalQuery) -> list[Journ
         if last4:
             where.append("substr(masked_pan, -4) = ?")
             params.append(last4)
+    if query.stand_in is not None:
+        where.append("stand_in = ?")
+        params.append(int(query.stand_in))
     if query.since is not None:
         where.append("created_at >= ?")
         params.append(query.since)

@@ -135,7 +135,8 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Keepalive:
-    """The ``[keepalive]`` section, reserved for link keep-alive (not acted on here).
+    """The ``[keepalive]`` section: link keep-alive (a listener's own settings override it:
+    ``switch.session.keepalive_of``).
 
     Attributes:
         zero_length_frames: what a zero-length frame (a keep-alive of some networks) gets:
