@@ -25,7 +25,9 @@ order, so a consumer can order what it received of one account.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import string
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,6 +59,9 @@ EVENT_TYPES: Final[tuple[str, ...]] = (
 )  # fmt: skip
 #: The message group of an event with neither an account nor a card.
 NO_GROUP: Final = "none"
+#: What SQS admits in a MessageGroupId.
+_GROUP_CHARS = frozenset(string.ascii_letters + string.digits + string.punctuation)
+_GROUP_MAX = 128
 #: Auth kinds that are advices.
 _ADVICE_KINDS = frozenset({"advice_hold", "advice_debit", "advice_decline"})
 
@@ -130,12 +135,19 @@ def now_iso() -> str:
 
 
 def group_of(account_id: str | None, card_id: str | None) -> str:
-    """The message group: account id, else card id, else ``NO_GROUP``.
+    """The message group: account id, else card id, else ``NO_GROUP``; an id SQS would
+    refuse as a MessageGroupId (over 128 characters, or characters other than ASCII letters,
+    digits and punctuation) is replaced by its SHA-256, so no event is poison for its id.
 
     >>> group_of("acct-1", "card-1"), group_of(None, "card-1"), group_of(None, None)
     ('acct-1', 'card-1', 'none')
+    >>> group_of("compte épargne", None)[:10]
+    'sha256-ebd'
     """
-    return account_id or card_id or NO_GROUP
+    key = account_id or card_id or NO_GROUP
+    if len(key) <= _GROUP_MAX and all(ch in _GROUP_CHARS for ch in key):
+        return key
+    return "sha256-" + hashlib.sha256(key.encode()).hexdigest()
 
 
 def _event(

@@ -24,9 +24,11 @@ How it runs:
   and sent ten to a ``SendMessageBatch``, in order, with ``MessageGroupId`` = account id
   (else card id, else ``none``) and ``MessageDeduplicationId`` = event id. A row is marked
   published only when SQS listed its entry as successful. Once an entry of a group fails,
-  the group's later rows wait for the next round, so a failed event is not overtaken by
-  later batches; entries of the same group later in the SAME batch may already have been
-  taken by SQS (SQS reports per entry), which a consumer sees as a ``sequence`` out of order.
+  the group's later rows wait for the next round, and the retry of a failed row goes without
+  the rest of its group in its batch, so a failed event is not overtaken by later ones. The
+  one exception: entries of the same group later in the batch where an entry fails for the
+  first time may already have been taken by SQS (it answers per entry), which a consumer
+  sees as a ``sequence`` going down.
 - At least once. A crash between SQS's acknowledgement and the mark re-sends the row: within
   SQS's five-minute deduplication window the queue drops it, later a consumer de-duplicates
   on ``event_id``.
@@ -293,19 +295,33 @@ class Relay:
         await self._observe()
         rows = await self.store.pending_events(self.cfg.batch_size)
         blocked: set[str] = set()
+        # Groups whose first pending row failed before: it goes alone, so that nothing of
+        # its group overtakes it should it fail again.
+        solo: set[str] = set()
+        for row in reversed(rows):
+            solo.discard(row.group_key)
+            if row.attempts:
+                solo.add(row.group_key)
         taken = 0
         queue = list(rows)
         while queue:
             batch: list[OutboxEvent] = []
             rest: list[OutboxEvent] = []
+            alone: set[str] = set()
             for row in queue:
                 if row.group_key in blocked:
                     continue  # waits behind its group's failed row until the next round
-                (batch if len(batch) < SQS_BATCH else rest).append(row)
+                if len(batch) < SQS_BATCH and row.group_key not in alone:
+                    batch.append(row)
+                    if row.group_key in solo:
+                        alone.add(row.group_key)
+                else:
+                    rest.append(row)
             queue = rest
             if not batch:
                 break
             result = await self._publish(batch)
+            solo -= alone
             at = now_iso()
             await self.store.mark_published(result.published, at)
             taken += len(result.published)

@@ -12,6 +12,7 @@ JSON Schema, none holding a PAN, track 2, PIN block, CVV2 or ARQC of the request
 
 from __future__ import annotations
 
+import doctest
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +27,7 @@ from e2e_fixtures import CVN10_ARQC, EMV_PAN, cvn10_request
 from test_events_support import schema_validator, sentinels_found
 
 from hsm.carddata import HsmVault
+from switch import events as events_module
 from switch import testing
 from switch.acquirer import build_auth, build_reversal, encipher_pin
 from switch.config import Config, StoreConfig
@@ -344,3 +346,8 @@ async def test_a_schema_2_database_gains_the_outbox_and_keeps_its_rows(tmp_path:
         assert await store.claim_lease("x", "me", 1.0, 10.0)
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == _PRE_EVENTS_VERSION + 1
+
+
+def test_event_builders_doctests() -> None:
+    result = doctest.testmod(events_module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
