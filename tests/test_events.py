@@ -30,7 +30,7 @@ from hsm.carddata import HsmVault
 from switch import events as events_module
 from switch import testing
 from switch.acquirer import build_auth, build_reversal, encipher_pin
-from switch.config import Config, StoreConfig
+from switch.config import Config, EventsConfig, StoreConfig
 from switch.decisions import profile
 from switch.events import OutboxEvent
 from switch.handler import Dispatcher
@@ -351,3 +351,17 @@ async def test_a_schema_2_database_gains_the_outbox_and_keeps_its_rows(tmp_path:
 def test_event_builders_doctests() -> None:
     result = doctest.testmod(events_module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_events_configuration_is_checked() -> None:
+    from switch.config import ConfigError, from_mapping, load
+
+    assert load(REPO / "config" / "switch.toml").events == EventsConfig()
+    with pytest.raises(ConfigError, match=r"events\.queue_url"):
+        from_mapping({"events": {"backend": "sqs", "queue_url": "https://sqs/q"}})
+    with pytest.raises(ConfigError, match=r"events\.backend"):
+        from_mapping({"events": {"backend": "kafka"}})
+    with pytest.raises(ConfigError, match=r"events\.batch_size"):
+        from_mapping({"events": {"batch_size": 0}})
+    ok = from_mapping({"events": {"backend": "sqs", "queue_url": "https://sqs/1/q.fifo"}})
+    assert ok.events.backend == "sqs" and ok.events.endpoint_url == ""

@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -194,6 +195,34 @@ def receive_all(
                 ],
             )
     return bodies
+
+
+class Consumer:
+    """A consumer thread that receives and deletes everything from the queue until stopped,
+    as a real one would (moto's FIFO queues slow down as they fill, unlike SQS)."""
+
+    def __init__(self, client: SQSClient, queue_url: str) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self._client = client
+        self._url = queue_url
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Consumer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            got = receive_all(self._client, self._url, bool, timeout=1.0)
+            self.bodies.extend(got)
+
+    def received(self) -> set[str]:
+        return {b["event_id"] for b in list(self.bodies)}
 
 
 def strip_transport(body: dict[str, Any]) -> dict[str, Any]:

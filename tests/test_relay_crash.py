@@ -43,11 +43,11 @@ from crash_support import (
 from test_events_support import (  # noqa: F401 - fixtures
     AWS_ENV,
     REGION,
+    Consumer,
     MotoSqs,
     check_order,
     fifo_queue,
     moto_sqs,
-    receive_all,
     strip_transport,
 )
 
@@ -104,25 +104,31 @@ async def _crash_rounds(
     await seed(config, tmp)
     db = tmp / "cardswitch.db"
     load_ = Load(rng)
-    for number in range(rounds):
-        switch = await _start(config, tmp, f"{number:02d}")
+    with Consumer(moto.client, queue) as consumer:
+        for number in range(rounds):
+            switch = await _start(config, tmp, f"{number:02d}")
+            try:
+                kill_after = rng.uniform(*KILL_AFTER)
+                await load_.round(number, switch.process, switch.port, ctx, kill_after)
+            finally:
+                stop_now(switch.process)
+                with trio.move_on_after(10):
+                    await switch.process.wait()
+        last = await _start(config, tmp, "last")
         try:
-            await load_.round(number, switch.process, switch.port, ctx, rng.uniform(*KILL_AFTER))
+            with trio.fail_after(DRAIN_TIMEOUT):
+                while not _outbox_done(db):  # noqa: ASYNC110 - another process's progress
+                    await trio.sleep(0.1)
         finally:
-            stop_now(switch.process)
-            with trio.move_on_after(10):
-                await switch.process.wait()
-    last = await _start(config, tmp, "last")
-    try:
-        with trio.fail_after(DRAIN_TIMEOUT):
-            while not _outbox_done(db):  # noqa: ASYNC110 - another process's progress
-                await trio.sleep(0.1)
-    finally:
-        await last.stop()
+            await last.stop()
 
-    with open_readonly(db) as conn:
-        journal = {r["id"]: r for r in conn.execute("SELECT * FROM journal")}
-        outbox = {r["event_id"]: r for r in conn.execute("SELECT * FROM events")}
+        with open_readonly(db) as conn:
+            journal = {r["id"]: r for r in conn.execute("SELECT * FROM journal")}
+            outbox = {r["event_id"]: r for r in conn.execute("SELECT * FROM events")}
+        with trio.fail_after(60):
+            while not consumer.received() >= set(outbox):  # noqa: ASYNC110 - its thread
+                await trio.sleep(0.1)
+    bodies = list(consumer.bodies)
     assert journal, "the load committed nothing"
     by_journal: dict[int, list[str]] = {}
     for event_id, row in outbox.items():
@@ -131,11 +137,6 @@ async def _crash_rounds(
     assert all(len(ids) == 1 for ids in by_journal.values())
     assert all(row["parked_at"] is None for row in outbox.values())
 
-    bodies = await trio.to_thread.run_sync(
-        lambda: receive_all(
-            moto.client, queue, lambda got: {b["event_id"] for b in got} >= set(outbox), 60
-        )
-    )
     received = {b["event_id"] for b in bodies}
     assert received >= set(outbox), f"{len(set(outbox) - received)} events never arrived"
     assert received <= set(outbox), "an event the outbox never held"
