@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/switch.toml
 
-.PHONY: setup run dev-setup test lint typecheck unit bench clean
+.PHONY: setup run dev-setup test lint typecheck unit bench soak clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -27,10 +27,34 @@ unit: setup
 
 test: lint typecheck unit
 
-# HSM command latency, then the full authorization path against the echo-only baseline.
+# The switch against its baselines in one run (a few minutes): benchmarks/RESULTS.md, plots and
+# JSON under benchmarks/reports/. The other benchmarks (hsm_bench, store_reads, load) run alone.
 bench: setup
-	$(BIN)/python -m benchmarks.hsm_bench
-	$(BIN)/python -m benchmarks.load
+	$(BIN)/python -c "import hdrh, matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m benchmarks.results
+
+# The long adversarial runs, never part of `make test`: the stateful model with many examples
+# (both stores), each fuzz target under atheris for FUZZ_RUNS inputs (or FUZZ_SECONDS each),
+# the hypothesis fuzz targets long, the live-socket fuzz with many frames, and the tests
+# marked slow (excluded from `make test` by pyproject's addopts), with the crash-safety
+# loop under three more seeds. Crashers land in tests/fuzz/crashers/<target>/: keep them,
+# tests/test_fuzz_regressions.py replays them.
+MODEL_EXAMPLES ?= 5000
+FUZZ_RUNS ?= 1000000
+FUZZ_SECONDS ?= 1800
+FUZZ_TARGETS := framing codec messages session
+soak: setup
+	$(BIN)/python -m pip install -q -e '.[test,fuzz]'
+	CARDSWITCH_MODEL_EXAMPLES=$(MODEL_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider tests/test_model_stateful.py
+	CARDSWITCH_FUZZ_EXAMPLES=20000 $(BIN)/pytest -q -p no:cacheprovider tests/test_fuzz_targets.py
+	CARDSWITCH_LIVE_FUZZ_FRAMES=20000 $(BIN)/pytest -q -p no:cacheprovider tests/test_fuzz_live.py
+	for t in $(FUZZ_TARGETS); do \
+		PYTHONPATH=$(CURDIR):$(CURDIR)/tests $(BIN)/python -m fuzz.run $$t \
+			-runs=$(FUZZ_RUNS) -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
+	for seed in 1 2 3; do CARDSWITCH_CRASH_SEED=$$seed $(BIN)/pytest -q -p no:cacheprovider \
+		tests/test_crash_safety.py || exit 1; done
+	$(BIN)/pytest -q -p no:cacheprovider -m slow || [ $$? -eq 5 ]  # 5: none marked slow
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -30,8 +30,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
-import shutil
 import signal
 import ssl
 import subprocess
@@ -42,12 +40,19 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import trio
 
+from benchmarks.procstat import (
+    busy_share,
+    core_ticks,
+    cpu_seconds,
+    cpu_times,
+    machine_info,
+    pin_command,
+)
 from hsm.config import HsmConfig
 from switch import testing
 from switch.acquirer import build_auth, encipher_pin, transmission_time
@@ -323,16 +328,6 @@ def _seed(config: Path, cards: Path, work: Path) -> None:
         raise RuntimeError(f"dev-setup exited {done.returncode}, see {log_path}")
 
 
-def _pin_prefix(cpu: int | None) -> list[str]:
-    """``taskset -c CPU`` to pin the switch to one core, or nothing."""
-    if cpu is None:
-        return []
-    taskset = shutil.which("taskset")
-    if taskset is None:
-        raise RuntimeError("taskset not found (util-linux); pass --no-pin-cpus to run unpinned")
-    return [taskset, "-c", str(cpu)]
-
-
 async def _serve_and_drive(
     config: Path, work: Path, opts: LoadOptions, pin_block: bytes | None
 ) -> tuple[list[PhaseResult], ProfileResult | None, int | None]:
@@ -342,7 +337,7 @@ async def _serve_and_drive(
     """
     ready = work / "ready.json"
     log_path = work / "switch.log"
-    command = testing.serve_command(config, ready, prefix=_pin_prefix(opts.server_cpu))
+    command = testing.serve_command(config, ready, prefix=pin_command(opts.server_cpu))
     with log_path.open("wb") as log_file:
         try:
             switch = await testing.start_switch(
@@ -361,35 +356,6 @@ async def _serve_and_drive(
             with trio.CancelScope(shield=True):
                 server_exit = await switch.stop(STOP_TIMEOUT)
     return phases, profile, server_exit
-
-
-def cpu_times(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of process ``pid`` (all its threads), from /proc/PID/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # Fields after the parenthesised command name (which may itself contain spaces).
-    rest = stat[stat.rindex(")") + 2 :].split()
-    # utime and stime are fields 14 and 15 of stat(5); rest starts at field 3.
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(rest[14 - 3]) / tick, int(rest[15 - 3]) / tick
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads)."""
-    return sum(cpu_times(pid))
-
-
-def core_ticks(cpu: int | None) -> tuple[int, int]:
-    """Busy and total ticks of CPU ``cpu`` since boot, from /proc/stat ((0, 0) if unknown)."""
-    if cpu is None:
-        return 0, 0
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, *values = line.split()
-        if name == f"cpu{cpu}":
-            # user nice system idle iowait irq softirq steal (guest time is inside user).
-            # Busy leaves out irq and softirq: loopback TCP of our own traffic lands there.
-            user, nice, system, _idle, _iowait, _irq, _softirq, steal = map(int, values[:8])
-            return user + nice + system + steal, sum(int(v) for v in values[:8])
-    return 0, 0
 
 
 # -- the load -------------------------------------------------------------------------------
@@ -489,11 +455,6 @@ async def _phase(
     return tally, elapsed, tally.sent < count and trio.current_time() >= stop_issuing
 
 
-def _busy(before: tuple[int, int], after: tuple[int, int]) -> float:
-    total = after[1] - before[1]
-    return (after[0] - before[0]) / total if total else math.nan
-
-
 def percentile(sorted_values: Sequence[float], pct: float) -> float:
     """Nearest-rank percentile of already sorted values."""
     rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
@@ -550,8 +511,8 @@ async def _measured(
         server_cpu_ms=(user1 + sys1 - user0 - sys0) * 1000,
         server_sys_ms=(sys1 - sys0) * 1000,
         client_cpu_ms=(own1 - own0) * 1000,
-        server_core_busy=_busy(core0, core1),
-        client_core_busy=_busy(client0, client1),
+        server_core_busy=busy_share(core0, core1),
+        client_core_busy=busy_share(client0, client1),
         truncated=truncated,
     )
 
@@ -754,39 +715,6 @@ def _category(frames: list[str]) -> str:
 
 
 # -- the report -----------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    """What the figures were measured on: CPUs, model, Python, commit, load."""
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def git(*args: str) -> str:
-        try:
-            out = subprocess.run(
-                ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
-            )
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return out.stdout.strip()
-
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "load_average_at_start": list(os.getloadavg()),
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
 
 
 def _notes(report: LoadReport) -> list[str]:

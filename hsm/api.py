@@ -4,7 +4,8 @@ What lives here: three protocols, one async method per command in the spirit of 
 HSM's host commands, and ``Hsm``, their union: ``PaymentHsm`` (PIN verification and
 translation, CVV/CVV2/iCVV, EMV ARQC/ARPC, PVV/IBM offset generation for provisioning),
 ``CardDataCrypto`` (keyed fingerprint and AES-GCM for card data at rest) and ``KeyAdmin``
-(key import, generation, listing, check values, deletion); the typed request object each
+(key import in clear or under a key-encrypting key, generation, listing, check values,
+deletion); the typed request object each
 command takes and the result values it returns; assembling the ARQC's data from DE55 tags;
 the input validation shared by every backend.
 
@@ -574,6 +575,35 @@ class KeyImport(_MaskedRepr):
     algorithm: KeyAlgorithm | None = None
 
 
+class WrappedKeyFormat(enum.StrEnum):
+    """How a key received under a key-encrypting key (KEK, a zone master key) is encoded."""
+
+    #: Hex of the key's value encrypted in ECB mode under the KEK (TDES, or AES for an AES
+    #: KEK), no key variant: the classic "key under ZMK" of network key exchange.
+    ECB = "ecb"
+    #: A TR-31 (ANSI X9.143) key block protected by the KEK: version B for a TDES KEK,
+    #: D for an AES one (A and C, the variant method, are refused).
+    TR31 = "tr31"
+
+
+@dataclass(frozen=True, repr=False)
+class WrappedKeyImport(_MaskedRepr):
+    """Import a key sent encrypted under the KEK ``kek`` (network key exchange).
+
+    ``algorithm`` is needed only when neither the length nor a TR-31 header decides it;
+    ``kcv``, when given, is the check value the sender computed: the import is refused
+    (``KeyCheckFailed``, nothing kept) unless the imported key has it.
+    """
+
+    label: str
+    usage: KeyUsage
+    kek: str
+    format: WrappedKeyFormat
+    wrapped: str = field(repr=False)
+    algorithm: KeyAlgorithm | None = None
+    kcv: str | None = None
+
+
 @dataclass(frozen=True)
 class KeyGeneration:
     """Generate a key inside the HSM; ``algorithm`` defaults to the usage's first."""
@@ -672,6 +702,19 @@ class KeyAdmin(Protocol):
         Raises:
             KeyExists: the label is taken.
             InvalidInput: the length does not fit the usage/algorithm.
+        """
+        ...
+
+    async def import_wrapped_key(self, req: WrappedKeyImport) -> KeyInfo:
+        """Import a key encrypted under a KEK of the HSM and return its KCV.
+
+        Raises:
+            KeyExists: the label is taken.
+            KeyNotFound: no such KEK.
+            KeyUsageError: ``req.kek`` is not a KEK.
+            InvalidInput: the encrypted value or key block is malformed, does not open
+                under the KEK (bad MAC), or carries a key whose usage or length does not fit.
+            KeyCheckFailed: the key's check value differs from ``req.kcv``.
         """
         ...
 

@@ -19,7 +19,25 @@ class HsmError(Exception):
 
 
 class HsmUnavailable(HsmError):
-    """The HSM cannot be used: library missing, token absent, login refused, session lost."""
+    """The HSM cannot be used: library missing, token absent, login refused, session lost.
+
+    Raised at once, without touching the token, while a lost session is being reopened
+    (``hsm.pkcs11``): callers answer by their stand-in policy and retry later.
+    """
+
+
+class HsmConfigError(HsmUnavailable):
+    """What the configuration names does not exist: the PKCS#11 module, the SoftHSM
+    configuration file, the token (label) or a key. Nothing is created in its place; the
+    command line reports it as a configuration error (exit status 2), not as an outage.
+
+    Attributes:
+        key: the configuration key at fault (``hsm.token_label``, ``listeners.visa.zpk``...).
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"{key}: {message}")
 
 
 class HsmTimeout(HsmError):
@@ -68,3 +86,12 @@ class InvalidInput(HsmError):
 
 class DecryptionFailed(HsmError):
     """Authenticated decryption failed: wrong key, wrong associated data or tampered blob."""
+
+
+class KeyCheckFailed(HsmError):
+    """A key received under a key-encrypting key does not have the check value sent with it;
+    nothing was kept."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        super().__init__(f"key {label!r}: check value differs from the one sent")

@@ -4,7 +4,10 @@ What lives here: ``KmsVault``, which seals a PAN under a fresh AES-256 data key 
 ``GenerateDataKey`` (AES-GCM done locally with ``cryptography``), unseals it through KMS
 ``Decrypt``, and fingerprints it with KMS ``GenerateMac`` (HMAC-SHA-256) for lookups; the
 versioned blob format; the typed errors of this backend. boto3 is synchronous, so every KMS
-call runs in a worker thread (``trio.to_thread.run_sync``) under a dedicated limiter.
+call runs in a worker thread (``trio.to_thread.run_sync``) under a dedicated limiter; a
+cancelled caller abandons the thread (it ends by its own timeouts and still holds its limiter
+slot until then), so a hung KMS cannot hold an answer past the caller's deadline. Transient
+failures are retried by botocore (``MAX_ATTEMPTS``, "standard" mode).
 
 What does not: choosing the card-data backend (``hsm.carddata.open_vault``), the card store,
 creating KMS keys (an operator or Terraform does that; tests create them on a moto server).
@@ -71,10 +74,14 @@ PURPOSE_KEY = "purpose"
 PURPOSE_PAN = "pan"
 #: KMS calls in flight at once from one process (worker threads; boto3 clients are thread-safe).
 KMS_CONCURRENCY = 8
-#: Seconds to open a connection to KMS and to wait for an answer; boto3 retries once more.
+#: Seconds to open a connection to KMS and to wait for an answer, per attempt.
 CONNECT_TIMEOUT, READ_TIMEOUT = 2.0, 2.0
-#: Attempts per KMS call including the first (botocore "standard" retry mode).
-MAX_ATTEMPTS = 2
+#: Attempts per KMS call including the first. botocore's "standard" retry mode retries what is
+#: transient (throttling, HTTP 500/502/503/504, KMSInternalException, connection errors and
+#: timeouts) with jittered exponential backoff, over a fresh connection when the old one
+#: broke (its pool drops broken connections); other errors are not retried. A caller with a
+#: deadline (the pipeline's budget) abandons the worker thread instead of waiting for it.
+MAX_ATTEMPTS = 3
 #: KMS error codes meaning "this blob does not open under this context or key".
 _INVALID_CIPHERTEXT_CODES = frozenset({"InvalidCiphertextException", "IncorrectKeyException"})
 #: KMS error codes meaning the key named in the configuration is not usable.
@@ -207,7 +214,8 @@ def make_client(settings: KmsSettings, session: boto3.session.Session | None = N
     config = botocore.config.Config(
         connect_timeout=CONNECT_TIMEOUT,
         read_timeout=READ_TIMEOUT,
-        retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+        # total_max_attempts counts the first attempt; botocore's max_attempts would not.
+        retries={"total_max_attempts": MAX_ATTEMPTS, "mode": "standard"},
     )
     sess = session if session is not None else boto3.session.Session()
     client: KMSClient = sess.client(
@@ -340,15 +348,17 @@ class KmsVault:
     async def seal(self, pan: str, context: Mapping[str, str]) -> bytes:
         """Async ``seal_sync`` in a worker thread."""
         return await trio.to_thread.run_sync(
-            self.seal_sync, pan, dict(context), limiter=self._limiter
+            self.seal_sync, pan, dict(context), limiter=self._limiter, abandon_on_cancel=True
         )
 
     async def unseal(self, blob: bytes, context: Mapping[str, str]) -> str:
         """Async ``unseal_sync`` in a worker thread."""
         return await trio.to_thread.run_sync(
-            self.unseal_sync, blob, dict(context), limiter=self._limiter
+            self.unseal_sync, blob, dict(context), limiter=self._limiter, abandon_on_cancel=True
         )
 
     async def fingerprint(self, pan: str) -> bytes:
         """Async ``fingerprint_sync`` in a worker thread."""
-        return await trio.to_thread.run_sync(self.fingerprint_sync, pan, limiter=self._limiter)
+        return await trio.to_thread.run_sync(
+            self.fingerprint_sync, pan, limiter=self._limiter, abandon_on_cancel=True
+        )

@@ -7,7 +7,23 @@ object conventions.
 
 What does not: the commands' validation and composition (``hsm.backend``), creating the
 SoftHSM token or its configuration (``hsm.token``), the payment algorithms
-(``hsm.algorithms``), KMS (``hsm.kms``).
+(``hsm.algorithms``), KMS (``hsm.kms``), metrics (the switch polls ``session_status``).
+
+Losing the token and getting it back: when a call fails with an error that says the session or
+the token is gone (``_SESSION_LOST``: CKR_SESSION_HANDLE_INVALID, CKR_TOKEN_NOT_PRESENT,
+CKR_DEVICE_REMOVED, CKR_DEVICE_ERROR, CKR_USER_NOT_LOGGED_IN, a stale object handle, or SoftHSM's
+CKR_GENERAL_ERROR once its token directory went away), the shared session is dropped and the
+command fails with ``HsmUnavailable``. From then on every command fails at once, without
+touching the token, while a worker thread (``trio.lowlevel.start_thread_soon``: the event loop
+never waits for it) tries to get the session back: ``C_Finalize`` and ``C_Initialize`` (SoftHSM
+2.6 keeps reporting CKR_GENERAL_ERROR on a token that came back until it is re-initialised),
+find the token, open a session, log in with the same user PIN (kept in memory for that), and
+the key index is rebuilt on the next command. An attempt is started by a command (or the
+readiness probe) once its delay has passed: ``RECONNECT_INITIAL`` after the loss, doubled after
+each failed attempt up to ``RECONNECT_MAX``. A key index reload that misses a key is checked
+against the slot list (SoftHSM lists no objects, without error, while its token directory is
+missing), so an absent token is ``HsmUnavailable``, not ``KeyNotFound``. ``session_status``
+reports whether the session is up and how many times it was reopened.
 
 Keys in the token:
     * Secret key objects, ``CKA_TOKEN``, ``CKA_PRIVATE``, ``CKA_SENSITIVE`` true and
@@ -56,8 +72,9 @@ import os
 import secrets
 import struct
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -73,7 +90,14 @@ from hsm.algorithms.primitive import AES_BLOCK, DES_BLOCK, KCV_BYTES
 from hsm.api import AES_ALGORITHMS, GCM_TAG_BYTES, KEY_LENGTHS, KeyAlgorithm, KeyInfo, KeyUsage
 from hsm.backend import CommandHsm, StoredKey
 from hsm.config import DEFAULT_OFFLOAD
-from hsm.errors import DecryptionFailed, HsmError, HsmTimeout, HsmUnavailable, KeyNotFound
+from hsm.errors import (
+    DecryptionFailed,
+    HsmConfigError,
+    HsmError,
+    HsmTimeout,
+    HsmUnavailable,
+    KeyNotFound,
+)
 
 T = TypeVar("T")
 
@@ -86,6 +110,29 @@ LOADED_MODULES: dict[str, str | None] = {}
 #: The one logged-in session per (module, token label) of this process, shared by every
 #: ``Pkcs11Hsm`` opened on that token (a second login would fail: the process is logged in).
 _SESSIONS: dict[tuple[str, str], _SharedSession] = {}
+#: Guards the reconnect bookkeeping of ``_SharedSession`` (never held across a PKCS#11 call, so
+#: the event loop can take it while a reconnect attempt holds ``_PROCESS_LOCK``).
+_STATE_LOCK = threading.Lock()
+#: Seconds from the loss of a session to the first reconnect attempt; each failed attempt
+#: doubles the delay, up to ``RECONNECT_MAX`` seconds.
+RECONNECT_INITIAL = 0.5
+RECONNECT_MAX = 10.0
+#: PKCS#11 errors meaning the session or the token is gone rather than the command being wrong
+#: (see the module docstring). A stale object handle is one of them: SoftHSM reports it for
+#: every key once its token directory has gone; a key deleted by another process gives it too,
+#: and then the reconnect rebuilds the index without the key (``KeyNotFound`` from then on).
+_SESSION_LOST: tuple[type[p11e.PKCS11Error], ...] = (
+    p11e.SessionHandleInvalid,
+    p11e.SessionClosed,
+    p11e.TokenNotPresent,
+    p11e.TokenNotRecognised,
+    p11e.DeviceRemoved,
+    p11e.DeviceError,
+    p11e.UserNotLoggedIn,
+    p11e.ObjectHandleInvalid,
+    p11e.KeyHandleInvalid,
+    p11e.GeneralError,
+)
 #: Environment variable SoftHSM2 reads its configuration file name from.
 _SOFTHSM_CONF_ENV = "SOFTHSM2_CONF"
 #: Prefix and version of the CKA_ID convention described in the module docstring.
@@ -129,13 +176,111 @@ _ALL_CAPABILITIES = (
 )
 
 
+@dataclass(frozen=True)
+class SessionStatus:
+    """Whether the token session is up, and how often it was reopened after a loss."""
+
+    up: bool
+    #: Successful reconnects since the session was first opened.
+    reconnects: int
+    #: Why the session was last lost or the last attempt failed (empty: never lost).
+    error: str = ""
+
+
+def reconnect_delay(previous: float | None) -> float:
+    """Seconds before the next reconnect attempt: ``RECONNECT_INITIAL`` after the loss
+    (``previous`` None), then double the previous delay, at most ``RECONNECT_MAX``."""
+    if previous is None:
+        return RECONNECT_INITIAL
+    return min(previous * 2, RECONNECT_MAX)
+
+
 @dataclass(eq=False)
 class _SharedSession:
-    """A logged-in session, the digest of the PIN it was opened with, and its users."""
+    """A logged-in session (None while lost), what is needed to open it again, its users and
+    the reconnect bookkeeping (``_STATE_LOCK``)."""
 
-    session: Any
-    pin_digest: bytes
+    module: str
+    token_label: str
+    pin: str = field(repr=False)
+    session: Any = field(repr=False)
     users: int = 0
+    #: Incremented each time the session is dropped or replaced: older key handles are stale.
+    generation: int = 0
+    reconnecting: bool = False
+    next_attempt: float = 0.0
+    delay: float | None = None
+    reconnects: int = 0
+    error: str = ""
+
+    @property
+    def pin_digest(self) -> bytes:
+        return _pin_digest(self.pin)
+
+    def status(self) -> SessionStatus:
+        return SessionStatus(self.session is not None, self.reconnects, self.error)
+
+    def lose(self, why: str) -> None:
+        """Drop the session after ``why`` (called with ``_PROCESS_LOCK`` held)."""
+        if self.session is None:
+            return
+        self.session = None
+        self.generation += 1
+        with _STATE_LOCK:
+            self.delay = reconnect_delay(None)
+            self.next_attempt = time.monotonic() + self.delay
+            self.error = why
+
+    def kick(self) -> None:
+        """Start a reconnect attempt in a worker thread if none runs and its delay passed."""
+        with _STATE_LOCK:
+            if self.reconnecting or self.session is not None:
+                return
+            if time.monotonic() < self.next_attempt:
+                return
+            self.reconnecting = True
+        trio.lowlevel.start_thread_soon(self.reconnect, _ignore_outcome, name="hsm-reconnect")
+
+    def reconnect(self) -> None:
+        """One attempt: re-initialise the library, find the token, open a session, log in."""
+        try:
+            with _PROCESS_LOCK:
+                if self.session is not None or _SESSIONS.get(self.key) is not self:
+                    return  # reopened meanwhile, or closed by its last user
+                try:
+                    if os.environ.get(_SOFTHSM_CONF_ENV) != LOADED_MODULES.get(self.module):
+                        raise RuntimeError("SOFTHSM2_CONF changed since the library was loaded")
+                    lib = pkcs11.lib(self.module)
+                    lib.reinitialize()  # closes every session of the module in this process
+                    for other in _SESSIONS.values():
+                        if other is not self and other.module == self.module:
+                            other.lose("library re-initialised to reopen another token")
+                            with _STATE_LOCK:
+                                other.next_attempt = time.monotonic()
+                    token = lib.get_token(token_label=self.token_label)
+                    session = token.open(rw=True, user_pin=self.pin)
+                except Exception as exc:  # any failure is one failed attempt, retried later
+                    with _STATE_LOCK:
+                        self.delay = reconnect_delay(self.delay)
+                        self.next_attempt = time.monotonic() + self.delay
+                        self.error = f"reconnect failed: {type(exc).__name__}"
+                    return
+                self.session = session
+                self.generation += 1
+                with _STATE_LOCK:
+                    self.reconnects += 1
+                    self.delay = None
+        finally:
+            with _STATE_LOCK:
+                self.reconnecting = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.module, self.token_label)
+
+
+def _ignore_outcome(_: object) -> None:
+    """``start_thread_soon``'s deliver callback: ``reconnect`` records its own outcome."""
 
 
 def _pin_digest(pin: str) -> bytes:
@@ -266,14 +411,16 @@ class Pkcs11Hsm(CommandHsm[TokenKey]):
 
     def __init__(
         self,
-        session: Any,
+        shared: _SharedSession,
         *,
         timeout: float,
         offload: bool = DEFAULT_OFFLOAD,
         rng: RandomBytes = secrets.token_bytes,
     ) -> None:
         """Use ``open`` rather than this constructor."""
-        self._session = session
+        self._shared = shared
+        self._session = shared.session
+        self._generation = shared.generation
         self._timeout = timeout
         self._offload = offload
         self._limiter = trio.CapacityLimiter(1)
@@ -281,7 +428,6 @@ class Pkcs11Hsm(CommandHsm[TokenKey]):
         super().__init__(Pkcs11Cipher(), rng)
         self._keys: dict[str, StoredKey[TokenKey]] = {}
         self._closed = False
-        self._shared_key: tuple[str, str] | None = None
         with _PROCESS_LOCK:
             self._load_keys()
 
@@ -311,22 +457,38 @@ class Pkcs11Hsm(CommandHsm[TokenKey]):
                     token = lib.get_token(token_label=token_label)
                     session = token.open(rw=True, user_pin=user_pin)
                 except p11e.NoSuchToken:
-                    raise HsmUnavailable(f"no token labelled {token_label!r}") from None
+                    raise HsmConfigError(
+                        "hsm.token_label", f"no token labelled {token_label!r}"
+                    ) from None
                 except p11e.PinIncorrect:
                     raise HsmUnavailable(f"login to token {token_label!r} refused") from None
                 except (p11e.PKCS11Error, RuntimeError, OSError) as exc:
                     name = type(exc).__name__
                     raise HsmUnavailable(f"PKCS#11 token unusable: {name}") from None
-                shared = _SESSIONS[key] = _SharedSession(session, _pin_digest(user_pin))
+                shared = _SESSIONS[key] = _SharedSession(
+                    str(module), token_label, user_pin, session
+                )
             elif not hmac.compare_digest(shared.pin_digest, _pin_digest(user_pin)):
                 raise HsmUnavailable(f"login to token {token_label!r} refused")
+            elif shared.session is None:
+                shared.kick()
+                raise HsmUnavailable(f"token {token_label!r} session lost, reconnecting")
             shared.users += 1
-        hsm = cls(shared.session, timeout=timeout, offload=offload)
-        hsm._shared_key = key
-        return hsm
+        try:
+            return cls(shared, timeout=timeout, offload=offload)
+        except BaseException:
+            with _PROCESS_LOCK:
+                _release(shared)
+            raise
 
     def __repr__(self) -> str:
         return f"Pkcs11Hsm(keys={len(self._keys)}, offload={self._offload})"
+
+    @property
+    def session_status(self) -> SessionStatus:
+        """Whether the session is up (False while lost and being reopened), and how many
+        times it was reopened; read from any thread without waiting for the token."""
+        return self._shared.status()
 
     # ------------------------------------------------------------------ plumbing
     def _load_keys(self) -> None:
@@ -341,9 +503,18 @@ class Pkcs11Hsm(CommandHsm[TokenKey]):
             keys.setdefault(label, {})[part] = obj
             if part == _PART_KEY:
                 infos[label] = KeyInfo(label, usage, algorithm, kcv)
+        if not infos.keys() >= self._keys.keys():
+            self._check_token()  # keys gone: deleted, or the whole token (see the docstring)
         self._keys = {}
         for label, info in infos.items():
             self._index(info, keys[label][_PART_KEY], keys[label].get(_PART_LEFT))
+
+    def _check_token(self) -> None:
+        """Raise ``TokenNotPresent`` unless the slot list still shows the token."""
+        lib = pkcs11.lib(self._shared.module)
+        labels = {slot.get_token().label for slot in lib.get_slots(token_present=True)}
+        if self._shared.token_label not in labels:
+            raise p11e.TokenNotPresent()
 
     def _index(self, info: KeyInfo, obj: Any, left: Any | None) -> None:
         aes = info.algorithm in AES_ALGORITHMS
@@ -359,22 +530,48 @@ class Pkcs11Hsm(CommandHsm[TokenKey]):
         if stored is None:
             self._load_keys()
             stored = self._keys.get(label)
+            if stored is None:
+                self._check_token()
         if stored is None:
             raise KeyNotFound(label)
         return stored
+
+    def _key_check_value(self, label: str) -> str:
+        """The indexed check value, after reading the key's CKA_ID from the token, so that
+        a readiness probe sees a token that went away."""
+        stored = self._lookup(label)
+        stored.handle.obj[Attribute.ID]
+        return stored.info.kcv
 
     def _locked(self, fn: Callable[..., T], *args: Any) -> T:
         with _PROCESS_LOCK:
             if self._closed:
                 raise HsmUnavailable("HSM session closed")
+            shared = self._shared
+            if shared.session is None:
+                shared.kick()
+                raise HsmUnavailable(f"HSM session lost ({shared.error}), reconnecting")
             try:
+                if self._generation != shared.generation:  # reopened: older handles are stale
+                    self._session = shared.session
+                    self._load_keys()
+                    self._generation = shared.generation
                 return fn(*args)
             except HsmError:
                 raise
+            except _SESSION_LOST as exc:
+                shared.lose(f"{type(exc).__name__}")
+                raise HsmUnavailable(f"PKCS#11 session lost: {type(exc).__name__}") from None
             except p11e.PKCS11Error as exc:
                 raise HsmUnavailable(f"PKCS#11 error {type(exc).__name__}") from None
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        shared = self._shared
+        if shared.session is None and not self._closed:
+            # Fail fast while the session is being reopened: no lock, no thread hop.
+            shared.kick()
+            await trio.lowlevel.checkpoint()
+            raise HsmUnavailable(f"HSM session lost ({shared.error}), reconnecting")
         try:
             with trio.fail_after(self._timeout):
                 if self._offload:
@@ -544,17 +741,22 @@ class Pkcs11Hsm(CommandHsm[TokenKey]):
         if not self._closed:
             self._closed = True
             self._keys = {}
-            key = self._shared_key
-            shared = _SESSIONS.get(key) if key is not None else None
-            if key is not None and shared is not None:
-                shared.users -= 1
-                if shared.users > 0:
-                    return
-                del _SESSIONS[key]
-            with contextlib.suppress(p11e.PKCS11Error):
-                self._session.close()
+            _release(self._shared)
 
     async def aclose(self) -> None:
         with _PROCESS_LOCK:
             self._close()
         await trio.lowlevel.checkpoint()
+
+
+def _release(shared: _SharedSession) -> None:
+    """One user less of ``shared``; the last one closes the session (``_PROCESS_LOCK`` held)."""
+    shared.users -= 1
+    if shared.users > 0:
+        return
+    if _SESSIONS.get(shared.key) is shared:
+        del _SESSIONS[shared.key]
+    session, shared.session = shared.session, None
+    if session is not None:
+        with contextlib.suppress(p11e.PKCS11Error):
+            session.close()

@@ -3,9 +3,20 @@
 What lives here: writing the SoftHSM2 configuration (its token directory beside it, under the
 configured ``var/`` directory), pointing ``SOFTHSM2_CONF`` at it before the PKCS#11 library is
 loaded, initialising the token when it does not exist (``softhsm2-util --init-token --free``,
-idempotent), and ``open_hsm``, which returns the configured backend.
+idempotent), and the two ways to get the configured backend:
 
-What does not: keys (``cardswitch keys ...`` in ``hsm.cli``), the commands (``hsm.api``).
+* ``open_hsm`` opens what exists and creates nothing: the module, the SoftHSM configuration
+  file and the token must be there, else ``HsmConfigError`` names the configuration key
+  (``serve`` and every operator command but the two below use it, so a mistyped
+  ``hsm.token_label`` is refused instead of answered by a new, empty token);
+* ``ensure_hsm`` creates the SoftHSM configuration and the dev token when missing, then opens
+  it: only ``cardswitch dev-setup`` and ``cardswitch hsm init`` use it.
+
+``require_keys`` checks that the keys the configuration names exist with the right usage
+(``serve`` at start-up); ``session_status`` reads the state of a PKCS#11 session (metrics).
+
+What does not: keys (``cardswitch keys ...`` in ``switch.cli.hsm``), the commands
+(``hsm.api``), reopening a lost session (``hsm.pkcs11``).
 
 SoftHSM reads ``SOFTHSM2_CONF`` when the library is initialised: a process uses one SoftHSM
 configuration at a time; ``hsm.pkcs11`` switches to another only when no session is open.
@@ -16,13 +27,29 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from hsm import pkcs11 as pkcs11_backend
-from hsm.api import Hsm
+from hsm.api import Hsm, KeyAdmin, KeyUsage
 from hsm.config import HsmConfig
-from hsm.errors import HsmUnavailable
+from hsm.errors import HsmConfigError, HsmUnavailable
+from hsm.pkcs11 import SessionStatus
+
+__all__ = [
+    "RequiredKey",
+    "SessionStatus",
+    "TokenStatus",
+    "ensure_hsm",
+    "ensure_token",
+    "init_dev_token",
+    "open_hsm",
+    "require_keys",
+    "session_status",
+    "token_labels",
+    "write_conf",
+]
 
 #: Environment variable SoftHSM2 reads its configuration file name from.
 SOFTHSM_CONF_ENV = "SOFTHSM2_CONF"
@@ -32,6 +59,8 @@ USER_PIN_ENV = "CARDSWITCH_HSM_PIN"
 _UTIL_TIMEOUT = 30.0
 #: Name of the token directory, beside the configuration file.
 _TOKEN_DIR = "tokens"  # noqa: S105 - a directory name, not a secret
+#: Debian package that installs SoftHSM2 (the module and softhsm2-util).
+SOFTHSM_PACKAGE = "softhsm2"
 
 
 @dataclass(frozen=True)
@@ -147,22 +176,40 @@ def init_dev_token(cfg: HsmConfig) -> bool:
     return ensure_token(cfg).created
 
 
-def open_hsm(cfg: HsmConfig) -> Hsm:
-    """Return the configured backend, ready to use.
+def _is_softhsm(cfg: HsmConfig) -> bool:
+    return "softhsm" in str(cfg.module).lower()
 
-    ``backend = "pkcs11"`` (the default): for SoftHSM (a module path containing ``softhsm``)
-    the dev token is created if needed; any other PKCS#11 module is opened as configured.
-    ``backend = "software"``: the in-memory reference backend (tests, development).
+
+def open_hsm(cfg: HsmConfig) -> Hsm:
+    """Return the configured backend, ready to use; create nothing.
+
+    ``backend = "pkcs11"`` (the default): the module must exist and, for SoftHSM (a module path
+    containing ``softhsm``), the configuration file ``hsm.softhsm_conf`` too (``SOFTHSM2_CONF``
+    is pointed at it); the token labelled ``hsm.token_label`` must exist. ``backend =
+    "software"``: the in-memory reference backend (tests, development).
 
     Raises:
-        HsmUnavailable: the module, token or login is not usable.
+        HsmConfigError: the module, the SoftHSM configuration or the token does not exist
+            (the message names ``hsm.module``, ``hsm.softhsm_conf`` or ``hsm.token_label``).
+        HsmUnavailable: the login is refused or the token is not usable.
     """
     if cfg.backend == "software":
         from hsm.software import SoftwareHsm  # noqa: PLC0415 - never loaded by default
 
         return SoftwareHsm()
-    if "softhsm" in str(cfg.module).lower():
-        ensure_token(cfg)
+    softhsm = _is_softhsm(cfg)
+    if not Path(cfg.module).exists():
+        hint = f"install the Debian package {SOFTHSM_PACKAGE}" if softhsm else "no such file"
+        raise HsmConfigError("hsm.module", f"PKCS#11 module {cfg.module} not found ({hint})")
+    if softhsm:
+        conf = cfg.softhsm_conf.resolve()
+        if not conf.is_file():
+            raise HsmConfigError(
+                "hsm.softhsm_conf",
+                f"SoftHSM configuration {cfg.softhsm_conf} not found "
+                "(cardswitch dev-setup or hsm init creates the dev token)",
+            )
+        _activate(conf)
     pin = os.environ.get(USER_PIN_ENV, cfg.user_pin)
     return pkcs11_backend.Pkcs11Hsm.open(
         cfg.module,
@@ -171,3 +218,58 @@ def open_hsm(cfg: HsmConfig) -> Hsm:
         timeout=cfg.timeout,
         offload=cfg.offload,
     )
+
+
+def ensure_hsm(cfg: HsmConfig) -> Hsm:
+    """``open_hsm`` after creating the SoftHSM configuration and dev token if missing
+    (``ensure_token``; other PKCS#11 modules are opened as configured).
+
+    Raises:
+        HsmConfigError, HsmUnavailable: as ``open_hsm``; softhsm2-util missing or failing.
+    """
+    if cfg.backend == "pkcs11" and _is_softhsm(cfg):
+        if not Path(cfg.module).exists():
+            raise HsmConfigError(
+                "hsm.module",
+                f"PKCS#11 module {cfg.module} not found "
+                f"(install the Debian package {SOFTHSM_PACKAGE})",
+            )
+        ensure_token(cfg)
+    return open_hsm(cfg)
+
+
+@dataclass(frozen=True)
+class RequiredKey:
+    """A key the configuration names: where (``listeners.visa.zpk``), its label and usage."""
+
+    config_key: str
+    label: str
+    usage: KeyUsage
+
+
+async def require_keys(hsm: KeyAdmin, required: Sequence[RequiredKey]) -> None:
+    """Check that every key of ``required`` exists in the HSM with its usage.
+
+    Raises:
+        HsmConfigError: the first key missing or of another usage, naming its configuration
+            key and label.
+    """
+    present = {info.label: info for info in await hsm.list_keys()}
+    for need in required:
+        info = present.get(need.label)
+        if info is None:
+            raise HsmConfigError(
+                need.config_key, f"no key {need.label!r} in the HSM (cardswitch keys import)"
+            )
+        if info.usage is not need.usage:
+            raise HsmConfigError(
+                need.config_key,
+                f"key {need.label!r} has usage {info.usage}, {need.usage} is needed",
+            )
+
+
+def session_status(hsm: Hsm) -> SessionStatus | None:
+    """The session state of a PKCS#11 backend; None for a backend without a session."""
+    if isinstance(hsm, pkcs11_backend.Pkcs11Hsm):
+        return hsm.session_status
+    return None

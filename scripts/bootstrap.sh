@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 # Debian packages: SoftHSM2 (the local HSM), tshark (independent ISO 8583 decoder used by tests),
-# prometheus (promtool checks config/ops/alerts.yml).
-DEB_PACKAGES=(softhsm2 tshark prometheus)
+# prometheus (promtool checks config/ops/alerts.yml), postgresql (the server binaries the tests
+# start a throwaway cluster from, as the unprivileged user the package creates).
+DEB_PACKAGES=(softhsm2 tshark prometheus postgresql)
 
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do

@@ -24,12 +24,14 @@ from pathlib import Path
 
 import trio
 
+from hsm.api import Hsm, KeyUsage
 from hsm.carddata import open_vault
-from hsm.token import open_hsm
+from hsm.token import RequiredKey, open_hsm, require_keys, session_status
 from switch import health, metrics
 from switch import log as log_mod
 from switch.config import Config
 from switch.handler import Dispatcher, Engine, RequestHandler, UnavailableEngine
+from switch.keys import ListenerSessions
 from switch.pipeline import Pipeline
 from switch.relay import run_relay
 from switch.server import Server
@@ -70,14 +72,16 @@ async def serve(
         monitors.start_soon(_monitor, heartbeat, readiness, probes, tls)
         try:
             async with AsyncExitStack() as engine_stack:
+                sessions = ListenerSessions(cfg.listeners)
                 if handler is None:
                     if engine:
-                        engine_ = await _open_engine(cfg, engine_stack, probes, monitors)
-                        handler = Dispatcher(engine_)
+                        pipeline, hsm = await _open_engine(cfg, engine_stack, probes, monitors)
+                        await sessions.restore(hsm)  # key exchanges before a restart hold
+                        handler = Dispatcher(pipeline, keys=hsm)
                     else:
                         readiness.record("engine", "Disabled: serving without an engine (91)")
                         handler = Dispatcher(UnavailableEngine())
-                server = Server(cfg, handler, tls.get)
+                server = Server(cfg, handler, tls.get, sessions)
                 # Held until the server has stopped, so that no signal meets its default
                 # action (SIGHUP's kills the process) while the switch is still draining.
                 with trio.open_signal_receiver(*_SIGNALS) as signals:
@@ -152,16 +156,33 @@ async def _open_engine(
     stack: AsyncExitStack,
     probes: list[health.Probe],
     background: trio.Nursery,
-) -> Engine:
-    """Open the HSM, the vault and the store and return the pipeline over them.
+) -> tuple[Engine, Hsm]:
+    """Open the HSM, the vault and the store; the pipeline over them, and the HSM (key
+    exchange imports into it).
 
-    Appends the readiness probes of the HSM (check value of the first listener's ZPK) and of
-    the store (a point read) to ``probes``, and starts the hold-expiry sweeper in
-    ``background`` (stopped, like the probes, before the store closes), and the events
-    relay when ``[events] backend = "sqs"``.
+    Opens only what exists (``hsm.token.open_hsm``: a missing module, SoftHSM configuration or
+    token is an ``HsmConfigError``) and checks the keys the configuration names: each
+    listener's ZPK and, for ``card-data`` backend ``hsm``, the fingerprint and encryption keys.
+    Keys named by provisioned cards (CVK, PVK, IMK) are checked when a request needs them
+    (``KeyNotFound`` then declines that request), not at start. Exports the HSM session state
+    to the metrics, appends the readiness probes of the HSM (check value of the first
+    listener's ZPK), of the store (a point read) and of the pipeline's circuit breakers to
+    ``probes``, and starts the hold-expiry
+    sweeper in ``background`` (stopped, like the probes, before the store closes), and the
+    events relay when ``[events] backend = "sqs"``.
     """
     hsm = open_hsm(cfg.hsm)  # opens the token and logs in once, at start-up
     stack.push_async_callback(hsm.aclose)
+    required = [RequiredKey(f"listener[{x.name}].zpk", x.zpk, KeyUsage.ZPK) for x in cfg.listeners]
+    if cfg.card_data.backend == "hsm":
+        fp, enc = cfg.card_data.fingerprint_key, cfg.card_data.encryption_key
+        required += [
+            RequiredKey("card-data.fingerprint_key", fp, KeyUsage.HMAC),
+            RequiredKey("card-data.encryption_key", enc, KeyUsage.DATA),
+        ]
+    await require_keys(hsm, required)
+    metrics.watch_hsm_session(lambda: session_status(hsm))
+    stack.callback(metrics.watch_hsm_session, None)
     vault = open_vault(cfg.card_data, hsm)
     store = await stack.enter_async_context(open_store(cfg.store))
     probes += [health.HsmProbe(hsm, cfg.listeners[0].zpk), health.StoreProbe(store)]
@@ -169,7 +190,9 @@ async def _open_engine(
         background.start_soon(run_sweeper, store, cfg.holds)
     if cfg.events.backend == "sqs":  # off the hot path: it only reads and marks the outbox
         background.start_soon(run_relay, store, cfg.events)
-    return Pipeline(cfg, store=store, hsm=hsm, vault=vault)
+    pipeline = Pipeline(cfg, store=store, hsm=hsm, vault=vault)
+    probes += [health.BreakerProbe(breaker) for breaker in pipeline.breakers.values()]
+    return pipeline, hsm
 
 
 #: The signals the switch handles (see the module docstring).

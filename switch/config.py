@@ -16,6 +16,7 @@ is the repository root for ``make run`` and the image's work directory in the co
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -29,7 +30,7 @@ from switch.decisions import NETWORKS, STAND_IN_REASONS
 from switch.wire.framing import HeaderKind
 from switch.wire.spec import SpecKind
 
-StoreBackend = Literal["sqlite"]
+StoreBackend = Literal["sqlite", "postgres"]
 LogFormat = Literal["json", "console"]
 
 
@@ -92,6 +93,47 @@ class ListenerConfig:
     chip_fallback: Literal["decline", "allow"] = "decline"
     #: A completion below its pre-authorization keeps the rest held (true) or releases it.
     completion_keeps_rest: bool = False
+    # -- keep-alive (moves to the network profile's [keepalive] section, same names) ------
+    #: A zero-length frame (the keep-alive some links send): "close" the connection (a
+    #: framing error, the behaviour before keep-alives), "ignore" it, or "answer" it with a
+    #: zero-length frame. Either of the last two counts as traffic for the idle timers.
+    zero_length_frames: Literal["close", "ignore", "answer"] = "close"
+    #: Seconds without a complete frame after which the switch sends its own echo test
+    #: (0800 DE70 301, a STAN of its own); 0: never. Which side echoes is agreed per network.
+    idle_echo_after: float = 0.0
+    #: Seconds the network has to answer that echo (0810, same STAN) before the link is
+    #: closed as dead (``echo_timeout``).
+    echo_timeout: float = 30.0
+    # -- key exchange (0800 DE70 161 new key / 101 key change) ------------------------------
+    #: HSM label of the zone master key (usage kek) the network sends new ZPKs under; empty:
+    #: key exchange is not served (answered as an invalid transaction).
+    zmk: str = ""
+    #: How the new ZPK is carried in DE48: "raw" (hex of the key encrypted under the ZMK,
+    #: ECB, then its 6-hex-digit check value) or "tr31" (a TR-31 key block, version B or D,
+    #: protected by the ZMK, optionally followed by its 6-hex-digit check value).
+    key_block: Literal["raw", "tr31"] = "raw"
+    # -- session -----------------------------------------------------------------------------
+    #: Authorizations, advices and reversals after the network signed off (0800 DE70 002)
+    #: and before it signs on again: "decide" them as usual (logged), or "decline" them with
+    #: ``Reason.SIGNED_OFF`` (91: the network stands in). Echo and sign-on are always served.
+    after_sign_off: Literal["decide", "decline"] = "decide"
+    #: Complete frames of one connection waiting for a free slot (read, timestamped, not yet
+    #: started); a frame arriving when it is full is answered at once with the overload
+    #: reason (``SYSTEM_OVERLOAD``). About 1.7 KiB per waiting 0100 (218-byte frame, measured
+    #: with tracemalloc); more with chip data.
+    max_queued: int = 512
+    #: The issuer stand-in policy when the HSM (not the store) cannot answer: "decline" (the
+    #: ``pipeline.stand_in`` reason) or "approve_low_risk": an active, unexpired card with no
+    #: PIN or CVV2 to check, an amount of at most ``stand_in_max_amount`` and within the
+    #: card's ``stand_in_daily_amount`` of stand-in approvals that day is approved, journaled
+    #: as stand-in with its hold through the normal commit; anything else is declined.
+    stand_in: Literal["decline", "approve_low_risk"] = "decline"
+    #: Largest amount (minor units of the account's currency) approved in stand-in.
+    stand_in_max_amount: int = 0
+    #: Total a card may be approved in stand-in per day (minor units), counted atomically
+    #: by the commit; 0: not limited per day (the per-transaction limit and the card's own
+    #: velocity limits still apply).
+    stand_in_daily_amount: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,16 +174,44 @@ class PipelineConfig:
     #: How many chip counters (ATC) below the highest accepted one a card's cryptogram may
     #: carry and still be accepted once (requests overtaking each other on the network).
     atc_window: int = 4
+    #: Seconds of the budget a request must still have to be started; with less (it waited
+    #: for a slot) it is answered at once with the overload reason instead.
+    min_remaining: float = 0.1
+    #: Consecutive failures or timeouts of a dependency (HSM, store, card-data vault) that
+    #: open its circuit breaker: while open, requests needing it get the stand-in answer at
+    #: once, without calling it.
+    breaker_failures: int = 5
+    #: Seconds an open breaker waits before letting one request probe the dependency.
+    breaker_cool_down: float = 5.0
 
 
 @dataclass(frozen=True)
 class StoreConfig:
     """The durable store of cards, accounts and the authorization journal."""
 
+    #: "sqlite" (one embedded file, one process) or "postgres" (one database that several
+    #: switch processes may share).
     backend: StoreBackend = "sqlite"
+    #: SQLite: the database file.
     path: Path = Path("var/cardswitch.db")
-    #: Most decisions committed in one group-commit transaction.
+    #: SQLite: most decisions committed in one group-commit transaction.
     batch_max: int = 128
+    #: PostgreSQL: libpq connection string or URI, WITHOUT a password (e.g. "host=db.internal
+    #: dbname=cardswitch user=cardswitch sslmode=verify-full"). The password comes from the
+    #: environment (CARDSWITCH_PG_PASSWORD, or libpq's own PGPASSWORD / PGPASSFILE) or from
+    #: ``password_file``, never from this file.
+    dsn: str = ""
+    #: PostgreSQL: a file holding the password (first line), readable by the switch only.
+    password_file: str = ""
+    #: PostgreSQL: connections per process; also how many decisions commit concurrently.
+    pool_size: int = 8
+    #: PostgreSQL: seconds one statement may run, and may wait for a row lock, before the
+    #: database cancels it (the decision fails as "unavailable" and is stood in for); both
+    #: must be below ``pipeline.budget``.
+    statement_timeout: float = 1.0
+    lock_timeout: float = 0.5
+    #: PostgreSQL: seconds to establish a connection (libpq connect_timeout, at least 2).
+    connect_timeout: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -367,8 +437,20 @@ def _check(cfg: Config, source: str) -> None:
         ):
             if getattr(lst, name) < 1:
                 raise ConfigError(source, f"{key}.{name}", "must be at least 1")
-        if lst.idle_timeout < 0:
-            raise ConfigError(source, f"{key}.idle_timeout", "must be positive, or 0 (off)")
+        for name in ("idle_timeout", "idle_echo_after"):
+            if getattr(lst, name) < 0:
+                raise ConfigError(source, f"{key}.{name}", "must be positive, or 0 (off)")
+        if lst.echo_timeout <= 0:
+            raise ConfigError(source, f"{key}.echo_timeout", "must be positive")
+        if lst.max_queued < 1:
+            raise ConfigError(source, f"{key}.max_queued", "must be at least 1")
+        for name in ("stand_in_max_amount", "stand_in_daily_amount"):
+            if getattr(lst, name) < 0:
+                raise ConfigError(source, f"{key}.{name}", "must not be negative")
+        if lst.stand_in == "approve_low_risk" and lst.stand_in_max_amount <= 0:
+            raise ConfigError(
+                source, f"{key}.stand_in_max_amount", "approve_low_risk needs a positive limit"
+            )
     if cfg.pipeline.budget <= 0:
         raise ConfigError(source, "pipeline.budget", "must be positive")
     allowed = sorted(r.value for r in STAND_IN_REASONS)
@@ -378,6 +460,14 @@ def _check(cfg: Config, source: str) -> None:
             "pipeline.stand_in",
             f"must be one of {', '.join(allowed)}, got {cfg.pipeline.stand_in!r}",
         )
+    if not 0 <= cfg.pipeline.min_remaining < cfg.pipeline.budget:
+        raise ConfigError(
+            source, "pipeline.min_remaining", "must be at least 0 and less than the budget"
+        )
+    if cfg.pipeline.breaker_failures < 1:
+        raise ConfigError(source, "pipeline.breaker_failures", "must be at least 1")
+    if cfg.pipeline.breaker_cool_down <= 0:
+        raise ConfigError(source, "pipeline.breaker_cool_down", "must be positive")
     if cfg.holds.expiry_days < 1 or cfg.holds.long_expiry_days < 1:
         raise ConfigError(source, "holds.expiry_days", "hold expiry must be at least a day")
     if cfg.holds.sweep_interval < 0 or cfg.holds.sweep_batch < 1:
@@ -391,6 +481,7 @@ def _check(cfg: Config, source: str) -> None:
     if cfg.server.max_in_flight < 1:
         raise ConfigError(source, "server.max_in_flight", "must be at least 1")
     _check_events(cfg.events, source)
+    _check_store(cfg, source)
     if not 0 <= cfg.metrics.port <= 65535:
         raise ConfigError(source, "metrics.port", f"out of range: {cfg.metrics.port}")
 
@@ -406,6 +497,33 @@ def _check_events(events: EventsConfig, source: str) -> None:
             "events.retention_days",
             "retention_days, poll_interval and lease_seconds must be positive",
         )
+
+
+#: A password written into a libpq keyword/value string or a URI's user information.
+_DSN_PASSWORD = re.compile(r"(^|\s)password\s*=|^[a-z]+://[^/@\s]*:[^/@\s]*@|[?&]password=", re.I)
+
+
+def _check_store(cfg: Config, source: str) -> None:
+    store = cfg.store
+    if store.backend != "postgres":
+        return
+    if not store.dsn.strip():
+        raise ConfigError(source, "store.dsn", 'required with backend = "postgres"')
+    if _DSN_PASSWORD.search(store.dsn.strip()):
+        raise ConfigError(
+            source,
+            "store.dsn",
+            "must not carry a password: use CARDSWITCH_PG_PASSWORD, PGPASSWORD, a pgpass "
+            "file or store.password_file",
+        )
+    if store.pool_size < 1:
+        raise ConfigError(source, "store.pool_size", "must be at least 1")
+    for name in ("statement_timeout", "lock_timeout"):
+        value = getattr(store, name)
+        if not 0 < value < cfg.pipeline.budget:
+            raise ConfigError(source, f"store.{name}", "must be positive and below pipeline.budget")
+    if store.connect_timeout < 2:
+        raise ConfigError(source, "store.connect_timeout", "must be at least 2 (libpq)")
 
 
 #: The default configuration file shipped in the repository.

@@ -4,13 +4,30 @@ What lives here: ``Connection``, which runs over any ``trio.abc.Stream`` (a TLS 
 the listener in production, one end of ``trio.testing.memory_stream_pair()`` in tests):
 
 - the reader closes the link when no complete frame has arrived for the listener's idle
-  timeout (every complete frame, whatever it is, restarts that timer);
+  timeout (every complete frame, whatever it is, keep-alives included, restarts that timer);
+- keep-alive: a zero-length frame the listener accepts is answered with one or ignored
+  (``Session`` says which); after ``idle_echo_after`` seconds without a complete frame the
+  connection sends its own echo test (0800 DE70 301, a STAN of its own, DE7 now) and closes
+  the link (``echo_timeout``: logged and counted) unless the 0810 with that STAN arrives
+  within ``echo_timeout`` seconds, whatever else arrives meanwhile (a link that cannot
+  answer network management is not a working link). That 0810, which the session reports
+  as an unsolicited response, is taken as the answer instead of being dropped;
 - the reader feeds the bytes it receives to the sans-IO ``Session`` under a per-frame
   deadline (the clock starts at a frame's first byte, so a body dripped slowly is cut off
-  however steady the drip) and acts on what the session returns: a request to decide starts
-  one task, once a slot is free on this connection and in the switch (backpressure: reading
-  pauses while either is full); a format error's answer is queued as it is; a dropped frame
-  is logged and counted; a ``Close`` stops reading;
+  however steady the drip) and acts on what the session returns: a request to decide is
+  timestamped when its last byte arrived, its ``RequestContext`` resolved then (the ZPK in
+  force in the listener's session then is the one it is verified with), and queued for
+  admission; a format error's answer
+  is queued as it is; a dropped frame is logged and counted; a ``Close`` stops reading;
+- admission (load shedding): the reader reads eagerly, whatever the load, so a request's
+  budget counts from when its bytes arrived, not from when a slot freed up. A request waits
+  in a per-connection queue of complete frames (``listener.max_queued``) for a slot on this
+  connection and in the switch, in arrival order; it is answered AT ONCE with the profile's
+  code for ``SYSTEM_OVERLOAD`` (stand-in cause "overload", nothing decided or kept) when the
+  queue is full on arrival, or when it cannot start while at least ``min_remaining`` of its
+  budget is left (then at that instant, never later). Reading pauses only when answers
+  cannot be written (the outbox is full: the peer does not read), which bounds memory to
+  ``max_queued`` waiting frames plus the outbox;
 - request tasks call the ``RequestHandler`` and queue the encoded answer of the ``Decision``
   it returns; answers leave in the order they are ready (networks match them by STAN/RRN);
 - one writer sends every queued answer ready at that moment in one ``send_all`` and, once an
@@ -30,20 +47,32 @@ from __future__ import annotations
 
 import contextlib
 import math
+import secrets
 from dataclasses import dataclass
+from typing import Final
 
 import trio
 
 from hsm.pan import mask_pan
 from switch import metrics
+from switch.acquirer import echo
 from switch.config import ListenerConfig
 from switch.decisions import Profile, Reason
-from switch.handler import Decision, Request, RequestContext, RequestHandler
+from switch.handler import ECHO, Decision, Request, RequestContext, RequestHandler, Response
+from switch.keys import ListenerSession
 from switch.log import get_logger
-from switch.session import Answer, Close, Decide, Drop, Session
+from switch.session import UNSOLICITED_RESPONSE, Answer, Close, Decide, Drop, KeepAlive, Session
 from switch.wire import codec
-from switch.wire.framing import encode_frame
-from switch.wire.messages import AuthRequest
+from switch.wire.framing import encode_frame, keepalive_frame
+from switch.wire.messages import (
+    AuthRequest,
+    AuthResponse,
+    NetworkRequest,
+    NetworkResponse,
+    ReversalRequest,
+    ReversalResponse,
+    response_mti,
+)
 
 __all__ = ["Connection", "describe"]
 
@@ -53,6 +82,10 @@ log = get_logger("switch.connection")
 _RECEIVE_SIZE = 65536
 #: Seconds a graceful close of the stream (TLS close_notify) may take before it is dropped.
 _CLOSE_TIMEOUT = 1.0
+#: Close kind (and metric label) of a link whose echo test went unanswered.
+ECHO_TIMEOUT: Final = "echo_timeout"
+#: STANs (DE11) are six digits, 000001 to 999999.
+_STAN_MODULUS: Final = 999_999
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,11 +132,25 @@ class _Outcome:
 
 
 @dataclass(frozen=True, slots=True)
+class _Waiting:
+    """A complete request read and not yet started: its message and its context (arrival
+    time, ZPK in force when it was read)."""
+
+    message: Request
+    ctx: RequestContext
+
+    @property
+    def received_at(self) -> float:
+        return self.ctx.received_at
+
+
+@dataclass(frozen=True, slots=True)
 class _Outgoing:
-    """A framed answer queued for the writer, and what to log once it is written."""
+    """A framed answer queued for the writer, and what to log once it is written (None for
+    what the connection sends of its own: keep-alives and echo tests)."""
 
     data: bytes
-    outcome: _Outcome
+    outcome: _Outcome | None
 
 
 class Connection:
@@ -119,6 +166,12 @@ class Connection:
         global_slots: requests in flight across the switch; None for no global bound.
         peer: verified identities of the peer certificate (passed to the handler).
         remote: the peer address, for logs.
+        session: the listener's session state (ZPK in force, sign-on), shared by the
+            listener's connections; a fresh one of ``listener`` when not given.
+        budget: seconds from a request's arrival to its answer (``pipeline.budget``); infinite
+            (the default) sheds only when the admission queue is full.
+        min_remaining: seconds of its budget a request must have left to be started
+            (``pipeline.min_remaining``); with less it is answered with the overload code.
     """
 
     def __init__(
@@ -132,6 +185,9 @@ class Connection:
         global_slots: trio.Semaphore | None = None,
         peer: frozenset[str] = frozenset(),
         remote: str = "?",
+        session: ListenerSession | None = None,
+        budget: float = math.inf,
+        min_remaining: float = 0.0,
     ) -> None:
         self._stream = stream
         self._handler = handler
@@ -143,6 +199,17 @@ class Connection:
         self._peer = peer
         self._remote = remote
         self._session = Session(listener, profile)
+        self._state = session if session is not None else ListenerSession(listener)
+        #: STAN of the next echo test this connection sends, and of the one awaiting its 0810.
+        self._next_stan = secrets.randbelow(_STAN_MODULUS)
+        self._echo_stan: str | None = None
+        self._echo_sent_at = -math.inf
+        self._budget = budget
+        self._min_remaining = min_remaining
+        # Complete frames waiting for a slot, oldest first (admission, see the docstring);
+        # bounded by ``_waiting`` against ``listener.max_queued``, not by the channel.
+        self._waiting_send, self._waiting_recv = trio.open_memory_channel[_Waiting](math.inf)
+        self._waiting = 0
         # Bounded: when the peer stops reading, request tasks wait here holding their slots,
         # and the reader stops taking new requests.
         self._outbox_send, self._outbox_recv = trio.open_memory_channel[_Outgoing](
@@ -176,8 +243,8 @@ class Connection:
         """Serve until the connection ends; returns how it ended (a short metric label).
 
         ``"eof"`` (the peer closed), ``"drained"``, ``"broken"`` (a read failed),
-        ``"write_failed"``, ``"frame_timeout"``, ``"idle_timeout"``, or the ``Close`` kind
-        of the bad input.
+        ``"write_failed"``, ``"frame_timeout"``, ``"idle_timeout"``, ``"echo_timeout"``, or
+        the ``Close`` kind of the bad input.
         """
         deadline = math.inf
         try:
@@ -187,8 +254,12 @@ class Connection:
                 try:
                     with self._requests_scope:
                         async with trio.open_nursery() as requests:
-                            with self._reader_scope:
-                                self._set_outcome(await self._read_loop(requests))
+                            requests.start_soon(self._admission_loop, requests)
+                            try:
+                                with self._reader_scope:
+                                    self._set_outcome(await self._read_loop(requests))
+                            finally:
+                                self._waiting_send.close()  # admission drains what was read
                             # Reading has stopped; what was read is still decided and answered.
                             deadline = trio.current_time() + self._linger
                             requests.cancel_scope.deadline = deadline
@@ -210,9 +281,14 @@ class Connection:
         """Read and act on frames until the stream ends or must be closed; returns why."""
         lst = self._listener
         frame_deadline = math.inf
-        idle_deadline = self._idle_deadline_after(trio.current_time())
+        last_frame = trio.current_time()
+        idle_deadline = self._idle_deadline_after(last_frame)
+        #: When to send an echo test, and when the one sent must have been answered.
+        echo_at = self._echo_at(last_frame)
+        echo_deadline = math.inf
         while True:
-            with trio.move_on_at(min(frame_deadline, idle_deadline)) as frame_scope:
+            wake = min(frame_deadline, idle_deadline, echo_at, echo_deadline)
+            with trio.move_on_at(wake) as frame_scope:
                 try:
                     data = await self._stream.receive_some(_RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -220,13 +296,25 @@ class Connection:
                              error=describe(exc.__cause__ or exc))  # fmt: skip
                     return "broken"
             if frame_scope.cancelled_caught:
-                if trio.current_time() >= frame_deadline:
+                now = trio.current_time()
+                if now >= frame_deadline:
                     self._protocol_error(Close("frame_timeout", "frame slower than its deadline"))
                     return "frame_timeout"
-                metrics.observe_limit(lst.name, "idle_timeout")
-                log.warning("idle_timeout", listener=lst.name, remote=self._remote,
-                            seconds=lst.idle_timeout)  # fmt: skip
-                return "idle_timeout"
+                if now >= echo_deadline:
+                    self._protocol_error(Close(ECHO_TIMEOUT, "echo test not answered in time"))
+                    return ECHO_TIMEOUT
+                if now >= idle_deadline:
+                    metrics.observe_limit(lst.name, "idle_timeout")
+                    log.warning("idle_timeout", listener=lst.name, remote=self._remote,
+                                seconds=lst.idle_timeout)  # fmt: skip
+                    return "idle_timeout"
+                # The link has been quiet for idle_echo_after: ask the network if it is there.
+                echo_at = math.inf
+                if self._send_echo():
+                    echo_deadline = now + lst.echo_timeout
+                else:  # answers are still queued for the peer: the link is not idle
+                    echo_at = self._echo_at(now)
+                continue
             if not data:
                 close = self._session.end_of_stream()
                 if close is not None:
@@ -237,18 +325,37 @@ class Connection:
             actions = self._session.receive(bytes(data))
             if actions:  # each action is one complete frame: the link is alive
                 idle_deadline = self._idle_deadline_after(received_at)
+                if self._echo_stan is None:
+                    echo_at = self._echo_at(received_at)
             for action in actions:
                 if isinstance(action, Decide):
-                    # Backpressure: stop reading while this connection or the switch is full.
-                    await self._slots.acquire()
-                    if self._global_slots is not None:
-                        await self._global_slots.acquire()
-                    requests.start_soon(self._request, action.message, received_at)
+                    # Resolved now, in stream order: a key change read later does not apply.
+                    ctx = RequestContext(lst, self._profile, self._peer, received_at,
+                                         zpk=self._state.zpk, session=self._state)  # fmt: skip
+                    # Admission: start now if nothing waits and slots are free; else queue
+                    # behind the others, or answer at once when the queue is full.
+                    if self._waiting == 0 and self._try_slots():
+                        requests.start_soon(self._request, action.message, ctx)
+                    elif self._waiting >= lst.max_queued:
+                        await self._shed(action.message, received_at, "queue_full")
+                    else:
+                        self._waiting += 1
+                        self._waiting_send.send_nowait(_Waiting(action.message, ctx))
                 elif isinstance(action, Answer):
                     metrics.observe_protocol_error(lst.name, "format_error")
                     framed = encode_frame(action.body, lst.header)
                     await self._queue(_Outgoing(framed, _Outcome.of_answer(action, received_at)))
+                elif isinstance(action, KeepAlive):
+                    if action.answer:
+                        await self._queue(_Outgoing(keepalive_frame(lst.header), None))
                 elif isinstance(action, Drop):
+                    if self._is_echo_answer(action):
+                        ms = round((received_at - self._echo_sent_at) * 1000, 3)
+                        log.info("echo_answered", listener=lst.name, remote=self._remote,
+                                 stan=action.stan, ms=ms)  # fmt: skip
+                        self._echo_stan, echo_deadline = None, math.inf
+                        echo_at = self._echo_at(received_at)
+                        continue
                     metrics.observe_protocol_error(lst.name, action.kind)
                     log.warning("message_dropped", listener=lst.name, remote=self._remote,
                                 kind=action.kind, mti=action.mti, stan=action.stan)  # fmt: skip
@@ -266,19 +373,134 @@ class Connection:
         idle = self._listener.idle_timeout
         return now + idle if idle > 0 else math.inf
 
+    def _echo_at(self, now: float) -> float:
+        """When to send an echo test if no complete frame arrives after ``now``."""
+        after = self._listener.idle_echo_after
+        return now + after if after > 0 else math.inf
+
+    def _send_echo(self) -> bool:
+        """Queue an echo test of our own (unless answers are waiting); True when queued."""
+        self._next_stan = self._next_stan % _STAN_MODULUS + 1
+        stan = f"{self._next_stan:06d}"
+        data = encode_frame(codec.encode(echo(stan, ECHO), self._listener.spec),
+                            self._listener.header)  # fmt: skip
+        try:
+            self._outbox_send.send_nowait(_Outgoing(data, None))
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        self._echo_stan, self._echo_sent_at = stan, trio.current_time()
+        log.info("echo_sent", listener=self._listener.name, remote=self._remote, stan=stan)
+        return True
+
+    def _is_echo_answer(self, drop: Drop) -> bool:
+        """Whether a dropped response is the 0810 of the echo test awaiting its answer."""
+        return (
+            self._echo_stan is not None
+            and drop.kind == UNSOLICITED_RESPONSE
+            and drop.mti == response_mti("0800")
+            and drop.stan == self._echo_stan
+        )
+
     def _protocol_error(self, close: Close) -> None:
         metrics.observe_protocol_error(self._listener.name, close.kind)
         log.warning("connection_input_rejected", listener=self._listener.name,
                     remote=self._remote, kind=close.kind, detail=close.detail)  # fmt: skip
 
+    # ------------------------------------------------------------------------- admission
+
+    async def _admission_loop(self, requests: trio.Nursery) -> None:
+        """Start the waiting requests in arrival order as slots free up; answer at once with
+        the overload code those that cannot start with ``min_remaining`` of their budget
+        left. Ends when the reader has stopped and the queue is empty; requests still
+        waiting when it is cancelled (a drain cut short) are counted as abandoned."""
+        try:
+            async for item in self._waiting_recv:
+                start_by = item.received_at + self._budget - self._min_remaining
+                started = await self._acquire_slots(start_by)
+                self._waiting -= 1
+                if started:
+                    requests.start_soon(self._request, item.message, item.ctx)
+                else:
+                    await self._shed(item.message, item.received_at, "deadline")
+        finally:
+            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                while True:
+                    left = self._waiting_recv.receive_nowait()
+                    self._undelivered(_abandoned(left.message, left.received_at), "abandoned")
+            self._waiting_recv.close()
+
+    def _try_slots(self) -> bool:
+        """Take a slot on this connection and one in the switch if both are free now."""
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        if self._global_slots is not None:
+            try:
+                self._global_slots.acquire_nowait()
+            except trio.WouldBlock:
+                self._slots.release()
+                return False
+        return True
+
+    async def _acquire_slots(self, start_by: float) -> bool:
+        """Take a slot on this connection and one in the switch before ``start_by``; False
+        (holding neither) when that is not possible in time."""
+        local = False
+        try:
+            with trio.move_on_at(start_by):
+                await self._slots.acquire()
+                local = True
+                if self._global_slots is not None:
+                    await self._global_slots.acquire()
+                return True
+        except BaseException:
+            if local:
+                self._slots.release()
+            raise
+        if local:
+            self._slots.release()
+        return False
+
+    async def _shed(self, message: Request, received_at: float, why: str) -> None:
+        """Answer ``message`` now with the overload code: nothing is decided or kept."""
+        metrics.observe_shed(self._listener.name, why)
+        code = self._profile.code(Reason.SYSTEM_OVERLOAD)
+        response: Response | None
+        if isinstance(message, AuthRequest):
+            response = AuthResponse.answer(message, code)
+        elif isinstance(message, ReversalRequest):
+            response = ReversalResponse.answer(message, code)
+        elif isinstance(message, NetworkRequest):
+            response = NetworkResponse.answer(message, code)
+        else:
+            response = message.answer(code)
+        pan = message.pan if isinstance(message, AuthRequest | ReversalRequest) else None
+        if response is None:  # nothing to answer (a response-class message)
+            return
+        decision = Decision(
+            response,
+            Reason.SYSTEM_OVERLOAD,
+            stand_in="overload",
+            masked_pan=mask_pan(pan) if pan else None,
+        )
+        outcome = _Outcome.of_decision(message, decision, received_at)
+        try:
+            body = codec.encode(response, self._listener.spec)
+            data = encode_frame(body, self._listener.header)
+        except ValueError as exc:
+            self._undelivered(outcome, "encode_failed", error=describe(exc))
+            return
+        await self._queue(_Outgoing(data, outcome))
+
     # ------------------------------------------------------------------------- requests
 
-    async def _request(self, message: Request, received_at: float) -> None:
+    async def _request(self, message: Request, ctx: RequestContext) -> None:
         """Decide one request and queue its answer; every way out is accounted for."""
         metrics.IN_FLIGHT.inc()
         accounted = False
+        received_at = ctx.received_at
         try:
-            ctx = RequestContext(self._listener, self._profile, self._peer, received_at)
             try:
                 decision = await self._handler.handle(message, ctx)
             except Exception as exc:
@@ -349,7 +571,8 @@ class Connection:
                     return
                 done = trio.current_time()
                 for item in batch:
-                    self._answered(item.outcome, done)
+                    if item.outcome is not None:
+                        self._answered(item.outcome, done)
                 batch = []
         finally:
             # Cancelled at the deadline during a write, or with answers still queued.
@@ -391,7 +614,11 @@ class Connection:
             **extra,
         )
 
-    def _undelivered(self, outcome: _Outcome, kind: str, *, error: str | None = None) -> None:
+    def _undelivered(
+        self, outcome: _Outcome | None, kind: str, *, error: str | None = None
+    ) -> None:
+        if outcome is None:  # a keep-alive or echo test of ours: nobody waits for it
+            return
         metrics.observe_undelivered(self._listener.name, kind)
         log.error(
             "answer_undelivered",

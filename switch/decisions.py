@@ -93,6 +93,16 @@ class Reason(enum.Enum):
     ISSUER_UNAVAILABLE = "issuer_unavailable"
     #: A defect of the switch itself: the engine raised instead of deciding.
     SYSTEM_ERROR = "system_error"
+    #: A key exchange (0800 DE70 101/161) whose key block does not open under the zone
+    #: master key, or whose key does not have the check value sent: the old key stays.
+    KEY_EXCHANGE_FAILED = "key_exchange_failed"
+    #: A request on a listener the network signed off (0800 DE70 002), when the listener
+    #: declines those (``after_sign_off = "decline"``).
+    SIGNED_OFF = "signed_off"
+    #: The switch could not start the request before its deadline (queue full, or too little
+    #: of the budget left): answered at once, nothing decided or kept (stand-in cause
+    #: "overload"). 91 lets the network stand in, as for any issuer that cannot answer.
+    SYSTEM_OVERLOAD = "system_overload"
 
 
 #: ISO 8583:1987 DE39 codes shared by the networks we profile.
@@ -140,6 +150,11 @@ _BASE: dict[Reason, str] = {
     Reason.SECURITY_UNAVAILABLE: "91",
     Reason.ISSUER_UNAVAILABLE: "91",
     Reason.SYSTEM_ERROR: "96",
+    # ISO 8583:1987 DE39 63 "security violation": the key offered cannot be taken.
+    Reason.KEY_EXCHANGE_FAILED: "63",
+    # ISO 8583:1987 DE39 91 "issuer or switch inoperative": the network stands in.
+    Reason.SIGNED_OFF: "91",
+    Reason.SYSTEM_OVERLOAD: "91",
 }
 
 #: Per-network departures from the base table.
@@ -186,7 +201,7 @@ class Profile:
         if missing:
             raise ValueError(f"profile {name}: no code for {sorted(r.value for r in missing)}")
         approve = table[Reason.APPROVED]
-        for reason in STAND_IN_REASONS:
+        for reason in STAND_IN_REASONS | {Reason.SYSTEM_OVERLOAD}:
             if table[reason] == approve:
                 raise ValueError(f"profile {name}: stand-in reason {reason.value} approves")
         self.name = name

@@ -2,8 +2,9 @@
 
 What lives here: ``dev_setup``, the idempotent sequence of ``make run``: the dev PKI, the
 card-data keys in the HSM (``hsm.carddata.ensure_card_data_keys``, also run by
-``hsm init``), the public demo test keys, and the demo cards and accounts (only when the
-store has no cards yet). Everything it creates lives where the configuration says (``var/``
+``hsm init``), the public demo test keys, the store's schema migrations
+(``switch.store.migrate``), and the demo cards and accounts (only when the store has no
+cards yet). Everything it creates lives where the configuration says (``var/``
 by default).
 
 What does not: the operations themselves (switch.pki, hsm.token, hsm.carddata,
@@ -22,11 +23,11 @@ import trio
 from hsm.api import Hsm, KeyAlgorithm, KeyImport, KeyUsage
 from hsm.carddata import ensure_card_data_keys, open_vault
 from hsm.errors import KeyExists
-from hsm.token import open_hsm
+from hsm.token import ensure_hsm
 from switch.config import Config
 from switch.pki import ensure_pki
 from switch.provision import import_cards, load_keys, load_rows
-from switch.store import open_store
+from switch.store import migrate, open_store
 
 #: Demo data shipped with the repository (public test keys and cards built on them).
 DEMO_KEYS = Path("config/demo/keys.json")
@@ -47,12 +48,15 @@ async def dev_setup(cfg: Config, keys_path: Path, cards_path: Path, say: Say) ->
     report = await trio.to_thread.run_sync(ensure_pki, cfg.tls.ca.parent)
     written = ", ".join(p.name for p in report.written) or "nothing new"
     say(f"pki {cfg.tls.ca.parent}: {written}")
-    hsm = open_hsm(cfg.hsm)
+    hsm = ensure_hsm(cfg.hsm)  # creates the dev token if missing: dev-setup may
     try:
         for line in await ensure_card_data_keys(hsm, cfg.card_data):
             say(line)
         await _import_demo_keys(hsm, keys_path, say)
         vault = open_vault(cfg.card_data, hsm)
+        schema = await migrate(cfg.store)
+        moved = f" (migrated from {schema.before})" if schema.before != schema.after else ""
+        say(f"store {cfg.store.backend}: schema {schema.after}{moved}")
         async with open_store(cfg.store) as store:
             if await store.list_cards():
                 say(f"store {cfg.store.path}: cards present, demo data not imported again")

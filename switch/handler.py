@@ -2,13 +2,19 @@
 
 What lives here: what the server hands over for every decodable request (the message and a
 ``RequestContext``: which listener and network profile, who the peer is, when the bytes
-arrived) and what comes back (a ``Decision``: the response to send, the ``Reason`` that
-decided it, the stand-in cause if the engine could not decide, and the money it moved). The
-server logs and meters a request from its ``Decision`` alone. Also ``Dispatcher``, the
-``RequestHandler`` the server calls: it answers network management itself, passes
-authorizations and reversals to an ``Engine`` (the pipeline), answers a request class we do
-not serve with ``INVALID_TRANSACTION`` and turns an engine that raised into ``SYSTEM_ERROR``.
-``UnavailableEngine`` is the honest engine of a switch started without HSM or store.
+arrived, the ZPK in force when it was read and the listener's mutable session) and what
+comes back (a ``Decision``: the response to send, the ``Reason`` that decided it, the
+stand-in cause if the engine could not decide, and the money it moved). The server logs
+and meters a request from its ``Decision`` alone.
+
+Also ``Dispatcher``, the ``RequestHandler`` the server calls. It answers network management
+itself: echo; sign-on and sign-off, which change the listener session's state; key
+exchange, which imports the new ZPK under the listener's ZMK (``switch.keys``). It passes
+authorizations and reversals to an ``Engine`` (the pipeline), or, after a sign-off on a
+listener that says so, declines them with ``SIGNED_OFF``; it answers a request class we do
+not serve with ``INVALID_TRANSACTION`` and turns an engine that raised into
+``SYSTEM_ERROR``. ``UnavailableEngine`` is the honest engine of a switch started without
+HSM or store.
 
 What does not: the pipeline steps (pipeline.py), framing and sockets (server.py), encoding
 (wire/codec.py), the Reason-to-DE39 tables (decisions.py).
@@ -16,11 +22,13 @@ What does not: the pipeline steps (pipeline.py), framing and sockets (server.py)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, field
+from typing import Final, Literal, Protocol
 
+from hsm.api import KeyAdmin
 from switch.config import ListenerConfig
 from switch.decisions import Profile, Reason
+from switch.keys import ListenerSession, exchange_key
 from switch.log import get_logger
 from switch.wire.messages import (
     AuthRequest,
@@ -43,8 +51,13 @@ Request = AuthRequest | ReversalRequest | NetworkRequest | UnsupportedMessage
 #: Everything the switch answers with.
 Response = AuthResponse | ReversalResponse | NetworkResponse | ErrorResponse
 
-#: DE70 network-management codes served: sign-on, sign-off, echo test.
-NETWORK_CODES_SERVED = frozenset({"001", "002", "301"})
+#: DE70 network-management codes (ISO 8583:1987): sign-on, sign-off, echo test, and the key
+#: exchange codes 101 (key change) and 161 (new key), served when the listener has a ZMK.
+SIGN_ON: Final = "001"
+SIGN_OFF: Final = "002"
+ECHO: Final = "301"
+KEY_EXCHANGE_CODES: Final = frozenset({"101", "161"})
+NETWORK_CODES_SERVED = frozenset({SIGN_ON, SIGN_OFF, ECHO})
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +71,15 @@ class RequestContext:
     peer: frozenset[str]
     #: trio.current_time() when the whole frame had been read.
     received_at: float
+    #: HSM label of the ZPK in force when the request was read (a key exchange after it
+    #: does not change the key it is verified with); the listener's own when not given.
+    zpk: str = ""
+    #: The listener's mutable session (sign-on state, key in force); None outside a server.
+    session: ListenerSession | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.zpk:
+            object.__setattr__(self, "zpk", self.listener.zpk)
 
     @property
     def network(self) -> str:
@@ -114,23 +136,32 @@ class RequestHandler(Protocol):
 
 class Dispatcher:
     """The ``RequestHandler`` of a running switch: network management here, the rest to the
-    engine, every exception of the engine answered ``SYSTEM_ERROR`` and logged."""
+    engine, every exception of the engine answered ``SYSTEM_ERROR`` and logged.
 
-    def __init__(self, engine: Engine) -> None:
+    Args:
+        engine: decides authorizations and reversals.
+        keys: the HSM key custody key exchanges import into; None: key exchange is not
+            served (answered ``INVALID_TRANSACTION``), as for a listener without a ZMK.
+    """
+
+    def __init__(self, engine: Engine, keys: KeyAdmin | None = None) -> None:
         self._engine = engine
+        self._keys = keys
 
     async def handle(self, message: Request, context: RequestContext) -> Decision | None:
         prof = context.profile
         if isinstance(message, NetworkRequest):
-            reason = (
-                Reason.APPROVED
-                if message.code in NETWORK_CODES_SERVED
-                else Reason.INVALID_TRANSACTION
-            )
+            reason = await self._network(message, context)
             return Decision(NetworkResponse.answer(message, prof.code(reason)), reason)
         if isinstance(message, UnsupportedMessage):
             answer = message.answer(prof.code(Reason.INVALID_TRANSACTION))
             return None if answer is None else Decision(answer, Reason.INVALID_TRANSACTION)
+        session = context.session
+        if session is not None and not session.signed_on:
+            if context.listener.after_sign_off == "decline":
+                return _declined(message, context, Reason.SIGNED_OFF)
+            log.warning("request_after_sign_off", listener=context.listener.name,
+                        mti=message.mti, stan=message.stan)  # fmt: skip
         try:
             if isinstance(message, AuthRequest):
                 return await self._engine.authorize(message, context)
@@ -139,13 +170,38 @@ class Dispatcher:
             # The engine could not decide: say so rather than drop the request.
             log.error("handler_failed", listener=context.listener.name, mti=message.mti,
                       stan=message.stan, error=f"{type(exc).__name__}: {exc}")  # fmt: skip
-            code = prof.code(Reason.SYSTEM_ERROR)
-            response: Response
-            if isinstance(message, AuthRequest):
-                response = AuthResponse.answer(message, code)
-            else:
-                response = ReversalResponse.answer(message, code)
-            return Decision(response, Reason.SYSTEM_ERROR)
+            return _declined(message, context, Reason.SYSTEM_ERROR)
+
+    async def _network(self, message: NetworkRequest, context: RequestContext) -> Reason:
+        """The reason of an 0800's answer; sign-on, sign-off and key exchange act first."""
+        session, lst = context.session, context.listener
+        if message.code in KEY_EXCHANGE_CODES:
+            if session is None or self._keys is None or not lst.zmk:
+                return Reason.INVALID_TRANSACTION
+            change = await exchange_key(session, message.key_data, self._keys)
+            return change.reason
+        if message.code not in NETWORK_CODES_SERVED:
+            return Reason.INVALID_TRANSACTION
+        if session is not None and message.code in (SIGN_ON, SIGN_OFF):
+            signed_on = message.code == SIGN_ON
+            if session.signed_on != signed_on:
+                log.info("signed_on" if signed_on else "signed_off", listener=lst.name,
+                         stan=message.stan)  # fmt: skip
+            session.signed_on = signed_on
+        return Reason.APPROVED
+
+
+def _declined(
+    message: AuthRequest | ReversalRequest, context: RequestContext, reason: Reason
+) -> Decision:
+    """The decision answering ``message`` with ``reason`` without asking the engine."""
+    code = context.profile.code(reason)
+    response: Response
+    if isinstance(message, AuthRequest):
+        response = AuthResponse.answer(message, code)
+    else:
+        response = ReversalResponse.answer(message, code)
+    return Decision(response, reason)
 
 
 class UnavailableEngine:

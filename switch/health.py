@@ -8,7 +8,9 @@ What lives here:
 - ``Readiness``: the latest result of each readiness check, written by the probe task on the
   loop and read by the HTTP threads (a lock between them). Checks are small ``Probe`` objects
   (``ListenersProbe``: the listeners are bound and not draining; ``HsmProbe``: the HSM session
-  answers a key check value; ``StoreProbe``: the store answers a point read), run by
+  answers a key check value; ``StoreProbe``: the store answers a point read;
+  ``BreakerProbe``: a dependency's circuit breaker is closed, else "not ready" with why and
+  until when, and the ``cardswitch_breaker_state`` gauge is brought up to date), run by
   ``run_probes`` every ``PROBE_INTERVAL`` s, each under ``PROBE_TIMEOUT``.
 - ``HealthServer``: a stdlib ``ThreadingHTTPServer`` on ``[metrics] host/port``, in its own
   daemon thread so it keeps answering (and saying 503) while the loop is blocked. Routes:
@@ -47,10 +49,12 @@ from urllib.parse import urlsplit
 import trio
 
 from switch import metrics
+from switch.breaker import Breaker, State
 from switch.log import get_logger
 
 __all__ = [
     "BLOCK_LOOP_FILE_ENV",
+    "BreakerProbe",
     "HealthServer",
     "Heartbeat",
     "HsmProbe",
@@ -227,6 +231,28 @@ class StoreProbe:
 
     async def check(self) -> None:
         await self.store.get_account(READY_ACCOUNT)
+
+
+@dataclass(frozen=True)
+class BreakerProbe:
+    """Ready while the circuit breaker of a dependency is closed (switch/breaker.py).
+
+    Open or half-open (no probe has succeeded yet) is not ready, with the breaker's own
+    description. Reading the state also moves an open breaker past its cool-down to
+    half-open, so the gauge shows it without waiting for a request.
+    """
+
+    breaker: Breaker
+
+    @property
+    def name(self) -> str:
+        return f"{self.breaker.name}_breaker"
+
+    async def check(self) -> None:
+        state = self.breaker.state
+        metrics.observe_breaker(self.breaker.name, int(state))
+        if state is not State.CLOSED:
+            raise NotReady(self.breaker.describe())
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Prometheus metrics of the switch: the only module that imports prometheus_client.
 
-What lives here: every metric the switch exports, the closed set of values each label may
+What lives here: every metric the switch exports (the HSM session state is read from a
+callback at each scrape: ``watch_hsm_session``), the closed set of values each label may
 take, small functions that record an observation (``observe`` takes the ``Decision`` of an
 answered request), the process/platform collectors, build information, the TLS certificate
 expiry gauges and ``exposition`` (the text page that ``switch.health`` serves on ``/metrics``).
@@ -22,9 +23,9 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Generic, TypeVar, get_args
+from typing import TYPE_CHECKING, Final, Generic, Protocol, TypeVar, get_args
 
 from cryptography import x509
 from prometheus_client import (
@@ -39,6 +40,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from hsm import errors as hsm_errors
 from switch import __version__
@@ -142,7 +144,7 @@ PROTOCOL_KINDS: Final = LabelValues(
     (
         *("bad_header", "zero_length", "oversize"),
         *("undecodable", "truncated_frame", "unsolicited_response", "garbled_response"),
-        *("format_error", "frame_timeout", "internal_error"),
+        *("format_error", "frame_timeout", "internal_error", "echo_timeout"),
     )
 )
 #: Why an answer was not delivered (connection.py).
@@ -156,8 +158,12 @@ CONNECTION_OUTCOMES: Final = LabelValues(
         *PROTOCOL_KINDS.values,
     )
 )
-#: Readiness checks (switch.health).
-READY_CHECKS: Final = LabelValues(["listeners", "hsm", "store", "engine"])
+#: Dependencies behind a circuit breaker (switch/pipeline.py, switch/breaker.py).
+BREAKER_DEPENDENCIES: Final = LabelValues(["hsm", "store", "vault"])
+#: Readiness checks (switch.health); ``<dependency>_breaker`` per breaker.
+READY_CHECKS: Final = LabelValues(
+    ["listeners", "hsm", "store", "engine", *(f"{d}_breaker" for d in BREAKER_DEPENDENCIES.values)]
+)
 #: TLS files whose expiry is exported.
 CERTIFICATES: Final = LabelValues(["server", "ca"])
 
@@ -305,6 +311,45 @@ BUDGET = Gauge(
     "The configured request budget (pipeline.budget): latency is judged against it.",
     registry=REGISTRY,
 )
+# -- circuit breakers and stand-in approvals (switch/breaker.py, switch/pipeline.py)
+BREAKER_STATE = _gauge(
+    "cardswitch_breaker_state",
+    "Circuit breaker of a dependency: 0 closed, 1 open (stand-in at once), 2 half-open.",
+    dependency=BREAKER_DEPENDENCIES,
+)
+STAND_IN_APPROVALS = _counter(
+    "cardswitch_stand_in_approvals",
+    "Authorizations approved by the issuer stand-in policy (journaled as stand-in).",
+    network=NETWORK_NAMES,
+)
+#: Why a request was answered with the overload code before it started (connection.py).
+SHED_KINDS: Final = LabelValues(["queue_full", "deadline"])
+SHED = _counter(
+    "cardswitch_shed",
+    "Requests answered at once with the overload code: the admission queue was full, or"
+    " too little of the budget was left to start them.",
+    listener=LISTENERS,
+    kind=SHED_KINDS,
+)
+for _dependency in BREAKER_DEPENDENCIES.values:
+    BREAKER_STATE.labels(_dependency).set(0)
+
+
+def observe_breaker(dependency: str, state: int) -> None:
+    """Record the state of a dependency's breaker (``switch.breaker.State`` value)."""
+    BREAKER_STATE.labels(dependency).set(state)
+
+
+def observe_shed(listener: str, kind: str) -> None:
+    """Count one request answered with the overload code before it started."""
+    SHED.labels(listener, kind).inc()
+
+
+def observe_stand_in_approval(network: str) -> None:
+    """Count one authorization approved in stand-in (at its commit)."""
+    STAND_IN_APPROVALS.labels(network).inc()
+
+
 BUILD = Info("cardswitch_build", "Version of the running switch.", registry=REGISTRY)
 BUILD.info({"version": __version__})
 
@@ -457,6 +502,67 @@ def observe_limit(listener: str, limit: str) -> None:
     if limit not in CONNECTION_LIMITS:
         raise ValueError(f"unknown connection limit {limit!r}")
     CONNECTION_LIMIT_HITS.labels(listener, limit).inc()
+
+
+# -- HSM session (hsm.pkcs11 reopens a lost session by itself) --------------------------------
+
+
+class HsmSessionState(Protocol):
+    """What the HSM layer reports about its session (``hsm.token.session_status``)."""
+
+    @property
+    def up(self) -> bool: ...
+
+    @property
+    def reconnects(self) -> int: ...
+
+
+#: Returns the current session state, or None for a backend without a session.
+HsmSessionSource = Callable[[], HsmSessionState | None]
+
+
+class _HsmSessionCollector:
+    """``cardswitch_hsm_session_state`` and ``cardswitch_hsm_reconnects_total``, read at each
+    scrape from the source given to ``watch_hsm_session`` (the hsm layer imports no switch
+    module, so the switch reads its state instead of being told)."""
+
+    def __init__(self) -> None:
+        self.source: HsmSessionSource | None = None
+
+    def _families(self) -> tuple[GaugeMetricFamily, CounterMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "cardswitch_hsm_session_state",
+                "1 while the HSM (PKCS#11) session is logged in, 0 while it is lost and being"
+                " reopened (commands then fail at once and get the stand-in answer).",
+            ),
+            CounterMetricFamily(
+                "cardswitch_hsm_reconnects",
+                "Times the HSM session was reopened after it was lost, without a restart.",
+            ),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.source() if self.source is not None else None
+        if state is None:
+            return
+        gauge, counter = self._families()
+        gauge.add_metric([], 1 if state.up else 0)
+        counter.add_metric([], state.reconnects)
+        yield gauge
+        yield counter
+
+
+_HSM_SESSION = _HsmSessionCollector()
+REGISTRY.register(_HSM_SESSION)
+
+
+def watch_hsm_session(source: HsmSessionSource | None) -> None:
+    """Export the HSM session state read from ``source`` (None: stop exporting it)."""
+    _HSM_SESSION.source = source
 
 
 # -- hold expiry ---------------------------------------------------------------------------------

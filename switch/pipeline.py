@@ -54,6 +54,8 @@ from hsm.carddata import CardVault
 from hsm.errors import HsmError, InvalidInput
 from hsm.pan import mask_pan
 from switch import metrics
+from switch.breaker import Breaker
+from switch.breaker import State as BreakerState
 from switch.config import Config, ListenerConfig
 from switch.decisions import Reason, check_controls
 from switch.handler import Decision, RequestContext, StandInCause
@@ -132,6 +134,8 @@ class _Prepared:
 
     intent: AuthIntent
     emv: _EmvContext | None = None
+    #: Approved (if the store agrees) by the issuer stand-in policy, without the HSM.
+    stand_in: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +150,19 @@ class _Security:
 
 class _Unavailable(Exception):
     """The HSM failed before commit: answer by the stand-in policy, keep nothing."""
+
+
+class _Refused(Exception):
+    """A dependency's circuit breaker is open: answer by the stand-in policy at once."""
+
+    def __init__(self, dependency: str) -> None:
+        super().__init__(f"{dependency} breaker open")
+        self.dependency = dependency
+
+
+#: The dependencies behind a circuit breaker: card-security commands, the store, and the
+#: card-data vault (PAN fingerprints: the HSM's key, or KMS's).
+DEPENDENCIES = ("hsm", "store", "vault")
 
 
 class Pipeline:
@@ -174,6 +191,64 @@ class Pipeline:
         self._vault = vault
         self._now: Callable[[], datetime] = clock or _utc_now
         self._stand_in_reason = Reason(config.pipeline.stand_in)
+        pcfg = config.pipeline
+        self.breakers: dict[str, Breaker] = {
+            name: Breaker(
+                name,
+                threshold=pcfg.breaker_failures,
+                cool_down=pcfg.breaker_cool_down,
+                clock=trio.current_time,
+                on_change=_breaker_changed,
+            )
+            for name in DEPENDENCIES
+        }
+
+    # -- dependency calls -------------------------------------------------------------------
+
+    @contextmanager
+    def _guard(self, dependency: str) -> Iterator[None]:
+        """One call (or a few back to back) to ``dependency`` under its circuit breaker.
+
+        Raises ``_Refused`` at once while the breaker is open. An error of the dependency
+        (an HSM error other than ``InvalidInput``, a store error other than ``invalid`` or
+        ``integrity``, which are answers) counts as a failure, and so does a call still
+        unanswered when a deadline around it passed (the budget, the ARPC's limit); a call
+        cancelled otherwise (a drain cut short) counts for nothing.
+        """
+        breaker = self.breakers[dependency]
+        permit = breaker.admit()
+        if permit is None:
+            raise _Refused(dependency)
+        try:
+            yield
+        except trio.Cancelled:
+            if trio.current_time() >= trio.current_effective_deadline():
+                breaker.failed(permit, "Timeout: no answer before the deadline")
+            else:  # pragma: no cover - an explicit cancel (drain cut short)
+                breaker.abandoned(permit)
+            raise
+        except HsmError as exc:
+            if isinstance(exc, InvalidInput):
+                breaker.succeeded(permit)
+            else:
+                breaker.failed(permit, f"{type(exc).__name__}: {exc}")
+            raise
+        except StoreError as exc:
+            if exc.kind in ("invalid", "integrity"):
+                breaker.succeeded(permit)
+            else:
+                breaker.failed(permit, f"StoreError: {exc}")
+            raise
+        except BaseException:
+            breaker.abandoned(permit)
+            raise
+        breaker.succeeded(permit)
+
+    @contextmanager
+    def _hsm_call(self, command: str, *, dependency: str = "hsm") -> Iterator[None]:
+        """One HSM (or vault) command: timed, its errors counted, under its breaker."""
+        with self._guard(dependency), _hsm_command(command):
+            yield
 
     # -- authorizations ---------------------------------------------------------------------
 
@@ -187,18 +262,18 @@ class Pipeline:
             with trio.move_on_at(deadline):
                 fingerprint = await self._fingerprint(request.pan)
                 digest = _auth_digest(request, dup_key, fingerprint)
-                with _step("duplicate"):
+                with _step("duplicate"), self._guard("store"):
                     stored = await self._store.find_outcome(dup_key, digest)
                 if stored is None:
                     prepared = await self._prepare(request, context, dup_key, fingerprint, digest)
-                    with _step("commit"):
-                        outcome = await self._store.commit_auth(prepared.intent)
-        except (_Unavailable, StoreError, HsmError) as exc:
+                    with _step("commit"), self._guard("store"):
+                        outcome = await self._store.commit_auth(prepared.intent, deadline=deadline)
+        except (_Unavailable, _Refused, StoreError, HsmError) as exc:
             if isinstance(exc, StoreError):  # its message carries no card data (contract)
                 log.error("store_failed", mti=request.mti, stan=request.stan, error=str(exc))
             return self._stand_in(request, context, _cause(exc))
         if isinstance(stored, AuthOutcome):
-            return await self._replay(request, stored)
+            return await self._replay(request, stored, deadline)
         if stored is not None:  # the key of a reversal: the acquirer reused its identifiers
             return self._stand_in(request, context, "store")
         if outcome is None:
@@ -206,22 +281,28 @@ class Pipeline:
         assert prepared is not None
         issuer_auth = None
         if prepared.emv is not None:
-            issuer_auth = await self._arpc(prepared.emv, approved=outcome.approved)
+            issuer_auth = await self._arpc(
+                prepared.emv, approved=outcome.approved, deadline=deadline
+            )
+        if prepared.stand_in:
+            if outcome.approved and not outcome.replayed:
+                metrics.observe_stand_in_approval(context.network)
+            return replace(_decision(request, outcome, None), stand_in="hsm")
         return _decision(request, outcome, issuer_auth)
 
-    async def _replay(self, request: AuthRequest, stored: AuthOutcome) -> Decision:
+    async def _replay(self, request: AuthRequest, stored: AuthOutcome, deadline: float) -> Decision:
         """The stored answer of a repeated request; its ARPC again for a chip request.
 
         Never a stand-in: the answer was committed, so it is the answer. Cryptograms are not
         stored, so the ARQC is verified again for the ARPC; when the HSM cannot do that in
-        time the answer goes without DE55.
+        time (``_ARPC_TIMEOUT``, and within the budget) the answer goes without DE55.
         """
         issuer_auth = None
         if request.emv is not None:
             try:
-                with trio.move_on_after(_ARPC_TIMEOUT):
-                    issuer_auth = await self._replayed_arpc(request, stored)
-            except (HsmError, StoreError) as exc:
+                with trio.move_on_at(min(trio.current_time() + _ARPC_TIMEOUT, deadline)):
+                    issuer_auth = await self._replayed_arpc(request, stored, deadline)
+            except (HsmError, StoreError, _Refused) as exc:
                 log.warning("replay_arpc_failed", error=type(exc).__name__)
         return _decision(request, stored, issuer_auth)
 
@@ -293,7 +374,7 @@ class Pipeline:
             if reason is not None:
                 return decline(reason)
 
-        with _step("card"):
+        with _step("card"), self._guard("store"):
             card = await self._store.get_card_by_fingerprint(fingerprint)
             account = await self._store.get_account(card.account_id) if card else None
         if card is None or account is None:
@@ -316,8 +397,16 @@ class Pipeline:
         if reason is not None:
             return decline(reason, card)
 
-        with _step("security"):
-            security = await self._security(req, card, ctx.listener)
+        try:
+            with _step("security"):
+                security = await self._security(req, card, ctx.listener, ctx.zpk)
+        except (_Unavailable, _Refused) as exc:
+            if isinstance(exc, _Refused) and exc.dependency != "hsm":  # pragma: no cover
+                raise
+            offline = self._stand_in_approval(req, card, ctx.listener, base, kind)
+            if offline is None:
+                raise
+            return offline
         if security.failed is not None:
             return decline(security.failed, card, pin_check=security.pin_check)
         atc = None if security.emv is None else int.from_bytes(security.emv.atc, "big")
@@ -339,7 +428,44 @@ class Pipeline:
         )
         return _Prepared(intent, security.emv)
 
-    async def _security(self, req: AuthRequest, card: Card, listener: ListenerConfig) -> _Security:
+    def _stand_in_approval(
+        self,
+        req: AuthRequest,
+        card: Card,
+        listener: ListenerConfig,
+        base: AuthIntent,
+        kind: AuthKind,
+    ) -> _Prepared | None:
+        """The intent of an approval by the listener's ``approve_low_risk`` stand-in policy,
+        or ``None`` (the stand-in decline): the HSM cannot check the card, which is active
+        and unexpired (checked before), presents no PIN or CVV2 (neither can be checked
+        offline), asks at most ``stand_in_max_amount`` and passes the spend controls. The
+        store still decides velocity, funds and the card's daily stand-in allowance in the
+        normal commit; the journal row is flagged ``stand_in`` and carries the hold.
+        """
+        if listener.stand_in != "approve_low_risk":
+            return None
+        if req.pin_block is not None or req.cvv2 is not None:
+            return None
+        if req.amount > listener.stand_in_max_amount:
+            return None
+        if check_controls(card.controls, req.amount, req.mcc, _countries(req)) is not None:
+            return None
+        intent = replace(
+            base,
+            card_id=card.id,
+            account_id=card.account_id,
+            kind=kind,
+            velocity=card.controls if card.controls.has_velocity else None,
+            stand_in=True,
+            stand_in_daily=listener.stand_in_daily_amount or None,
+            decline_reason=self._stand_in_reason,
+        )
+        return _Prepared(intent, None, stand_in=True)
+
+    async def _security(
+        self, req: AuthRequest, card: Card, listener: ListenerConfig, zpk: str
+    ) -> _Security:
         """CVV/iCVV from track 2, CVV2 from DE48, ARQC from DE55, PIN from DE52, in order.
 
         Data the HSM rejects as malformed (``InvalidInput``: a CVV with letters, a PIN block
@@ -355,7 +481,7 @@ class Pipeline:
                 failed, emv_ctx = await self._check_arqc(req, card)
             if failed is not None:
                 return _Security(failed)
-            pin_check = await self._check_pin(req, card, listener)
+            pin_check = await self._check_pin(req, card, listener, zpk)
             return _Security(None, pin_check, emv_ctx)
         except HsmError as exc:
             if isinstance(exc, InvalidInput):  # pragma: no cover - each check maps its own
@@ -372,7 +498,7 @@ class Pipeline:
         cvv = disc[_TRACK2_CVV_OFFSET : _TRACK2_CVV_OFFSET + _CVV_LENGTH]
         service = _ICVV_SERVICE_CODE if chip else req.track2.service_code
         try:
-            with _hsm_command("verify_cvv"):
+            with self._hsm_call("verify_cvv"):
                 result = await self._hsm.verify_cvv(
                     CvvVerification(card.cvk, req.pan, req.track2.expiry, service, cvv)
                 )
@@ -386,7 +512,7 @@ class Pipeline:
             return None
         expiry = req.expiry or card.expiry
         try:
-            with _hsm_command("verify_cvv2"):
+            with self._hsm_call("verify_cvv2"):
                 result = await self._hsm.verify_cvv(
                     CvvVerification(card.cvk, req.pan, expiry, _CVV2_SERVICE_CODE, req.cvv2)
                 )
@@ -395,9 +521,12 @@ class Pipeline:
         return None if result.ok else Reason.CVV2_MISMATCH
 
     async def _check_pin(
-        self, req: AuthRequest, card: Card, listener: ListenerConfig
+        self, req: AuthRequest, card: Card, listener: ListenerConfig, zpk: str
     ) -> PinCheck | None:
         """The PIN result the store's rules count: ``None`` when no PIN was entered.
+
+        ``zpk`` is the key in force when the request was read (``RequestContext.zpk``): a
+        key exchange meanwhile does not change the key a request in flight is verified with.
 
         A card already at its try limit is not verified again: the rules answer it
         ``PIN_TRIES_EXCEEDED`` without counting.
@@ -421,10 +550,10 @@ class Pipeline:
                 validation_data=card.ibm_validation_data or "",
             )
         try:
-            with _hsm_command("verify_pin"):
+            with self._hsm_call("verify_pin"):
                 result = await self._hsm.verify_pin(
                     PinVerification(
-                        zpk=listener.zpk,
+                        zpk=zpk,
                         pin_block=req.pin_block,
                         format=PinBlockFormat(listener.pin_block_format),
                         pan=req.pan,
@@ -473,7 +602,7 @@ class Pipeline:
             )
         except (emv.EmvFormatError, InvalidInput, ValueError):
             return None  # no usable cryptogram: a chip transaction that cannot be verified
-        with _hsm_command("verify_arqc"):
+        with self._hsm_call("verify_arqc"):
             result = await self._hsm.verify_arqc(verification)
         if not result.ok:
             return None
@@ -481,10 +610,12 @@ class Pipeline:
 
     async def _fingerprint(self, pan: str) -> bytes:
         """The keyed PAN fingerprint: computed once per request, for the digest and lookup."""
-        with _hsm_command("fingerprint"):
+        with self._hsm_call("fingerprint", dependency="vault"):
             return await self._vault.fingerprint(pan)
 
-    async def _replayed_arpc(self, request: AuthRequest, stored: AuthOutcome) -> bytes | None:
+    async def _replayed_arpc(
+        self, request: AuthRequest, stored: AuthOutcome, deadline: float
+    ) -> bytes | None:
         """The ARPC of a repeated chip request: the card needs it as much as the first time.
 
         Cryptograms are never stored, so the ARQC is verified again and the ARPC computed for
@@ -492,16 +623,20 @@ class Pipeline:
         """
         if request.emv is None:
             return None
-        card = await self._store.get_card_by_fingerprint(await self._fingerprint(request.pan))
+        fingerprint = await self._fingerprint(request.pan)
+        with self._guard("store"):
+            card = await self._store.get_card_by_fingerprint(fingerprint)
         if card is None or not card.imk_ac or not card.emv_cvn:
             return None
         emv_ctx = await self._verify_arqc(request, card)
         if emv_ctx is None:
             return None
-        return await self._arpc(emv_ctx, approved=stored.approved)
+        return await self._arpc(emv_ctx, approved=stored.approved, deadline=deadline)
 
-    async def _arpc(self, ctx: _EmvContext, *, approved: bool) -> bytes | None:
-        """Issuer authentication data (tag 91) for the card: ARPC with ARC or CSU."""
+    async def _arpc(self, ctx: _EmvContext, *, approved: bool, deadline: float) -> bytes | None:
+        """Issuer authentication data (tag 91) for the card: ARPC with ARC or CSU; ``None``
+        when the HSM cannot give it within ``_ARPC_TIMEOUT`` and the request's budget (the
+        committed answer then goes without DE55, in time)."""
         if ctx.card.cvn is Cvn.VISA_18:
             csu = _CSU_APPROVED if approved else _CSU_NO_UPDATE
             arpc_req = ArpcRequest(csu=csu)
@@ -511,13 +646,14 @@ class Pipeline:
             arpc_req = ArpcRequest(arc=arc)
             suffix = arc
         try:
-            with trio.fail_after(_ARPC_TIMEOUT), _hsm_command("generate_arpc"):
+            limit = min(trio.current_time() + _ARPC_TIMEOUT, deadline)
+            with trio.fail_at(limit), self._hsm_call("generate_arpc"):
                 arpc = await self._hsm.generate_arpc(
                     ArpcGeneration(
                         card=ctx.card, atc=ctx.atc, arqc=ctx.arqc, arpc=arpc_req, un=ctx.un
                     )
                 )
-        except (HsmError, trio.TooSlowError) as exc:
+        except (HsmError, trio.TooSlowError, _Refused) as exc:
             log.warning("arpc_failed", error=type(exc).__name__)
             return None
         return arpc + suffix
@@ -534,13 +670,15 @@ class Pipeline:
         masked = mask_pan(request.pan) if request.pan else None
         outcome: ReversalOutcome | None = None
         cause: StandInCause = "budget"
+        deadline = context.received_at + self._cfg.pipeline.budget
         try:
-            with trio.move_on_at(context.received_at + self._cfg.pipeline.budget):
+            with trio.move_on_at(deadline):
                 fingerprint = b""
                 card_id = None
                 if request.pan:
                     fingerprint = await self._fingerprint(request.pan)
-                    card = await self._store.get_card_by_fingerprint(fingerprint)
+                    with self._guard("store"):
+                        card = await self._store.get_card_by_fingerprint(fingerprint)
                     card_id = None if card is None else card.id
                 intent = ReversalIntent(
                     dup_key=dup_key,
@@ -556,9 +694,9 @@ class Pipeline:
                     profile=context.profile,
                     stand_in=is_advice(request.mti),  # 0420/0421: reversed in our place
                 )
-                with _step("commit"):
-                    outcome = await self._store.commit_reversal(intent)
-        except (StoreError, HsmError) as exc:
+                with _step("commit"), self._guard("store"):
+                    outcome = await self._store.commit_reversal(intent, deadline=deadline)
+        except (StoreError, HsmError, _Refused) as exc:
             if isinstance(exc, StoreError):  # its message carries no card data (contract)
                 log.error("store_failed", mti=request.mti, stan=request.stan, error=str(exc))
             cause = _cause(exc)
@@ -749,7 +887,10 @@ def _chip_data_matches(tlv: emv.TlvMap, req: AuthRequest) -> bool:
 
 
 def _cause(exc: BaseException) -> StandInCause:
-    """Which dependency kept the pipeline from deciding."""
+    """Which dependency kept the pipeline from deciding (the vault's key is the HSM's or
+    KMS's: "hsm")."""
+    if isinstance(exc, _Refused):
+        return "store" if exc.dependency == "store" else "hsm"
     return "store" if isinstance(exc, StoreError) else "hsm"
 
 
@@ -780,6 +921,14 @@ def _decision(request: AuthRequest, outcome: AuthOutcome, issuer_auth: bytes | N
         debited=outcome.debited,
         masked_pan=mask_pan(request.pan),
     )
+
+
+def _breaker_changed(breaker: Breaker) -> None:
+    state = breaker.state
+    metrics.observe_breaker(breaker.name, int(state))
+    emit = log.info if state is BreakerState.CLOSED else log.warning
+    emit("breaker_changed", dependency=breaker.name, state=state.name.lower(),
+         detail=breaker.describe())  # fmt: skip
 
 
 @contextmanager

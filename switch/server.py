@@ -42,6 +42,7 @@ from switch.config import Config, ListenerConfig
 from switch.connection import Connection, describe
 from switch.decisions import Profile, profile
 from switch.handler import RequestHandler
+from switch.keys import ListenerSessions
 from switch.log import get_logger
 from switch.tls import identity_allowed, peer_identities
 
@@ -106,6 +107,8 @@ class Server:
         handler: decides every decodable request (``Dispatcher(engine)`` in a switch).
         ssl_context: server TLS context (tls.server_context); a callable returning the
             current context is accepted so that a reload takes effect for new connections.
+        sessions: each listener's session state (ZPK in force, sign-on), shared by its
+            connections; fresh ones from ``config`` when not given.
     """
 
     def __init__(
@@ -113,8 +116,10 @@ class Server:
         config: Config,
         handler: RequestHandler,
         ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext],
+        sessions: ListenerSessions | None = None,
     ) -> None:
         self._config = config
+        self.sessions = sessions if sessions is not None else ListenerSessions(config.listeners)
         self._handler = handler
         self._context_for = ssl_context if callable(ssl_context) else (lambda: ssl_context)
         self._global_slots = trio.Semaphore(config.server.max_in_flight)
@@ -273,6 +278,9 @@ class Server:
                 global_slots=self._global_slots,
                 peer=peer,
                 remote=remote,
+                session=self.sessions[lst.name],
+                budget=self._config.pipeline.budget,
+                min_remaining=self._config.pipeline.min_remaining,
             )
             if self._hurried:
                 conn.abort(FLUSH_TIMEOUT)

@@ -9,7 +9,11 @@ complete frame, in stream order, and ``classify``, the rule for a single frame b
   were recovered, answered at once with the profile's code for ``Reason.FORMAT_ERROR``; the
   connection stays open;
 - ``Drop(kind)``: a response-class message (unsolicited, or garbled beyond use): nothing
-  is answered, the connection stays open;
+  is answered, the connection stays open (the connection recognises the 0810 answering an
+  echo of its own among them);
+- ``KeepAlive(answer)``: a zero-length frame, when the listener accepts them
+  (``zero_length_frames`` "ignore" or "answer"; with "close", the default, it is a framing
+  error): ``answer`` says whether a zero-length frame goes back;
 - ``Close(kind)``: the byte stream cannot be trusted any more (a framing error, a body with
   no recoverable request MTI and STAN, EOF inside a frame): stop reading. The connection
   still finishes and writes the answers of the requests before it.
@@ -49,6 +53,7 @@ __all__ = [
     "Close",
     "Decide",
     "Drop",
+    "KeepAlive",
     "Session",
     "classify",
     "listener_spec",
@@ -98,6 +103,13 @@ class Drop:
 
 
 @dataclass(frozen=True, slots=True)
+class KeepAlive:
+    """A zero-length frame: answer it with one (``answer``) or ignore it; the link is alive."""
+
+    answer: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """Stop reading this connection: its byte stream is lost.
 
@@ -109,7 +121,7 @@ class Close:
     detail: str = ""
 
 
-Action = Decide | Answer | Drop | Close
+Action = Decide | Answer | Drop | KeepAlive | Close
 
 
 def classify(frame: bytes, spec: SpecChoice, profile: Profile) -> Decide | Answer | Drop | Close:
@@ -170,6 +182,12 @@ class Session:
     >>> s.receive(b"00")
     [Close(kind='zero_length', detail='framing error (zero_length): frame announces an empty body')]
 
+    A listener that accepts keep-alives gets a ``KeepAlive`` instead:
+
+    >>> s = Session(ListenerConfig(zero_length_frames="answer"), profile("iso"))
+    >>> s.receive(b"\\x00\\x00")
+    [KeepAlive(answer=True)]
+
     After a ``Close`` the session is finished: later bytes give no action.
     """
 
@@ -177,7 +195,11 @@ class Session:
         self._header: HeaderKind = listener.header
         self._header_size = header_size(listener.header)
         self._max_frame = listener.max_frame
-        self._decoder = FrameDecoder(listener.header, listener.max_frame)
+        self._keepalive = listener.zero_length_frames
+        self._empty_frames = listener.zero_length_frames != "close"
+        self._decoder = FrameDecoder(
+            listener.header, listener.max_frame, empty_frames=self._empty_frames
+        )
         self._spec = listener_spec(listener)
         self._profile = profile
         self._closed = False
@@ -215,6 +237,9 @@ class Session:
             self._partial = received[consumed:]
         actions: list[Action] = []
         for frame in frames:
+            if not frame:  # only when keep-alives are accepted
+                actions.append(KeepAlive(answer=self._keepalive == "answer"))
+                continue
             action = classify(frame, self._spec, self._profile)
             actions.append(action)
             if isinstance(action, Close):
@@ -240,7 +265,7 @@ class Session:
         ``FrameDecoder.feed`` raises without returning the frames it completed earlier in
         the same call; this slow path (taken once, just before a close) recovers them.
         """
-        decoder = FrameDecoder(self._header, self._max_frame)
+        decoder = FrameDecoder(self._header, self._max_frame, empty_frames=self._empty_frames)
         frames: list[bytes] = []
         for i in range(len(data)):
             try:

@@ -1,3 +1,3 @@
 """Root conftest: the shared fixture modules of the suite (tests/ is on sys.path)."""
 
-pytest_plugins = ["server_fixtures", "hsm_fixtures", "e2e_fixtures"]
+pytest_plugins = ["server_fixtures", "hsm_fixtures", "e2e_fixtures", "pg_fixtures"]

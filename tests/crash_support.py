@@ -98,7 +98,9 @@ ACCOUNT_OF: dict[str, str] = {c.pan: c.account for c in SEED_CARDS}
 def write_config(tmp: Path, pki: PkiPaths) -> Path:
     """The switch's TOML: one listener on port 0, the test PKI, SoftHSM, store under ``tmp``."""
     cfg = Config(
-        listeners=(ListenerConfig(name=NETWORK, network=NETWORK, host="127.0.0.1", port=0),),
+        listeners=(
+            ListenerConfig(name=NETWORK, network=NETWORK, host="127.0.0.1", port=0, zpk="demo-zpk"),
+        ),
         tls=TlsConfig(ca=pki.ca, cert=pki.server_cert, key=pki.server_key),
         hsm=HsmConfig(
             backend="pkcs11", softhsm_conf=tmp / "softhsm" / "softhsm2.conf", timeout=5.0

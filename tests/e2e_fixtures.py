@@ -1,9 +1,10 @@
-"""A whole switch for end-to-end tests: server + pipeline + SQLite store + SoftHSM (PKCS#11).
+"""A whole switch for end-to-end tests: server + pipeline + store + SoftHSM (PKCS#11).
 
 What lives here: the session token (shared with the HSM tests: SoftHSM reads its
 configuration once per process) with the demo keys added, the demo cards plus a few test
-cards, and ``running_switch``, which starts the real server over mutual TLS on 127.0.0.1 with
-a fresh store per test. Logs of the run go to a file the test can search for card data.
+cards, ``e2e_store`` (the store of a test, parametrized over SQLite and PostgreSQL), and
+``running_switch``, which starts the real server over mutual TLS on 127.0.0.1 with a fresh
+store per test. Logs of the run go to a file the test can search for card data.
 
 What does not: assertions.
 """
@@ -13,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 from server_fixtures import make_config
@@ -36,7 +39,6 @@ from switch.pki import PkiPaths
 from switch.provision import import_cards, load_keys, load_rows
 from switch.server import Server
 from switch.store import Store, open_store
-from switch.store.sqlite import SqliteStore
 from switch.tls import server_context
 from switch.wire import emv
 from switch.wire.messages import AuthRequest
@@ -148,14 +150,60 @@ def card_rows(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
     return load_rows(path)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def e2e_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreConfig:
+    """The store of an end-to-end test: a new SQLite file, or a new PostgreSQL database."""
+    if request.param == "postgres":
+        return StoreConfig(backend="postgres", dsn=request.getfixturevalue("pg_dsn"))
+    return StoreConfig(path=tmp_path / "cardswitch.db")
+
+
+#: Tables of the store (both backends), for tests that look at every row.
+TABLES = ("accounts", "cards", "velocity", "journal", "holds", "unmatched_reversals")
+
+
 @dataclass
 class Switch:
     port: int
-    store: SqliteStore
+    store: Store
     hsm: Hsm
     config: Config
     log: io.StringIO
     db_path: Path
+
+    def query(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run one SQL query (``?`` placeholders) on the store's database, outside the switch."""
+        if self.config.store.backend == "postgres":
+            with psycopg.connect(self.config.store.dsn, autocommit=True) as pg:
+                return [tuple(r) for r in pg.execute(query.replace("?", "%s"), params)]
+        conn = sqlite3.connect(self.db_path)
+        try:
+            return [tuple(r) for r in conn.execute(query, params)]
+        finally:
+            conn.close()
+
+    def stored_bytes(self) -> dict[str, bytes]:
+        """What the database keeps, by where: SQLite's files (main and WAL); PostgreSQL's
+        rows of every table as text (bytea as hex) and the database's own files when the
+        server is local."""
+        if self.config.store.backend != "postgres":
+            files = [self.db_path, self.db_path.with_name(self.db_path.name + "-wal")]
+            return {str(f): f.read_bytes() for f in files if f.exists()}
+        blobs: dict[str, bytes] = {}
+        with psycopg.connect(self.config.store.dsn, autocommit=True) as pg:
+            for table in TABLES:
+                rows = pg.execute(f"SELECT t::text FROM {table} t").fetchall()  # noqa: S608
+                blobs[table] = "\n".join(r[0] for r in rows).encode()
+            pg.execute("CHECKPOINT")
+            found = pg.execute(
+                "SELECT current_setting('data_directory'), oid FROM pg_database "
+                "WHERE datname = current_database()"
+            ).fetchone()
+        assert found is not None
+        base = Path(found[0]) / "base" / str(found[1])
+        if base.is_dir():
+            blobs[str(base)] = b"".join(p.read_bytes() for p in sorted(base.iterdir()))
+        return blobs
 
 
 @asynccontextmanager
@@ -168,36 +216,37 @@ async def running_switch(
     pipeline_hsm: Hsm | None = None,
     pipeline_store: Callable[[Store], Store] | None = None,
     pipeline: PipelineConfig | None = None,
+    store: StoreConfig | None = None,
     **listener: Any,
 ) -> AsyncIterator[Switch]:
     """A switch with a fresh store holding ``rows``, serving on an ephemeral port.
 
     ``pipeline_hsm`` replaces the HSM the pipeline talks to (provisioning still uses ``hsm``),
     for tests of a slow or failing HSM; ``pipeline_store`` wraps the store the pipeline talks
-    to (tests of a failing store); ``pipeline`` sets the budget and stand-in policy. Other
+    to (tests of a failing store); ``pipeline`` sets the budget and stand-in policy; ``store``
+    the store (default: a new SQLite file in ``tmp``; see ``e2e_store``). Other
     keyword arguments are ``ListenerConfig`` fields (``zpk`` defaults to ``demo-zpk``).
     """
     base = make_config(pki, **{"zpk": "demo-zpk", **listener})
     cfg = replace(
         base,
         pipeline=pipeline or base.pipeline,
-        store=StoreConfig(path=tmp / "cardswitch.db"),
+        store=store or StoreConfig(path=tmp / "cardswitch.db"),
         card_data=replace(base.card_data, fingerprint_key="fp", encryption_key="pan"),
     )
     logs = io.StringIO()
     log_mod.configure("info", "json", stream=logs)
     vault = HsmVault(hsm, "fp", "pan")
-    async with open_store(cfg.store) as store:
-        report = await import_cards(store, hsm, vault, rows)
+    async with open_store(cfg.store) as opened:
+        report = await import_cards(opened, hsm, vault, rows)
         assert report.ok, report.failures
-        assert isinstance(store, SqliteStore)
-        engine_store = pipeline_store(store) if pipeline_store else store
+        engine_store = pipeline_store(opened) if pipeline_store else opened
         engine = Pipeline(cfg, store=engine_store, hsm=pipeline_hsm or hsm, vault=vault)
-        server = Server(cfg, Dispatcher(engine), server_context(cfg.tls))
+        server = Server(cfg, Dispatcher(engine, keys=hsm), server_context(cfg.tls))
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(server.serve)
             try:
-                yield Switch(bound[0][2], store, hsm, cfg, logs, cfg.store.path)
+                yield Switch(bound[0][2], opened, hsm, cfg, logs, cfg.store.path)
             finally:
                 server.shutdown()
     log_mod.configure("info", "console")

@@ -67,7 +67,7 @@ class _ReversalsFail:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def commit_reversal(self, intent: Any) -> Any:
+    async def commit_reversal(self, intent: Any, *, deadline: float | None = None) -> Any:
         raise StoreError("unavailable", "disk I/O error")
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 from benchmarks.load import percentile, summarize_profile
 
@@ -85,3 +86,68 @@ def test_profile_summary_counts_samples_per_category() -> None:
     # 3 samples at 200 Hz are 15 ms, over 2 requests.
     hsm = prof.categories[0]
     assert hsm.ms_per_request == pytest.approx(7.5)
+
+
+# -- the load generator against the in-process echo baseline (about 1 s) -------------------
+
+
+async def test_generator_runs_against_the_in_process_echo_baseline() -> None:
+    from benchmarks import baselines
+    from benchmarks.generator import PhaseSpec, Target, run_phase
+    from benchmarks.scenarios import Mix, load_mix
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(baselines.serve, baselines.Options("echo"))
+        port = listeners[0].socket.getsockname()[1]
+        target = Target(port=port)
+        mix = Mix(load_mix("full"))
+        closed = PhaseSpec("closed 2x4", connections=2, window=4, duration=0.4, warmup=0.1)
+        opened = PhaseSpec("open", "open", 2, rate=500, duration=0.4, warmup=0.1, timeout=2)
+        results = [await run_phase(target, s, mix, name="echo") for s in (closed, opened)]
+        nursery.cancel_scope.cancel()
+    for r in results:
+        # The echo baseline returns each frame as it came: matched by STAN, no DE39.
+        assert r.sent > 0 and r.answered + r.error_count == r.sent
+        assert r.codes == {"-": r.answered} and not r.errors
+        assert sum(r.scenarios.values()) == r.sent
+        assert r.latency is not None and r.latency.p50 <= r.latency.p99 <= r.latency.max
+    assert results[1].offered_rate == 500
+
+
+def test_cardswitch_bench_drives_a_baseline_process(tmp_path: Path) -> None:
+    from benchmarks.generator import read_json
+    from switch import testing
+    from switch.__main__ import main
+
+    ready = tmp_path / "ready.json"
+    cmd = [sys.executable, "-m", "benchmarks.baselines", "bare", "--ready-file", str(ready)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=testing.switch_env())
+    try:
+        for _ in range(500):
+            if ready.exists() or proc.poll() is not None:
+                break
+            trio.run(trio.sleep, 0.02)
+        port = testing.read_ready(ready).port
+        out = tmp_path / "bench.json"
+        args = ["bench", "--port", str(port), "--mix", "track2", "--connections", "2"]
+        args += ["--window", "4", "--duration", "0.4", "--warmup", "0.1", "--quiet"]
+        args += ["--target-pid", str(proc.pid), "--json", str(out)]
+        assert main(args) == 0
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+    (result,) = read_json(out)
+    assert result.answered == result.sent > 0 and result.codes == {"00": result.sent}
+    assert result.scenarios == {"track2": result.sent}
+
+
+def test_cardswitch_bench_reports_a_bad_mix_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from switch.__main__ import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[scenario]]\nkind = "wire"\n')
+    assert main(["bench", "--port", "1", "--mix", str(bad), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "kind must be one of" in err

@@ -8,7 +8,6 @@ moves money ends with the money invariants checked on the database.
 
 from __future__ import annotations
 
-import sqlite3
 import ssl
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +20,7 @@ from e2e_fixtures import EMV_PAN, Switch, cvn10_de55, cvn10_request, running_swi
 from hsm.pkcs11 import Pkcs11Hsm
 from switch.acquirer import build_auth, build_reversal
 from switch.client import Client
+from switch.config import StoreConfig
 from switch.pki import PkiPaths
 from switch.tls import client_context
 from switch.wire import codec
@@ -35,8 +35,14 @@ WHEN = "1201101500"
 
 
 @pytest.fixture
-async def switch(pki: PkiPaths, demo_hsm: Pkcs11Hsm, card_rows: list[Any], tmp_path: Path) -> Any:
-    async with running_switch(pki, demo_hsm, card_rows, tmp_path) as sw:
+async def switch(
+    pki: PkiPaths,
+    demo_hsm: Pkcs11Hsm,
+    card_rows: list[Any],
+    tmp_path: Path,
+    e2e_store: StoreConfig,
+) -> Any:
+    async with running_switch(pki, demo_hsm, card_rows, tmp_path, store=e2e_store) as sw:
         yield sw
 
 
@@ -49,28 +55,19 @@ async def _ask(sw: Switch, ctx: ssl.SSLContext, *messages: Any) -> list[Any]:
 def _invariants(sw: Switch) -> dict[str, tuple[int, int, int]]:
     """available = ledger - active holds on every account; one money row per journal row;
     nothing released beyond what was held. Returns (ledger, available, holds) by account."""
-    conn = sqlite3.connect(sw.db_path)
-    try:
-        figures = {}
-        for acct, ledger, available in conn.execute(
-            "SELECT id, ledger_balance, available_balance FROM accounts"
-        ):
-            (held,) = conn.execute(
-                "SELECT coalesce(sum(remaining), 0) FROM holds WHERE account_id = ? "
-                "AND kind = 'hold'",
-                (acct,),
-            ).fetchone()
-            assert available == ledger - held, acct
-            figures[acct] = (ledger, available, held)
-        assert not conn.execute(
-            "SELECT journal_id FROM holds GROUP BY journal_id HAVING count(*) > 1"
-        ).fetchall()
-        assert not conn.execute(
-            "SELECT id FROM holds WHERE remaining < 0 OR remaining > amount"
-        ).fetchall()
-        return figures
-    finally:
-        conn.close()
+    figures = {}
+    for acct, ledger, available in sw.query(
+        "SELECT id, ledger_balance, available_balance FROM accounts"
+    ):
+        ((held,),) = sw.query(
+            "SELECT coalesce(sum(remaining), 0) FROM holds WHERE account_id = ? AND kind = 'hold'",
+            (acct,),
+        )
+        assert available == ledger - held, acct
+        figures[acct] = (ledger, available, int(held))
+    assert not sw.query("SELECT journal_id FROM holds GROUP BY journal_id HAVING count(*) > 1")
+    assert not sw.query("SELECT id FROM holds WHERE remaining < 0 OR remaining > amount")
+    return figures
 
 
 # -- cryptograms bound to the message ---------------------------------------------------------
@@ -247,12 +244,7 @@ async def test_advice_for_an_unknown_card_is_acknowledged_and_kept(
 ) -> None:
     (answer,) = await _ask(switch, client_ctx, build_auth("4999999999999999", 100, mti="0120"))
     assert answer.response_code == "00"
-    conn = sqlite3.connect(switch.db_path)
-    try:
-        (reason,) = conn.execute("SELECT reason FROM journal").fetchone()
-    finally:
-        conn.close()
-    assert reason == "advice_unknown_card"
+    assert switch.query("SELECT reason FROM journal") == [("advice_unknown_card",)]
 
 
 # -- money-field edge cases ---------------------------------------------------------------------

@@ -29,8 +29,15 @@ from switch.connection import Connection
 from switch.decisions import Profile, Reason, profile
 from switch.handler import Decision, Dispatcher, RequestContext, StandInCause
 from switch.wire import codec
-from switch.wire.framing import FrameDecoder, HeaderKind, encode_frame
-from switch.wire.messages import AuthRequest, AuthResponse, ReversalRequest, ReversalResponse
+from switch.wire.framing import FrameDecoder, HeaderKind, encode_frame, keepalive_frame
+from switch.wire.messages import (
+    AuthRequest,
+    AuthResponse,
+    NetworkRequest,
+    NetworkResponse,
+    ReversalRequest,
+    ReversalResponse,
+)
 from switch.wire.spec import spec_for
 
 PAN = "4123456789012345"
@@ -96,8 +103,10 @@ class Network:
         self.stream = stream
         self.header: HeaderKind = header
         self.received: list[Received] = []
+        #: When each zero-length frame (a keep-alive) arrived.
+        self.keepalives: list[float] = []
         self.closed_at: float | None = None
-        self._decoder = FrameDecoder(header, 65535)
+        self._decoder = FrameDecoder(header, 65535, empty_frames=True)
         self._closed = trio.Event()
         self._got = trio.Event()
 
@@ -114,6 +123,9 @@ class Network:
     async def read_loop(self) -> None:
         while data := await self.stream.receive_some(65536):
             for frame in self._decoder.feed(bytes(data)):
+                if not frame:
+                    self.keepalives.append(trio.current_time())
+                    continue
                 self.received.append(Received(trio.current_time(), codec.decode_fields(frame)))
                 self._got.set()
         self.closed_at = trio.current_time()
@@ -617,3 +629,130 @@ async def test_log_line_and_metrics_come_from_the_decision(
     assert (
         sample("cardswitch_stand_in_total", network="visa", cause="budget") - stand_in_before == 1
     )
+
+
+# ------------------------------------------------------------------------ keep-alive
+
+
+@pytest.mark.parametrize(("header", "frame"), [("binary2", b"\x00\x00"), ("ascii4", b"0000")])
+async def test_zero_length_frame_answered_with_one_when_the_listener_says_answer(
+    autojump_clock: trio.testing.MockClock, header: HeaderKind, frame: bytes
+) -> None:
+    assert keepalive_frame(header) == frame
+    lst = replace(LISTENER, header=header, zero_length_frames="answer")
+    async with connection(listener=lst) as run:
+        await run.network.send_raw(frame + encode_frame(codec.encode(echo(stan="000007")), header))
+        (answer,) = await run.network.answers(1)
+        await run.network.send_raw(frame * 3)
+        await trio.sleep(1)
+        await run.network.end()
+        await run.network.wait_closed()
+    assert run.outcome == "eof"
+    assert len(run.network.keepalives) == 4
+    assert (answer["0"], answer["11"], answer["39"]) == ("0810", "000007", "00")
+
+
+async def test_zero_length_frame_ignored_when_the_listener_says_ignore(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    before = sample("cardswitch_protocol_errors_total", listener="test", kind="zero_length")
+    async with connection(listener=replace(LISTENER, zero_length_frames="ignore")) as run:
+        await run.network.send_raw(b"\x00\x00" * 2)
+        await run.network.send(auth("000001"))
+        await run.network.answers(1)
+        await run.network.end()
+        await run.network.wait_closed()
+    assert run.outcome == "eof"
+    assert run.network.keepalives == []
+    assert run.network.codes() == {"000001": "00"}
+    after = sample("cardswitch_protocol_errors_total", listener="test", kind="zero_length")
+    assert after == before
+
+
+async def test_keepalives_restart_the_idle_timer(autojump_clock: trio.testing.MockClock) -> None:
+    lst = replace(LISTENER, idle_timeout=10.0, zero_length_frames="ignore")
+    async with connection(listener=lst) as run:
+        start = trio.current_time()
+        for _ in range(5):  # 30 s of keep-alives, each within the 10 s idle timeout
+            await trio.sleep(6)
+            await run.network.send_raw(b"\x00\x00")
+        last = trio.current_time()
+        await run.network.wait_closed()
+    assert run.outcome == "idle_timeout"
+    assert run.network.closed_at is not None
+    assert run.network.closed_at - start > 30
+    assert run.network.closed_at == pytest.approx(last + 10.0)
+
+
+def reencode(fields: dict[str, str]) -> bytes:
+    """The frame body of fields as ``codec.decode_fields`` gives them ("0" is the MTI)."""
+    return raw({("t" if k == "0" else k): v for k, v in fields.items()})
+
+
+async def _next_echo(run: Run, seen: int) -> tuple[float, dict[str, str]]:
+    """The next 0800 the switch sends (after the ``seen`` frames already received)."""
+    await run.network.answers(seen + 1)
+    got = run.network.received[seen]
+    return got.at, got.fields
+
+
+async def test_switch_echoes_an_idle_link_and_an_answer_keeps_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    lst = replace(LISTENER, idle_echo_after=30.0, echo_timeout=5.0)
+    async with connection(listener=lst) as run:
+        start = trio.current_time()
+        at, first = await _next_echo(run, 0)
+        assert at == pytest.approx(start + 30.0)
+        assert (first["0"], first["70"]) == ("0800", "301")
+        assert len(first["7"]) == 10 and first["7"].isdigit()
+        request = codec.decode(reencode(first))
+        assert isinstance(request, NetworkRequest)
+        await trio.sleep(1)
+        await run.network.send(codec.encode(NetworkResponse.answer(request)))
+        answered = trio.current_time()
+        at, second = await _next_echo(run, 1)
+        assert at == pytest.approx(answered + 30.0)
+        assert second["11"] != first["11"]  # each echo has a STAN of its own
+        await run.network.end()
+        await run.network.wait_closed()
+    assert run.outcome == "eof"
+
+
+async def test_traffic_postpones_the_echo(autojump_clock: trio.testing.MockClock) -> None:
+    lst = replace(LISTENER, idle_echo_after=30.0, echo_timeout=5.0)
+    async with connection(listener=lst) as run:
+        for i in range(3):
+            await trio.sleep(20)
+            await run.network.send(auth(f"{i + 1:06d}"))
+            await run.network.answers(i + 1)
+        last = trio.current_time()
+        at, frame = await _next_echo(run, 3)
+        await run.network.end()
+    assert frame["0"] == "0800"
+    assert at == pytest.approx(last + 30.0)
+
+
+async def test_unanswered_echo_closes_the_link(autojump_clock: trio.testing.MockClock) -> None:
+    before = sample("cardswitch_protocol_errors_total", listener="test", kind="echo_timeout")
+    lst = replace(LISTENER, idle_echo_after=30.0, echo_timeout=5.0)
+    async with connection(listener=lst) as run:
+        at, frame = await _next_echo(run, 0)
+        # An 0810 of another STAN is not the answer (it is an unsolicited response).
+        wrong = dict(frame, **{"0": "0810", "11": f"{int(frame['11']) % 999999 + 1:06d}"})
+        wrong["39"] = "00"
+        await run.network.send(reencode(wrong))
+        await run.network.wait_closed()
+    assert run.outcome == "echo_timeout"
+    assert run.network.closed_at == pytest.approx(at + 5.0)
+    after = sample("cardswitch_protocol_errors_total", listener="test", kind="echo_timeout")
+    assert after - before == 1
+
+
+async def test_echo_off_by_default_leaves_idle_links_to_the_idle_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection(listener=replace(LISTENER, idle_timeout=100.0)) as run:
+        await run.network.wait_closed()
+    assert run.outcome == "idle_timeout"
+    assert run.network.received == []

@@ -25,6 +25,7 @@ from e2e_fixtures import (
 from hsm.pkcs11 import Pkcs11Hsm
 from switch.acquirer import build_auth, build_reversal, encipher_pin
 from switch.client import Client
+from switch.config import StoreConfig
 from switch.pki import PkiPaths
 from switch.store.models import CardStatus
 from switch.wire import emv
@@ -42,8 +43,14 @@ DEMO_ZPK = "0123456789ABCDEFFEDCBA9876543210"
 
 
 @pytest.fixture
-async def switch(pki: PkiPaths, demo_hsm: Pkcs11Hsm, card_rows: list[Any], tmp_path: Path) -> Any:
-    async with running_switch(pki, demo_hsm, card_rows, tmp_path) as sw:
+async def switch(
+    pki: PkiPaths,
+    demo_hsm: Pkcs11Hsm,
+    card_rows: list[Any],
+    tmp_path: Path,
+    e2e_store: StoreConfig,
+) -> Any:
+    async with running_switch(pki, demo_hsm, card_rows, tmp_path, store=e2e_store) as sw:
         yield sw
 
 
@@ -336,8 +343,7 @@ async def test_no_card_data_in_database_or_logs(switch: Switch, client_ctx: ssl.
         "ARQC hex": CVN10_ARQC.encode(),
         "CVV2 subelement": b"9203123",
     }
-    files = [switch.db_path, switch.db_path.with_name(switch.db_path.name + "-wal")]
-    blobs = {str(f): f.read_bytes() for f in files if f.exists()}
+    blobs = switch.stored_bytes()
     blobs["log"] = switch.log.getvalue().encode()
     assert b"answered" in blobs["log"]  # the log was captured
     for where, blob in blobs.items():

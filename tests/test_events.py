@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import trio
 from e2e_fixtures import CVN10_ARQC, EMV_PAN, cvn10_request
+from pg_fixtures import store_config
 from test_events_support import schema_validator, sentinels_found
 
 from hsm.carddata import HsmVault
@@ -36,13 +37,12 @@ from switch.events import OutboxEvent
 from switch.handler import Dispatcher
 from switch.pipeline import Pipeline
 from switch.provision import CardRow, import_cards
-from switch.store import Store, open_store
+from switch.store import Store, migrations, open_store
 from switch.store.models import (
     AuthIntent,
     DuplicateKey,
     StoreError,
 )
-from switch.store.sqlite import _PRE_EVENTS_VERSION, _SCHEMA
 from switch.testing import context_for, software_engine
 from switch.wire.messages import (
     AuthRequest,
@@ -206,16 +206,25 @@ class Session:
         return response
 
 
+def backend_config(backend: str, tmp: Path, dsn: str | None = None) -> StoreConfig:
+    """The store of ``backend``: SQLite ``tmp/events.db``, or the PostgreSQL database ``dsn``."""
+    if backend == "postgres":
+        assert dsn is not None
+        return store_config(dsn)
+    return StoreConfig(path=tmp / "events.db")
+
+
 @asynccontextmanager
-async def session_store(backend: str, tmp: Path) -> AsyncIterator[Session]:
-    """The scripted session's engine over ``backend`` (``memory`` or ``sqlite``)."""
+async def session_store(backend: str, tmp: Path, dsn: str | None = None) -> AsyncIterator[Session]:
+    """The scripted session's engine over ``backend`` (``memory``, ``sqlite``, ``postgres``
+    with ``dsn``)."""
     rows = [CardRow.from_mapping(r, f"row {i}") for i, r in enumerate(_demo_rows())]
     engine = await software_engine(rows)
     if backend == "memory":
         yield Session(Dispatcher(engine.pipeline), engine.store, engine.config)
         return
     vault = HsmVault(engine.hsm, testing.FINGERPRINT_KEY, testing.ENCRYPTION_KEY)
-    async with open_store(StoreConfig(path=tmp / "events.db")) as store:
+    async with open_store(backend_config(backend, tmp, dsn)) as store:
         report = await import_cards(store, engine.hsm, vault, rows)
         assert report.ok, report.failures
         pipeline = Pipeline(engine.config, store=store, hsm=engine.hsm, vault=vault,
@@ -240,11 +249,12 @@ def cvv_values(events: list[dict[str, Any]], cvv: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "postgres"])
 async def test_every_committed_decision_writes_one_valid_event(
-    backend: str, tmp_path: Path
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    async with session_store(backend, tmp_path) as session:
+    dsn = request.getfixturevalue("pg_dsn") if backend == "postgres" else None
+    async with session_store(backend, tmp_path, dsn) as session:
         store = session.store
         answers = await run_session(session.ask)
         codes = {a[0].request.stan: a[1].response_code for a in answers}
@@ -333,19 +343,27 @@ def _rows(tmp: Path, sql: str) -> list[tuple[Any, ...]]:
         return conn.execute(sql).fetchall()
 
 
-async def test_a_schema_2_database_gains_the_outbox_and_keeps_its_rows(tmp_path: Path) -> None:
+async def test_a_database_before_the_outbox_gains_it_and_keeps_its_rows(tmp_path: Path) -> None:
+    """The outbox is its own migration (``0005_events.sql``): a file at the schema before it
+    is brought forward with its rows."""
+    (outbox,) = [m for m in migrations.migrations("sqlite") if m.name == "events"]
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as conn:
-        conn.executescript(_SCHEMA)
+        for migration in migrations.migrations("sqlite"):
+            if migration.version < outbox.version:
+                for statement in migrations.split_statements(migration.sql):
+                    conn.execute(statement)
         conn.execute("INSERT INTO accounts VALUES ('acct-old', '978', 100, 100)")
-        conn.execute(f"PRAGMA user_version = {_PRE_EVENTS_VERSION}")
+        conn.execute(f"PRAGMA user_version = {outbox.version - 1}")
     async with open_store(StoreConfig(path=path)) as store:
         account = await store.get_account("acct-old")
         assert account is not None and account.available_balance == 100
         assert await store.events_since("") == []
         assert await store.claim_lease("x", "me", 1.0, 10.0)
+        assert not await store.claim_lease("x", "other", 5.0, 10.0)
+        assert await store.claim_lease("x", "other", 11.0, 10.0)  # expired: taken over
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == _PRE_EVENTS_VERSION + 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] >= outbox.version
 
 
 def test_event_builders_doctests() -> None:

@@ -7,6 +7,7 @@ directly (boto3 ``Decrypt``/``VerifyMac``) and to ``cryptography`` instead.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -14,20 +15,22 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import pytest
 import trio
+from botocore.awsrequest import AWSPreparedRequest, AWSResponse, HTTPHeaders
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from hsm.carddata import CardVault
 from hsm.config import CardDataConfig
 from hsm.errors import DecryptionFailed, HsmUnavailable, InvalidInput
 from hsm.kms import (
+    MAX_ATTEMPTS,
     KmsKeyError,
     KmsSettings,
     KmsUnavailable,
@@ -277,3 +280,72 @@ def test_settings_come_from_the_card_data_config() -> None:
         "alias/mac",
         "x-1",
     )
+
+
+class _Body:
+    """The raw body of a canned botocore response (what ``AWSResponse.content`` reads)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def stream(self, **_: object) -> Iterator[bytes]:
+        yield self._data
+
+
+def _fail_first(count: int, status: int, code: str) -> tuple[list[str], Callable[..., Any]]:
+    """A before-send hook answering the first ``count`` KMS calls with ``status``/``code``
+    instead of sending them (a KMS having a bad moment), then letting calls through."""
+    seen: list[str] = []
+
+    def hook(request: AWSPreparedRequest, **_: object) -> AWSResponse | None:
+        seen.append(request.url)
+        if len(seen) > count:
+            return None
+        body = json.dumps({"__type": code, "message": "injected"}).encode()
+        headers = HTTPHeaders()
+        headers["Content-Type"] = "application/x-amz-json-1.1"
+        return AWSResponse(request.url, status, headers, _Body(body))
+
+    return seen, hook
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(500, "KMSInternalException"), (503, "ServiceUnavailable"), (400, "ThrottlingException")],
+)
+async def test_transient_kms_errors_are_retried(
+    card_data_config: CardDataConfig, moto_kms: MotoKms, status: int, code: str
+) -> None:
+    reference = await KmsVault.from_config(card_data_config, session=moto_kms.session).fingerprint(
+        PAN
+    )
+    client = make_client(KmsSettings.from_config(card_data_config), moto_kms.session)
+    seen, hook = _fail_first(MAX_ATTEMPTS - 1, status, code)
+    client.meta.events.register("before-send.kms.GenerateMac", hook)
+    vault = KmsVault(KmsSettings.from_config(card_data_config), client)
+    assert await vault.fingerprint(PAN) == reference  # answered by KMS on the last attempt
+    assert len(seen) == MAX_ATTEMPTS
+
+
+async def test_kms_failing_on_every_attempt_is_unavailable(
+    card_data_config: CardDataConfig, moto_kms: MotoKms
+) -> None:
+    client = make_client(KmsSettings.from_config(card_data_config), moto_kms.session)
+    seen, hook = _fail_first(MAX_ATTEMPTS, 500, "KMSInternalException")
+    client.meta.events.register("before-send.kms.GenerateMac", hook)
+    vault = KmsVault(KmsSettings.from_config(card_data_config), client)
+    with pytest.raises(KmsUnavailable):
+        await vault.fingerprint(PAN)
+    assert len(seen) == MAX_ATTEMPTS  # botocore's max_attempts would be retries, one more
+
+
+async def test_a_missing_key_is_not_retried(
+    card_data_config: CardDataConfig, moto_kms: MotoKms
+) -> None:
+    client = make_client(KmsSettings.from_config(card_data_config), moto_kms.session)
+    seen, hook = _fail_first(MAX_ATTEMPTS, 400, "NotFoundException")
+    client.meta.events.register("before-send.kms.GenerateMac", hook)
+    vault = KmsVault(KmsSettings.from_config(card_data_config), client)
+    with pytest.raises(KmsKeyError):
+        await vault.fingerprint(PAN)
+    assert len(seen) == 1

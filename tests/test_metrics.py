@@ -39,6 +39,7 @@ ALLOWED_LABELS |= {"cause", "command", "le", "check", "certificate", "version"}
 #: Labels of the default process/platform/GC collectors (python_info, python_gc_*).
 COLLECTOR_LABELS = {"implementation", "major", "minor", "patchlevel", "version", "generation"}
 ALLOWED_LABELS |= {"limit"}  # ListenerConfig limit names: metrics.CONNECTION_LIMITS
+ALLOWED_LABELS |= {"dependency"}  # metrics.BREAKER_DEPENDENCIES: hsm, store, vault
 
 
 def _samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

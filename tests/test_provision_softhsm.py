@@ -35,19 +35,19 @@ switch.cli.provision.register(parser.add_subparsers(dest="command", required=Tru
 args = parser.parse_args(sys.argv[1:])
 sys.exit(args.func(args))
 """
-#: Creates the token (hsm.token.open_hsm), imports the demo keys and generates the card-data
+#: Creates the token (hsm.token.ensure_hsm), imports the demo keys and generates the card-data
 #: keys the configuration names, through the Hsm interface.
 _SETUP = """
 import sys, trio
 from pathlib import Path
 from hsm.api import KeyAlgorithm, KeyUsage, KeyGeneration, KeyImport
-from hsm.token import open_hsm
+from hsm.token import ensure_hsm
 from switch.config import load
 from switch.provision import load_keys
 
 async def main(cfg_path, keys_path):
     cfg = load(cfg_path)
-    hsm = open_hsm(cfg.hsm)
+    hsm = ensure_hsm(cfg.hsm)
     try:
         for key in load_keys(keys_path):
             algorithm = KeyAlgorithm(key.algorithm) if key.algorithm else None

@@ -24,12 +24,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from e2e_fixtures import running_switch
 from test_events import (
     CVV2,
     SENTINELS,
     Session,
+    backend_config,
     check_decision_events,
     cvv_values,
     run_session,
@@ -53,7 +55,7 @@ from hsm.pkcs11 import Pkcs11Hsm
 from switch import metrics
 from switch.acquirer import build_auth, build_reversal
 from switch.client import Client
-from switch.config import EventsConfig, StoreConfig
+from switch.config import EventsConfig
 from switch.events import EventFailure, OutboxEvent
 from switch.pki import PkiPaths
 from switch.relay import BatchResult, PublishUnavailable, Relay, SqsPublisher, make_client
@@ -308,11 +310,15 @@ async def test_poison_and_failing_events_are_parked_without_stopping_anyone(
             assert ids == sorted(ids), group
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_two_relays_one_database_one_active_and_failover(
+    backend: str,
     tmp_path: Path,
     moto_sqs: MotoSqs,  # noqa: F811
     fifo_queue: str,  # noqa: F811
+    request: pytest.FixtureRequest,
 ) -> None:
+    dsn = request.getfixturevalue("pg_dsn") if backend == "postgres" else None
     cfg = events_config(moto_sqs, fifo_queue, lease_seconds=10.0)
     now = [1_000_000.0]
 
@@ -320,8 +326,8 @@ async def test_two_relays_one_database_one_active_and_failover(
         return now[0]
 
     async with (
-        session_store("sqlite", tmp_path) as session,
-        open_store(StoreConfig(path=tmp_path / "events.db")) as other,
+        session_store(backend, tmp_path, dsn) as session,
+        open_store(backend_config(backend, tmp_path, dsn)) as other,  # a second instance
     ):
         send = publisher(cfg).send
         a = Relay(session.store, cfg, send, owner="instance-a", clock=clock)

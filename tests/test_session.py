@@ -20,9 +20,9 @@ from switch import session as session_mod
 from switch.acquirer import build_auth, build_reversal, echo
 from switch.config import ListenerConfig
 from switch.decisions import Profile, Reason, profile
-from switch.session import Answer, Close, Decide, Drop, Session, classify
+from switch.session import Answer, Close, Decide, Drop, KeepAlive, Session, classify
 from switch.wire import codec
-from switch.wire.framing import HeaderKind, encode_frame
+from switch.wire.framing import HeaderKind, encode_frame, keepalive_frame
 from switch.wire.messages import AuthRequest, AuthResponse, NetworkRequest, UnsupportedMessage
 from switch.wire.spec import spec_for
 
@@ -224,3 +224,26 @@ def test_no_response_code_literal_on_the_server_path(module: str) -> None:
     assert not re.findall(r"""(?<![bB])["'](?:00|05|12|30|51|91|96)["']""", source)
     if module == "session.py":
         assert not re.search(r"^(?:import|from) trio", source, re.MULTILINE)
+
+
+@pytest.mark.parametrize("header", ["binary2", "ascii4", "bcd2"])
+@pytest.mark.parametrize(("policy", "answer"), [("answer", True), ("ignore", False)])
+def test_zero_length_frames_are_keepalives_in_stream_order(
+    header: HeaderKind, policy: str, answer: bool
+) -> None:
+    lst = replace(LISTENER, header=header, zero_length_frames=policy)  # type: ignore[arg-type]
+    s = Session(lst, ODD)
+    ka = keepalive_frame(header)
+    data = ka + encode_frame(auth_body("000001"), header) + ka + ka
+    # Byte by byte too: a header split across reads is still one keep-alive.
+    for chunks in ([data], [data[i : i + 1] for i in range(len(data))]):
+        actions = [a for chunk in chunks for a in s.receive(chunk)]
+        assert [type(a) for a in actions] == [KeepAlive, Decide, KeepAlive, KeepAlive]
+        assert all(a.answer is answer for a in actions if isinstance(a, KeepAlive))
+        assert not s.in_progress and not s.closed
+
+
+def test_zero_length_frame_still_closes_by_default() -> None:
+    assert LISTENER.zero_length_frames == "close"
+    (action,) = Session(LISTENER, ODD).receive(b"\x00\x00")
+    assert isinstance(action, Close) and action.kind == "zero_length"

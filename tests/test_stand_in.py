@@ -98,3 +98,75 @@ async def test_hsm_unavailable_answers_91_and_holds_nothing(
         account = await sw.store.get_account("demo-acct-main")
     assert answer.response_code == "91"
     assert account is not None and account.available_balance == 1_000_000
+
+
+class _SlowHsm:
+    """The real HSM behind a latency: every command first waits ``delay`` seconds.
+
+    Counts the commands started, the ones cancelled while waiting (the pipeline gave up at
+    its budget) and the ones that reached the token.
+    """
+
+    def __init__(self, hsm: Pkcs11Hsm, delay: float) -> None:
+        self._hsm = hsm
+        self.delay = delay
+        self.started = self.cancelled = self.reached = 0
+
+    def __getattr__(self, name: str) -> Any:
+        command = getattr(self._hsm, name)
+
+        async def slowed(*args: Any) -> Any:
+            self.started += 1
+            try:
+                await trio.sleep(self.delay)
+            except trio.Cancelled:
+                self.cancelled += 1
+                raise
+            self.reached += 1
+            return await command(*args)
+
+        return slowed
+
+
+async def test_a_slow_hsm_under_load_gets_the_stand_in_answer_and_holds_nothing(
+    pki: PkiPaths,
+    demo_hsm: Pkcs11Hsm,
+    card_rows: list[Any],
+    tmp_path: Path,
+    client_ctx: ssl.SSLContext,
+) -> None:
+    """Eight requests in flight against an HSM slower than any test: each is answered with
+    the stand-in code while its HSM command is still waiting (so within the budget, not when
+    the HSM would have replied), nothing is held, the HSM breaker opens, and once the latency
+    is gone and the breaker's cool-down has passed the same switch approves again."""
+    slow = _SlowHsm(demo_hsm, delay=3600.0)
+    budget = PipelineConfig(budget=0.3, stand_in="issuer_unavailable", breaker_cool_down=0.5)
+    async with running_switch(
+        pki, demo_hsm, card_rows, tmp_path, pipeline_hsm=slow, pipeline=budget
+    ) as sw:
+        answers: list[AuthResponse] = []
+        async with Client.connect("127.0.0.1", sw.port, client_ctx) as client:
+
+            async def one() -> None:
+                request = build_auth(PAN, 1000, track2=TRACK2, pos_entry_mode="901")
+                with trio.fail_after(10):
+                    answer = await client.request(request)
+                assert isinstance(answer, AuthResponse)
+                answers.append(answer)
+
+            async with trio.open_nursery() as nursery:  # eight in flight on one connection
+                for _ in range(8):
+                    nursery.start_soon(one)
+        assert slow.reached == 0 and slow.cancelled == slow.started >= 8
+        account = await sw.store.get_account("demo-acct-main")
+        holds = await sw.store.active_holds_total("demo-acct-main")
+        slow.delay = 0
+        await trio.sleep(0.6)  # the breaker half-opens: the next request probes the HSM
+        recovered = await _one(sw.port, client_ctx)
+        holds_after = await sw.store.active_holds_total("demo-acct-main")
+    assert [a.response_code for a in answers] == ["91"] * 8
+    assert all(a.approval_code is None for a in answers)
+    assert account is not None and account.available_balance == 1_000_000
+    assert holds == 0
+    assert recovered.response_code == "00" and slow.reached >= 1
+    assert holds_after == 1000

@@ -1,7 +1,8 @@
 """Money, PIN-try, velocity, duplicate and reversal semantics of the store.
 
-The decision semantics run on every backend (SQLite and the in-memory test store share the
-commit rules); batching, cancellation and closing are the SQLite writer's own.
+The decision semantics run on every backend (SQLite, PostgreSQL and the in-memory test store
+share the commit rules); batching, cancellation and closing are the SQLite writer's own
+(PostgreSQL's are in test_postgres_store.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from test_store_support import (
     CARD_ID,
     CURRENCY,
     PAN,
+    Backend,
     auth,
     dup_key,
     make_card,
@@ -43,9 +45,11 @@ from switch.store.models import JournalQuery
 BALANCE = 100_000
 
 
-@pytest.fixture(params=["sqlite", "memory"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+@pytest.fixture(params=["sqlite", "memory", "postgres"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "postgres":
+        return Backend("postgres", request.getfixturevalue("pg_dsn"))
+    return Backend(str(request.param))
 
 
 async def balances(store: object, account_id: str = ACCOUNT_ID) -> tuple[int, int]:
@@ -74,7 +78,7 @@ def test_acquirer_ids_and_mti_classes_are_normalised() -> None:
 # -- authorizations ----------------------------------------------------------------------------
 
 
-async def test_approved_hold_reserves_available_only(tmp_path: Path, backend: str) -> None:
+async def test_approved_hold_reserves_available_only(tmp_path: Path, backend: Backend) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         out = await store.commit_auth(auth("000001", 2500))
         assert out.response_code == "00"
@@ -88,7 +92,7 @@ async def test_approved_hold_reserves_available_only(tmp_path: Path, backend: st
 
 
 async def test_insufficient_funds_declines_51_without_moving_money(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", balance=1000, backend=backend) as store:
         out = await store.commit_auth(auth("000001", 1001))
@@ -100,7 +104,9 @@ async def test_insufficient_funds_declines_51_without_moving_money(
         assert exact.available_balance == 0
 
 
-async def test_financial_request_debits_ledger_and_available(tmp_path: Path, backend: str) -> None:
+async def test_financial_request_debits_ledger_and_available(
+    tmp_path: Path, backend: Backend
+) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         out = await store.commit_auth(auth("000001", 4000, kind="debit"))
         assert out.response_code == "00"
@@ -112,7 +118,7 @@ async def test_financial_request_debits_ledger_and_available(tmp_path: Path, bac
 
 
 async def test_advices_are_applied_even_beyond_funds_and_never_declined(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     limits = SpendControls(daily_count=1)
     async with seeded_store(
@@ -137,7 +143,7 @@ async def test_advices_are_applied_even_beyond_funds_and_never_declined(
         assert card is not None and card.pin_tries == 3  # the advice did not count a try
 
 
-async def test_pipeline_decline_is_recorded_without_money(tmp_path: Path, backend: str) -> None:
+async def test_pipeline_decline_is_recorded_without_money(tmp_path: Path, backend: Backend) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         out = await store.commit_auth(
             auth("000001", 100, kind="decline", decline_reason=Reason.EXPIRED_CARD)
@@ -151,7 +157,7 @@ async def test_pipeline_decline_is_recorded_without_money(tmp_path: Path, backen
         assert err.value.kind == "invalid"
 
 
-async def test_unknown_card_decline_needs_no_account(tmp_path: Path, backend: str) -> None:
+async def test_unknown_card_decline_needs_no_account(tmp_path: Path, backend: Backend) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         out = await store.commit_auth(
             auth(
@@ -168,7 +174,7 @@ async def test_unknown_card_decline_needs_no_account(tmp_path: Path, backend: st
 
 
 async def test_duplicate_replays_stored_answer_without_second_hold(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         first = await store.commit_auth(auth("000001", 1000))
@@ -193,7 +199,7 @@ async def test_duplicate_replays_stored_answer_without_second_hold(
 
 
 async def test_wrong_pins_count_to_75_and_replays_do_not_count(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         codes = [
@@ -214,7 +220,7 @@ async def test_wrong_pins_count_to_75_and_replays_do_not_count(
 
 
 async def test_correct_pin_resets_tries_even_when_declined_for_funds(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", balance=1000, backend=backend) as store:
         await store.commit_auth(auth("000001", 100, pin_check="bad"))
@@ -227,7 +233,7 @@ async def test_correct_pin_resets_tries_even_when_declined_for_funds(
         assert bad.response_code == "55"  # counting starts again from zero
 
 
-async def test_daily_amount_velocity_declines_61(tmp_path: Path, backend: str) -> None:
+async def test_daily_amount_velocity_declines_61(tmp_path: Path, backend: Backend) -> None:
     limits = SpendControls(daily_amount=1000)
     async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits, backend=backend) as store:
         assert (await store.commit_auth(auth("000001", 600, velocity=limits))).response_code == "00"
@@ -240,7 +246,9 @@ async def test_daily_amount_velocity_declines_61(tmp_path: Path, backend: str) -
         assert await balances(store) == (BALANCE, BALANCE - 2000)
 
 
-async def test_count_velocity_declines_65_daily_and_monthly(tmp_path: Path, backend: str) -> None:
+async def test_count_velocity_declines_65_daily_and_monthly(
+    tmp_path: Path, backend: Backend
+) -> None:
     limits = SpendControls(daily_count=2, monthly_count=3)
     async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits, backend=backend) as store:
         day1 = [
@@ -259,7 +267,7 @@ async def test_count_velocity_declines_65_daily_and_monthly(tmp_path: Path, back
         assert day2 == ["00", "65"]  # the month's third is allowed, the fourth is not
 
 
-async def test_monthly_amount_velocity_declines_61(tmp_path: Path, backend: str) -> None:
+async def test_monthly_amount_velocity_declines_61(tmp_path: Path, backend: Backend) -> None:
     limits = SpendControls(monthly_amount=1500)
     async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits, backend=backend) as store:
         first = auth("000001", 1000, velocity=limits, velocity_day="20250101")
@@ -271,7 +279,7 @@ async def test_monthly_amount_velocity_declines_61(tmp_path: Path, backend: str)
 # -- reversals ---------------------------------------------------------------------------------
 
 
-async def test_full_reversal_releases_the_hold_once(tmp_path: Path, backend: str) -> None:
+async def test_full_reversal_releases_the_hold_once(tmp_path: Path, backend: Backend) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         await store.commit_auth(auth("000001", 1000))
         out = await store.commit_reversal(reversal("000101", "000001", 1000))
@@ -286,7 +294,9 @@ async def test_full_reversal_releases_the_hold_once(tmp_path: Path, backend: str
         assert await balances(store) == (BALANCE, BALANCE)
 
 
-async def test_partial_reversals_never_release_more_than_held(tmp_path: Path, backend: str) -> None:
+async def test_partial_reversals_never_release_more_than_held(
+    tmp_path: Path, backend: Backend
+) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         await store.commit_auth(auth("000001", 1000))
         part = await store.commit_reversal(reversal("000101", "000001", 1000, replacement=600))
@@ -302,7 +312,7 @@ async def test_partial_reversals_never_release_more_than_held(tmp_path: Path, ba
 
 
 async def test_reversal_of_a_debit_credits_ledger_and_available(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         await store.commit_auth(auth("000001", 3000, kind="debit"))
@@ -314,7 +324,7 @@ async def test_reversal_of_a_debit_credits_ledger_and_available(
 
 
 async def test_reversal_finds_original_through_zero_filled_de90_acquirer(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         await store.commit_auth(auth("000001", 1000))
@@ -325,7 +335,7 @@ async def test_reversal_finds_original_through_zero_filled_de90_acquirer(
 
 
 async def test_reversal_of_a_declined_original_matches_and_releases_nothing(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", balance=10, backend=backend) as store:
         assert (await store.commit_auth(auth("000001", 1000))).response_code == "51"
@@ -333,7 +343,7 @@ async def test_reversal_of_a_declined_original_matches_and_releases_nothing(
         assert (out.matched, out.released_amount, out.available_balance) == (True, 0, 10)
 
 
-async def test_reversal_releases_velocity_of_the_original(tmp_path: Path, backend: str) -> None:
+async def test_reversal_releases_velocity_of_the_original(tmp_path: Path, backend: Backend) -> None:
     limits = SpendControls(daily_amount=1000, daily_count=1)
     async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits, backend=backend) as store:
         assert (await store.commit_auth(auth("000001", 1000, velocity=limits))).approved
@@ -343,7 +353,7 @@ async def test_reversal_releases_velocity_of_the_original(tmp_path: Path, backen
 
 
 async def test_unmatched_reversal_is_kept_and_late_original_declined(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         early = await store.commit_reversal(reversal("000101", "000001", 1000))
@@ -357,7 +367,7 @@ async def test_unmatched_reversal_is_kept_and_late_original_declined(
 
 
 async def test_advice_after_its_reversal_is_acknowledged_without_money(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         # The network reversed its stand-in 0200 (DE90 names the 0200), then advises it.
@@ -464,7 +474,7 @@ async def test_closed_store_refuses_operations(tmp_path: Path) -> None:
 
 
 async def test_expired_holds_are_released_once_and_reversals_after_release_nothing(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     limits = SpendControls(daily_amount=1000)
     async with seeded_store(tmp_path / "s.db", BALANCE, controls=limits, backend=backend) as store:
@@ -489,7 +499,7 @@ async def test_expired_holds_are_released_once_and_reversals_after_release_nothi
 
 
 async def test_operator_release_gives_back_once_and_never_a_debit(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: Backend
 ) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         hold = await store.commit_auth(auth("000001", 700))
@@ -502,7 +512,9 @@ async def test_operator_release_gives_back_once_and_never_a_debit(
         assert await balances(store) == (BALANCE - 200, BALANCE - 200)
 
 
-async def test_journal_search_by_stan_rrn_masked_pan_and_card(tmp_path: Path, backend: str) -> None:
+async def test_journal_search_by_stan_rrn_masked_pan_and_card(
+    tmp_path: Path, backend: Backend
+) -> None:
     async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
         await store.commit_auth(auth("000001", 700))
         await store.commit_auth(auth("000002", 300))
@@ -518,3 +530,24 @@ async def test_journal_search_by_stan_rrn_masked_pan_and_card(tmp_path: Path, ba
         assert await store.search_journal(JournalQuery(masked_pan="999999")) == []
         assert len(await store.search_journal(JournalQuery(card_id=CARD_ID, limit=2))) == 2
         assert await store.search_journal(JournalQuery(since="2999-01-01")) == []
+
+
+async def test_card_updates_change_only_the_named_columns_and_are_journaled(
+    tmp_path: Path, backend: Backend
+) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
+        await store.commit_auth(auth("000001", 100, pin_check="bad"))
+        change = await store.update_card(
+            CARD_ID, {"status": CardStatus.BLOCKED, "pin_tries": 0}, actor="ops@test"
+        )
+        assert change is not None and change.actor == "ops@test"
+        assert change.changed["status"] == ["active", "blocked"]
+        assert change.changed["pin_tries"] == [1, 0]
+        card = await store.get_card(CARD_ID)
+        assert card is not None
+        assert (card.status, card.pin_tries, card.expiry) == (CardStatus.BLOCKED, 0, "8701")
+        assert [c.changed for c in await store.card_changes(CARD_ID)] == [change.changed]
+        assert await store.update_card("no-such-card", {"expiry": "9912"}, actor="x") is None
+        with pytest.raises(StoreError) as err:
+            await store.update_card(CARD_ID, {"pan_fingerprint": b"x"}, actor="x")
+        assert err.value.kind == "invalid"

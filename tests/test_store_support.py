@@ -1,5 +1,5 @@
-"""Shared builders of the store tests: a fresh SQLite store with one account and one card, and
-intents keyed by STAN. No tests live here."""
+"""Shared builders of the store tests: a fresh store (SQLite, PostgreSQL or in memory) with one
+account and one card, and intents keyed by STAN. No tests live here."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import hmac
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,9 @@ from switch.store import (
     OriginalKey,
     ReversalIntent,
     SpendControls,
+    open_store,
 )
 from switch.store.memory import MemoryStore
-from switch.store.sqlite import open_sqlite_store
 
 #: The CVV test-vector card (published Visa table); only its fingerprint reaches the store.
 PAN = "4123456789012345"
@@ -136,23 +137,39 @@ def reversal(
     )
 
 
+@dataclass(frozen=True)
+class Backend:
+    """Which store a test runs on: ``sqlite``, ``memory`` or ``postgres`` (with its DSN)."""
+
+    name: str
+    dsn: str = ""
+
+    def __str__(self) -> str:
+        return self.name
+
+
 @asynccontextmanager
 async def seeded_store(
     path: Path,
     balance: int = 100_000,
     controls: SpendControls | None = None,
     batch_max: int = 128,
-    backend: str = "sqlite",
+    backend: str | Backend = "sqlite",
 ) -> AsyncIterator[Any]:
     """A store at ``path`` holding one account with ``balance`` and the test card on it;
-    ``backend="memory"`` gives the in-memory test store instead (``path`` unused)."""
+    ``backend`` "memory" gives the in-memory test store instead (``path`` unused), a
+    ``Backend("postgres", dsn)`` the PostgreSQL database ``dsn`` (already migrated)."""
+    spec = backend if isinstance(backend, Backend) else Backend(backend)
     async with contextlib.AsyncExitStack() as stack:
         store: Any
-        if backend == "memory":
+        if spec.name == "memory":
             store = MemoryStore()
+        elif spec.name == "postgres":
+            cfg = StoreConfig(backend="postgres", dsn=spec.dsn)
+            store = await stack.enter_async_context(open_store(cfg))
         else:
             cfg = StoreConfig(path=path, batch_max=batch_max)
-            store = await stack.enter_async_context(open_sqlite_store(cfg))
+            store = await stack.enter_async_context(open_store(cfg))
         if await store.get_account(ACCOUNT_ID) is None:
             await store.put_account(Account(ACCOUNT_ID, CURRENCY, balance, balance))
             await store.put_card(make_card(controls=controls or SpendControls()))

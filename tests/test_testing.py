@@ -25,7 +25,13 @@ from switch.config import (
     TlsConfig,
 )
 from switch.pki import PkiPaths
-from switch.testing import SwitchStartError, start_switch, switch_process, write_config
+from switch.testing import (
+    SwitchStartError,
+    serve_command,
+    start_switch,
+    switch_process,
+    write_config,
+)
 from switch.wire.messages import NetworkResponse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +93,9 @@ async def test_switch_process_starts_answers_and_stops_with_sigterm(
     )
     path = write_config(cfg, tmp_path / "switch.toml")
     ready = tmp_path / "ready.json"
-    async with switch_process(path, ready, command=None) as proc:
+    # No engine: echo needs no HSM or store (serve would refuse the absent dev token).
+    command = [*serve_command(path, ready), "--no-engine"]
+    async with switch_process(path, ready, command=command) as proc:
         assert proc.ready.pid == proc.pid
         assert [x.name for x in proc.ready.listeners] == ["a", "b"]
         assert proc.port == proc.ready.listeners[0].port != 0

@@ -36,7 +36,7 @@ ISO = profile("iso")
 
 
 def _auth(block: bytes, stan: str = "000001") -> AuthRequest:
-    return build_auth(PAN, 1000, stan=stan, pin_block=block)
+    return build_auth(PAN, 1000, stan=stan, pin_block=block, when="1201120000")
 
 
 @pytest.mark.parametrize("kind", SPEC_KINDS)

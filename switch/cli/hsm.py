@@ -256,9 +256,12 @@ async def _cmd_init(args: argparse.Namespace, cfg: Config) -> int:
     created = await trio.to_thread.run_sync(token.init_dev_token, cfg.hsm)
     state = "created" if created else "opened"
     print(f"token {cfg.hsm.token_label!r} {state} (SOFTHSM2_CONF={cfg.hsm.softhsm_conf})")
-    async with _OpenHsm(cfg) as hsm:
+    hsm = await trio.to_thread.run_sync(token.ensure_hsm, cfg.hsm)
+    try:
         for line in await ensure_card_data_keys(hsm, cfg.card_data):
             print(line)
+    finally:
+        await hsm.aclose()
     return ExitStatus.OK
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import trio
 
-from hsm.errors import HsmError, HsmTimeout, HsmUnavailable, InvalidInput
+from hsm.errors import HsmConfigError, HsmError, HsmTimeout, HsmUnavailable, InvalidInput
 from hsm.pan import scrub
 from switch.config import Config, ConfigError, load_default_or_embedded
 from switch.provision import ProvisionError
@@ -36,7 +36,11 @@ class ExitStatus(IntEnum):
     #: The operation ran and failed: an HSM or store error, a mismatch (``hsm arqc
     #: --verify``), rows rejected by ``cards import``, no such account.
     FAILED = 1
-    #: Bad arguments or configuration; nothing was attempted (argparse exits 2 too).
+    #: Bad arguments or configuration; nothing was attempted (argparse exits 2 too). Also what
+    #: the configuration names that does not exist (``HsmConfigError``): ``serve`` refuses to
+    #: start when the PKCS#11 module (``hsm.module``: softhsm2 not installed), the SoftHSM
+    #: configuration (``hsm.softhsm_conf``), the token (``hsm.token_label``) or a key it
+    #: needs (each listener's ``zpk``, ``card-data`` keys) is missing.
     USAGE = 2
     #: ``send``: no answer within ``--timeout`` (connect, handshake or response).
     TIMEOUT = 3
@@ -74,6 +78,7 @@ class UsageError(CommandError):
 _EXPECTED: tuple[tuple[type[Exception], ExitStatus], ...] = (
     (ConfigError, ExitStatus.USAGE),
     (InvalidInput, ExitStatus.USAGE),
+    (HsmConfigError, ExitStatus.USAGE),
     (HsmUnavailable, ExitStatus.UNAVAILABLE),
     (HsmTimeout, ExitStatus.UNAVAILABLE),
     (HsmError, ExitStatus.FAILED),

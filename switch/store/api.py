@@ -13,6 +13,18 @@ Cancellation: a write cancelled before the backend starts applying it is withdra
 written, ``trio.Cancelled`` propagates); once applying has started the call waits for the
 commit and returns its outcome, because a committed decision is the answer that must be sent.
 
+Deadlines of the decision writes: ``commit_auth`` and ``commit_reversal`` take an optional
+``deadline`` (``trio.current_time()`` seconds: the request's budget end). A backend must not
+start applying a commit whose deadline has passed (it raises ``StoreError("unavailable")``
+and writes nothing), and must bound its own waits for locks by the time left, so that a
+commit either completes about at the deadline or fails without effect: the caller then
+answers by its stand-in policy, and the journal never disagrees with the answer. SQLite:
+a batch is applied only for the callers whose deadline has not passed, under a
+``busy_timeout`` of the earliest deadline left in the batch (``BUSY_TIMEOUT_MS`` without
+one). PostgreSQL: ``SET LOCAL lock_timeout`` and ``statement_timeout`` to the time left
+(milliseconds, at least 1) at the start of the transaction; a cancelled statement rolls the
+whole transaction back.
+
 Mapping to PostgreSQL (same schema, ``BIGINT`` amounts, ``BYTEA`` blobs):
 
 - reads are plain ``SELECT``s on a pool connection in autocommit (READ COMMITTED).
@@ -115,25 +127,31 @@ class Store(Protocol):
 
     # -- the decision writes (journal + money + counters, one transaction) -------------------
 
-    async def commit_auth(self, intent: AuthIntent) -> AuthOutcome:
+    async def commit_auth(
+        self, intent: AuthIntent, *, deadline: float | None = None
+    ) -> AuthOutcome:
         """Make an authorization durable with its hold/debit, PIN-try and velocity effects.
 
         The semantics are those of ``AuthIntent``. A duplicate key already journaled returns
-        the stored outcome with ``replayed=True`` and changes nothing.
+        the stored outcome with ``replayed=True`` and changes nothing. ``deadline`` (trio
+        time): not started after it, lock waits bounded by it (module docstring).
 
         Raises:
             StoreError: ``invalid`` when the intent's currency differs from its account's or
-                it names an unknown card or account; ``unavailable`` when the commit failed;
-                ``closed`` after the store was closed.
+                it names an unknown card or account; ``unavailable`` when the commit failed
+                or could not start before its deadline; ``closed`` after the store was closed.
         """
         ...
 
-    async def commit_reversal(self, intent: ReversalIntent) -> ReversalOutcome:
+    async def commit_reversal(
+        self, intent: ReversalIntent, *, deadline: float | None = None
+    ) -> ReversalOutcome:
         """Make a reversal durable, releasing at most what remains of the original's hold
         (or crediting back a debit): a full reversal releases the rest, a partial one
         reduces the hold to ``replacement_amount``, a later reversal of the same original
         releases only what is left (0 after a full one). An unknown original is kept as an
-        unmatched reversal, so the original is declined if it arrives later.
+        unmatched reversal, so the original is declined if it arrives later. ``deadline``:
+        as ``commit_auth``.
 
         Raises:
             StoreError: as ``commit_auth``.

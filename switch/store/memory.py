@@ -21,6 +21,7 @@ import trio
 from switch import events as ev
 from switch.decisions import Reason
 from switch.store.models import (
+    STAND_IN_PERIOD,
     Account,
     AuthIntent,
     AuthOutcome,
@@ -106,14 +107,17 @@ class MemoryStore:
         if self.unavailable:
             raise StoreError("unavailable", "the in-memory store is set unavailable")
 
-    async def _before_write(self) -> None:
-        """The point where a cancelled caller is withdrawn (nothing applied yet)."""
+    async def _before_write(self, deadline: float | None = None) -> None:
+        """The point where a cancelled caller is withdrawn (nothing applied yet); a commit
+        whose ``deadline`` has passed by then is not applied (api.py)."""
         self._check()
         if self.commit_delay:
             await trio.sleep(self.commit_delay)
         else:
             await trio.lowlevel.checkpoint()
         self._check()
+        if deadline is not None and trio.current_time() >= deadline:
+            raise StoreError("unavailable", "the deadline passed before the commit started")
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -175,8 +179,10 @@ class MemoryStore:
 
     # -- decisions -----------------------------------------------------------------------------
 
-    async def commit_auth(self, intent: AuthIntent) -> AuthOutcome:
-        await self._before_write()
+    async def commit_auth(
+        self, intent: AuthIntent, *, deadline: float | None = None
+    ) -> AuthOutcome:
+        await self._before_write(deadline)
         stored = self._stored(intent.dup_key, intent.digest)
         if not isinstance(stored, bool):
             if not isinstance(stored, AuthOutcome):
@@ -210,6 +216,11 @@ class MemoryStore:
                 month=month,
                 reversed_before=unmatched is not None,
                 original=None if intent.original is None else self._original(intent.original),
+                stand_in_day=self._counters.get(
+                    (card.id, STAND_IN_PERIOD + intent.velocity_day), Counters()
+                )
+                if card is not None and intent.stand_in_daily is not None
+                else Counters(),
             )
         plan = plan_auth(intent, snap)  # raises before anything changed
         journal_id = len(self.journal) + 1
@@ -229,6 +240,10 @@ class MemoryStore:
                 count = 0 if plan.release_original else 1
                 self._bump(card.id, intent.velocity_day, intent.velocity_month,
                            moved - plan.release_original, count)  # fmt: skip
+        if plan.approved and intent.stand_in_daily is not None and card is not None:
+            key = (card.id, STAND_IN_PERIOD + intent.velocity_day)
+            old = self._counters.get(key, Counters())
+            self._counters[key] = Counters(old.amount + intent.amount, old.count + 1)
         original = snap.original
         if plan.original_remaining is not None and original is not None and original.hold:
             self.holds[original.journal_id] = replace(
@@ -271,8 +286,10 @@ class MemoryStore:
         self.journal.append(row)
         return outcome
 
-    async def commit_reversal(self, intent: ReversalIntent) -> ReversalOutcome:
-        await self._before_write()
+    async def commit_reversal(
+        self, intent: ReversalIntent, *, deadline: float | None = None
+    ) -> ReversalOutcome:
+        await self._before_write(deadline)
         stored = self._stored(intent.dup_key, intent.digest)
         if not isinstance(stored, bool):
             if not isinstance(stored, ReversalOutcome):

@@ -380,8 +380,18 @@ class AuthIntent:
     #: When the hold this request may take expires (ISO 8601 UTC); released by the sweeper
     #: if no reversal or completion came first. Empty: never (a debit).
     hold_expires_at: str = ""
-    #: The network answered in our place (advice of a stand-in decision).
+    #: The network answered in our place (advice of a stand-in decision), or the issuer
+    #: stand-in policy approved it without the HSM (``stand_in_daily`` then set).
     stand_in: bool = False
+    #: For an approval by the issuer stand-in policy: the card's allowance of stand-in
+    #: approvals on ``velocity_day`` (minor units); beyond it the commit declines with
+    #: ``decline_reason``. The backend counts the approvals in the velocity table under the
+    #: period ``"S" + velocity_day`` (a reversal does not give the allowance back).
+    stand_in_daily: int | None = None
+
+
+#: Velocity period prefix of a card's daily stand-in approvals (``AuthIntent.stand_in_daily``).
+STAND_IN_PERIOD = "S"
 
 
 @dataclass(frozen=True, slots=True)

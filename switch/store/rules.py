@@ -28,7 +28,9 @@ Precedence of an authorization (the first rule that applies decides):
    PIN counts and declines ``WRONG_PIN``, or ``PIN_TRIES_EXCEEDED`` when it reaches the limit;
    a right PIN resets the counter even if a later rule declines;
 6. the pipeline's own decline (``intent.decline_reason``);
-7. velocity: amount before count, day before month;
+7. velocity: amount before count, day before month; then, for an approval in stand-in
+   with a daily allowance (``intent.stand_in_daily``), the card's stand-in total that day
+   (``snap.stand_in_day``): beyond it, ``intent.decline_reason`` (the stand-in decline);
 8. funds: ``INSUFFICIENT_FUNDS`` when available is below the amount;
 9. ``APPROVED``: a hold (0100) or a debit (0200) of the amount; an amount of zero (account
    verification) is approved without a hold.
@@ -126,6 +128,9 @@ class AuthSnapshot:
     conflict: bool = False
     #: The original named by ``intent.original`` (advices and completions), when found.
     original: OriginalRow | None = None
+    #: The card's approvals in stand-in on ``intent.velocity_day`` (read only when
+    #: ``intent.stand_in_daily`` is set; the backend adds an approval to it).
+    stand_in_day: Counters = Counters()
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +298,9 @@ def plan_auth(intent: AuthIntent, snap: AuthSnapshot) -> AuthPlan:
         reason = _velocity(intent.velocity, snap, intent.amount)
         if reason is not None:
             return plan(reason, pin_tries, atc)
+    daily = intent.stand_in_daily
+    if daily is not None and snap.stand_in_day.amount + intent.amount > daily:
+        return plan(intent.decline_reason or Reason.ISSUER_UNAVAILABLE, pin_tries, atc)
     if account is not None and account.available_balance < intent.amount:
         return plan(Reason.INSUFFICIENT_FUNDS, pin_tries, atc)
     return plan(Reason.APPROVED, pin_tries, atc)

@@ -1,7 +1,10 @@
 """The embedded default store: one SQLite file in WAL mode with a single group-committing writer.
 
-What lives here: the schema (versioned with ``PRAGMA user_version``), ``SqliteStore`` (the
-``Store`` Protocol of ``api.py``), its writer task and the SQL of every operation.
+What lives here: ``SqliteStore`` (the ``Store`` Protocol of ``api.py``), its writer task, the
+SQL of every operation, the mapping of the cards table to ``Card`` (``_CARD_TABLE``, shared
+with the PostgreSQL backend) and ``_ensure_schema``, which applies the migrations
+(``switch/store/migrations/sqlite/*.sql``) and records the version in ``PRAGMA
+user_version``.
 
 What does not: decisions (the pipeline decides; the writer only applies the atomic rules that
 need the database: duplicates, unmatched reversals, PIN tries, velocity counters, funds), card
@@ -12,7 +15,13 @@ Concurrency: every write is an operation queued to one trio task. It takes every
 ``CapacityLimiter(1)``, which runs ``BEGIN IMMEDIATE``, applies each operation inside its own
 ``SAVEPOINT`` (an error rolls back only that operation and fails only its caller), and
 ``COMMIT``s once: one fsync for the whole batch (group commit). Only then are the callers
-woken. Reads use a small pool of separate read-only connections (WAL readers never block the
+woken. A commit may carry a deadline (api.py): the writer does not take a queued
+commit whose deadline has passed (its caller gets ``StoreError("unavailable")``, nothing
+written), and sets the batch's ``busy_timeout`` to the time left before the earliest
+deadline in it (at most ``BUSY_TIMEOUT_MS``), so a database locked by another process fails
+the batch at about that deadline instead of holding the answers past it.
+
+Reads use a small pool of separate read-only connections (WAL readers never block the
 writer): indexed point lookups run on the trio thread (microseconds, cheaper than a thread
 hop), scans in a worker thread.
 
@@ -43,7 +52,9 @@ from switch import events as ev
 from switch import metrics
 from switch.config import StoreConfig
 from switch.decisions import Reason
+from switch.store import migrations
 from switch.store.models import (
+    STAND_IN_PERIOD,
     Account,
     AuthIntent,
     AuthOutcome,
@@ -80,14 +91,13 @@ from switch.store.rules import (
 
 T = TypeVar("T")
 
-#: Schema version written to ``PRAGMA user_version``; bump it with a migration step.
-SCHEMA_VERSION = 3
-#: The version before the outbox (``_EVENTS_SCHEMA``) was added: upgraded in place.
-_PRE_EVENTS_VERSION = 2
+#: Schema version written to ``PRAGMA user_version``: that of the last migration file.
+SCHEMA_VERSION = migrations.latest("sqlite")
 #: Read-only connections in the pool; the machine has few cores and reads are short.
 READ_CONNECTIONS = 2
 #: Milliseconds a connection waits on a lock held by another process (e.g. a second CLI)
-#: before failing with "database is locked".
+#: before failing with "database is locked"; a batch with deadlines waits at most until the
+#: earliest of them.
 BUSY_TIMEOUT_MS = 5000
 #: Journal ``kind`` of a reversal row (authorizations use their ``AuthKind``).
 REVERSAL_KIND = "reversal"
@@ -96,151 +106,6 @@ DUPLICATE_KIND = "duplicate"
 #: Separator of the blocked MCC / country lists in their TEXT columns.
 _LIST_SEP = ","
 
-_SCHEMA_TEMPLATE = """
-CREATE TABLE accounts (
-    id                TEXT PRIMARY KEY,
-    currency          TEXT NOT NULL CHECK (length(currency) = 3),
-    ledger_balance    INTEGER NOT NULL,
-    available_balance INTEGER NOT NULL
-) STRICT;
-
-{cards_table}
-CREATE INDEX cards_account ON cards(account_id);
-
--- Velocity counters of approved requests per card and period ('D'||YYYYMMDD, 'M'||YYYYMM).
-CREATE TABLE velocity (
-    card_id TEXT NOT NULL REFERENCES cards(id),
-    period  TEXT NOT NULL,
-    amount  INTEGER NOT NULL,
-    count   INTEGER NOT NULL,
-    PRIMARY KEY (card_id, period)
-) STRICT, WITHOUT ROWID;
-
--- One row per request answered, keyed by its duplicate key (network, DE32, DE7, DE11, DE37,
--- DE41, MTI class) and the digest of what defines it. A request reusing a key with other
--- content is journaled as kind 'duplicate'. orig_* name the original a reversal, advice or
--- completion refers to (NULL rrn/terminal: not compared); NULL for a plain authorization.
-CREATE TABLE journal (
-    id                     INTEGER PRIMARY KEY,
-    network                TEXT NOT NULL,
-    acquirer_id            TEXT NOT NULL,
-    transmission_time      TEXT NOT NULL,
-    stan                   TEXT NOT NULL,
-    rrn                    TEXT NOT NULL,
-    terminal_id            TEXT NOT NULL,
-    mti_class              TEXT NOT NULL,
-    digest                 TEXT NOT NULL,
-    mti                    TEXT NOT NULL,
-    kind                   TEXT NOT NULL,
-    orig_network           TEXT,
-    orig_acquirer_id       TEXT,
-    orig_transmission_time TEXT,
-    orig_stan              TEXT,
-    orig_mti_class         TEXT,
-    orig_rrn               TEXT,
-    orig_terminal_id       TEXT,
-    card_id                TEXT,
-    account_id             TEXT,
-    masked_pan             TEXT NOT NULL,
-    amount                 INTEGER NOT NULL,
-    replacement_amount     INTEGER,
-    currency               TEXT NOT NULL,
-    reason                 TEXT NOT NULL,
-    response_code          TEXT NOT NULL,
-    approval_code          TEXT,
-    available_balance      INTEGER,
-    stand_in               INTEGER NOT NULL,
-    matched                INTEGER,
-    released_amount        INTEGER,
-    original_journal_id    INTEGER REFERENCES journal(id),
-    created_at             TEXT NOT NULL
-) STRICT;
-CREATE UNIQUE INDEX journal_key
-    ON journal(network, acquirer_id, transmission_time, stan, rrn, terminal_id, mti_class)
-    WHERE kind != 'duplicate';
-CREATE UNIQUE INDEX journal_duplicate
-    ON journal(network, acquirer_id, transmission_time, stan, rrn, terminal_id, mti_class,
-               digest)
-    WHERE kind = 'duplicate';
-CREATE INDEX journal_original
-    ON journal(orig_network, orig_acquirer_id, orig_transmission_time, orig_stan)
-    WHERE orig_network IS NOT NULL;
-
--- Money an approved request moved: a hold on available funds or a posted debit; remaining
--- is what a reversal can still give back; completed_by is the completion that converted a
--- pre-authorization's hold.
-CREATE TABLE holds (
-    id             INTEGER PRIMARY KEY,
-    journal_id     INTEGER NOT NULL UNIQUE REFERENCES journal(id),
-    account_id     TEXT NOT NULL REFERENCES accounts(id),
-    card_id        TEXT REFERENCES cards(id),
-    kind           TEXT NOT NULL CHECK (kind IN ('hold', 'debit')),
-    amount         INTEGER NOT NULL,
-    remaining      INTEGER NOT NULL CHECK (remaining >= 0 AND remaining <= amount),
-    velocity_day   TEXT NOT NULL,
-    velocity_month TEXT NOT NULL,
-    completed_by   INTEGER REFERENCES journal(id),
-    created_at     TEXT NOT NULL,
-    expires_at     TEXT,
-    released_at    TEXT,
-    released_by    TEXT
-) STRICT;
-CREATE INDEX holds_account ON holds(account_id) WHERE kind = 'hold' AND remaining > 0;
-CREATE INDEX holds_expiry ON holds(expires_at) WHERE kind = 'hold' AND remaining > 0;
-
--- Every change of a card by an operator or a provisioning file: who, when, what (a JSON
--- object attribute -> [old, new], secrets only named).
-CREATE TABLE card_changes (
-    id         INTEGER PRIMARY KEY,
-    card_id    TEXT NOT NULL REFERENCES cards(id),
-    masked_pan TEXT NOT NULL,
-    actor      TEXT NOT NULL,
-    at         TEXT NOT NULL,
-    changed    TEXT NOT NULL
-) STRICT;
-CREATE INDEX card_changes_card ON card_changes(card_id);
-
--- Reversals whose original was not found (their journal row names it); an original of the
--- same card and currency arriving later is declined and resolves the row.
-CREATE TABLE unmatched_reversals (
-    journal_id          INTEGER PRIMARY KEY REFERENCES journal(id),
-    resolved_journal_id INTEGER REFERENCES journal(id)
-) STRICT;
-"""
-
-# -- the transactional outbox (schema 3; one self-contained block: its own migration) -------
-_EVENTS_SCHEMA = """
--- Events for the rest of the platform, written in the transaction of the decision they
--- describe (switch.events builds the payload; it holds no card data). id orders them in
--- commit order; group_key is the SQS message group (account, else card, else 'none').
--- published_at is set once SQS acknowledged the row; parked_at once it was rejected as
--- invalid or failed too often (kept, counted, never blocking other rows).
-CREATE TABLE events (
-    id           INTEGER PRIMARY KEY,
-    event_id     TEXT NOT NULL UNIQUE,
-    type         TEXT NOT NULL,
-    group_key    TEXT NOT NULL,
-    journal_id   INTEGER REFERENCES journal(id),
-    created_at   TEXT NOT NULL,
-    payload      TEXT NOT NULL,
-    published_at TEXT,
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    last_error   TEXT,
-    parked_at    TEXT
-) STRICT;
-CREATE INDEX events_pending ON events(id) WHERE published_at IS NULL AND parked_at IS NULL;
-CREATE INDEX events_created ON events(created_at);
-CREATE INDEX events_published ON events(published_at) WHERE published_at IS NOT NULL;
-
--- Who runs the relay of this database: one owner at a time, renewed before expires_at (Unix
--- seconds), taken over by another instance once expired.
-CREATE TABLE leases (
-    name       TEXT PRIMARY KEY,
-    owner      TEXT NOT NULL,
-    expires_at REAL NOT NULL
-) STRICT;
-"""
-
 
 @dataclass(frozen=True, slots=True)
 class _Column:
@@ -248,7 +113,6 @@ class _Column:
     ``controls``, to an attribute of its ``SpendControls``)."""
 
     name: str
-    sql: str
     controls: bool = False
     dump: Callable[[Any], Any] | None = None
     load: Callable[[Any], Any] | None = None
@@ -267,59 +131,51 @@ def _split(text: str) -> frozenset[str]:
     return frozenset(t for t in text.split(_LIST_SEP) if t)
 
 
-#: The cards table, the one place its columns are written: the DDL, the SELECT, the upsert
-#: and the mapping to and from ``Card`` are all generated from it.
+#: The cards table's columns as ``Card`` maps them: the SELECT, the upsert and the mapping to
+#: and from ``Card`` of both backends are generated from it; the DDL is in the migrations,
+#: and ``_ensure_schema`` checks that the table it finds has exactly these columns.
 _CARD_TABLE = (
-    _Column("id", "TEXT PRIMARY KEY"),
-    _Column("account_id", "TEXT NOT NULL REFERENCES accounts(id)"),
-    _Column("pan_fingerprint", "BLOB NOT NULL UNIQUE", load=bytes),
-    _Column("pan_ciphertext", "BLOB NOT NULL", load=bytes),
-    _Column("first6", "TEXT NOT NULL"),
-    _Column("last4", "TEXT NOT NULL"),
-    _Column("pan_length", "INTEGER NOT NULL"),
-    _Column("expiry", "TEXT NOT NULL"),
+    _Column("id"),
+    _Column("account_id"),
+    _Column("pan_fingerprint", load=bytes),
+    _Column("pan_ciphertext", load=bytes),
+    _Column("first6"),
+    _Column("last4"),
+    _Column("pan_length"),
+    _Column("expiry"),
     _Column(
         "status",
-        "TEXT NOT NULL\n        "
-        "CHECK (status IN ('active', 'blocked', 'lost', 'stolen', 'closed'))",
         dump=lambda status: status.value,
         load=CardStatus,
     ),
-    _Column("service_code", "TEXT NOT NULL"),
-    _Column("pan_sequence", "TEXT NOT NULL"),
-    _Column("cvk", "TEXT"),
-    _Column("pvk", "TEXT"),
-    _Column("imk_ac", "TEXT"),
-    _Column("emv_cvn", "TEXT"),
-    _Column("pin_method", "TEXT CHECK (pin_method IN ('pvv', 'ibm3624'))"),
-    _Column("pvki", "TEXT"),
-    _Column("pin_verification_value", "TEXT"),
-    _Column("ibm_dec_table", "TEXT"),
-    _Column("ibm_validation_data", "TEXT"),
-    _Column("pin_tries", "INTEGER NOT NULL DEFAULT 0", counter=True),
-    _Column("pin_try_limit", "INTEGER NOT NULL"),
-    _Column("last_atc", "INTEGER", counter=True),
-    _Column("atc_seen", "INTEGER NOT NULL DEFAULT 0", counter=True),
-    _Column("per_txn_max", "INTEGER", controls=True),
-    _Column("daily_amount", "INTEGER", controls=True),
-    _Column("daily_count", "INTEGER", controls=True),
-    _Column("monthly_amount", "INTEGER", controls=True),
-    _Column("monthly_count", "INTEGER", controls=True),
-    _Column("blocked_mccs", "TEXT NOT NULL DEFAULT ''", controls=True, dump=_join, load=_split),
-    _Column(
-        "blocked_countries", "TEXT NOT NULL DEFAULT ''", controls=True, dump=_join, load=_split
-    ),
+    _Column("service_code"),
+    _Column("pan_sequence"),
+    _Column("cvk"),
+    _Column("pvk"),
+    _Column("imk_ac"),
+    _Column("emv_cvn"),
+    _Column("pin_method"),
+    _Column("pvki"),
+    _Column("pin_verification_value"),
+    _Column("ibm_dec_table"),
+    _Column("ibm_validation_data"),
+    _Column("pin_tries", counter=True),
+    _Column("pin_try_limit"),
+    _Column("last_atc", counter=True),
+    _Column("atc_seen", counter=True),
+    _Column("per_txn_max", controls=True),
+    _Column("daily_amount", controls=True),
+    _Column("daily_count", controls=True),
+    _Column("monthly_amount", controls=True),
+    _Column("monthly_count", controls=True),
+    _Column("blocked_mccs", controls=True, dump=_join, load=_split),
+    _Column("blocked_countries", controls=True, dump=_join, load=_split),
 )
 _CARD_COLUMNS = tuple(c.name for c in _CARD_TABLE)
 if set(_CARD_COLUMNS) != ({f.name for f in dataclasses.fields(Card)} - {"controls"}) | {
     f.name for f in dataclasses.fields(SpendControls)
 }:  # pragma: no cover - a schema bug
     raise RuntimeError("the cards table and the Card record disagree")
-_SCHEMA = _SCHEMA_TEMPLATE.format(
-    cards_table="CREATE TABLE cards (\n"
-    + ",\n".join(f"    {c.name:<22} {c.sql}" for c in _CARD_TABLE)
-    + "\n) STRICT;"
-)
 _CARD_SELECT = f"SELECT {', '.join(_CARD_COLUMNS)} FROM cards"  # noqa: S608 - constant columns
 _CARD_UPSERT = (
     f"INSERT INTO cards ({', '.join(_CARD_COLUMNS)}) "  # noqa: S608 - constant columns
@@ -573,9 +429,13 @@ def _auth_snapshot(
         named = intent.original.as_key(intent.dup_key)
         unmatched = _unmatched_reversal(conn, named, intent.card_id, intent.currency)
     original = None if intent.original is None else _original(conn, intent.original)
+    stand_in_day = Counters()
+    if card is not None and intent.stand_in_daily is not None:
+        stand_in_day = _counters(conn, card.id, STAND_IN_PERIOD + intent.velocity_day)
     snap = AuthSnapshot(
-        account, card, day, month, reversed_before=unmatched is not None, original=original
-    )
+        account, card, day, month, reversed_before=unmatched is not None, original=original,
+        stand_in_day=stand_in_day,
+    )  # fmt: skip
     return snap, unmatched
 
 
@@ -613,6 +473,13 @@ def _apply_auth(conn: sqlite3.Connection, intent: AuthIntent) -> AuthOutcome:
                 amount=moved - plan.release_original,
                 count=0 if plan.release_original else 1,
             )
+    if plan.approved and intent.stand_in_daily is not None and intent.card_id is not None:
+        conn.execute(
+            "INSERT INTO velocity (card_id, period, amount, count) VALUES (?, ?, ?, 1) "
+            "ON CONFLICT(card_id, period) DO UPDATE SET "
+            "amount = amount + excluded.amount, count = count + 1",
+            (intent.card_id, STAND_IN_PERIOD + intent.velocity_day, intent.amount),
+        )
     kind = DUPLICATE_KIND if plan.reason is Reason.DUPLICATE_TRANSMISSION else intent.kind
     values = _journal_values(
         intent.dup_key, intent.digest, intent.original,
@@ -1034,17 +901,84 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
 
 
 def _ensure_schema(conn: sqlite3.Connection) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version == SCHEMA_VERSION:
-        return
-    if version == _PRE_EVENTS_VERSION:
-        conn.executescript(
-            f"BEGIN IMMEDIATE;\n{_EVENTS_SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
-        )
-        return
+    """Bring the database to ``SCHEMA_VERSION`` by applying the missing migrations, each in
+    its own ``BEGIN IMMEDIATE`` transaction (a second process opening the file at the same
+    time waits, then finds it done); refuse a newer schema, or one from before the first
+    migratable schema.
+
+    Raises:
+        StoreError: ``unavailable`` for a schema newer than this code or older than
+            ``migrations.FIRST_VERSION``, or a cards table other than ``_CARD_TABLE``.
+    """
+    version = _check_version(conn.execute("PRAGMA user_version").fetchone()[0])
+    for migration in migrations.migrations("sqlite"):
+        if migration.version <= version:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            version = _check_version(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version < migration.version:
+                for statement in migrations.split_statements(migration.sql):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {migration.version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        version = max(version, migration.version)
+    columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(cards)"))
+    if columns != _CARD_COLUMNS:  # pragma: no cover - a migration disagrees with _CARD_TABLE
+        raise StoreError("unavailable", "the cards table differs from the code's columns")
+
+
+def migrate_file(path: Path) -> tuple[int, int]:
+    """Bring the database file at ``path`` (created if missing) to ``SCHEMA_VERSION``; the
+    schema version before and after. Blocking: call it from a thread.
+
+    Raises:
+        StoreError: as ``_ensure_schema``, or the file cannot be opened.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = _connect(path, readonly=False)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError("unavailable", f"cannot open the database: {exc}") from exc
+    try:
+        before = conn.execute("PRAGMA user_version").fetchone()[0]
+        _ensure_schema(conn)
+        return int(before), SCHEMA_VERSION
+    except sqlite3.Error as exc:
+        raise _as_store_error(exc) from exc
+    finally:
+        conn.close()
+
+
+def file_version(path: Path) -> tuple[int, int]:
+    """The schema version of the database file at ``path`` (0: missing or empty) and this
+    code's. Blocking: call it from a thread."""
+    if not path.exists():
+        return 0, SCHEMA_VERSION
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0]), SCHEMA_VERSION
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError("unavailable", f"cannot open the database: {exc}") from exc
+
+
+def _check_version(version: int) -> int:
+    """``version`` when this code can migrate it (0 is a new, empty file)."""
     if version > SCHEMA_VERSION:
-        raise StoreError("unavailable", f"database schema {version} is newer than this code")
-    if version != 0:
+        raise StoreError(
+            "unavailable",
+            f"database schema {version} is newer than this code (schema {SCHEMA_VERSION}); "
+            "upgrade cardswitch",
+        )
+    if 0 < version < migrations.FIRST_VERSION:
         # Schema 1 (0.1 development builds) kept neither reasons, digests nor full original
         # keys, which cannot be recovered from its rows.
         raise StoreError(
@@ -1052,10 +986,7 @@ def _ensure_schema(conn: sqlite3.Connection) -> None:
             f"database schema {version} predates this release and cannot be migrated; "
             "recreate the development database (remove it and run cardswitch dev-setup)",
         )
-    conn.executescript(
-        f"BEGIN IMMEDIATE;\n{_SCHEMA}\n{_EVENTS_SCHEMA}\n"
-        f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
-    )
+    return version
 
 
 def _as_store_error(exc: Exception) -> StoreError:
@@ -1073,15 +1004,19 @@ class _State(enum.Enum):
     QUEUED = enum.auto()
     TAKEN = enum.auto()
     WITHDRAWN = enum.auto()
+    EXPIRED = enum.auto()
 
 
 class _Pending:
     """One queued write and the caller waiting for it."""
 
-    __slots__ = ("done", "error", "op", "result", "state")
+    __slots__ = ("deadline", "done", "error", "op", "result", "state")
 
-    def __init__(self, op: Callable[[sqlite3.Connection], Any]) -> None:
+    def __init__(
+        self, op: Callable[[sqlite3.Connection], Any], deadline: float | None = None
+    ) -> None:
         self.op = op
+        self.deadline = deadline
         self.state = _State.QUEUED
         self.done = trio.Event()
         self.result: Any = None
@@ -1197,12 +1132,16 @@ class SqliteStore:
 
     # -- writes --------------------------------------------------------------------------------
 
-    async def commit_auth(self, intent: AuthIntent) -> AuthOutcome:
-        result = await self._submit(partial(_apply_auth, intent=intent))
+    async def commit_auth(
+        self, intent: AuthIntent, *, deadline: float | None = None
+    ) -> AuthOutcome:
+        result = await self._submit(partial(_apply_auth, intent=intent), deadline)
         return cast(AuthOutcome, result)
 
-    async def commit_reversal(self, intent: ReversalIntent) -> ReversalOutcome:
-        result = await self._submit(partial(_apply_reversal, intent=intent))
+    async def commit_reversal(
+        self, intent: ReversalIntent, *, deadline: float | None = None
+    ) -> ReversalOutcome:
+        result = await self._submit(partial(_apply_reversal, intent=intent), deadline)
         return cast(ReversalOutcome, result)
 
     async def put_account(self, account: Account) -> None:
@@ -1283,8 +1222,10 @@ class SqliteStore:
     async def release_lease(self, name: str, owner: str) -> None:
         await self._submit(partial(_release_lease, name=name, owner=owner))
 
-    async def _submit(self, op: Callable[[sqlite3.Connection], Any]) -> Any:
-        item = _Pending(op)
+    async def _submit(
+        self, op: Callable[[sqlite3.Connection], Any], deadline: float | None = None
+    ) -> Any:
+        item = _Pending(op, deadline)
         try:
             if self._closed:
                 raise trio.ClosedResourceError
@@ -1314,14 +1255,15 @@ class SqliteStore:
                         batch.append(self._recv.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                live = [item for item in batch if item.state is _State.QUEUED]
-                for item in live:
-                    item.state = _State.TAKEN
+                live, busy_ms = self._take(batch)
                 if not live:
                     continue
                 try:
                     results = await trio.to_thread.run_sync(
-                        self._apply_batch, [item.op for item in live], limiter=self._write_limiter
+                        self._apply_batch,
+                        [item.op for item in live],
+                        busy_ms,
+                        limiter=self._write_limiter,
                     )
                 except BaseException:
                     for item in live:
@@ -1335,6 +1277,33 @@ class SqliteStore:
             self._closed = True
             self._fail_queued()
 
+    @staticmethod
+    def _take(batch: list[_Pending]) -> tuple[list[_Pending], int]:
+        """The commits of ``batch`` to apply now, and the batch's busy timeout (ms).
+
+        A commit withdrawn by its caller is skipped; one whose deadline has passed fails
+        without being applied (its caller may not have noticed yet: a slow batch before it).
+        """
+        now = trio.current_time()
+        live: list[_Pending] = []
+        for item in batch:
+            if item.state is not _State.QUEUED:
+                continue
+            if item.deadline is not None and item.deadline <= now:
+                item.state = _State.EXPIRED
+                item.error = StoreError(
+                    "unavailable", "the deadline passed before the commit started"
+                )
+                item.done.set()
+                continue
+            item.state = _State.TAKEN
+            live.append(item)
+        deadlines = [item.deadline for item in live if item.deadline is not None]
+        busy_ms = BUSY_TIMEOUT_MS
+        if deadlines:
+            busy_ms = max(1, min(busy_ms, int((min(deadlines) - now) * 1000)))
+        return live, busy_ms
+
     def _fail_queued(self) -> None:
         while True:
             try:
@@ -1345,13 +1314,15 @@ class SqliteStore:
             item.done.set()
 
     def _apply_batch(
-        self, ops: Sequence[Callable[[sqlite3.Connection], Any]]
+        self, ops: Sequence[Callable[[sqlite3.Connection], Any]], busy_ms: int = BUSY_TIMEOUT_MS
     ) -> list[tuple[Any, StoreError | None]]:
-        """Worker thread: apply ``ops`` in one transaction, each in its own savepoint."""
+        """Worker thread: apply ``ops`` in one transaction, each in its own savepoint, waiting
+        at most ``busy_ms`` for a lock another connection holds."""
         conn = self._writer
         started = time.perf_counter()
         results: list[tuple[Any, StoreError | None]] = []
         try:
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
             conn.execute("BEGIN IMMEDIATE")
             for op in ops:
                 conn.execute("SAVEPOINT op")

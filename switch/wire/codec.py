@@ -281,8 +281,10 @@ def format_error_response(
             code of ``Reason.FORMAT_ERROR``, 30 in ISO 8583:1987), so no table lives here.
 
     An answer exists when the MTI and the STAN were recovered and the MTI is a request class;
-    it echoes DE7, DE32, DE37, DE41 and DE70 when those were recovered too. With None the server
-    closes the connection (or drops the message for a response-class MTI).
+    it echoes DE7, DE32, DE37, DE41 and DE70 when those were recovered too. An answer that the
+    peer could not read either (an 0810 without the DE7 or DE70 its spec makes mandatory,
+    because the request's were malformed) is no answer: None. With None the server closes the
+    connection (or drops the message for a response-class MTI).
     """
     if err.mti is None or err.stan is None or not messages.is_request(err.mti):
         return None
@@ -297,6 +299,8 @@ def format_error_response(
         network_code=err.network_code,
     )
     try:
-        return encode(answer, spec)
-    except ValueError:  # pragma: no cover - recovered values are validated; defensive
+        data = encode(answer, spec)
+        decode(data, spec)  # what its peer will do with it
+    except (ValueError, FormatError):
         return None
+    return data

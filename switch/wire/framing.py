@@ -5,8 +5,10 @@ frame bodies, and :func:`encode_frame`, which prefixes a body with its length he
 header kinds exist (:data:`HeaderKind`): ``"binary2"`` (2-byte big-endian length
 that excludes itself, the default), ``"ascii4"`` (four ASCII decimal digits) and ``"bcd2"``
 (two bytes of packed BCD). Headers are checked strictly: digits only, no sign, space or
-underscore, and a zero or oversize length is rejected as soon as the header is complete,
-before any byte of the body is kept.
+underscore, and an oversize length is rejected as soon as the header is complete, before any
+byte of the body is kept. A zero length (the keep-alive some links send) is rejected too,
+unless the decoder is told to accept it (``empty_frames=True``): it then yields an empty
+body. :func:`keepalive_frame` is the zero-length frame of a header kind.
 
 What does not: sockets, deadlines and TLS (server.py), the message inside a frame (codec.py).
 The decoder is modelled on h2's ``FrameBuffer``: feed bytes, take frames, no I/O.
@@ -19,7 +21,15 @@ from typing import Final, Literal
 #: Length header kinds (see the module docstring); ``switch.config`` types its setting with it.
 HeaderKind = Literal["binary2", "ascii4", "bcd2"]
 
-__all__ = ["FrameDecoder", "FramingError", "HeaderKind", "WireError", "encode_frame", "header_size"]
+__all__ = [
+    "FrameDecoder",
+    "FramingError",
+    "HeaderKind",
+    "WireError",
+    "encode_frame",
+    "header_size",
+    "keepalive_frame",
+]
 
 #: Bytes taken by the length header of each kind.
 _HEADER_SIZE: Final[dict[str, int]] = {"binary2": 2, "ascii4": 4, "bcd2": 2}
@@ -95,15 +105,28 @@ class FrameDecoder:
     >>> d.in_progress
     False
 
+    With ``empty_frames=True`` a zero-length frame is a frame with an empty body:
+
+    >>> FrameDecoder("binary2", empty_frames=True).feed(b"\\x00\\x00\\x00\\x01z")
+    [b'', b'z']
+
     After a :class:`FramingError` the decoder is broken: every later ``feed`` raises again.
     """
 
-    def __init__(self, header: HeaderKind = "binary2", max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self,
+        header: HeaderKind = "binary2",
+        max_frame: int = DEFAULT_MAX_FRAME,
+        *,
+        empty_frames: bool = False,
+    ) -> None:
         """Create a decoder.
 
         Args:
             header: the length header kind of the connection.
             max_frame: the largest body accepted, in bytes (at least 1).
+            empty_frames: accept zero-length frames (keep-alives) as empty bodies instead
+                of raising ``zero_length``.
 
         Raises:
             ValueError: unknown header kind or a ``max_frame`` below 1.
@@ -113,6 +136,7 @@ class FrameDecoder:
         if max_frame < 1:
             raise ValueError("max_frame must be at least 1")
         self._max_frame = max_frame
+        self._empty_frames = empty_frames
         self._buffer = bytearray()
         #: Length of the body being collected, or None while the header is incomplete.
         self._body_length: int | None = None
@@ -133,7 +157,8 @@ class FrameDecoder:
             Complete frame bodies in stream order, headers stripped.
 
         Raises:
-            FramingError: a zero-length, oversize or malformed header.
+            FramingError: an oversize or malformed header, or a zero-length one when empty
+                frames are not accepted.
         """
         if self._error is not None:
             raise self._error
@@ -155,7 +180,7 @@ class FrameDecoder:
     def _check_header(self, raw: bytes) -> int:
         try:
             length = _parse_header(self._header, raw)
-            if length == 0:
+            if length == 0 and not self._empty_frames:
                 raise FramingError("zero_length", "frame announces an empty body")
             if length > self._max_frame:
                 raise FramingError(
@@ -201,3 +226,12 @@ def encode_frame(body: bytes, header: HeaderKind = "binary2", max_frame: int = 0
     else:
         prefix = bytes.fromhex(f"{length:04d}")
     return prefix + bytes(body)
+
+
+def keepalive_frame(header: HeaderKind = "binary2") -> bytes:
+    """The zero-length frame (a length header announcing an empty body) of ``header``.
+
+    >>> keepalive_frame("ascii4"), keepalive_frame("bcd2")
+    (b'0000', b'\\x00\\x00')
+    """
+    return b"0" * 4 if header == "ascii4" else bytes(header_size(header))
