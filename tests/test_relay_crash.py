@@ -10,7 +10,7 @@ first). Then:
 - every journal row has exactly one outbox row, and every outbox row a journal row: an event
   exists iff its decision committed (read straight from the SQLite file);
 - every outbox row arrived on the queue (duplicates allowed: at least once), with the body
-  the outbox holds, first arrivals in order per account;
+  the outbox holds, valid against the schema, first arrivals in order per account;
 - every answer a client received (other than a 91 stand-in) has its event with the same DE39,
   and no event belongs to a request that was not sent;
 - the database passes the crash-safety checks of ``crash_support.check_database``.
@@ -48,6 +48,7 @@ from test_events_support import (  # noqa: F401 - fixtures
     check_order,
     fifo_queue,
     moto_sqs,
+    schema_validator,
     strip_transport,
 )
 
@@ -140,9 +141,11 @@ async def _crash_rounds(
     received = {b["event_id"] for b in bodies}
     assert received >= set(outbox), f"{len(set(outbox) - received)} events never arrived"
     assert received <= set(outbox), "an event the outbox never held"
+    validator = schema_validator()
     for body in bodies:
         row = outbox[body["event_id"]]
         assert strip_transport(body) == {**json.loads(row["payload"]), "sequence": row["id"]}
+        assert not list(validator.iter_errors(strip_transport(body)))
     assert not check_order(bodies)
 
     events_by_key: dict[tuple[str, str], dict[str, Any]] = {}
