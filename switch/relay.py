@@ -15,8 +15,9 @@ How it runs:
   absent SQS makes rows pile up (``cardswitch_events_pending``, ``..._oldest_pending_seconds``)
   and changes no answer.
 - One active relay per database. A lease row (``leases``: owner, expiry in Unix seconds) is
-  taken when free, expired or already ours, and renewed every round (at least three times a
-  lease); another instance takes it over once it has expired (the holder died or froze), and
+  taken when free, expired or already ours, and renewed before each batch once a third of it
+  has passed (a call lasts at most ``CONNECT_TIMEOUT + READ_TIMEOUT``); another instance
+  takes it over once it has expired (the holder died or froze), and
   a clean stop gives it up at once. In PostgreSQL the claim is ``SELECT ... FROM leases WHERE
   name = $1 FOR UPDATE SKIP LOCKED`` followed by the same owner-or-expired ``UPDATE`` in one
   transaction: a contender skips a row being renewed instead of queueing behind it.
@@ -75,9 +76,10 @@ log = get_logger("switch.relay")
 LEASE_NAME = "events-relay"
 #: Entries of one SendMessageBatch (the SQS maximum).
 SQS_BATCH = 10
-#: Seconds to connect to SQS and to wait for an answer; the relay's thread never hangs.
-CONNECT_TIMEOUT = 3.0
-READ_TIMEOUT = 10.0
+#: Seconds to connect to SQS and to wait for an answer (one attempt: the relay retries with
+#: its own backoff), so that a call ends well within a lease; the relay's thread never hangs.
+CONNECT_TIMEOUT = 2.0
+READ_TIMEOUT = 5.0
 #: Seconds between two purges of published events older than the retention.
 PURGE_INTERVAL = 300.0
 #: Seconds between two readings of the outbox gauges.
@@ -114,7 +116,7 @@ def make_client(cfg: EventsConfig, session: Any = None) -> SQSClient:
     boto = BotoConfig(
         connect_timeout=CONNECT_TIMEOUT,
         read_timeout=READ_TIMEOUT,
-        retries={"max_attempts": 2, "mode": "standard"},
+        retries={"max_attempts": 1, "mode": "standard"},
     )
     session = session or boto3.session.Session()
     client: SQSClient = session.client(
@@ -318,8 +320,8 @@ class Relay:
                 else:
                     rest.append(row)
             queue = rest
-            if not batch:
-                break
+            if not batch or not await self._hold_lease():
+                break  # a slow round must not outlive the lease: another instance may hold it
             result = await self._publish(batch)
             solo -= alone
             at = now_iso()

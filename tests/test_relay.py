@@ -348,6 +348,11 @@ async def test_two_relays_one_database_one_active_and_failover(
             await _wait_for(lambda: b.active)
             await _wait_for(lambda: b.published > 0)
             assert not await a._hold_lease()  # a wakes up: the lease is b's
+            await _answers(session, _load("57", 2))
+            assert await a.round() == 0, "a relay without the lease sends nothing"
+            with trio.fail_after(30):
+                while await session.store.pending_events(100):  # noqa: ASYNC110 - b publishes
+                    await trio.sleep(0.05)
             assert not a.active and b.active
             nursery.cancel_scope.cancel()  # b stops cleanly and gives the lease up
         assert await a._hold_lease(), "a clean stop frees the lease at once"
