@@ -36,3 +36,15 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     "$VENV/bin/python" -m pip install -q -e '.[test]'
     touch "$stamp"
 fi
+
+# An independent ISO 8583 stack for the interop tests: the npm iso_8583 package (pinned), in
+# var/npm (tests/test_interop.py finds it there). Only when node and npm are on the machine;
+# without them those tests skip.
+NPM_PEER=iso_8583@2.6.7
+NPM_PREFIX=${NPM_PREFIX:-var/npm}
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+    if [ ! -f "$NPM_PREFIX/node_modules/iso_8583/package.json" ]; then
+        mkdir -p "$NPM_PREFIX"
+        npm install --silent --no-audit --no-fund --prefix "$NPM_PREFIX" "$NPM_PEER" >/dev/null
+    fi
+fi

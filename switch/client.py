@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from switch.wire import codec
-from switch.wire.framing import FrameDecoder, FramingError, HeaderKind, encode_frame
+from switch.wire.framing import FrameDecoder, Framing, FramingError, HeaderKind, encode_frame
 from switch.wire.messages import Message
 from switch.wire.spec import SpecChoice
 
@@ -46,10 +46,13 @@ class Client:
     """One mutual-TLS connection to a switch. Create with ``Client.connect``."""
 
     def __init__(
-        self, stream: trio.SSLStream[trio.SocketStream], header: HeaderKind, spec: SpecChoice
+        self,
+        stream: trio.SSLStream[trio.SocketStream],
+        header: HeaderKind | Framing,
+        spec: SpecChoice,
     ) -> None:
         self._stream = stream
-        self._header: HeaderKind = header
+        self._header: HeaderKind | Framing = header
         self._spec: SpecChoice = spec
         self._pending: list[_Pending] = []
         self._send_lock = trio.Lock()
@@ -70,14 +73,16 @@ class Client:
         ssl_context: ssl.SSLContext,
         *,
         server_hostname: str | None = None,
-        header: HeaderKind = "binary2",
+        header: HeaderKind | Framing = "binary2",
         spec: SpecChoice = "ascii",
         connect_timeout: float = 10.0,
     ) -> AsyncIterator[Client]:
         """Connect, handshake, and run the response reader until the block exits.
 
-        ``spec`` is the listener's wire spec: a kind, or a ``WireSpec`` when DE52 is not 8
-        bytes (``wire_spec(kind, pin_block_format=4)`` for ISO 9564 format 4 blocks).
+        ``spec`` is the listener's wire spec: a kind, or a ``WireSpec`` (a profile's, from
+        ``switch.session.listener_spec``, or ``wire_spec(kind, pin_block_format=4)`` for ISO
+        9564 format 4 blocks); ``header`` its length header or whole framing
+        (``listener_framing``; an envelope is not added by this client).
         """
         with trio.fail_after(connect_timeout):
             tcp = await trio.open_tcp_stream(host, port)

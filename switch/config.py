@@ -6,8 +6,15 @@ here as they are), their embedded defaults, and the loader that turns
 a TOML file into them. Every error names the file and the dotted key and is a single line.
 
 What does not: reading certificates or keys (tls.py), opening the store or the HSM (their own
-modules), network profiles' response-code tables (decisions.py, which this loader asks
-which network names and stand-in reasons exist).
+modules), network profiles (``config/networks/*.toml``: layout, framing, security places,
+DE39 table, budget; read by ``switch.wire.profile`` and ``switch.decisions``, which this
+loader asks whether the profile a listener names exists and is valid, and which stand-in
+reasons exist).
+
+A listener names its profile (``network``); the profile defines the wire. A listener may
+override the length header (``header``) and take the field layout of another profile
+(``spec``: a profile name, or ``ascii``/``binary``/``bcd`` for iso87-ascii/-binary/-bcd),
+keeping its own profile's DE39 table and security places; both empty: the profile's own.
 
 Relative paths in a configuration are resolved against the current working directory, which
 is the repository root for ``make run`` and the image's work directory in the container.
@@ -26,12 +33,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hsm.config import CardDataConfig, HsmConfig
-from switch.decisions import NETWORKS, STAND_IN_REASONS
+from switch.decisions import STAND_IN_REASONS, UnknownNetwork, profile
 from switch.wire.framing import HeaderKind
-from switch.wire.spec import SpecKind
 
 StoreBackend = Literal["sqlite", "postgres"]
+#: The default of ``listener.header``: none given, the profile's is filled in (a value no
+#: TOML file can give, so every loaded listener ends with a real header kind).
+PROFILE_HEADER: HeaderKind = typing.cast(HeaderKind, "")
+#: ``listener.spec`` short names of the shipped ISO 8583:1987 layouts.
+SPEC_ALIASES = {"ascii": "iso87-ascii", "binary": "iso87-binary", "bcd": "iso87-bcd"}
 LogFormat = Literal["json", "console"]
+
+
+class _FromProfile(str):
+    """A listener setting taken from its network profile, not given (see ListenerConfig)."""
+
+    __slots__ = ()
 
 
 class ConfigError(Exception):
@@ -48,15 +65,17 @@ class ListenerConfig:
     """One TCP listener that a card network connects to."""
 
     name: str = "visa"
-    #: Network profile whose response-code table and field conventions apply (decisions.py).
+    #: Network profile (``config/networks/<network>.toml``): field layout, framing, where
+    #: card-security values live, DE39 table, budget.
     network: str = "visa"
     host: str = "127.0.0.1"
     port: int = 8583
-    #: Length header of each frame: 2-byte big-endian binary, 4 ASCII digits or 2-byte BCD.
-    header: HeaderKind = "binary2"
-    #: Message encoding: "ascii" (ISO 8583:1987, hex-ASCII bitmaps), "binary" (binary bitmaps,
-    #: ASCII fields) or "bcd" (binary bitmaps, BCD numerics and lengths).
-    spec: SpecKind = "ascii"
+    #: Length header of each frame, overriding the profile's: "binary2" (2-byte big-endian),
+    #: "binary4", "ascii4" (4 ASCII digits) or "bcd2"; "" keeps the profile's.
+    header: HeaderKind = PROFILE_HEADER
+    #: Field layout, overriding the profile's: another profile's name, or "ascii", "binary",
+    #: "bcd" (iso87-ascii, iso87-binary, iso87-bcd); "" keeps the profile's.
+    spec: str = ""
     #: Largest frame body accepted, in bytes; larger length headers close the connection.
     max_frame: int = 8192
     #: Seconds a TLS handshake may take before the connection is dropped.
@@ -134,6 +153,26 @@ class ListenerConfig:
     #: by the commit; 0: not limited per day (the per-transaction limit and the card's own
     #: velocity limits still apply).
     stand_in_daily_amount: int = 0
+
+    def __post_init__(self) -> None:
+        """Fill an empty ``header`` or ``spec`` with the profile's (its length header, its own
+        layout), so that every loaded listener says what it speaks. A filled value is marked
+        (:class:`_FromProfile`), so that ``dataclasses.replace(listener, network=...)`` fills
+        it again from the new profile instead of keeping the old one. A profile that cannot
+        be loaded leaves them empty; ``load`` reports it under ``listener[i].network``."""
+        header_unset = not self.header or isinstance(self.header, _FromProfile)
+        spec_unset = not self.spec or isinstance(self.spec, _FromProfile)
+        if not (header_unset or spec_unset):
+            return
+        try:
+            wire = profile(self.network).wire
+        except UnknownNetwork:
+            return
+        if wire is not None:
+            if header_unset:
+                object.__setattr__(self, "header", _FromProfile(wire.framing.header))
+            if spec_unset:
+                object.__setattr__(self, "spec", _FromProfile(self.network))
 
 
 @dataclass(frozen=True)
@@ -415,19 +454,22 @@ def _check(cfg: Config, source: str) -> None:
             raise ConfigError(source, f"{key}.port", f"out of range: {lst.port}")
         if not 64 <= lst.max_frame <= 65535:
             raise ConfigError(source, f"{key}.max_frame", "must be between 64 and 65535")
-        if lst.header == "ascii4" and lst.max_frame > 9999:
-            raise ConfigError(source, f"{key}.max_frame", "ascii4 headers carry at most 9999")
-        if lst.header == "bcd2" and lst.max_frame > 9999:
-            raise ConfigError(source, f"{key}.max_frame", "bcd2 headers carry at most 9999")
+        try:
+            prof = profile(lst.network)
+        except UnknownNetwork as exc:
+            raise ConfigError(source, f"{key}.network", str(exc)) from None
+        if lst.spec:
+            try:
+                profile(SPEC_ALIASES.get(lst.spec, lst.spec))
+            except UnknownNetwork as exc:
+                raise ConfigError(source, f"{key}.spec", str(exc)) from None
+        assert prof.wire is not None
+        header: HeaderKind = lst.header or prof.wire.framing.header
+        if header in ("ascii4", "bcd2") and lst.max_frame > 9999:
+            raise ConfigError(source, f"{key}.max_frame", f"{header} headers carry at most 9999")
         for name in ("handshake_timeout", "frame_timeout"):
             if getattr(lst, name) <= 0:
                 raise ConfigError(source, f"{key}.{name}", "must be positive")
-        if lst.network not in NETWORKS:
-            raise ConfigError(
-                source,
-                f"{key}.network",
-                f"unknown network {lst.network!r}; known: {', '.join(NETWORKS)}",
-            )
         for name in (
             "max_in_flight",
             "max_connections",

@@ -63,7 +63,7 @@ from switch.keys import ListenerSession
 from switch.log import get_logger
 from switch.session import UNSOLICITED_RESPONSE, Answer, Close, Decide, Drop, KeepAlive, Session
 from switch.wire import codec
-from switch.wire.framing import encode_frame, keepalive_frame
+from switch.wire.framing import encode_frame
 from switch.wire.messages import (
     AuthRequest,
     AuthResponse,
@@ -343,11 +343,11 @@ class Connection:
                         self._waiting_send.send_nowait(_Waiting(action.message, ctx))
                 elif isinstance(action, Answer):
                     metrics.observe_protocol_error(lst.name, "format_error")
-                    framed = encode_frame(action.body, lst.header)
+                    framed = self._session.frame(action.body)
                     await self._queue(_Outgoing(framed, _Outcome.of_answer(action, received_at)))
                 elif isinstance(action, KeepAlive):
                     if action.answer:
-                        await self._queue(_Outgoing(keepalive_frame(lst.header), None))
+                        await self._queue(_Outgoing(self._session.keepalive(), None))
                 elif isinstance(action, Drop):
                     if self._is_echo_answer(action):
                         ms = round((received_at - self._echo_sent_at) * 1000, 3)
@@ -517,8 +517,8 @@ class Connection:
                 return
             outcome = _Outcome.of_decision(message, decision, received_at)
             try:
-                body = codec.encode(decision.response, self._listener.spec)
-                data = encode_frame(body, self._listener.header)
+                body = codec.encode(decision.response, self._session.spec)
+                data = self._session.frame(body)
             except ValueError as exc:
                 accounted = True
                 self._undelivered(outcome, "encode_failed", error=describe(exc))

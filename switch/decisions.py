@@ -1,8 +1,11 @@
 """Why a request is declined, and which response code each network wants for it.
 
-What lives here: the ``Reason`` enum (every outcome the pipeline can reach), the response-code
-table of each network profile (one place, so that "CVV2 mismatch is N7 for Visa, 82 elsewhere"
-is a row, not an ``if``), and the pure spend rules that need no store (per-transaction maximum,
+What lives here: the ``Reason`` enum (every outcome the pipeline can reach), the ``Profile``
+of each network, whose response-code table (one place, so that "CVV2 mismatch is N7 for Visa,
+82 elsewhere" is a row, not an ``if``) is read from the network profile files
+(``config/networks/*.toml``, loaded by ``switch.wire.profile``; the ISO table is ``base.toml``,
+which the others extend) and checked here: every Reason has a code, no stand-in reason
+approves. Also the pure spend rules that need no store (per-transaction maximum,
 blocked merchant categories and countries). Velocity (daily and monthly totals) needs the
 counters and is enforced atomically by the store at commit.
 
@@ -13,8 +16,17 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
+
+from switch.wire.profile import (
+    NetworkProfile,
+    ProfileError,
+    known_profiles,
+    load_profile,
+    profile_directory,
+)
 
 if TYPE_CHECKING:  # models import Reason; the controls are only a type here
     from switch.store.models import SpendControls
@@ -105,76 +117,6 @@ class Reason(enum.Enum):
     SYSTEM_OVERLOAD = "system_overload"
 
 
-#: ISO 8583:1987 DE39 codes shared by the networks we profile.
-_BASE: dict[Reason, str] = {
-    Reason.APPROVED: "00",
-    Reason.FORMAT_ERROR: "30",
-    Reason.INVALID_TRANSACTION: "12",
-    Reason.INVALID_AMOUNT: "13",
-    Reason.UNKNOWN_CARD: "14",
-    Reason.LOST_CARD: "41",
-    Reason.STOLEN_CARD: "43",
-    Reason.CARD_BLOCKED: "62",
-    Reason.CARD_CLOSED: "57",
-    Reason.EXPIRED_CARD: "54",
-    Reason.WRONG_PIN: "55",
-    Reason.PIN_TRIES_EXCEEDED: "75",
-    Reason.CVV_MISMATCH: "82",
-    Reason.ICVV_MISMATCH: "82",
-    Reason.CVV2_MISMATCH: "82",
-    Reason.ARQC_FAILED: "05",
-    Reason.EMV_DATA_MISMATCH: "05",
-    Reason.ATC_REPLAY: "05",
-    Reason.CHIP_DATA_MISSING: "05",
-    Reason.CHIP_FALLBACK: "05",
-    Reason.DUPLICATE_TRANSMISSION: "94",
-    Reason.EXCEEDS_TRANSACTION_LIMIT: "61",
-    Reason.EXCEEDS_AMOUNT_VELOCITY: "61",
-    Reason.EXCEEDS_COUNT_VELOCITY: "65",
-    Reason.BLOCKED_MERCHANT_CATEGORY: "57",
-    Reason.BLOCKED_COUNTRY: "57",
-    Reason.CURRENCY_NOT_SUPPORTED: "57",
-    Reason.INSUFFICIENT_FUNDS: "51",
-    Reason.ORIGINAL_ALREADY_REVERSED: "05",
-    # Advices and reversals are acknowledged whatever they did to money.
-    Reason.ADVICE_APPLIED: "00",
-    Reason.ADVICE_OF_DECLINE: "00",
-    Reason.ADVICE_AFTER_REVERSAL: "00",
-    Reason.ADVICE_ALREADY_APPLIED: "00",
-    Reason.COMPLETION_APPLIED: "00",
-    Reason.ADVICE_UNKNOWN_CARD: "00",
-    Reason.ADVICE_WRONG_CURRENCY: "00",
-    Reason.REVERSAL_MATCHED: "00",
-    Reason.REVERSAL_UNMATCHED: "00",
-    Reason.REVERSAL_MISMATCH: "00",
-    Reason.SECURITY_UNAVAILABLE: "91",
-    Reason.ISSUER_UNAVAILABLE: "91",
-    Reason.SYSTEM_ERROR: "96",
-    # ISO 8583:1987 DE39 63 "security violation": the key offered cannot be taken.
-    Reason.KEY_EXCHANGE_FAILED: "63",
-    # ISO 8583:1987 DE39 91 "issuer or switch inoperative": the network stands in.
-    Reason.SIGNED_OFF: "91",
-    Reason.SYSTEM_OVERLOAD: "91",
-}
-
-#: Per-network departures from the base table.
-_OVERRIDES: dict[str, dict[Reason, str]] = {
-    "iso": {},
-    # Visa: CVV2 failure is N7; a failed cryptogram (negative CAM) is 82, and so is a
-    # cryptogram that does not cover this message or replays a used counter.
-    "visa": {
-        Reason.CVV2_MISMATCH: "N7",
-        Reason.ARQC_FAILED: "82",
-        Reason.EMV_DATA_MISMATCH: "82",
-        Reason.ATC_REPLAY: "82",
-    },
-    # Mastercard: CVC 2 and chip failures are declines with 05 and a DE48 advice code.
-    "mastercard": {Reason.CVV2_MISMATCH: "05"},
-}
-
-#: The network profiles a listener may name (``listener.network``).
-NETWORKS = tuple(_OVERRIDES)
-
 #: Reasons a stand-in policy may answer with: declines that let the network stand in. An
 #: approving stand-in would answer 00 with nothing journaled, so it is not among them.
 STAND_IN_REASONS = frozenset(
@@ -183,12 +125,17 @@ STAND_IN_REASONS = frozenset(
 
 
 class UnknownNetwork(ValueError):
-    """A listener names a network without a profile."""
+    """A listener names a network without a usable profile; ``str()`` names the file and key."""
+
+    def __init__(self, message: str, *, source: str = "", key: str = "") -> None:
+        super().__init__(message)
+        self.source = source
+        self.key = key
 
 
 class Profile:
-    """The response-code table of one network (the only place a Reason becomes DE39) and its
-    rules for naming an original."""
+    """The response-code table of one network (the only place a Reason becomes DE39), its
+    rules for naming an original, its budget and its wire (the network profile file)."""
 
     def __init__(
         self,
@@ -196,6 +143,8 @@ class Profile:
         table: Mapping[Reason, str],
         *,
         original_match_rrn_terminal: bool = True,
+        budget: float | None = None,
+        wire: NetworkProfile | None = None,
     ) -> None:
         missing = set(Reason) - set(table)
         if missing:
@@ -209,6 +158,10 @@ class Profile:
         #: Whether a reversal, advice or completion finds its original by its DE37 and DE41
         #: as well as by DE90 (the networks profiled here keep both through the lifecycle).
         self.original_match_rrn_terminal = original_match_rrn_terminal
+        #: Seconds to answer a request of this network; None: ``pipeline.budget``.
+        self.budget = budget
+        #: The network profile it was built from (layout, framing, sub-layouts), if any.
+        self.wire = wire
 
     def __repr__(self) -> str:
         return f"Profile({self.name!r})"
@@ -221,22 +174,67 @@ class Profile:
         """
         return self.table[reason]
 
+    @classmethod
+    def from_network(cls, wire: NetworkProfile) -> Profile:
+        """The profile of a loaded network profile file: its DE39 table checked here.
 
-_PROFILES: dict[str, Profile] = {}
+        Raises:
+            UnknownNetwork: a DE39 row names no reason, a reason has no code, or a stand-in
+                reason approves (naming the file and the key).
+        """
+        reasons = {r.value: r for r in Reason}
+        table: dict[Reason, str] = {}
+        for key, code in wire.de39.items():
+            if key not in reasons:
+                source = wire.de39_sources.get(key, wire.source)
+                raise UnknownNetwork(f"{source}: de39.{key}: not a reason", source=source,
+                                     key=f"de39.{key}")  # fmt: skip
+            table[reasons[key]] = code
+        missing = sorted(r.value for r in Reason if r not in table)
+        if missing:
+            raise UnknownNetwork(f"{wire.source}: de39: no code for {', '.join(missing)}",
+                                 source=wire.source, key="de39")  # fmt: skip
+        try:
+            return cls(
+                wire.name,
+                table,
+                original_match_rrn_terminal=wire.original_match_rrn_terminal,
+                budget=wire.budget,
+                wire=wire,
+            )
+        except ValueError as exc:
+            raise UnknownNetwork(f"{wire.source}: de39: {exc}", source=wire.source,
+                                 key="de39") from None  # fmt: skip
 
 
-def profile(network: str) -> Profile:
-    """The profile of ``network``.
+_PROFILES: dict[tuple[str, str], Profile] = {}
+
+
+def profile(network: str, directory: Path | str | None = None) -> Profile:
+    """The profile of ``network``: ``config/networks/<network>.toml`` (see switch.wire.profile).
 
     Raises:
-        UnknownNetwork: no profile has that name (a configuration error).
+        UnknownNetwork: no such profile, or its file is not valid (a configuration error
+            naming the file and the key).
     """
-    prof = _PROFILES.get(network)
+    cache_key = (str(profile_directory(directory)), network)
+    prof = _PROFILES.get(cache_key)
     if prof is None:
-        if network not in _OVERRIDES:
-            raise UnknownNetwork(f"unknown network {network!r}; known: {', '.join(NETWORKS)}")
-        prof = _PROFILES[network] = Profile(network, {**_BASE, **_OVERRIDES[network]})
+        try:
+            wire = load_profile(network, directory)
+        except ProfileError as exc:
+            raise UnknownNetwork(str(exc), source=exc.source, key=exc.key) from None
+        prof = _PROFILES[cache_key] = Profile.from_network(wire)
     return prof
+
+
+def networks(directory: Path | str | None = None) -> tuple[str, ...]:
+    """The network profiles a listener may name (``listener.network``)."""
+    return known_profiles(directory)
+
+
+#: The shipped network profiles (metrics bound their labels with it).
+NETWORKS = networks()
 
 
 def check_controls(

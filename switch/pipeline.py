@@ -11,7 +11,8 @@ cause when there is one, the money moved.
 
 Budget and failure policy, the same for authorizations and reversals: everything up to and
 including the hand-over to the store runs under the network's latency budget
-(``pipeline.budget``, counted from the moment the frame was read). If the budget runs out or
+(the profile's ``budget``, else ``pipeline.budget``,
+counted from the moment the frame was read). If the budget runs out or
 the HSM or the store fails before the store has taken the commit, the request is answered by
 the stand-in policy (``pipeline.stand_in``, a Reason) and nothing is kept. Once the store has
 taken the commit, the decision it returns is the answer sent, however long that took. A
@@ -254,7 +255,7 @@ class Pipeline:
 
     async def authorize(self, request: AuthRequest, context: RequestContext) -> Decision:
         dup_key = _duplicate_key(request, context)
-        deadline = context.received_at + self._cfg.pipeline.budget
+        deadline = context.received_at + (context.profile.budget or self._cfg.pipeline.budget)
         stored: AuthOutcome | ReversalOutcome | None = None
         prepared: _Prepared | None = None
         outcome: AuthOutcome | None = None
@@ -670,7 +671,7 @@ class Pipeline:
         masked = mask_pan(request.pan) if request.pan else None
         outcome: ReversalOutcome | None = None
         cause: StandInCause = "budget"
-        deadline = context.received_at + self._cfg.pipeline.budget
+        deadline = context.received_at + (context.profile.budget or self._cfg.pipeline.budget)
         try:
             with trio.move_on_at(deadline):
                 fingerprint = b""

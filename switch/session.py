@@ -18,8 +18,11 @@ complete frame, in stream order, and ``classify``, the rule for a single frame b
   no recoverable request MTI and STAN, EOF inside a frame): stop reading. The connection
   still finishes and writes the answers of the requests before it.
 
-``listener_spec`` is the wire spec a listener's frames are decoded with: its spec kind, with
-DE52 of 16 bytes when its PIN block format is ISO 9564 format 4 (AES), else 8.
+``listener_spec`` is the wire spec a listener's frames are decoded with: its network profile's
+layout (or the one its ``spec`` names) and sub-layouts, with DE52 of 16 bytes when its PIN
+block format is ISO 9564 format 4 (AES), else 8; ``listener_framing`` its length header (the
+profile's, or the listener's override) and envelope. The session strips a request's envelope
+(TPDU, message header) and frames answers with the envelope of the latest request.
 
 Nothing here knows a response code: every DE39 comes from the listener's ``Profile``. Like
 h11, this module does no I/O and imports no trio, so the whole policy is tested with bytes.
@@ -33,11 +36,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from switch.config import ListenerConfig
-from switch.decisions import Profile, Reason
+from switch.config import SPEC_ALIASES, ListenerConfig
+from switch.decisions import Profile, Reason, profile
 from switch.handler import Request
 from switch.wire import codec
-from switch.wire.framing import FrameDecoder, FramingError, HeaderKind, header_size
+from switch.wire.framing import (
+    FrameDecoder,
+    Framing,
+    FramingError,
+    answer_envelope,
+    encode_frame,
+    keepalive_frame,
+    split_envelope,
+)
 from switch.wire.messages import (
     AuthRequest,
     NetworkRequest,
@@ -45,7 +56,8 @@ from switch.wire.messages import (
     UnsupportedMessage,
     is_request,
 )
-from switch.wire.spec import SpecChoice, WireSpec, wire_spec
+from switch.wire.profile import NetworkProfile
+from switch.wire.spec import SpecChoice, WireSpec
 
 __all__ = [
     "Action",
@@ -56,6 +68,7 @@ __all__ = [
     "KeepAlive",
     "Session",
     "classify",
+    "listener_framing",
     "listener_spec",
 ]
 
@@ -160,13 +173,49 @@ def _format_error(
     return Close(UNDECODABLE, err.reason)
 
 
-def listener_spec(listener: ListenerConfig) -> WireSpec:
-    """The wire spec a listener speaks: its kind, with DE52 sized by its PIN block format.
+def _wire_of(listener: ListenerConfig, prof: Profile | None) -> NetworkProfile:
+    """The network profile file of a listener (a Profile built in code has none: the
+    listener's network's is used)."""
+    if prof is not None and prof.wire is not None:
+        return prof.wire
+    wire = profile(listener.network).wire
+    assert wire is not None, "a listener's profile is loaded from its file"
+    return wire
 
-    >>> listener_spec(ListenerConfig(spec="bcd", pin_block_format=4))
-    WireSpec(kind='bcd', pin_block_bytes=16)
+
+def listener_spec(
+    listener: ListenerConfig, pin_block_format: int | None = None, prof: Profile | None = None
+) -> WireSpec:
+    """The wire spec a listener speaks: its profile's layout (or the one its ``spec`` names)
+    and sub-layouts, with DE52 sized by its PIN block format (or ``pin_block_format``).
+
+    >>> ws = listener_spec(ListenerConfig(network="visa", spec="bcd", pin_block_format=4))
+    >>> ws.layout.name, ws.pin_block_bytes, ws.sub.cvv2
+    ('iso87-bcd', 16, 'de126.10')
     """
-    return wire_spec(listener.spec, pin_block_format=listener.pin_block_format)
+    own = _wire_of(listener, prof)
+    layout = own
+    if listener.spec and listener.spec != listener.network:
+        other = profile(SPEC_ALIASES.get(listener.spec, listener.spec)).wire
+        assert other is not None
+        layout = other
+    fmt = listener.pin_block_format if pin_block_format is None else pin_block_format
+    spec = own.wire_spec(fmt)
+    return WireSpec(spec.kind, spec.pin_block_bytes, layout.layout, own.sub)
+
+
+def listener_framing(listener: ListenerConfig, prof: Profile | None = None) -> Framing:
+    """How a listener's frames are delimited: its profile's framing, with the listener's
+    length header when it sets one.
+
+    >>> listener_framing(ListenerConfig(network="iso87-ascii", header="ascii4")).header
+    'ascii4'
+    """
+    framing = _wire_of(listener, prof).framing
+    if listener.header:
+        framing = Framing(listener.header, framing.includes_itself, framing.envelope,
+                          framing.envelope_size)  # fmt: skip
+    return framing
 
 
 class Session:
@@ -174,7 +223,7 @@ class Session:
 
     >>> from switch.config import ListenerConfig
     >>> from switch.decisions import profile
-    >>> s = Session(ListenerConfig(header="ascii4"), profile("iso"))
+    >>> s = Session(ListenerConfig(network="iso", header="ascii4"), profile("iso"))
     >>> s.receive(b"00")
     []
     >>> s.in_progress
@@ -192,16 +241,18 @@ class Session:
     """
 
     def __init__(self, listener: ListenerConfig, profile: Profile) -> None:
-        self._header: HeaderKind = listener.header
-        self._header_size = header_size(listener.header)
+        self._framing = listener_framing(listener, profile)
+        self._header_size = self._framing.header_size
         self._max_frame = listener.max_frame
         self._keepalive = listener.zero_length_frames
         self._empty_frames = listener.zero_length_frames != "close"
         self._decoder = FrameDecoder(
-            listener.header, listener.max_frame, empty_frames=self._empty_frames
+            self._framing, listener.max_frame, empty_frames=self._empty_frames
         )
-        self._spec = listener_spec(listener)
+        self._spec = listener_spec(listener, prof=profile)
         self._profile = profile
+        #: The envelope (TPDU, message header) of the latest request, echoed in answers.
+        self._envelope = b""
         self._closed = False
         #: Bytes received since the last frame boundary (at most one header and one body),
         #: kept so that the frames before a framing error can be recovered.
@@ -211,6 +262,25 @@ class Session:
     def in_progress(self) -> bool:
         """Whether part of a frame has been received (the frame deadline is running)."""
         return not self._closed and self._decoder.in_progress
+
+    @property
+    def spec(self) -> WireSpec:
+        """The wire spec of this connection's messages."""
+        return self._spec
+
+    def frame(self, body: bytes) -> bytes:
+        """An encoded answer framed for the wire: envelope (from the latest request's) and
+        length header.
+
+        Raises:
+            ValueError: ``body`` is empty or too long for the header.
+        """
+        envelope = answer_envelope(self._framing, self._envelope, body)
+        return encode_frame(envelope + body, self._framing)
+
+    def keepalive(self) -> bytes:
+        """The zero-length frame of this connection's framing (answer to a keep-alive)."""
+        return keepalive_frame(self._framing)
 
     @property
     def closed(self) -> bool:
@@ -240,6 +310,12 @@ class Session:
             if not frame:  # only when keep-alives are accepted
                 actions.append(KeepAlive(answer=self._keepalive == "answer"))
                 continue
+            try:
+                self._envelope, frame = split_envelope(self._framing, frame)  # noqa: PLW2901
+            except FramingError as exc:
+                self._closed = True
+                actions.append(Close(exc.kind, str(exc)))
+                return actions
             action = classify(frame, self._spec, self._profile)
             actions.append(action)
             if isinstance(action, Close):
@@ -265,7 +341,7 @@ class Session:
         ``FrameDecoder.feed`` raises without returning the frames it completed earlier in
         the same call; this slow path (taken once, just before a close) recovers them.
         """
-        decoder = FrameDecoder(self._header, self._max_frame, empty_frames=self._empty_frames)
+        decoder = FrameDecoder(self._framing, self._max_frame, empty_frames=self._empty_frames)
         frames: list[bytes] = []
         for i in range(len(data)):
             try:

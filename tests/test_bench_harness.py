@@ -209,14 +209,14 @@ def test_shipped_mixes_load(path: Path) -> None:
 
 @pytest.mark.parametrize("spec", ["ascii", "binary", "bcd"])
 def test_mix_frames_carry_unique_keys_and_the_published_values(spec: str) -> None:
-    mix = Mix(load_mix("full"), spec, seed=5)  # type: ignore[arg-type]
+    mix = Mix(load_mix("full"), spec, seed=5)
     stans: set[str] = set()
     rrns: set[str] = set()
     purchases: dict[str, str] = {}
     chips = 0
     for _ in range(400):
         req = mix.next()
-        msg = codec.decode(req.body, spec)  # type: ignore[arg-type]
+        msg = codec.decode(req.body, spec)
         assert msg.stan == req.stan and req.stan not in stans
         stans.add(req.stan)
         if isinstance(msg, ReversalRequest):

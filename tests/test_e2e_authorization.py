@@ -55,7 +55,9 @@ async def switch(
 
 
 async def _ask(sw: Switch, ctx: ssl.SSLContext, *messages: Any) -> list[Any]:
-    async with Client.connect("127.0.0.1", sw.port, ctx) as client:
+    # The listener's profile says where the CVV2 goes (DE126.10 for Visa).
+    spec = sw.config.listeners[0].spec
+    async with Client.connect("127.0.0.1", sw.port, ctx, spec=spec) as client:
         answers = []
         with trio.fail_after(10):
             for message in messages:

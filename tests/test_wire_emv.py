@@ -159,6 +159,11 @@ def test_corpus_mastercard_sample() -> None:
         currency="840",
         emv=sample,
     )
-    for spec in ("ascii", "binary", "bcd"):
+    # 512 bytes: beyond LLLVAR hex text (999 characters) and pyiso8583 default's 255 bytes;
+    # profiles that allow 999 raw bytes carry it unchanged.
+    for spec in ("bcd", "iso87-ascii-rawbin"):
         decoded = codec.decode(codec.encode(req, spec), spec)
         assert isinstance(decoded, AuthRequest) and decoded.emv == sample
+    for spec in ("ascii", "binary", "mastercard"):
+        with pytest.raises(ValueError, match="field 55"):
+            codec.encode(req, spec)

@@ -43,7 +43,7 @@ BASE = {  # a valid 0100 as pyiso8583 fields
 
 def frame_of(fields: dict[str, str], spec: str = "ascii") -> bytes:
     """Encode with pyiso8583 directly (bypassing our typed layer)."""
-    raw, _ = iso8583.encode(dict(fields), spec_for(spec))  # type: ignore[arg-type]
+    raw, _ = iso8583.encode(dict(fields), spec_for(spec))
     return bytes(raw)
 
 
@@ -189,8 +189,7 @@ def test_mti_helpers() -> None:
         ({"f41": "TERM\x7f001"}, "41"),
         ({"f35": "4761739001010010X2512201"}, "35"),
         ({"f35": "4761739001010010D2513201"}, "35"),
-        ({"f48": "9205123"}, "48"),
-        ({"f48": "R92"}, "48"),
+        ({"f48": "R92\x01"}, "48"),
         ({"t": "01A0"}, "mti"),
     ],
 )
@@ -215,6 +214,16 @@ def test_pan_from_track2_when_de2_absent() -> None:
     assert msg.track2 is not None
     assert (msg.track2.expiry, msg.track2.service_code) == ("2512", "201")
     assert msg.track2.discretionary == "1143878089"
+
+
+@pytest.mark.parametrize("text", ["9205123", "R92", "FREE TEXT FROM AN ACQUIRER", "12"])
+def test_de48_not_in_the_subelement_layout_is_free_text(text: str) -> None:
+    """A DE48 that is not Mastercard subelements is not a format error: it is kept as free
+    text, and no CVV2 is read from it."""
+    msg = codec.decode(frame_of(with_(f48=text)))
+    assert isinstance(msg, AuthRequest)
+    assert msg.additional_text == text and msg.cvv2 is None and msg.additional_data == ()
+    assert codec.decode_fields(codec.encode(msg))["48"] == text
 
 
 def test_de48_subelements_and_cvv2() -> None:

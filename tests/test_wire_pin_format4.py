@@ -20,7 +20,15 @@ from switch.session import Answer, Decide, Session, classify, listener_spec
 from switch.wire import codec
 from switch.wire.framing import encode_frame
 from switch.wire.messages import AuthRequest
-from switch.wire.spec import SPEC_KINDS, SpecKind, WireSpec, pin_block_bytes, spec_for, wire_spec
+from switch.wire.spec import (
+    SPEC_KINDS,
+    SpecKind,
+    WireSpec,
+    pin_block_bytes,
+    shared_spec,
+    spec_for,
+    wire_spec,
+)
 
 PAN = "4123456789012345"
 PINBLOCK = {
@@ -85,15 +93,19 @@ def test_pin_block_sizes_by_iso9564_format() -> None:
     with pytest.raises(ValueError, match="PIN block size"):
         WireSpec("ascii", pin_block_bytes=12)
     with pytest.raises(ValueError, match="spec kind"):
-        WireSpec("ebcdic")  # type: ignore[arg-type]
+        WireSpec("ebcdic")
     with pytest.raises(ValueError, match="WireSpec"):
         spec_for(WireSpec("ascii"), pin_block_format=4)
 
 
 @pytest.mark.parametrize("kind", SPEC_KINDS)
 def test_listener_spec_follows_the_listeners_pin_block_format(kind: SpecKind) -> None:
-    assert listener_spec(ListenerConfig(spec=kind, pin_block_format=4)) == WireSpec(kind, 16)
-    assert listener_spec(ListenerConfig(spec=kind)) == WireSpec(kind, 8)
+    four = listener_spec(ListenerConfig(spec=kind, pin_block_format=4))
+    zero = listener_spec(ListenerConfig(spec=kind))
+    assert (four.pin_block_bytes, zero.pin_block_bytes) == (16, 8)
+    # The listener's spec names a layout: the shipped profile of that kind, built in too.
+    assert shared_spec(four) == shared_spec(WireSpec(kind, 16))
+    assert shared_spec(zero) == shared_spec(WireSpec(kind, 8))
 
 
 @pytest.mark.parametrize("kind", SPEC_KINDS)
@@ -133,11 +145,10 @@ def test_classify_of_a_format4_frame_with_the_plain_kind_is_not_decided() -> Non
 
 
 def test_format4_ascii_frame_is_readable_by_pyiso8583_with_a_16_byte_de52() -> None:
-    """An independent reading: pyiso8583's own default_ascii with today's raw 16-byte DE52
-    (when the ASCII profile moves DE52 to hex text, this peer becomes default_ascii itself)."""
+    """An independent reading: pyiso8583's own default_ascii, DE52 widened to the 32 hex
+    characters of a 16-byte block (nothing else changed)."""
     body = codec.encode(_auth(AES_BLOCK), wire_spec("ascii", pin_block_format=4))
     peer = {k: dict(v) for k, v in iso8583.specs.default_ascii.items()}
-    peer["52"].update(data_enc="b", max_len=16)
-    peer["55"].update(data_enc="b", len_enc="ascii", len_type=3, max_len=999)
+    peer["52"].update(max_len=32)
     fields, _ = iso8583.decode(body, peer)
     assert fields["52"] == AES_BLOCK.hex().upper() and fields["2"] == PAN

@@ -28,9 +28,9 @@ from switch.cli.runner import CommandError, ExitStatus, UsageError, runner, sing
 from switch.client import Client, ClientError
 from switch.config import Config, ListenerConfig
 from switch.pki import pki_paths
+from switch.session import listener_framing, listener_spec
 from switch.tls import client_context
 from switch.wire.messages import Message
-from switch.wire.spec import wire_spec
 
 #: Seconds ``send`` waits for the connection, the handshake and the answer, each.
 DEFAULT_TIMEOUT = 10.0
@@ -275,8 +275,8 @@ async def _send(args: argparse.Namespace, cfg: Config) -> int:
             host,
             port,
             ctx,
-            header=listener.header,
-            spec=wire_spec(listener.spec, pin_block_format=pin_format),
+            header=listener_framing(listener),
+            spec=listener_spec(listener, pin_block_format=pin_format),
             connect_timeout=args.timeout,
         ) as client:
             with trio.fail_after(args.timeout):

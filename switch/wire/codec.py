@@ -7,9 +7,11 @@ DE39 = 30 answer to a body that cannot be used when its MTI and STAN can be reco
 
 Errors: ``decode`` raises nothing but :class:`FormatError`, whatever the bytes. pyiso8583's
 ``DecodeError`` carries the raw message, so it never leaves this module: only the field
-number, the position and a sanitised reason are kept. A tertiary bitmap (DE65) or a data
-element the spec does not define (DE129-192) is a :class:`FormatError` too, with the MTI,
-STAN and echo fields before it recovered, so it is answered rather than closing the link.
+number, the position and a sanitised reason are kept. A tertiary bitmap (DE65) in a spec
+that does not define DE129-192 (a profile's ``tertiary_bitmap``), or a data element the spec
+does not define, is a :class:`FormatError` too, with the MTI, STAN and echo fields before it
+recovered, so it is answered rather than closing the link. Length prefixes in text (ASCII or
+EBCDIC) must be digits of their encoding.
 ``encode`` raises ``ValueError`` or ``TypeError`` for programmer errors (a message that cannot
 be laid out).
 
@@ -29,7 +31,7 @@ from hsm.pan import scrub
 from switch.wire import messages
 from switch.wire.framing import WireError
 from switch.wire.messages import ErrorResponse, FieldError, Message
-from switch.wire.spec import SpecChoice, shared_spec
+from switch.wire.spec import SpecChoice, shared_spec, sub_layouts
 
 __all__ = [
     "FormatError",
@@ -58,6 +60,12 @@ _BITMAP_FIELDS: Final = tuple(str(i) for i in range(2, 193) if i != 65)
 _UNDEFINED_FIELD: Final = {
     "data_enc": "b", "len_enc": "ascii", "len_type": 3, "max_len": 999, "desc": "undefined",
 }  # fmt: skip
+#: The digit bytes of a text length prefix, by its encoding (ASCII 0x30-0x39, EBCDIC
+#: 0xF0-0xF9); other text encodings are checked as ASCII.
+_PREFIX_DIGITS: Final = {"cp500": frozenset(range(0xF0, 0xFA))}
+_ASCII_DIGITS: Final = frozenset(range(0x30, 0x3A))
+#: The first element behind a tertiary bitmap: a spec that defines it accepts one.
+_FIRST_TERTIARY: Final = "129"
 #: Exceptions a malformed body can provoke inside pyiso8583 besides DecodeError.
 _DECODE_FAILURES: Final = (ValueError, IndexError, KeyError, TypeError, LookupError)
 
@@ -122,7 +130,7 @@ def _lenient(spec: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``spec`` whose text fields decode any byte (latin-1), for recovery only."""
     out = {k: dict(v) for k, v in spec.items()}
     for item in out.values():
-        if item["data_enc"] != "b":
+        if item["data_enc"] == "ascii":
             item["data_enc"] = "latin-1"
     return out
 
@@ -191,12 +199,13 @@ def _decode_dict(frame: bytes, kind: SpecChoice) -> dict[str, str]:
         raise FormatError._with_context(reason, None, _recover(frame, kind, {})) from None
     for key, enc in doc_enc.items():
         item = spec.get(key, {})
-        if item.get("len_type") and item.get("len_enc") not in ("b", "bcd"):
-            prefix = enc["len"]
-            if not all(0x30 <= b <= 0x39 for b in prefix):  # ASCII 0-9
+        len_enc = item.get("len_enc")
+        if item.get("len_type") and len_enc not in ("b", "bcd"):
+            allowed = _PREFIX_DIGITS.get(len_enc, _ASCII_DIGITS)
+            if not all(b in allowed for b in enc["len"]):
                 raise FormatError._with_context("length prefix is not digits", key, doc_dec)
     # Binary bitmaps decode to hex text too, so one width covers both encodings.
-    if len(doc_dec.get("1", "")) > _HEX_BITMAP_WIDTH:
+    if len(doc_dec.get("1", "")) > _HEX_BITMAP_WIDTH and _FIRST_TERTIARY not in defined:
         raise FormatError._with_context("tertiary bitmap not supported", "65", doc_dec)
     for key in doc_dec:
         if key not in defined:
@@ -244,7 +253,7 @@ def decode(frame: bytes, spec: SpecChoice = "ascii") -> Message:
     """
     doc = _decode_dict(frame, spec)
     try:
-        return messages.from_fields(doc)
+        return messages.from_fields(doc, sub_layouts(spec))
     except FieldError as exc:
         raise FormatError._with_context(exc.reason, exc.field, doc) from None
     except _DECODE_FAILURES:  # pragma: no cover - defensive: from_fields validates first
@@ -259,7 +268,7 @@ def encode(msg: Message, spec: SpecChoice = "ascii") -> bytes:
         ValueError: the message cannot be laid out in ``spec`` (a wrong field length or
             character set); the text names the field, never its value.
     """
-    fields: dict[str, Any] = messages.to_fields(msg)
+    fields: dict[str, Any] = messages.to_fields(msg, sub_layouts(spec))
     try:
         raw, _ = iso8583.encode(fields, shared_spec(spec))
     except iso8583.EncodeError as exc:

@@ -64,6 +64,7 @@ __all__ = [
     "OriginalData",
     "ReversalRequest",
     "ReversalResponse",
+    "SubLayouts",
     "Track2",
     "UnsupportedMessage",
     "from_fields",
@@ -96,6 +97,8 @@ NETWORK_REQUEST_MTIS: Final = frozenset({"0800"})
 #: MTIs decoded into :class:`NetworkResponse`.
 NETWORK_RESPONSE_MTIS: Final = frozenset({"0810"})
 
+#: pyiso8583 keys of DE48 (additional data) and DE126 (Visa private use), read per profile.
+_DE48, _DE126 = "48", "126"
 #: DE48 subelement (Mastercard layout) carrying the CVC2/CVV2 value.
 _DE48_CVV2_SE: Final = "92"
 #: Width of one DE54 additional amount: account type 2, amount type 2, currency 3, sign 1, 12.
@@ -364,13 +367,58 @@ def _parse_de43(value: str) -> MerchantLocation:
 
 
 _Subelements = tuple[tuple[str, str], ...]
-#: DE48 of an authorization: (category code, CVV2, all subelements), see :func:`_parse_de48`.
-_De48 = tuple[str | None, str | None, _Subelements]
+#: DE48 of an authorization: (category code, CVV2, all subelements, free text), see
+#: :func:`_parse_de48`.
+_De48 = tuple[str | None, str | None, _Subelements, str | None]
+
+#: Where a network profile puts the CVV2 of an authorization: DE48 subelement 92
+#: (Mastercard's place), DE126 subfield 10 (Visa's CVV2 authorization request data), or
+#: nowhere (the network does not send it).
+Cvv2Place = Literal["de48.se92", "de126.10", "none"]
+#: How DE48 of an authorization is read: Mastercard's layout (optional category code, then
+#: subelements), anything else being kept as free text; or free text only.
+De48Layout = Literal["subelements", "text"]
+#: How DE126 is read: Visa's layout (a bitmap as 16 hex characters, then the subfields it
+#: announces, each of a fixed length), anything else being ignored; or free text.
+De126Layout = Literal["visa", "text"]
+#: Visa DE126 subfield lengths (characters) after public descriptions of BASE I; a profile
+#: gives its own. Subfield 10 (CVV2 authorization request data) is what the switch reads.
+VISA_DE126_LENGTHS: Final = (
+    (1, 25), (2, 57), (3, 57), (4, 18), (5, 8), (6, 17), (7, 17), (8, 20), (9, 20),
+    (10, 6), (11, 2), (12, 24), (13, 1), (15, 1), (16, 33), (18, 12), (19, 1), (20, 1),
+)  # fmt: skip
+#: The DE126 subfield of the CVV2 and its presence indicator meaning "value present".
+_DE126_CVV2, _CVV2_PRESENT = 10, "1"
+#: Hex characters of the DE126 bitmap in a text layout (8 bytes).
+_DE126_BITMAP = 16
+
+
+@dataclass(frozen=True, slots=True)
+class SubLayouts:
+    """Where a network profile puts card-security values and how it lays out DE48 and DE126.
+
+    The default is the switch's historical reading: CVV2 in DE48 subelement 92.
+
+    >>> SubLayouts(cvv2="de126.10", de48="text", de126="visa").de126_lengths[9]
+    (10, 6)
+    """
+
+    cvv2: Cvv2Place = "de48.se92"
+    de48: De48Layout = "subelements"
+    de126: De126Layout = "text"
+    #: (subfield, length) of a ``visa`` DE126, in subfield order.
+    de126_lengths: tuple[tuple[int, int], ...] = VISA_DE126_LENGTHS
+
+
+#: The layouts of a spec that names none.
+DEFAULT_SUBLAYOUTS: Final = SubLayouts()
 
 
 def _parse_de48(value: str) -> _De48:
     """Mastercard-style DE48: optional category code (a non-digit) then id(2) len(2) data;
-    subelement 92 is the CVV2."""
+    subelement 92 is the CVV2. Printable text in another layout is kept as free text."""
+    if not is_printable(value):
+        raise Invalid("not printable text")
     category = None
     pos = 0
     if value and not "0" <= value[0] <= "9":
@@ -378,25 +426,54 @@ def _parse_de48(value: str) -> _De48:
     items: list[tuple[str, str]] = []
     while pos < len(value):
         head = value[pos : pos + 4]
-        if len(head) != 4 or not is_digits(head):
-            raise Invalid("subelement header malformed")
-        length = int(head[2:])
+        length = int(head[2:]) if len(head) == 4 and is_digits(head) else -1
         data = value[pos + 4 : pos + 4 + length]
-        if len(data) != length:
-            raise Invalid("subelement shorter than its length")
+        if length < 0 or len(data) != length:
+            return None, None, (), value  # not subelements: free text
         items.append((head[:2], data))
         pos += 4 + length
     cvv2 = next((data for se, data in items if se == _DE48_CVV2_SE), None)
-    return category, cvv2, tuple(items)
+    return category, cvv2, tuple(items), None
 
 
 def _format_de48(value: _De48) -> str | None:
-    category, cvv2, items = value
+    category, cvv2, items, free_text = value
+    if free_text is not None and not items and category is None:
+        return free_text
     if cvv2 is not None and not any(se == _DE48_CVV2_SE for se, _ in items):
         items = (*items, (_DE48_CVV2_SE, cvv2))
     if not items and category is None:
         return None
     return (category or "") + "".join(f"{se}{len(data):02d}{data}" for se, data in items)
+
+
+def _de126_cvv2(value: str | None, lengths: tuple[tuple[int, int], ...]) -> str | None:
+    """The CVV2 of a Visa-layout DE126 (subfield 10), or None when absent or not readable."""
+    if value is None or len(value) < _DE126_BITMAP:
+        return None
+    try:
+        bitmap = int(value[:_DE126_BITMAP], 16)
+    except ValueError:
+        return None
+    pos = _DE126_BITMAP
+    for subfield, length in lengths:
+        if not bitmap >> (64 - subfield) & 1:
+            continue
+        data = value[pos : pos + length]
+        if len(data) != length:
+            return None
+        if subfield == _DE126_CVV2:
+            # presence indicator, response type, then the value right-justified in 4.
+            cvv2 = data[2:].strip()
+            return cvv2 if data[:1] == _CVV2_PRESENT and cvv2 else None
+        pos += length
+    return None
+
+
+def _de126_with_cvv2(cvv2: str) -> str:
+    """A Visa-layout DE126 carrying subfield 10 only: CVV2 present, normal response."""
+    bitmap = 1 << (64 - _DE126_CVV2)
+    return f"{bitmap:016X}{_CVV2_PRESENT}1{cvv2:>4.4}"
 
 
 def _parse_de54(value: str) -> tuple[AdditionalAmount, ...]:
@@ -472,8 +549,8 @@ _INSTITUTION: Final = digits(max_len=11)
 _RESPONSE_CODE: Final = text(2).where(str.isalnum, "response code must be alphanumeric")
 _TRACK2: Final = Kind(_parse_track2, Track2.to_text, mask="hide")
 _DE43: Final = Kind(_parse_de43, MerchantLocation.to_text)
-_DE48_AUTH: Final = (
-    text().then(_parse_de48, _format_de48).spread_over("category_code", "cvv2", "additional_data")
+_DE48_AUTH: Final = Kind(_parse_de48, _format_de48).spread_over(
+    "category_code", "cvv2", "additional_data", "additional_text"
 )
 _DE54: Final = text().then(_parse_de54, _format_de54)
 _DE90: Final = Kind(_parse_de90, OriginalData.to_text)
@@ -490,8 +567,10 @@ _DE95: Final = Kind(_parse_de95, _format_de95)
 class AuthRequest:
     """0100/0101 authorization, 0200/0201 financial, 0120/0121/0220/0221 advices.
 
-    ``pan`` is DE2, or the PAN of track 2 when DE2 is absent. ``cvv2`` comes from DE48
-    subelement 92; ``additional_data`` holds all DE48 subelements (id, value).
+    ``pan`` is DE2, or the PAN of track 2 when DE2 is absent. ``cvv2`` comes from where
+    the network profile puts it (:class:`SubLayouts`: DE48 subelement 92 by default, DE126
+    subfield 10 for Visa); ``additional_data`` holds the DE48 subelements (id, value), and
+    ``additional_text`` a DE48 that is not in that layout (free text).
     """
 
     mti: str
@@ -506,6 +585,7 @@ class AuthRequest:
     category_code: str | None = de(48, _DE48_AUTH, default=None)
     cvv2: str | None = de(48, _DE48_AUTH, secret=True, default=None)
     additional_data: _Subelements = de(48, _DE48_AUTH, secret=True, default=())
+    additional_text: str | None = de(48, _DE48_AUTH, secret=True, default=None)
     amount: int = de(4, _AMOUNT, echo=True)
     currency: str = de(49, _CURRENCY, echo=True)
     transmission_time: str = de(7, _MMDDHHMMSS, echo=True)
@@ -796,12 +876,14 @@ def recover_context(fields: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def from_fields(fields: Mapping[str, str]) -> Message:
+def from_fields(fields: Mapping[str, str], layouts: SubLayouts = DEFAULT_SUBLAYOUTS) -> Message:
     """Build the typed message of a decoded field dictionary, validating field contents.
 
     Args:
         fields: pyiso8583-style dictionary: ``"t"`` the MTI, ``"2"``... the fields, binary
             fields as hex.
+        layouts: the network profile's sub-layouts (where the CVV2 is, how DE48 and DE126
+            are read).
 
     Returns:
         The typed message; :class:`UnsupportedMessage` for an MTI the switch does not serve.
@@ -812,11 +894,28 @@ def from_fields(fields: Mapping[str, str]) -> Message:
     mti = fields.get(_MTI, "")
     if len(mti) != 4 or not is_digits(mti):
         raise FieldError(MTI_FIELD, "MTI must be four digits")
-    return read(_CLASS_OF_MTI.get(mti, UnsupportedMessage), fields, mti=mti)
+    msg = read(_CLASS_OF_MTI.get(mti, UnsupportedMessage), fields, mti=mti)
+    if isinstance(msg, AuthRequest) and layouts != DEFAULT_SUBLAYOUTS:
+        msg = _apply_layouts(msg, fields, layouts)
+    return msg
 
 
-def to_fields(msg: Message) -> dict[str, str]:
+def _apply_layouts(msg: AuthRequest, fields: Mapping[str, str], lay: SubLayouts) -> AuthRequest:
+    """Re-read DE48 and the CVV2 of ``msg`` as the profile lays them out."""
+    changes: dict[str, Any] = {}
+    if lay.de48 == "text" and _DE48 in fields:
+        changes.update(category_code=None, additional_data=(), additional_text=fields[_DE48])
+    if lay.cvv2 == "de126.10":
+        changes["cvv2"] = _de126_cvv2(fields.get(_DE126), lay.de126_lengths)
+    elif lay.cvv2 == "none" or lay.de48 == "text":
+        changes["cvv2"] = None
+    return dataclasses.replace(msg, **changes)
+
+
+def to_fields(msg: Message, layouts: SubLayouts = DEFAULT_SUBLAYOUTS) -> dict[str, str]:
     """The pyiso8583-style field dictionary of ``msg`` (the inverse of :func:`from_fields`).
+
+    ``layouts`` says where the CVV2 of an :class:`AuthRequest` goes (the acquirer side).
 
     Fields are not validated here beyond what is needed to lay them out; encode errors from
     the spec (wrong lengths) surface in the codec.
@@ -827,4 +926,18 @@ def to_fields(msg: Message) -> dict[str, str]:
     """
     if not isinstance(msg, _MESSAGE_TYPES):
         raise TypeError(f"not a wire message: {type(msg).__name__}")
-    return write(msg, {_MTI: msg.mti})
+    out = write(msg, {_MTI: msg.mti})
+    if isinstance(msg, AuthRequest) and layouts != DEFAULT_SUBLAYOUTS:
+        cvv2_in_de48 = msg.cvv2 if layouts.cvv2 == "de48.se92" and layouts.de48 != "text" else None
+        if layouts.de48 == "text":
+            de48 = msg.additional_text
+        else:
+            de48 = _format_de48(
+                (msg.category_code, cvv2_in_de48, msg.additional_data, msg.additional_text)
+            )
+        out.pop(_DE48, None)
+        if de48 is not None:
+            out[_DE48] = de48
+        if layouts.cvv2 == "de126.10" and msg.cvv2 is not None:
+            out[_DE126] = _de126_with_cvv2(msg.cvv2)
+    return out

@@ -1,27 +1,29 @@
 """pyiso8583 specifications of the wire encodings the switch speaks, as plain data.
 
-What lives here: :class:`WireSpec`, one listener's encoding (a :data:`SpecKind` and the size
-of its PIN block), :func:`wire_spec`, which derives it from the listener's settings, and
-:func:`spec_for` / :func:`shared_spec`, returning the pyiso8583 spec dictionary of either. The
-spec kinds:
+What lives here: :class:`WireSpec`, one listener's encoding (a layout, the size of its PIN
+block and its :class:`~switch.wire.messages.SubLayouts`), :class:`Layout`, a pyiso8583 spec
+compiled from a network profile (``switch.wire.profile``) as hashable data,
+:func:`wire_spec`, which derives a built-in one from a kind and a PIN block format, and
+:func:`spec_for` / :func:`shared_spec`, returning the pyiso8583 spec dictionary of either.
+The built-in kinds (the shipped profiles ``iso87-ascii``, ``iso87-binary`` and ``iso87-bcd``
+compile to exactly these; tests/test_profile.py holds them to it):
 
-- ``"ascii"``: ISO 8583:1987 all-ASCII with hex-ASCII bitmaps, pyiso8583's ``default_ascii``
-  except that the two binary data elements travel as raw bytes: DE52 (PIN block) and
-  DE55 (EMV BER-TLV, LLLVAR with an ASCII byte count). Raw DE55 is what pyiso8583's own
-  documentation example shows (corpus entry ``pyiso8583_doc_4``); it round-trips BER-TLV
-  bytes unchanged. A peer that puts text into DE55 is read as the bytes of that text.
+- ``"ascii"``: ISO 8583:1987 all-ASCII with hex-ASCII bitmaps: pyiso8583's ``default_ascii``
+  as it is, binary elements as hex text too (DE52 16 characters, DE55 LLLVAR up to 510 hex
+  characters), as tshark's dissector and iso8583sim's ascii-hex format read them.
 - ``"binary"``: binary bitmaps, ASCII fields, raw binary DE52/DE55: pyiso8583's ``default``
-  (the layout of jPOS's ASCII packagers with binary bitmaps and of the npm ``iso_8583``
-  package), with DE55 allowed up to 999 bytes.
+  as it is (the layout of jPOS's ASCII packagers with binary bitmaps and of the npm
+  ``iso_8583`` package).
 - ``"bcd"``: binary bitmaps, BCD MTI, numeric (``n``) elements as packed BCD (fixed ones
   left-padded with 0, variable ones counted in digits and right-padded with F), BCD length
-  prefixes (1 byte for LL, 2 for LLL), text elements in ASCII, DE52/DE55 raw binary: the
-  shape of jPOS's ``ISO87BPackager``.
+  prefixes (1 byte for LL, 2 for LLL), text elements in ASCII, DE52/DE55 raw binary, DE55 up
+  to 999 bytes: the shape of jPOS's ``ISO87BPackager``.
 
 DE52 is fixed length in every kind: 8 bytes for the TDES PIN block formats of ISO 9564-1
 (0, 1, 2, 3), 16 bytes for format 4 (AES), so a listener whose PIN block format is 4 speaks a
-variant of its kind (``wire_spec(kind, pin_block_format=4)``). A block of the other size is a
-format error of DE52, as any wrong fixed length is.
+variant of its kind (``wire_spec(kind, pin_block_format=4)``); where DE52 is hex text it takes
+twice as many characters (32 for format 4). A block of the other size is a format error of
+DE52, as any wrong fixed length is.
 
 The dictionaries are keyed by field number because that is pyiso8583's format; what a field
 means is messages.py's business.
@@ -32,11 +34,16 @@ What does not: framing (framing.py), conversion to typed messages (messages.py, 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from iso8583.specs import default as _pyiso_binary
 from iso8583.specs import default_ascii as _pyiso_ascii
+
+from switch.wire.messages import DEFAULT_SUBLAYOUTS, SubLayouts
 
 #: Message encodings (see the module docstring); ``switch.config`` types its setting with it.
 SpecKind = Literal["ascii", "binary", "bcd"]
@@ -44,6 +51,7 @@ SpecKind = Literal["ascii", "binary", "bcd"]
 __all__ = [
     "PIN_BLOCK_SIZES",
     "SPEC_KINDS",
+    "Layout",
     "SpecChoice",
     "SpecKind",
     "WireSpec",
@@ -83,31 +91,72 @@ Spec = dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
-class WireSpec:
-    """The encoding of one listener's messages: its spec kind and its DE52 size.
+class Layout:
+    """A pyiso8583 spec as hashable data: what a network profile compiles to.
 
-    Hashable, so the codec caches per value. ``WireSpec("ascii")`` is the plain ``"ascii"``.
+    Equal layouts have the same name and content (``digest``, a hash of the content, keeps
+    hashing cheap on the hot path).
 
-    >>> WireSpec("binary", pin_block_bytes=16)
-    WireSpec(kind='binary', pin_block_bytes=16)
-
-    Raises:
-        ValueError: an unknown kind or a PIN block size other than 8 or 16.
+    >>> a = Layout.of("x", {"t": {"data_enc": "ascii"}})
+    >>> a == Layout.of("x", {"t": {"data_enc": "ascii"}}), a.spec()["t"]["data_enc"]
+    (True, 'ascii')
     """
 
-    kind: SpecKind = "ascii"
+    name: str
+    digest: str
+    items: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = field(compare=False, repr=False)
+
+    @classmethod
+    def of(cls, name: str, spec: Mapping[str, Mapping[str, Any]]) -> Layout:
+        """The layout of a pyiso8583 spec dictionary."""
+        items = tuple((key, tuple(sorted(item.items()))) for key, item in spec.items())
+        digest = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+        return cls(name, digest, items)
+
+    def spec(self) -> Spec:
+        """A fresh pyiso8583 spec dictionary of this layout."""
+        return {key: dict(item) for key, item in self.items}
+
+
+@dataclass(frozen=True, slots=True)
+class WireSpec:
+    """The encoding of one listener's messages: its layout, DE52 size and sub-layouts.
+
+    Hashable, so the codec caches per value. ``WireSpec("ascii")`` is the plain ``"ascii"``;
+    a network profile's has its compiled ``layout`` (``kind`` is then the profile's name).
+
+    >>> w = WireSpec("binary", pin_block_bytes=16)
+    >>> w.kind, w.pin_block_bytes, w.layout
+    ('binary', 16, None)
+
+    Raises:
+        ValueError: an unknown kind without a layout, or a PIN block size other than 8 or 16.
+    """
+
+    kind: str = "ascii"
     pin_block_bytes: int = _TDES_PIN_BLOCK_BYTES
+    layout: Layout | None = None
+    sub: SubLayouts = DEFAULT_SUBLAYOUTS
 
     def __post_init__(self) -> None:
-        if self.kind not in SPEC_KINDS:
+        if self.layout is None and self.kind not in SPEC_KINDS:
             raise ValueError(f"unknown spec kind {self.kind!r}")
         if self.pin_block_bytes not in PIN_BLOCK_SIZES:
             raise ValueError(f"PIN block size must be one of {PIN_BLOCK_SIZES} bytes")
 
 
-#: What the codec, the session and the client accept as a spec: a kind (8-byte DE52) or a
-#: ``WireSpec``.
-SpecChoice = SpecKind | WireSpec
+#: What the codec, the session and the client accept as a spec: a kind (8-byte DE52), the
+#: name of a network profile (its layout and sub-layouts, 8-byte DE52) or a ``WireSpec``.
+SpecChoice = SpecKind | str | WireSpec
+
+
+def sub_layouts(spec: SpecChoice) -> SubLayouts:
+    """The sub-layouts of ``spec`` (a kind has the default ones).
+
+    Raises:
+        ValueError: ``spec`` is neither a kind nor a profile's name.
+    """
+    return _resolve(spec).sub
 
 
 def pin_block_bytes(pin_block_format: int) -> int:
@@ -126,7 +175,7 @@ def pin_block_bytes(pin_block_format: int) -> int:
     return _TDES_PIN_BLOCK_BYTES
 
 
-def wire_spec(kind: SpecKind, *, pin_block_format: int = 0) -> WireSpec:
+def wire_spec(kind: SpecKind | str, *, pin_block_format: int = 0) -> WireSpec:
     """The spec of a listener of spec ``kind`` whose PIN blocks are of ``pin_block_format``.
 
     >>> wire_spec("bcd", pin_block_format=4).pin_block_bytes
@@ -135,25 +184,29 @@ def wire_spec(kind: SpecKind, *, pin_block_format: int = 0) -> WireSpec:
     Raises:
         ValueError: an unknown kind or PIN block format.
     """
-    return WireSpec(kind, pin_block_bytes(pin_block_format))
+    base = _resolve(kind)
+    return WireSpec(base.kind, pin_block_bytes(pin_block_format), base.layout, base.sub)
+
+
+def size_pin_block(spec: Spec, pin_bytes: int) -> Spec:
+    """Set DE52 of ``spec`` (in place) to ``pin_bytes`` bytes: raw, or twice as many hex
+    characters where it travels as text. Returns ``spec``."""
+    item = spec["52"]
+    item["max_len"] = pin_bytes if item["data_enc"] == "b" else 2 * pin_bytes
+    return spec
 
 
 def _ascii(pin_bytes: int) -> Spec:
-    spec: Spec = copy.deepcopy(_pyiso_ascii)
-    spec["52"].update(data_enc="b", max_len=pin_bytes)
-    spec["55"].update(data_enc="b", len_enc="ascii", len_type=3, max_len=_ICC_MAX)
-    return spec
+    return size_pin_block(copy.deepcopy(_pyiso_ascii), pin_bytes)
 
 
 def _binary(pin_bytes: int) -> Spec:
-    spec: Spec = copy.deepcopy(_pyiso_binary)
-    spec["52"].update(max_len=pin_bytes)
-    spec["55"].update(max_len=_ICC_MAX)
-    return spec
+    return size_pin_block(copy.deepcopy(_pyiso_binary), pin_bytes)
 
 
 def _bcd(pin_bytes: int) -> Spec:
     spec = _binary(pin_bytes)
+    spec["55"].update(max_len=_ICC_MAX)
     spec["t"].update(data_enc="b")
     for key, item in spec.items():
         if key in _FIXED_NUMERIC:
@@ -166,13 +219,27 @@ def _bcd(pin_bytes: int) -> Spec:
 
 
 _BUILDERS: Final = {"ascii": _ascii, "binary": _binary, "bcd": _bcd}
-_CACHE: Final[dict[WireSpec, Spec]] = {}
+_CACHE: Final[dict[tuple[str, Layout | None, int], Spec]] = {}
 
 
-def _resolve(spec: SpecChoice) -> WireSpec:
+def _resolve(spec: SpecChoice | str) -> WireSpec:
     if isinstance(spec, WireSpec):
         return spec
-    return WireSpec(spec)
+    if spec in SPEC_KINDS:
+        return WireSpec(spec)
+    found = _BY_NAME.get(spec)
+    if found is None:
+        # A network profile's name: its own layout and sub-layouts (8-byte DE52).
+        from switch.wire.profile import ProfileError, load_profile  # noqa: PLC0415 - cycle
+
+        try:
+            found = _BY_NAME[spec] = load_profile(spec).wire_spec()
+        except ProfileError:
+            raise ValueError(f"unknown spec kind or network profile {spec!r}") from None
+    return found
+
+
+_BY_NAME: Final[dict[str, WireSpec]] = {}
 
 
 def spec_for(spec: SpecChoice, *, pin_block_format: int | None = None) -> Spec:
@@ -188,7 +255,9 @@ def spec_for(spec: SpecChoice, *, pin_block_format: int | None = None) -> Spec:
     >>> spec_for("bcd")["4"]["len_count"]
     'nibbles'
     >>> spec_for("ascii")["52"]["max_len"], spec_for("ascii", pin_block_format=4)["52"]["max_len"]
-    (8, 16)
+    (16, 32)
+    >>> spec_for("binary", pin_block_format=4)["52"]["max_len"]
+    16
 
     Raises:
         ValueError: ``spec`` is not a known spec kind, or the format is not known, or both a
@@ -207,8 +276,13 @@ def shared_spec(spec: SpecChoice) -> Spec:
     Raises:
         ValueError: ``spec`` is not a known spec kind.
     """
-    key = _resolve(spec)
+    ws = _resolve(spec)
+    key = (ws.kind, ws.layout, ws.pin_block_bytes)
     found = _CACHE.get(key)
     if found is None:
-        found = _CACHE[key] = _BUILDERS[key.kind](key.pin_block_bytes)
+        if ws.layout is not None:
+            found = size_pin_block(ws.layout.spec(), ws.pin_block_bytes)
+        else:
+            found = _BUILDERS[ws.kind](ws.pin_block_bytes)
+        _CACHE[key] = found
     return found
