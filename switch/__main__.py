@@ -11,13 +11,13 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from switch.cli import bench, db, devsetup, holds, hsm, operate, pki, provision, send, serve
+from switch.cli import bench, db, devsetup, events, holds, hsm, operate, pki, provision, send, serve
 from switch.cli.common import Parser
 from switch.cli.runner import handle, stdout_closed
 
 #: Command modules in the order ``cardswitch --help`` lists them; each has ``register(sub)``
 #: and sets ``func(args) -> int`` on the parsers it adds.
-COMMAND_MODULES = (serve, send, pki, hsm, provision, holds, operate, db, devsetup, bench)
+COMMAND_MODULES = (serve, send, pki, hsm, provision, holds, operate, events, db, devsetup, bench)
 
 
 def version() -> str:

@@ -42,6 +42,7 @@ from switch.config import Config
 from switch.handler import Dispatcher, Engine, RequestHandler, UnavailableEngine
 from switch.keys import ListenerSessions
 from switch.pipeline import Pipeline
+from switch.relay import run_relay
 from switch.server import Server
 from switch.store import open_store
 from switch.sweeper import run_sweeper
@@ -218,7 +219,8 @@ async def _open_engine(
     to the metrics, appends the readiness probes of the HSM (check value of the first
     listener's ZPK), of the store (a point read) and of the pipeline's circuit breakers to
     ``probes``, and starts the hold-expiry
-    sweeper in ``background`` (stopped, like the probes, before the store closes).
+    sweeper in ``background`` (stopped, like the probes, before the store closes), and the
+    events relay when ``[events] backend = "sqs"``.
     """
     hsm = open_hsm(cfg.hsm)  # opens the token and logs in once, at start-up
     stack.push_async_callback(hsm.aclose)
@@ -237,6 +239,8 @@ async def _open_engine(
     probes += [health.HsmProbe(hsm, cfg.listeners[0].zpk), health.StoreProbe(store)]
     if cfg.holds.sweep_interval:
         background.start_soon(run_sweeper, store, cfg.holds)
+    if cfg.events.backend == "sqs":  # off the hot path: it only reads and marks the outbox
+        background.start_soon(run_relay, store, cfg.events)
     pipeline = Pipeline(cfg, store=store, hsm=hsm, vault=vault)
     probes += [health.BreakerProbe(breaker) for breaker in pipeline.breakers.values()]
     return pipeline, hsm

@@ -290,6 +290,34 @@ class HoldsConfig:
 
 
 @dataclass(frozen=True)
+class EventsConfig:
+    """Authorization events published from the outbox to an SQS FIFO queue (``switch.relay``).
+
+    Credentials come from the usual AWS chain (environment, shared files, instance role),
+    never from this file.
+    """
+
+    #: ``sqs`` runs the relay inside the daemon; ``none`` keeps events in the outbox only.
+    backend: Literal["none", "sqs"] = "none"
+    #: The FIFO queue (its URL ends in ``.fifo``).
+    queue_url: str = ""
+    #: AWS region; empty: the AWS chain's (``AWS_DEFAULT_REGION``, the profile).
+    region: str = ""
+    #: Endpoint of a local SQS-compatible server; empty: AWS.
+    endpoint_url: str = ""
+    #: Outbox rows read per relay round (sent ten to a SendMessageBatch).
+    batch_size: int = 100
+    #: Days a published event is kept for ``cardswitch events replay``, then purged.
+    retention_days: float = 7.0
+    #: Seconds between two looks at an empty outbox.
+    poll_interval: float = 0.5
+    #: Failed attempts after which an event is parked (counted and alerted, not retried).
+    max_attempts: int = 8
+    #: Seconds the relay lease lasts unless renewed; another instance takes it over after.
+    lease_seconds: float = 15.0
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """Prometheus exposition endpoint; port 0 disables it."""
 
@@ -315,6 +343,7 @@ class Config:
     card_data: CardDataConfig = field(default_factory=CardDataConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     holds: HoldsConfig = field(default_factory=HoldsConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -501,9 +530,23 @@ def _check(cfg: Config, source: str) -> None:
         raise ConfigError(source, "server.max_in_flight", "must be at least 1")
     if not 1 <= cfg.server.workers <= MAX_WORKERS:
         raise ConfigError(source, "server.workers", f"must be between 1 and {MAX_WORKERS}")
+    _check_events(cfg.events, source)
     _check_store(cfg, source)
     if not 0 <= cfg.metrics.port <= 65535:
         raise ConfigError(source, "metrics.port", f"out of range: {cfg.metrics.port}")
+
+
+def _check_events(events: EventsConfig, source: str) -> None:
+    if events.backend == "sqs" and not events.queue_url.endswith(".fifo"):
+        raise ConfigError(source, "events.queue_url", "an SQS FIFO queue URL (ending in .fifo)")
+    if events.batch_size < 1 or events.max_attempts < 1:
+        raise ConfigError(source, "events.batch_size", "batch_size and max_attempts must be >= 1")
+    if events.retention_days <= 0 or events.poll_interval <= 0 or events.lease_seconds <= 0:
+        raise ConfigError(
+            source,
+            "events.retention_days",
+            "retention_days, poll_interval and lease_seconds must be positive",
+        )
 
 
 #: A password written into a libpq keyword/value string or a URI's user information.

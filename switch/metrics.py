@@ -659,3 +659,57 @@ def merge_expositions(pages: Mapping[str, bytes]) -> bytes:
     out = CollectorRegistry(auto_describe=False)
     out.register(_Families(merged.values()))
     return generate_latest(out)
+
+
+# -- authorization events (the outbox and its relay, switch.relay) ------------------------------
+
+EVENTS_PENDING = Gauge(
+    "cardswitch_events_pending",
+    "Outbox events committed and not yet published (as the active relay last read it).",
+    registry=REGISTRY,
+)
+EVENTS_OLDEST_PENDING = Gauge(
+    "cardswitch_events_oldest_pending_seconds",
+    "Age of the oldest event not yet published (0 when none is pending).",
+    registry=REGISTRY,
+)
+EVENTS_PUBLISHED = Counter(
+    "cardswitch_events_published",
+    "Events SQS acknowledged (an event re-sent after a crash counts again).",
+    registry=REGISTRY,
+)
+EVENTS_FAILURES = _counter(
+    "cardswitch_events_publish_failures",
+    "Failed SQS sends: a whole call (kind=call, counted once) or one entry (kind=entry).",
+    kind=LabelValues(("call", "entry")),
+)
+EVENTS_PARKED = Gauge(
+    "cardswitch_events_parked",
+    "Events parked (rejected by SQS as invalid, or failed max_attempts times); alert on > 0.",
+    registry=REGISTRY,
+)
+EVENTS_RELAY_ACTIVE = Gauge(
+    "cardswitch_events_relay_active",
+    "1 while this process holds the relay lease of its database.",
+    registry=REGISTRY,
+)
+
+
+def observe_outbox(pending: int, oldest_age: float, parked: int) -> None:
+    """Record what the relay read of the outbox."""
+    EVENTS_PENDING.set(pending)
+    EVENTS_OLDEST_PENDING.set(max(0.0, oldest_age))
+    EVENTS_PARKED.set(parked)
+
+
+def observe_published(count: int) -> None:
+    if count:
+        EVENTS_PUBLISHED.inc(count)
+
+
+def observe_publish_failure(kind: str, count: int = 1) -> None:
+    """Count failed sends; ``kind`` is ``call`` or ``entry``."""
+    if kind not in ("call", "entry"):
+        raise ValueError(f"unknown publish failure kind {kind!r}")
+    if count:
+        EVENTS_FAILURES.labels(kind).inc(count)

@@ -43,14 +43,20 @@ Mapping to PostgreSQL (same schema, ``BIGINT`` amounts, ``BYTEA`` blobs):
   and its hold ``FOR UPDATE`` then the account ``FOR UPDATE``; ``rules.plan_reversal``;
   release, or insert into ``unmatched_reversals``. The hold row lock makes 0400/0401/0420/
   0421 and several reversals of one original release exactly once across instances.
+- the outbox: every decision write above, ``expire_holds``/``release_hold`` and
+  ``update_card`` also ``INSERT INTO events`` in the same transaction (``switch.events``
+  builds the row), so an event exists iff its decision committed. The relay's reads are
+  plain ``SELECT``s; its lease is ``SELECT ... FROM leases WHERE name = $1 FOR UPDATE SKIP
+  LOCKED`` (another instance renewing it is skipped, not waited for), then the same
+  owner-or-expired ``UPDATE`` as SQLite's upsert; its marks are single ``UPDATE``s.
 - ``put_account``/``put_card``: ``INSERT ... ON CONFLICT (id) DO UPDATE``; ``set_card_status``
   a single ``UPDATE``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from switch.store.models import (
     Account,
@@ -68,6 +74,9 @@ from switch.store.models import (
     ReversalOutcome,
     StoredOutcome,
 )
+
+if TYPE_CHECKING:  # switch.events imports the store's records: a type-only import here
+    from switch.events import EventFailure, OutboxEvent, OutboxStats
 
 
 class Store(Protocol):
@@ -217,4 +226,43 @@ class Store(Protocol):
         limit: int = 100,
     ) -> list[HoldView]:
         """Money rows, newest first; ``active`` keeps holds with something left to release."""
+        ...
+
+    # -- the outbox (relay and ``cardswitch events``; each decision above writes its row) -----
+
+    async def pending_events(self, limit: int) -> list[OutboxEvent]:
+        """Up to ``limit`` events neither published nor parked, in commit order."""
+        ...
+
+    async def events_since(self, since: str, limit: int = 10_000) -> list[OutboxEvent]:
+        """Events created at or after ``since`` (ISO 8601 UTC), whatever their state, in
+        commit order (what ``cardswitch events replay`` re-publishes)."""
+        ...
+
+    async def outbox_stats(self) -> OutboxStats:
+        """Rows pending, the creation time of the oldest pending one, rows parked."""
+        ...
+
+    async def mark_published(self, ids: Sequence[int], at: str) -> None:
+        """Mark the rows ``ids`` published at ``at`` (SQS acknowledged each of them)."""
+        ...
+
+    async def record_event_failures(
+        self, failures: Sequence[EventFailure], *, max_attempts: int, at: str
+    ) -> int:
+        """Count one failed attempt of each row; park (at ``at``) the poison ones and those
+        that reached ``max_attempts``. Returns how many were parked."""
+        ...
+
+    async def purge_published(self, before: str) -> int:
+        """Delete the rows published before ``before``; how many."""
+        ...
+
+    async def claim_lease(self, name: str, owner: str, now: float, ttl: float) -> bool:
+        """Take the lease ``name`` for ``owner`` until ``now + ttl`` (Unix seconds) if it is
+        free, expired or already ``owner``'s; whether ``owner`` holds it now."""
+        ...
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease up if ``owner`` holds it (a clean stop: no wait for expiry)."""
         ...

@@ -12,12 +12,13 @@ by ``[store] backend``), SQL, the rules themselves (``rules.py``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import trio
 
+from switch import events as ev
 from switch.decisions import Reason
 from switch.store.models import (
     STAND_IN_PERIOD,
@@ -96,6 +97,11 @@ class MemoryStore:
     _counters: dict[tuple[str, str], Counters] = field(default_factory=dict)
     #: Unmatched reversals: journal id -> journal id of the original that resolved it.
     _unmatched: dict[int, int | None] = field(default_factory=dict)
+    #: The outbox, in commit order (appended by the same call that changes the journal,
+    #: with no checkpoint between them: the in-memory form of one transaction).
+    events: dict[int, ev.OutboxEvent] = field(default_factory=dict)
+    _next_event: int = 1
+    leases: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     def _check(self) -> None:
         if self.unavailable:
@@ -266,14 +272,18 @@ class MemoryStore:
             debited=plan.debit,
         )
         kind = "duplicate" if plan.reason is Reason.DUPLICATE_TRANSMISSION else intent.kind
-        self.journal.append(
-            JournalRow(
-                journal_id, intent.dup_key, intent.digest, intent.original, intent.mti, kind,
-                intent.card_id, intent.account_id, intent.currency, intent.amount,
-                replace(outcome, replayed=True, held=0, debited=0), intent.stand_in,
-                intent.masked_pan,
-            )
+        row = JournalRow(
+            journal_id, intent.dup_key, intent.digest, intent.original, intent.mti, kind,
+            intent.card_id, intent.account_id, intent.currency, intent.amount,
+            replace(outcome, replayed=True, held=0, debited=0), intent.stand_in,
+            intent.masked_pan,
         )  # fmt: skip
+        self._add_event(ev.auth_event(
+            intent, journal_id=journal_id, reason=plan.reason, response_code=outcome.response_code,
+            held=plan.hold, debited=plan.debit, released=plan.release_original,
+            at=row.created_at, event_id=ev.new_event_id(),
+        ))  # fmt: skip
+        self.journal.append(row)
         return outcome
 
     async def commit_reversal(
@@ -316,13 +326,18 @@ class MemoryStore:
             replayed=False,
         )
         kind = "duplicate" if plan.reason is Reason.DUPLICATE_TRANSMISSION else "reversal"
-        self.journal.append(
-            JournalRow(
-                journal_id, intent.dup_key, intent.digest, intent.original_key, intent.mti,
-                kind, intent.card_id, plan.account_id, intent.currency, intent.amount,
-                replace(outcome, replayed=True), intent.stand_in, intent.masked_pan,
-            )
+        row = JournalRow(
+            journal_id, intent.dup_key, intent.digest, intent.original_key, intent.mti,
+            kind, intent.card_id, plan.account_id, intent.currency, intent.amount,
+            replace(outcome, replayed=True), intent.stand_in, intent.masked_pan,
         )  # fmt: skip
+        self._add_event(ev.reversal_event(
+            intent, journal_id=journal_id, account_id=plan.account_id, reason=plan.reason,
+            response_code=outcome.response_code, released=plan.release,
+            original_journal_id=plan.original_journal_id, at=row.created_at,
+            event_id=ev.new_event_id(),
+        ))  # fmt: skip
+        self.journal.append(row)
         return outcome
 
     def _bump(self, card_id: str, day: str, month: str, amount: int, count: int) -> None:
@@ -365,6 +380,9 @@ class MemoryStore:
         at = datetime.now(UTC).isoformat(timespec="microseconds")
         change = CardChange(card_id, old.masked_pan, actor, at, card_diff(old, new))
         self.changes.append(change)
+        self._add_event(
+            ev.card_change_event(change, account_id=old.account_id, event_id=ev.new_event_id())
+        )
         return change
 
     async def card_changes(self, card_id: str) -> list[CardChange]:
@@ -457,8 +475,13 @@ class MemoryStore:
         )
         if hold.card_id is not None:
             self._bump(hold.card_id, hold.velocity_day, hold.velocity_month, -amount, count_delta)
-        return HoldRelease(hold.id, hold.account_id, self.journal[journal_id - 1].masked_pan,
-                           amount, by, at)  # fmt: skip
+        original = self.journal[journal_id - 1]
+        release = HoldRelease(hold.id, hold.account_id, original.masked_pan, amount, by, at)
+        self._add_event(ev.hold_release_event(
+            release, journal_id=journal_id, card_id=hold.card_id, currency=original.currency,
+            event_id=ev.new_event_id(),
+        ))  # fmt: skip
+        return release
 
     async def set_card_status(self, card_id: str, status: CardStatus) -> bool:
         await self._before_write()
@@ -467,3 +490,73 @@ class MemoryStore:
             return False
         self.cards[card_id] = replace(card, status=status)
         return True
+
+    # -- the outbox ----------------------------------------------------------------------------
+
+    def _add_event(self, new: ev.NewEvent) -> None:
+        number = self._next_event
+        self._next_event += 1
+        self.events[number] = ev.OutboxEvent(
+            number, new.event_id, new.type, new.group_key, new.journal_id, new.created_at,
+            new.payload,
+        )  # fmt: skip
+
+    def _replace_event(self, number: int, **changes: object) -> None:
+        if number in self.events:
+            self.events[number] = replace(self.events[number], **changes)  # type: ignore[arg-type]
+
+    async def pending_events(self, limit: int) -> list[ev.OutboxEvent]:
+        self._check()
+        rows = self.events.values()
+        return [e for e in rows if e.published_at is None and e.parked_at is None][:limit]
+
+    async def events_since(self, since: str, limit: int = 10_000) -> list[ev.OutboxEvent]:
+        self._check()
+        return [e for e in self.events.values() if e.created_at >= since][:limit]
+
+    async def outbox_stats(self) -> ev.OutboxStats:
+        pending = await self.pending_events(len(self.events))
+        parked = sum(1 for e in self.events.values() if e.parked_at is not None)
+        oldest = min((e.created_at for e in pending), default=None)
+        return ev.OutboxStats(len(pending), oldest, parked)
+
+    async def mark_published(self, ids: Sequence[int], at: str) -> None:
+        await self._before_write()
+        for i in ids:
+            if i in self.events and self.events[i].published_at is None:
+                self._replace_event(i, published_at=at)
+
+    async def record_event_failures(
+        self, failures: Sequence[ev.EventFailure], *, max_attempts: int, at: str
+    ) -> int:
+        await self._before_write()
+        parked = 0
+        for f in failures:
+            if f.id not in self.events:
+                continue
+            attempts = self.events[f.id].attempts + 1
+            park = f.poison or attempts >= max_attempts
+            parked += park
+            self._replace_event(f.id, attempts=attempts, last_error=f.error[:500],
+                                parked_at=at if park else None)  # fmt: skip
+        return parked
+
+    async def purge_published(self, before: str) -> int:
+        await self._before_write()
+        old = [i for i, e in self.events.items() if e.published_at and e.published_at < before]
+        for i in old:
+            del self.events[i]
+        return len(old)
+
+    async def claim_lease(self, name: str, owner: str, now: float, ttl: float) -> bool:
+        await self._before_write()
+        holder = self.leases.get(name)
+        if holder is None or holder[0] == owner or holder[1] <= now:
+            self.leases[name] = (owner, now + ttl)
+            return True
+        return False
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        await self._before_write()
+        if self.leases.get(name, ("", 0.0))[0] == owner:
+            del self.leases[name]

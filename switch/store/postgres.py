@@ -54,7 +54,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +66,7 @@ from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from switch import events as ev
 from switch import metrics
 from switch.config import StoreConfig
 from switch.decisions import Reason
@@ -555,6 +556,11 @@ def _apply_auth(conn: Conn, intent: AuthIntent) -> AuthOutcome:
             "UPDATE unmatched_reversals SET resolved_journal_id = %s WHERE journal_id = %s",
             (journal_id, unmatched),
         )
+    _insert_event(conn, ev.auth_event(
+        intent, journal_id=journal_id, reason=plan.reason, response_code=code, held=plan.hold,
+        debited=plan.debit, released=plan.release_original, at=values["created_at"],
+        event_id=ev.new_event_id(),
+    ))  # fmt: skip
     return AuthOutcome(
         reason=plan.reason,
         response_code=code,
@@ -628,6 +634,12 @@ def _apply_reversal(conn: Conn, intent: ReversalIntent) -> ReversalOutcome:
     journal_id = _insert_journal(conn, values)
     if plan.record_unmatched:
         conn.execute("INSERT INTO unmatched_reversals (journal_id) VALUES (%s)", (journal_id,))
+    _insert_event(conn, ev.reversal_event(
+        intent, journal_id=journal_id, account_id=plan.account_id, reason=plan.reason,
+        response_code=code, released=plan.release,
+        original_journal_id=plan.original_journal_id, at=values["created_at"],
+        event_id=ev.new_event_id(),
+    ))  # fmt: skip
     return ReversalOutcome(
         reason=plan.reason,
         response_code=code,
@@ -636,6 +648,75 @@ def _apply_reversal(conn: Conn, intent: ReversalIntent) -> ReversalOutcome:
         available_balance=available,
         replayed=False,
     )
+
+
+# -- the outbox (written in the decision's transaction; read and marked by the relay) -------
+
+
+def _insert_event(conn: Conn, event: ev.NewEvent) -> None:
+    conn.execute(
+        "INSERT INTO events (event_id, type, group_key, journal_id, created_at, payload) "
+        "VALUES (%s, %s, %s, %s, %s, %s)",
+        (event.event_id, event.type, event.group_key, event.journal_id, event.created_at,
+         event.payload),
+    )  # fmt: skip
+
+
+_EVENT_SELECT = (
+    "SELECT id, event_id, type, group_key, journal_id, created_at, payload, published_at, "
+    "attempts, parked_at, last_error FROM events"
+)
+
+
+def _events(conn: Conn, where: str, params: tuple[Any, ...]) -> list[ev.OutboxEvent]:
+    rows = conn.execute(f"{_EVENT_SELECT} WHERE {where}", params).fetchall()
+    return [ev.OutboxEvent(**cast(Any, r)) for r in rows]
+
+
+def _outbox_stats(conn: Conn) -> ev.OutboxStats:
+    row = conn.execute(
+        "SELECT count(*) AS pending, min(created_at) AS oldest, "
+        "(SELECT count(*) FROM events WHERE parked_at IS NOT NULL) AS parked "
+        "FROM events WHERE published_at IS NULL AND parked_at IS NULL"
+    ).fetchone()
+    assert row is not None
+    return ev.OutboxStats(int(row["pending"]), row["oldest"], int(row["parked"]))
+
+
+def _record_event_failures(
+    conn: Conn, failures: Sequence[ev.EventFailure], max_attempts: int, at: str
+) -> int:
+    parked = 0
+    for f in failures:
+        row = conn.execute(
+            "UPDATE events SET attempts = attempts + 1, last_error = %s, "
+            "parked_at = CASE WHEN %s OR attempts + 1 >= %s THEN %s END "
+            "WHERE id = %s RETURNING parked_at",
+            (f.error[:500], f.poison, max_attempts, at, f.id),
+        ).fetchone()
+        parked += row is not None and row["parked_at"] is not None
+    return parked
+
+
+def _claim_lease(conn: Conn, name: str, owner: str, now: float, ttl: float) -> bool:
+    """Take or renew the lease: SKIP LOCKED passes over a row another instance is renewing
+    (the claim fails this time instead of waiting behind it)."""
+    row = conn.execute(
+        "SELECT owner, expires_at FROM leases WHERE name = %s FOR UPDATE SKIP LOCKED", (name,)
+    ).fetchone()
+    if row is None:
+        inserted = conn.execute(
+            "INSERT INTO leases (name, owner, expires_at) VALUES (%s, %s, %s) "
+            "ON CONFLICT (name) DO NOTHING RETURNING owner",
+            (name, owner, now + ttl),
+        ).fetchone()
+        return inserted is not None
+    if row["owner"] != owner and row["expires_at"] > now:
+        return False
+    conn.execute(
+        "UPDATE leases SET owner = %s, expires_at = %s WHERE name = %s", (owner, now + ttl, name)
+    )
+    return True
 
 
 def _put_account(conn: Conn, account: Account) -> None:
@@ -678,13 +759,18 @@ def _update_card(
         "VALUES (%s, %s, %s, %s, %s)",
         (card_id, change.masked_pan, actor, change.at, json.dumps(change.changed, sort_keys=True)),
     )
+    # The account's row lock (after the card's, the api.py order) keeps the account's events
+    # in commit order in the outbox, as every decision of the account holds it too.
+    conn.execute("SELECT id FROM accounts WHERE id = %s FOR UPDATE", (old.account_id,))
+    _insert_event(conn, ev.card_change_event(change, account_id=old.account_id,
+                                             event_id=ev.new_event_id()))  # fmt: skip
     return change
 
 
 _HOLD_SELECT = (
     "SELECT h.id, h.journal_id, h.account_id, h.card_id, j.masked_pan, h.kind, h.amount, "
     "h.remaining, h.created_at, h.expires_at, h.released_at, h.released_by, "
-    "h.velocity_day, h.velocity_month, h.completed_by "
+    "h.velocity_day, h.velocity_month, h.completed_by, j.currency "
     "FROM holds h JOIN journal j ON j.id = h.journal_id"
 )
 _HOLD_VIEW_FIELDS = tuple(f.name for f in dataclasses.fields(HoldView))
@@ -712,7 +798,12 @@ def _release(conn: Conn, row: dict[str, Any], by: str, at: str) -> HoldRelease |
     if hold.card_id is not None:
         _bump_counters(conn, hold.card_id, day=hold.velocity_day, month=hold.velocity_month,
                        amount=-amount, count=count_delta)  # fmt: skip
-    return HoldRelease(hold.id, hold.account_id, row["masked_pan"], amount, by, at)
+    release = HoldRelease(hold.id, hold.account_id, row["masked_pan"], amount, by, at)
+    _insert_event(conn, ev.hold_release_event(
+        release, journal_id=hold.journal_id, card_id=hold.card_id, currency=row["currency"],
+        event_id=ev.new_event_id(),
+    ))  # fmt: skip
+    return release
 
 
 def _expire_holds(conn: Conn, now: str, limit: int) -> list[HoldRelease]:
@@ -1016,6 +1107,60 @@ class PostgresStore:
     ) -> list[HoldView]:
         return await self._run(
             lambda conn: _list_holds(conn, account_id, card_id, active, limit), write=False
+        )
+
+    # -- the outbox (switch.relay and cardswitch events) ---------------------------------------
+
+    async def pending_events(self, limit: int) -> list[ev.OutboxEvent]:
+        where = "published_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT %s"
+        return await self._run(lambda conn: _events(conn, where, (limit,)), write=False)
+
+    async def events_since(self, since: str, limit: int = 10_000) -> list[ev.OutboxEvent]:
+        where = "created_at >= %s ORDER BY id LIMIT %s"
+        return await self._run(lambda conn: _events(conn, where, (since, limit)), write=False)
+
+    async def outbox_stats(self) -> ev.OutboxStats:
+        return await self._run(_outbox_stats, write=False)
+
+    async def mark_published(self, ids: Sequence[int], at: str) -> None:
+        if not ids:
+            return
+        frozen = list(ids)
+        await self._run(
+            lambda conn: conn.execute(
+                "UPDATE events SET published_at = %s WHERE id = ANY(%s) AND published_at IS NULL",
+                (at, frozen),
+            ),
+            write=True,
+        )
+
+    async def record_event_failures(
+        self, failures: Sequence[ev.EventFailure], *, max_attempts: int, at: str
+    ) -> int:
+        frozen = list(failures)
+        return await self._run(
+            lambda conn: _record_event_failures(conn, frozen, max_attempts, at), write=True
+        )
+
+    async def purge_published(self, before: str) -> int:
+        def purge(conn: Conn) -> int:
+            cur = conn.execute(
+                "DELETE FROM events WHERE published_at IS NOT NULL AND published_at < %s",
+                (before,),
+            )
+            return cur.rowcount
+
+        return await self._run(purge, write=True)
+
+    async def claim_lease(self, name: str, owner: str, now: float, ttl: float) -> bool:
+        return await self._run(lambda conn: _claim_lease(conn, name, owner, now, ttl), write=True)
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        await self._run(
+            lambda conn: conn.execute(
+                "DELETE FROM leases WHERE name = %s AND owner = %s", (name, owner)
+            ),
+            write=True,
         )
 
     def _close(self) -> None:

@@ -48,6 +48,7 @@ from typing import Any, TypeVar, cast
 
 import trio
 
+from switch import events as ev
 from switch import metrics
 from switch.config import StoreConfig
 from switch.decisions import Reason
@@ -528,6 +529,11 @@ def _apply_auth(conn: sqlite3.Connection, intent: AuthIntent) -> AuthOutcome:
             "UPDATE unmatched_reversals SET resolved_journal_id = ? WHERE journal_id = ?",
             (journal_id, unmatched),
         )
+    _insert_event(conn, ev.auth_event(
+        intent, journal_id=journal_id, reason=plan.reason, response_code=code, held=plan.hold,
+        debited=plan.debit, released=plan.release_original, at=values["created_at"],
+        event_id=ev.new_event_id(),
+    ))  # fmt: skip
     return AuthOutcome(
         reason=plan.reason,
         response_code=code,
@@ -597,6 +603,12 @@ def _apply_reversal(conn: sqlite3.Connection, intent: ReversalIntent) -> Reversa
     journal_id = _insert_journal(conn, values)
     if plan.record_unmatched:
         conn.execute("INSERT INTO unmatched_reversals (journal_id) VALUES (?)", (journal_id,))
+    _insert_event(conn, ev.reversal_event(
+        intent, journal_id=journal_id, account_id=plan.account_id, reason=plan.reason,
+        response_code=code, released=plan.release,
+        original_journal_id=plan.original_journal_id, at=values["created_at"],
+        event_id=ev.new_event_id(),
+    ))  # fmt: skip
     return ReversalOutcome(
         reason=plan.reason,
         response_code=code,
@@ -605,6 +617,104 @@ def _apply_reversal(conn: sqlite3.Connection, intent: ReversalIntent) -> Reversa
         available_balance=available,
         replayed=False,
     )
+
+
+# -- the outbox (written inside the decision's savepoint; read and marked by the relay) -----
+
+
+def _insert_event(conn: sqlite3.Connection, event: ev.NewEvent) -> None:
+    conn.execute(
+        "INSERT INTO events (event_id, type, group_key, journal_id, created_at, payload) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (event.event_id, event.type, event.group_key, event.journal_id, event.created_at,
+         event.payload),
+    )  # fmt: skip
+
+
+_EVENT_COLUMNS = (
+    "id, event_id, type, group_key, journal_id, created_at, payload, published_at, attempts, "
+    "parked_at, last_error"
+)
+
+
+def _event_from_row(row: sqlite3.Row) -> ev.OutboxEvent:
+    return ev.OutboxEvent(*row)
+
+
+def _pending_events(conn: sqlite3.Connection, limit: int) -> list[ev.OutboxEvent]:
+    rows = conn.execute(
+        f"SELECT {_EVENT_COLUMNS} FROM events "  # noqa: S608 - constant columns
+        "WHERE published_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [_event_from_row(r) for r in rows]
+
+
+def _events_since(conn: sqlite3.Connection, since: str, limit: int) -> list[ev.OutboxEvent]:
+    rows = conn.execute(
+        f"SELECT {_EVENT_COLUMNS} FROM events "  # noqa: S608 - constant columns
+        "WHERE created_at >= ? ORDER BY id LIMIT ?",
+        (since, limit),
+    ).fetchall()
+    return [_event_from_row(r) for r in rows]
+
+
+def _outbox_stats(conn: sqlite3.Connection) -> ev.OutboxStats:
+    pending = conn.execute(
+        "SELECT count(*), min(created_at) FROM events "
+        "WHERE published_at IS NULL AND parked_at IS NULL"
+    ).fetchone()
+    parked = conn.execute("SELECT count(*) FROM events WHERE parked_at IS NOT NULL").fetchone()
+    return ev.OutboxStats(int(pending[0]), pending[1], int(parked[0]))
+
+
+def _mark_published(conn: sqlite3.Connection, ids: Sequence[int], at: str) -> None:
+    conn.executemany(
+        "UPDATE events SET published_at = ? WHERE id = ? AND published_at IS NULL",
+        [(at, i) for i in ids],
+    )
+
+
+def _record_event_failures(
+    conn: sqlite3.Connection, failures: Sequence[ev.EventFailure], max_attempts: int, at: str
+) -> int:
+    parked = 0
+    for f in failures:
+        row = conn.execute("SELECT attempts FROM events WHERE id = ?", (f.id,)).fetchone()
+        if row is None:
+            continue
+        attempts = int(row[0]) + 1
+        park = f.poison or attempts >= max_attempts
+        parked += park
+        conn.execute(
+            "UPDATE events SET attempts = ?, last_error = ?, parked_at = ? WHERE id = ?",
+            (attempts, f.error[:500], at if park else None, f.id),
+        )
+    return parked
+
+
+def _purge_published(conn: sqlite3.Connection, before: str) -> int:
+    cur = conn.execute(
+        "DELETE FROM events WHERE published_at IS NOT NULL AND published_at < ?", (before,)
+    )
+    return cur.rowcount
+
+
+def _claim_lease(conn: sqlite3.Connection, name: str, owner: str, now: float, ttl: float) -> bool:
+    """Take or renew the lease ``name``: free, expired, or already ours."""
+    conn.execute(
+        "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, ?) "
+        "ON CONFLICT(name) DO UPDATE SET owner = excluded.owner, "
+        "expires_at = excluded.expires_at WHERE leases.owner = excluded.owner "
+        "OR leases.expires_at <= ?",
+        (name, owner, now + ttl, now),
+    )
+    row = conn.execute("SELECT owner FROM leases WHERE name = ?", (name,)).fetchone()
+    return row is not None and row[0] == owner
+
+
+def _release_lease(conn: sqlite3.Connection, name: str, owner: str) -> None:
+    conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
 
 
 def _put_account(conn: sqlite3.Connection, account: Account) -> None:
@@ -646,13 +756,15 @@ def _update_card(
         "INSERT INTO card_changes (card_id, masked_pan, actor, at, changed) VALUES (?, ?, ?, ?, ?)",
         (card_id, change.masked_pan, actor, change.at, json.dumps(change.changed, sort_keys=True)),
     )
+    _insert_event(conn, ev.card_change_event(change, account_id=old.account_id,
+                                             event_id=ev.new_event_id()))  # fmt: skip
     return change
 
 
 _HOLD_SELECT = (
     "SELECT h.id, h.journal_id, h.account_id, h.card_id, j.masked_pan, h.kind, h.amount, "
     "h.remaining, h.created_at, h.expires_at, h.released_at, h.released_by, "
-    "h.velocity_day, h.velocity_month, h.completed_by "
+    "h.velocity_day, h.velocity_month, h.completed_by, j.currency "
     "FROM holds h JOIN journal j ON j.id = h.journal_id"
 )
 
@@ -682,7 +794,12 @@ def _release(conn: sqlite3.Connection, row: sqlite3.Row, by: str, at: str) -> Ho
     if hold.card_id is not None:
         _bump_counters(conn, hold.card_id, day=hold.velocity_day, month=hold.velocity_month,
                        amount=-amount, count=count_delta)  # fmt: skip
-    return HoldRelease(hold.id, hold.account_id, row["masked_pan"], amount, by, at)
+    release = HoldRelease(hold.id, hold.account_id, row["masked_pan"], amount, by, at)
+    _insert_event(conn, ev.hold_release_event(
+        release, journal_id=hold.journal_id, card_id=hold.card_id, currency=row["currency"],
+        event_id=ev.new_event_id(),
+    ))  # fmt: skip
+    return release
 
 
 def _expire_holds(conn: sqlite3.Connection, now: str, limit: int) -> list[HoldRelease]:
@@ -1074,6 +1191,40 @@ class SqliteStore:
         op = partial(_list_holds, account_id=account_id, card_id=card_id, active=active,
                      limit=limit)  # fmt: skip
         return await self._read_offloaded(op)
+
+    # -- the outbox (switch.relay and cardswitch events) ---------------------------------------
+
+    async def pending_events(self, limit: int) -> list[ev.OutboxEvent]:
+        return await self._read_offloaded(partial(_pending_events, limit=limit))
+
+    async def events_since(self, since: str, limit: int = 10_000) -> list[ev.OutboxEvent]:
+        return await self._read_offloaded(partial(_events_since, since=since, limit=limit))
+
+    async def outbox_stats(self) -> ev.OutboxStats:
+        return await self._read_offloaded(_outbox_stats)
+
+    async def mark_published(self, ids: Sequence[int], at: str) -> None:
+        if ids:
+            await self._submit(partial(_mark_published, ids=list(ids), at=at))
+
+    async def record_event_failures(
+        self, failures: Sequence[ev.EventFailure], *, max_attempts: int, at: str
+    ) -> int:
+        if not failures:
+            return 0
+        op = partial(_record_event_failures, failures=list(failures),
+                     max_attempts=max_attempts, at=at)  # fmt: skip
+        return cast(int, await self._submit(op))
+
+    async def purge_published(self, before: str) -> int:
+        return cast(int, await self._submit(partial(_purge_published, before=before)))
+
+    async def claim_lease(self, name: str, owner: str, now: float, ttl: float) -> bool:
+        op = partial(_claim_lease, name=name, owner=owner, now=now, ttl=ttl)
+        return cast(bool, await self._submit(op))
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        await self._submit(partial(_release_lease, name=name, owner=owner))
 
     async def _submit(
         self, op: Callable[[sqlite3.Connection], Any], deadline: float | None = None

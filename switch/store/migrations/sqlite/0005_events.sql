@@ -1,0 +1,33 @@
+-- Schema 5: the transactional outbox of authorization events (switch.events, switch.relay).
+-- Events for the rest of the platform, written in the transaction of the decision they
+-- describe (switch.events builds the payload; it holds no card data). id orders them in
+-- commit order; group_key is the SQS message group (account, else card, else 'none').
+-- published_at is set once SQS acknowledged the row; parked_at once it was rejected as
+-- invalid or failed too often (kept, counted, never blocking other rows).
+-- Indexes are few on purpose (each costs every decision's commit): event_id is a UUID 4
+-- (unique by construction, looked up by consumers, never here), and replay's scan by
+-- created_at runs rarely, from the operator's command.
+CREATE TABLE events (
+    id           INTEGER PRIMARY KEY,
+    event_id     TEXT NOT NULL,
+    type         TEXT NOT NULL,
+    group_key    TEXT NOT NULL,
+    journal_id   INTEGER REFERENCES journal(id),
+    created_at   TEXT NOT NULL,
+    payload      TEXT NOT NULL,
+    published_at TEXT,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    parked_at    TEXT
+) STRICT;
+CREATE INDEX events_pending ON events(id) WHERE published_at IS NULL AND parked_at IS NULL;
+CREATE INDEX events_parked ON events(id) WHERE parked_at IS NOT NULL;
+CREATE INDEX events_published ON events(published_at) WHERE published_at IS NOT NULL;
+
+-- Who runs the relay of this database: one owner at a time, renewed before expires_at (Unix
+-- seconds), taken over by another instance once expired.
+CREATE TABLE leases (
+    name       TEXT PRIMARY KEY,
+    owner      TEXT NOT NULL,
+    expires_at REAL NOT NULL
+) STRICT;
