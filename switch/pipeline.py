@@ -274,7 +274,7 @@ class Pipeline:
                 log.error("store_failed", mti=request.mti, stan=request.stan, error=str(exc))
             return self._stand_in(request, context, _cause(exc))
         if isinstance(stored, AuthOutcome):
-            return await self._replay(request, stored, deadline)
+            return await self._replay(request, stored, fingerprint, deadline)
         if stored is not None:  # the key of a reversal: the acquirer reused its identifiers
             return self._stand_in(request, context, "store")
         if outcome is None:
@@ -291,7 +291,9 @@ class Pipeline:
             return replace(_decision(request, outcome, None), stand_in="hsm")
         return _decision(request, outcome, issuer_auth)
 
-    async def _replay(self, request: AuthRequest, stored: AuthOutcome, deadline: float) -> Decision:
+    async def _replay(
+        self, request: AuthRequest, stored: AuthOutcome, fingerprint: bytes, deadline: float
+    ) -> Decision:
         """The stored answer of a repeated request; its ARPC again for a chip request.
 
         Never a stand-in: the answer was committed, so it is the answer. Cryptograms are not
@@ -302,7 +304,7 @@ class Pipeline:
         if request.emv is not None:
             try:
                 with trio.move_on_at(min(trio.current_time() + _ARPC_TIMEOUT, deadline)):
-                    issuer_auth = await self._replayed_arpc(request, stored, deadline)
+                    issuer_auth = await self._replayed_arpc(request, stored, fingerprint, deadline)
             except (HsmError, StoreError, _Refused) as exc:
                 log.warning("replay_arpc_failed", error=type(exc).__name__)
         return _decision(request, stored, issuer_auth)
@@ -615,7 +617,7 @@ class Pipeline:
             return await self._vault.fingerprint(pan)
 
     async def _replayed_arpc(
-        self, request: AuthRequest, stored: AuthOutcome, deadline: float
+        self, request: AuthRequest, stored: AuthOutcome, fingerprint: bytes, deadline: float
     ) -> bytes | None:
         """The ARPC of a repeated chip request: the card needs it as much as the first time.
 
@@ -624,7 +626,6 @@ class Pipeline:
         """
         if request.emv is None:
             return None
-        fingerprint = await self._fingerprint(request.pan)
         with self._guard("store"):
             card = await self._store.get_card_by_fingerprint(fingerprint)
         if card is None or not card.imk_ac or not card.emv_cvn:
