@@ -424,7 +424,6 @@ class Pkcs11Hsm(CommandHsm[TokenKey]):
         self._timeout = timeout
         self._offload = offload
         self._limiter = trio.CapacityLimiter(1)
-        self._inline_lock = trio.Lock()
         super().__init__(Pkcs11Cipher(), rng)
         self._keys: dict[str, StoredKey[TokenKey]] = {}
         self._closed = False
@@ -572,16 +571,17 @@ class Pkcs11Hsm(CommandHsm[TokenKey]):
             shared.kick()
             await trio.lowlevel.checkpoint()
             raise HsmUnavailable(f"HSM session lost ({shared.error}), reconnecting")
+        if not self._offload:
+            # Inline: one synchronous call on the loop, which nothing else can enter while it
+            # runs (no lock needed) and no deadline can interrupt (no cancel scope either).
+            return self._locked(fn, *args)
         try:
             with trio.fail_after(self._timeout):
-                if self._offload:
-                    return await trio.to_thread.run_sync(
-                        functools.partial(self._locked, fn, *args),
-                        limiter=self._limiter,
-                        abandon_on_cancel=True,
-                    )
-                async with self._inline_lock:
-                    return self._locked(fn, *args)
+                return await trio.to_thread.run_sync(
+                    functools.partial(self._locked, fn, *args),
+                    limiter=self._limiter,
+                    abandon_on_cancel=True,
+                )
         except trio.TooSlowError:
             raise HsmTimeout(f"HSM command exceeded {self._timeout}s") from None
 

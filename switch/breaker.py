@@ -46,6 +46,11 @@ class Permit:
     probe: bool
 
 
+#: The two permits there are (immutable, so shared).
+_CALL = Permit(probe=False)
+_PROBE = Permit(probe=True)
+
+
 class Breaker:
     """The circuit breaker of one dependency.
 
@@ -100,10 +105,10 @@ class Breaker:
         is already in flight)."""
         state = self.state
         if state is State.CLOSED:
-            return Permit(probe=False)
+            return _CALL
         if state is State.HALF_OPEN and not self._probing:
             self._probing = True
-            return Permit(probe=True)
+            return _PROBE
         return None
 
     def succeeded(self, permit: Permit) -> None:

@@ -187,6 +187,10 @@ def configure_listeners(names: Iterable[str]) -> None:
 M = TypeVar("M", Counter, Gauge, Histogram)
 
 
+#: Label sets each ``Bounded`` metric remembers the child of (see ``Bounded.labels``).
+_CHILD_CACHE = 512
+
+
 class Bounded(Generic[M]):
     """A labelled metric whose label values are each passed through their closed set.
 
@@ -196,12 +200,22 @@ class Bounded(Generic[M]):
     def __init__(self, metric: M, labels: Mapping[str, LabelValues]) -> None:
         self.metric: M = metric
         self._sets = tuple(labels.values())
+        #: Children of the label sets seen, so that the hot path binds each once; at most
+        #: ``_CHILD_CACHE`` of them, each a set of admitted values (the closed sets bound it).
+        self._children: dict[tuple[str, ...], M] = {}
 
     def labels(self, *values: str) -> M:
         """The child for ``values`` (positional, in label order), each bounded."""
+        child = self._children.get(values)
+        if child is not None:
+            return child
         if len(values) != len(self._sets):
             raise ValueError(f"expected {len(self._sets)} label values, got {len(values)}")
-        child: M = self.metric.labels(*(s(v) for s, v in zip(self._sets, values, strict=True)))
+        bounded = tuple(s(v) for s, v in zip(self._sets, values, strict=True))
+        child = self.metric.labels(*bounded)
+        # Only values admitted as themselves: one folded into "other" may be admitted later.
+        if bounded == values and len(self._children) < _CHILD_CACHE:
+            self._children[values] = child
         return child
 
 

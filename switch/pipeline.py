@@ -31,8 +31,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
@@ -55,7 +54,7 @@ from hsm.carddata import CardVault
 from hsm.errors import HsmError, InvalidInput
 from hsm.pan import mask_pan
 from switch import metrics
-from switch.breaker import Breaker
+from switch.breaker import Breaker, Permit
 from switch.breaker import State as BreakerState
 from switch.config import Config, ListenerConfig
 from switch.decisions import Reason, check_controls
@@ -206,50 +205,14 @@ class Pipeline:
 
     # -- dependency calls -------------------------------------------------------------------
 
-    @contextmanager
-    def _guard(self, dependency: str) -> Iterator[None]:
-        """One call (or a few back to back) to ``dependency`` under its circuit breaker.
+    def _guard(self, dependency: str) -> _Guard:
+        """One call (or a few back to back) to ``dependency`` under its circuit breaker
+        (a context manager: see ``_Guard``)."""
+        return _Guard(self.breakers[dependency])
 
-        Raises ``_Refused`` at once while the breaker is open. An error of the dependency
-        (an HSM error other than ``InvalidInput``, a store error other than ``invalid`` or
-        ``integrity``, which are answers) counts as a failure, and so does a call still
-        unanswered when a deadline around it passed (the budget, the ARPC's limit); a call
-        cancelled otherwise (a drain cut short) counts for nothing.
-        """
-        breaker = self.breakers[dependency]
-        permit = breaker.admit()
-        if permit is None:
-            raise _Refused(dependency)
-        try:
-            yield
-        except trio.Cancelled:
-            if trio.current_time() >= trio.current_effective_deadline():
-                breaker.failed(permit, "Timeout: no answer before the deadline")
-            else:  # pragma: no cover - an explicit cancel (drain cut short)
-                breaker.abandoned(permit)
-            raise
-        except HsmError as exc:
-            if isinstance(exc, InvalidInput):
-                breaker.succeeded(permit)
-            else:
-                breaker.failed(permit, f"{type(exc).__name__}: {exc}")
-            raise
-        except StoreError as exc:
-            if exc.kind in ("invalid", "integrity"):
-                breaker.succeeded(permit)
-            else:
-                breaker.failed(permit, f"StoreError: {exc}")
-            raise
-        except BaseException:
-            breaker.abandoned(permit)
-            raise
-        breaker.succeeded(permit)
-
-    @contextmanager
-    def _hsm_call(self, command: str, *, dependency: str = "hsm") -> Iterator[None]:
+    def _hsm_call(self, command: str, *, dependency: str = "hsm") -> _HsmCall:
         """One HSM (or vault) command: timed, its errors counted, under its breaker."""
-        with self._guard(dependency), _hsm_command(command):
-            yield
+        return _HsmCall(self.breakers[dependency], command)
 
     # -- authorizations ---------------------------------------------------------------------
 
@@ -933,26 +896,91 @@ def _breaker_changed(breaker: Breaker) -> None:
          detail=breaker.describe())  # fmt: skip
 
 
-@contextmanager
-def _hsm_command(command: str) -> Iterator[None]:
-    """Time one HSM (or vault) command; count it as an error when it raises one."""
-    t0 = time.perf_counter()
-    try:
-        yield
-    except HsmError as exc:
-        metrics.HSM_ERRORS.labels(command, type(exc).__name__).inc()
-        raise
-    finally:
-        metrics.HSM_SECONDS.labels(command).observe(time.perf_counter() - t0)
+class _Guard:
+    """A call (or a few back to back) to one dependency under its circuit breaker.
+
+    Raises ``_Refused`` on entry while the breaker is open. An error of the dependency (an
+    HSM error other than ``InvalidInput``, a store error other than ``invalid`` or
+    ``integrity``, which are answers) counts as a failure, and so does a call still
+    unanswered when a deadline around it passed (the budget, the ARPC's limit); a call
+    cancelled otherwise (a drain cut short) counts for nothing. A class rather than a
+    generator: it is entered several times per request.
+    """
+
+    __slots__ = ("_breaker", "_permit")
+
+    def __init__(self, breaker: Breaker) -> None:
+        self._breaker = breaker
+        self._permit: Permit | None = None
+
+    def __enter__(self) -> None:
+        self._permit = self._breaker.admit()
+        if self._permit is None:
+            raise _Refused(self._breaker.name)
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object
+    ) -> None:
+        breaker, permit = self._breaker, self._permit
+        assert permit is not None
+        if exc is None:
+            breaker.succeeded(permit)
+        elif isinstance(exc, trio.Cancelled):
+            if trio.current_time() >= trio.current_effective_deadline():
+                breaker.failed(permit, "Timeout: no answer before the deadline")
+            else:  # pragma: no cover - an explicit cancel (drain cut short)
+                breaker.abandoned(permit)
+        elif isinstance(exc, HsmError):
+            if isinstance(exc, InvalidInput):
+                breaker.succeeded(permit)
+            else:
+                breaker.failed(permit, f"{type(exc).__name__}: {exc}")
+        elif isinstance(exc, StoreError):
+            if exc.kind in ("invalid", "integrity"):
+                breaker.succeeded(permit)
+            else:
+                breaker.failed(permit, f"StoreError: {exc}")
+        else:
+            breaker.abandoned(permit)
 
 
-@contextmanager
-def _step(name: str) -> Iterator[None]:
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        metrics.STEP_SECONDS.labels(name).observe(time.perf_counter() - t0)
+class _HsmCall(_Guard):
+    """One HSM (or vault) command under its breaker, timed, its errors counted."""
+
+    __slots__ = ("_command", "_t0")
+
+    def __init__(self, breaker: Breaker, command: str) -> None:
+        super().__init__(breaker)
+        self._command = command
+        self._t0 = 0.0
+
+    def __enter__(self) -> None:
+        super().__enter__()
+        self._t0 = time.perf_counter()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        metrics.HSM_SECONDS.labels(self._command).observe(time.perf_counter() - self._t0)
+        if isinstance(exc, HsmError):
+            metrics.HSM_ERRORS.labels(self._command, type(exc).__name__).inc()
+        super().__exit__(kind, exc, tb)
+
+
+class _step:
+    """Time one pipeline step into ``cardswitch_pipeline_step_seconds``."""
+
+    __slots__ = ("_histogram", "_t0")
+
+    def __init__(self, name: str) -> None:
+        self._histogram = metrics.STEP_SECONDS.labels(name)
+        self._t0 = 0.0
+
+    def __enter__(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *_exc: object) -> None:
+        self._histogram.observe(time.perf_counter() - self._t0)
 
 
 __all__ = ["Account", "Pipeline"]
