@@ -28,6 +28,9 @@ _MASK_MIN_DIGITS = 13
 #: Digit runs a card number can be (13 to 19 digits), possibly inside longer text such as
 #: track 2 ("4761...D2512..."). Lookarounds stop us from cutting a longer number in the middle.
 #: Twelve-digit runs are left alone: they are amounts and RRNs far more often than PANs.
+#: No pattern below but ``_BYTES_RE`` matches fewer characters than a 13-digit PAN
+#: (``_PAN_RE``: 6 + 3 + 4); ``_TRACK2_RE`` and ``_HEX_RE`` need more.
+_SHORTEST_MATCH = 13
 _PAN_RE = re.compile(r"(?<!\d)(\d{6})(\d{3,9})(\d{4})(?!\d)")
 #: Track-2-equivalent data: PAN, separator '=' or 'D', then expiry/service code/discretionary.
 _TRACK2_RE = re.compile(r"(?<![0-9A-F])\d{12,19}[=D]\d{4,}[0-9A-F?]*", re.IGNORECASE)
@@ -76,6 +79,8 @@ def scrub(text: str) -> str:
     >>> scrub("bad field 2: '4000123412341234' at 4")
     "bad field 2: '400012******1234' at 4"
     """
+    if len(text) < _SHORTEST_MATCH and "b'" not in text and 'b"' not in text:
+        return text  # too short for a PAN, track or long hex, and no bytes literal: as is
     text = _BYTES_RE.sub("b'<redacted>'", text)
     text = _TRACK2_RE.sub("<track-redacted>", text)
     text = _PAN_RE.sub(lambda m: m.group(1) + "*" * len(m.group(2)) + m.group(3), text)

@@ -28,8 +28,10 @@ the listener in production, one end of ``trio.testing.memory_stream_pair()`` in 
   budget is left (then at that instant, never later). Reading pauses only when answers
   cannot be written (the outbox is full: the peer does not read), which bounds memory to
   ``max_queued`` waiting frames plus the outbox;
-- request tasks call the ``RequestHandler`` and queue the encoded answer of the ``Decision``
-  it returns; answers leave in the order they are ready (networks match them by STAN/RRN);
+- what the handler can decide on the spot (``decide_now``: an echo test, a sign-on) is
+  answered by the reader itself, without a task or an admission slot; request tasks call the
+  ``RequestHandler`` for the rest and queue the encoded answer of the ``Decision`` it
+  returns; answers leave in the order they are ready (networks match them by STAN/RRN);
 - one writer sends every queued answer ready at that moment in one ``send_all`` and, once an
   answer has been handed to the transport, writes its log line and metrics from the
   ``Decision`` (response code, reason, stand-in cause, masked PAN).
@@ -91,6 +93,8 @@ log = get_logger("switch.connection")
 _RECEIVE_SIZE = 65536
 #: Seconds a graceful close of the stream (TLS close_notify) may take before it is dropped.
 _CLOSE_TIMEOUT = 1.0
+#: What ``_decide_now`` returns when the handler raised (not a decision, not "later").
+_HANDLER_FAILED: Final = object()
 #: Close kind (and metric label) of a link whose echo test went unanswered.
 ECHO_TIMEOUT: Final = "echo_timeout"
 #: STANs (DE11) are six digits, 000001 to 999999.
@@ -343,8 +347,14 @@ class Connection:
                     ctx = RequestContext(lst, self._profile, self._peer, received_at,
                                          zpk=self._state.zpk, session=self._state)  # fmt: skip
                     # Admission: start now if nothing waits and slots are free; else queue
-                    # behind the others, or answer at once when the queue is full.
-                    if self._waiting == 0 and self._try_slots():
+                    # behind the others, or answer at once when the queue is full. What waits
+                    # for nothing (an echo test) is answered here, without a task or a slot.
+                    immediate = self._decide_now(action.message, ctx)
+                    if immediate is _HANDLER_FAILED:
+                        pass  # logged and counted; nothing to answer, as from a task
+                    elif isinstance(immediate, Decision):
+                        await self._send(action.message, immediate, received_at)
+                    elif self._waiting == 0 and self._try_slots():
                         requests.start_soon(self._request, action.message, ctx)
                     elif self._waiting >= lst.max_queued:
                         await self._shed(action.message, received_at, "queue_full")
@@ -516,25 +526,9 @@ class Connection:
             except Exception as exc:
                 # A defect of the handler itself (the dispatcher answers engine failures).
                 accounted = True
-                metrics.observe_protocol_error(self._listener.name, "internal_error")
-                log.error("request_failed", listener=self._listener.name, mti=message.mti,
-                          stan=message.stan, error=describe(exc), exc_info=exc)  # fmt: skip
+                self._handler_failed(message, exc)
                 return
-            if decision is None:
-                accounted = True
-                log.info("not_answered", listener=self._listener.name, mti=message.mti,
-                         stan=message.stan)  # fmt: skip
-                return
-            outcome = _Outcome.of_decision(message, decision, received_at)
-            try:
-                body = codec.encode(decision.response, self._session.spec)
-                data = self._session.frame(body)
-            except ValueError as exc:
-                accounted = True
-                self._undelivered(outcome, "encode_failed", error=describe(exc))
-                return
-            await self._queue(_Outgoing(data, outcome))
-            accounted = True
+            accounted = await self._send(message, decision, received_at)
         finally:
             if not accounted:  # cancelled: the deadline passed before it was queued
                 self._undelivered(_abandoned(message, received_at), "abandoned")
@@ -542,6 +536,37 @@ class Connection:
             if self._global_slots is not None:
                 self._global_slots.release()
             self._slots.release()
+
+    def _decide_now(self, message: Request, ctx: RequestContext) -> Decision | object | None:
+        """The handler's decision made on the spot, ``None`` (to be decided in a task), or
+        ``_HANDLER_FAILED`` (a defect of the handler, logged and counted)."""
+        try:
+            return self._handler.decide_now(message, ctx)
+        except Exception as exc:
+            self._handler_failed(message, exc)
+            return _HANDLER_FAILED
+
+    def _handler_failed(self, message: Request, exc: Exception) -> None:
+        metrics.observe_protocol_error(self._listener.name, "internal_error")
+        log.error("request_failed", listener=self._listener.name, mti=message.mti,
+                  stan=message.stan, error=describe(exc), exc_info=exc)  # fmt: skip
+
+    async def _send(self, message: Request, decision: Decision | None, received_at: float) -> bool:
+        """Encode and queue the answer of ``decision`` (or log that there is none); True once
+        the answer is queued or accounted for (a cancellation propagates before that)."""
+        if decision is None:
+            log.info("not_answered", listener=self._listener.name, mti=message.mti,
+                     stan=message.stan)  # fmt: skip
+            return True
+        outcome = _Outcome.of_decision(message, decision, received_at)
+        try:
+            body = codec.encode(decision.response, self._session.spec)
+            data = self._session.frame(body)
+        except ValueError as exc:
+            self._undelivered(outcome, "encode_failed", error=describe(exc))
+            return True
+        await self._queue(_Outgoing(data, outcome))
+        return True
 
     async def _queue(self, item: _Outgoing) -> None:
         """Hand ``item`` to the writer, or account for it when nothing can be written."""

@@ -133,6 +133,11 @@ class RequestHandler(Protocol):
         """The decision for ``message``; ``None`` when nothing is to be answered."""
         ...
 
+    def decide_now(self, message: Request, context: RequestContext) -> Decision | None:
+        """The decision for ``message`` when it waits for nothing (an echo test, a sign-on),
+        made on the spot without a task of its own; ``None``: ``handle`` decides it."""
+        ...
+
 
 class Dispatcher:
     """The ``RequestHandler`` of a running switch: network management here, the rest to the
@@ -147,6 +152,12 @@ class Dispatcher:
     def __init__(self, engine: Engine, keys: KeyAdmin | None = None) -> None:
         self._engine = engine
         self._keys = keys
+
+    def decide_now(self, message: Request, context: RequestContext) -> Decision | None:
+        if isinstance(message, NetworkRequest) and message.code not in KEY_EXCHANGE_CODES:
+            reason = self._network_now(message, context)
+            return Decision(NetworkResponse.answer(message, context.profile.code(reason)), reason)
+        return None
 
     async def handle(self, message: Request, context: RequestContext) -> Decision | None:
         prof = context.profile
@@ -180,6 +191,11 @@ class Dispatcher:
                 return Reason.INVALID_TRANSACTION
             change = await exchange_key(session, message.key_data, self._keys)
             return change.reason
+        return self._network_now(message, context)
+
+    def _network_now(self, message: NetworkRequest, context: RequestContext) -> Reason:
+        """The reason of an 0800's answer other than a key exchange (sign-on/off act first)."""
+        session, lst = context.session, context.listener
         if message.code not in NETWORK_CODES_SERVED:
             return Reason.INVALID_TRANSACTION
         if session is not None and message.code in (SIGN_ON, SIGN_OFF):

@@ -43,6 +43,8 @@ SENSITIVE_KEYS = frozenset(
         "body",
     }
 )
+#: Value types rendered as they are (unless their key is sensitive): nothing to scrub.
+_NUMBERS = frozenset({int, float, bool})
 #: Event keys whose value is a PAN: rendered masked.
 PAN_KEYS = frozenset({"pan", "primary_account_number"})
 
@@ -83,8 +85,18 @@ def mask_processor(
             exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
         if exc_info and exc_info[0] is not None:
             event_dict["exception"] = scrub("".join(traceback.format_exception(*exc_info)))
-    for key in list(event_dict):
-        event_dict[key] = _scrub_item(key, event_dict[key])
+    for key, value in event_dict.items():  # values replaced in place: the keys do not change
+        if value is None or type(value) in _NUMBERS:
+            if key.lower() in SENSITIVE_KEYS:
+                event_dict[key] = "<redacted>"
+        elif type(value) is str:
+            lowered = key.lower()
+            if lowered in SENSITIVE_KEYS:
+                event_dict[key] = "<redacted>"
+            else:
+                event_dict[key] = mask_pan(value) if lowered in PAN_KEYS else scrub(value)
+        else:
+            event_dict[key] = _scrub_item(key, value)
     return event_dict
 
 

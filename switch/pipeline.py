@@ -321,6 +321,9 @@ class Pipeline:
             stand_in=advice,
         )
 
+        #: The chip counter once the cryptogram is verified: journaled with any outcome.
+        atc: int | None = None
+
         def decline(
             reason: Reason, card: Card | None = None, pin_check: PinCheck | None = None
         ) -> _Prepared:
@@ -331,6 +334,7 @@ class Pipeline:
                     account_id=card.account_id if card else None,
                     decline_reason=reason,
                     pin_check=pin_check,
+                    atc=atc,
                 )
             )
 
@@ -376,7 +380,6 @@ class Pipeline:
         if security.failed is not None:
             return decline(security.failed, card, pin_check=security.pin_check)
         atc = None if security.emv is None else int.from_bytes(security.emv.atc, "big")
-        base = replace(base, atc=atc)
 
         with _step("controls"):
             reason = check_controls(card.controls, req.amount, req.mcc, _countries(req))
@@ -389,7 +392,7 @@ class Pipeline:
             account_id=card.account_id,
             kind=kind,
             pin_check=security.pin_check,
-            atc=None if security.emv is None else int.from_bytes(security.emv.atc, "big"),
+            atc=atc,
             velocity=card.controls if card.controls.has_velocity else None,
         )
         return _Prepared(intent, security.emv)

@@ -25,6 +25,7 @@ The decoder is modelled on h2's ``FrameBuffer``: feed bytes, take frames, no I/O
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
@@ -137,7 +138,13 @@ def envelope_bytes(kind: EnvelopeKind, size: int) -> int:
 
 
 def _framing(header: HeaderKind | Framing) -> Framing:
-    return header if isinstance(header, Framing) else Framing(header)
+    return header if isinstance(header, Framing) else _plain_framing(header)
+
+
+@functools.cache
+def _plain_framing(header: HeaderKind) -> Framing:
+    """The ``Framing`` of a bare header kind (a handful of values: built once each)."""
+    return Framing(header)
 
 
 def split_envelope(framing: Framing, frame: bytes) -> tuple[bytes, bytes]:

@@ -909,7 +909,8 @@ def _apply_layouts(msg: AuthRequest, fields: Mapping[str, str], lay: SubLayouts)
         changes["cvv2"] = _de126_cvv2(fields.get(_DE126), lay.de126_lengths)
     elif lay.cvv2 == "none" or lay.de48 == "text":
         changes["cvv2"] = None
-    return dataclasses.replace(msg, **changes)
+    changed = {name: value for name, value in changes.items() if getattr(msg, name) != value}
+    return dataclasses.replace(msg, **changed) if changed else msg
 
 
 def to_fields(msg: Message, layouts: SubLayouts = DEFAULT_SUBLAYOUTS) -> dict[str, str]:
