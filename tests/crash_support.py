@@ -283,6 +283,7 @@ class Load:
         #: STANs in flight, with how many copies of each (the same request may be sent to two
         #: switches at once).
         self._in_flight: Counter[str] = Counter()
+        self._in_flight_on: Counter[int] = Counter()
         #: Set when a request goes in flight (the kill waits for one).
         self._busy = trio.Event()
         #: New authorizations that are complete (answered, or their connection is gone).
@@ -365,6 +366,10 @@ class Load:
     def in_flight(self) -> int:
         return sum(self._in_flight.values())
 
+    def in_flight_on(self, target: int) -> int:
+        """Requests in flight to switch instance ``target``."""
+        return self._in_flight_on[target]
+
     async def send(
         self, client: Client, request: Request, *, new: bool, stats: RoundStats, target: int = 0
     ) -> Response | None:
@@ -380,6 +385,7 @@ class Load:
             assert isinstance(request, AuthRequest)
             self._current.append(request)
         self._in_flight[request.stan] += 1
+        self._in_flight_on[target] += 1
         self._busy.set()
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
@@ -390,6 +396,7 @@ class Load:
             response = None
         finally:
             self._in_flight[request.stan] -= 1
+            self._in_flight_on[target] -= 1
             if self._in_flight[request.stan] <= 0:
                 del self._in_flight[request.stan]
         if response is not None:
