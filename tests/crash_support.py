@@ -14,23 +14,27 @@ switch's own code.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import random
 import signal
 import sqlite3
 import ssl
 import sys
-from collections import defaultdict
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import trio
+from psycopg.rows import dict_row
 
 from hsm.config import CardDataConfig, HsmConfig
 from switch import testing
-from switch.acquirer import build_auth, build_reversal
+from switch.acquirer import build_auth, build_reversal, encipher_pin
 from switch.client import Client, ClientError
 from switch.config import (
     Config,
@@ -69,6 +73,17 @@ P_FINANCIAL = 0.08
 P_REPEAT_MTI = 0.3
 #: Share of first reversals that are partial (DE95 keeps half of the amount).
 P_PARTIAL = 0.3
+#: With ``Load(pins=True)``: share of new authorizations on a PIN card with a wrong PIN.
+P_WRONG_PIN = 0.06
+#: Environment variable: how many crash rounds (kills) the crash tests run instead of their
+#: CI-sized default (``make soak`` sets it to 100 and more).
+ROUNDS_ENV = "CARDSWITCH_CRASH_ROUNDS"
+
+
+def crash_rounds(default: int) -> int:
+    """The number of kills a crash test runs: ``CARDSWITCH_CRASH_ROUNDS``, else ``default``."""
+    raw = os.environ.get(ROUNDS_ENV, "").strip()
+    return int(raw) if raw else default
 
 
 @dataclass(frozen=True)
@@ -89,14 +104,27 @@ SEED_CARDS: tuple[SeedCard, ...] = (
     SeedCard("4000002000000035", "crash-acct-low", 20_000),
     SeedCard("4000002000000043", "crash-acct-low", 20_000),
 )
+#: Cards with a PIN (the demo PVK, PVKI 1) whose try limit is never reached in a run: the load
+#: sends them only wrong PINs, so their counters may only go up, by one per request decided.
+PIN_CARDS: tuple[SeedCard, ...] = (
+    SeedCard("4000002000000050", "crash-acct-pin", 1_000_000),
+    SeedCard("4000002000000068", "crash-acct-pin", 1_000_000),
+)
+#: The PIN of the PIN cards, and the one the load enters instead.
+RIGHT_PIN, WRONG_PIN = "2468", "1357"
+#: Try limit of the PIN cards.
+PIN_TRY_LIMIT = 1_000_000
+#: The clear demo ZPK (config/demo/keys.json, a public test key): the acquirer's PIN key.
+DEMO_ZPK = "0123456789ABCDEFFEDCBA9876543210"
 #: Opening balance (ledger = available) of each account.
-OPENING: dict[str, int] = {c.account: c.balance for c in SEED_CARDS}
+OPENING: dict[str, int] = {c.account: c.balance for c in (*SEED_CARDS, *PIN_CARDS)}
 #: Account of each PAN.
-ACCOUNT_OF: dict[str, str] = {c.pan: c.account for c in SEED_CARDS}
+ACCOUNT_OF: dict[str, str] = {c.pan: c.account for c in (*SEED_CARDS, *PIN_CARDS)}
 
 
-def write_config(tmp: Path, pki: PkiPaths) -> Path:
-    """The switch's TOML: one listener on port 0, the test PKI, SoftHSM, store under ``tmp``."""
+def write_config(tmp: Path, pki: PkiPaths, *, store: StoreConfig | None = None) -> Path:
+    """The switch's TOML: one listener on port 0, the test PKI, SoftHSM, and ``store`` (by
+    default SQLite under ``tmp``)."""
     cfg = Config(
         listeners=(
             ListenerConfig(name=NETWORK, network=NETWORK, host="127.0.0.1", port=0, zpk="demo-zpk"),
@@ -105,7 +133,7 @@ def write_config(tmp: Path, pki: PkiPaths) -> Path:
         hsm=HsmConfig(
             backend="pkcs11", softhsm_conf=tmp / "softhsm" / "softhsm2.conf", timeout=5.0
         ),
-        store=StoreConfig(path=tmp / "cardswitch.db"),
+        store=store or StoreConfig(path=tmp / "cardswitch.db"),
         card_data=CardDataConfig(
             backend="hsm", fingerprint_key="crash-fp", encryption_key="crash-pan"
         ),
@@ -139,6 +167,21 @@ async def seed(config: Path, tmp: Path) -> None:
             "balance": c.balance,
         }
         for c in SEED_CARDS
+    ]
+    rows += [
+        {
+            "pan": c.pan,
+            "expiry": "3012",
+            "service_code": "101",
+            "account": c.account,
+            "currency": CURRENCY,
+            "balance": c.balance,
+            "pvk": "demo-pvk",
+            "pvki": "1",
+            "pin": RIGHT_PIN,
+            "pin_try_limit": PIN_TRY_LIMIT,
+        }
+        for c in PIN_CARDS
     ]
     cards.write_text(json.dumps({"cards": rows}))
     with trio.fail_after(60):
@@ -186,11 +229,15 @@ Response = AuthResponse | ReversalResponse
 
 @dataclass
 class Exchange:
-    """One request as sent, and its answer if one came."""
+    """One request as sent, and its answer if one came (``sent_at`` and ``answered_at`` on
+    trio's clock; ``target``: which switch instance of a test with several it went to)."""
 
     request: Request
     round: int
     response: Response | None = None
+    sent_at: float = 0.0
+    answered_at: float | None = None
+    target: int = 0
 
 
 @dataclass
@@ -207,7 +254,7 @@ class RoundStats:
 
 
 #: Errors that mean the connection to the switch is gone (it was killed).
-_CONNECTION_LOST = (
+CONNECTION_LOST = (
     ClientError,
     trio.BrokenResourceError,
     trio.ClosedResourceError,
@@ -218,23 +265,30 @@ _CONNECTION_LOST = (
 
 class Load:
     """Concurrent acquirers sending new 0100/0200s, duplicates (some as 0101 repeats) and
-    reversals (with 0401 repeats and second reversals); keeps a record.
+    reversals (with 0401 repeats and second reversals); with ``pins``, also requests with a
+    wrong PIN on the PIN cards; keeps a record.
 
     ``exchanges`` lists every request sent, in sending order, with its answer or ``None``.
+    ``send`` is one request on a given client; ``round`` runs the whole mix against one
+    switch until it is killed. A test with several switches drives ``send`` itself.
     """
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, *, pins: bool = False) -> None:
         self.rng = rng
+        self.pins = pins
         self.exchanges: list[Exchange] = []
         self.timeouts = 0
         self._stan = 0
         self._round = 0
-        self._in_flight: set[str] = set()
+        #: STANs in flight, with how many copies of each (the same request may be sent to two
+        #: switches at once).
+        self._in_flight: Counter[str] = Counter()
+        self._in_flight_on: Counter[int] = Counter()
         #: Set when a request goes in flight (the kill waits for one).
         self._busy = trio.Event()
-        #: New authorizations that are complete (answered, or their switch is dead).
+        #: New authorizations that are complete (answered, or their connection is gone).
         self._completed: list[AuthRequest] = []
-        #: Answered in the current round or still in flight (moved to completed at its end).
+        #: New authorizations still in flight (moved to completed when they are complete).
         self._current: list[AuthRequest] = []
         #: Authorizations the clients saw approved: what reversals are sent for.
         self._approved: list[AuthRequest] = []
@@ -249,8 +303,8 @@ class Load:
 
     # -- choosing requests ----------------------------------------------------------------------
 
-    def _next(self) -> tuple[Request, bool]:
-        """The next request and whether it is a new authorization."""
+    def next_request(self) -> tuple[Request, bool]:
+        """The next request of the mix and whether it is a new authorization."""
         rng = self.rng
         r = rng.random()
         if r < P_DUPLICATE and self._completed:
@@ -263,10 +317,23 @@ class Load:
             rev = self._reversal(rng.choice(self._approved))
             if rev.stan not in self._in_flight:
                 return rev, False
+        if self.pins and rng.random() < P_WRONG_PIN:
+            pin_card = rng.choice(PIN_CARDS)
+            block = encipher_pin(WRONG_PIN, pin_card.pan, DEMO_ZPK)
+            amount = rng.randint(MIN_AMOUNT, MAX_AMOUNT)
+            return build_auth(pin_card.pan, amount, stan=self.new_stan(), pin_block=block), True
         card = rng.choice(SEED_CARDS)
         mti = "0200" if rng.random() < P_FINANCIAL else "0100"
         amount = rng.randint(MIN_AMOUNT, MAX_AMOUNT)
         return build_auth(card.pan, amount, mti=mti, stan=self.new_stan()), True
+
+    def racing_reversal(self, original: AuthRequest) -> ReversalRequest:
+        """A full reversal of ``original`` to send while ``original`` itself is in flight
+        (it may arrive first: recorded unmatched, and the original then declined); later
+        reversals of ``original`` repeat it."""
+        first = build_reversal(original, stan=self.new_stan())
+        self._first_reversal[original.stan] = first
+        return first
 
     def _reversal(self, original: AuthRequest) -> ReversalRequest:
         """A first reversal of ``original``, or one of its repeats.
@@ -297,30 +364,45 @@ class Load:
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        return sum(self._in_flight.values())
 
-    async def _slot(self, client: Client, stats: RoundStats) -> None:
-        while True:
-            request, new = self._next()
-            exchange = Exchange(request, self._round)
-            self.exchanges.append(exchange)
-            stats.sent += 1
-            if new:
-                assert isinstance(request, AuthRequest)
-                self._current.append(request)
-            self._in_flight.add(request.stan)
-            self._busy.set()
-            try:
-                with trio.fail_after(REQUEST_TIMEOUT):
-                    response = await client.request(request)
-            except _CONNECTION_LOST as exc:
-                if isinstance(exc, trio.TooSlowError):
-                    self.timeouts += 1
-                return
-            finally:
-                self._in_flight.discard(request.stan)
+    def in_flight_on(self, target: int) -> int:
+        """Requests in flight to switch instance ``target``."""
+        return self._in_flight_on[target]
+
+    async def send(
+        self, client: Client, request: Request, *, new: bool, stats: RoundStats, target: int = 0
+    ) -> Response | None:
+        """Send ``request`` on ``client`` and record it; its answer, or None when the
+        connection was lost first (or the answer took longer than ``REQUEST_TIMEOUT``).
+
+        ``new``: it is a new authorization (sent for the first time; a copy of it sent to
+        another switch at the same moment is not new)."""
+        exchange = Exchange(request, self._round, sent_at=trio.current_time(), target=target)
+        self.exchanges.append(exchange)
+        stats.sent += 1
+        if new:
+            assert isinstance(request, AuthRequest)
+            self._current.append(request)
+        self._in_flight[request.stan] += 1
+        self._in_flight_on[target] += 1
+        self._busy.set()
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                response = await client.request(request)
+        except CONNECTION_LOST as exc:
+            if isinstance(exc, trio.TooSlowError):
+                self.timeouts += 1
+            response = None
+        finally:
+            self._in_flight[request.stan] -= 1
+            self._in_flight_on[target] -= 1
+            if self._in_flight[request.stan] <= 0:
+                del self._in_flight[request.stan]
+        if response is not None:
             assert isinstance(response, AuthResponse | ReversalResponse), type(response)
             exchange.response = response
+            exchange.answered_at = trio.current_time()
             stats.answered += 1
             if isinstance(response, AuthResponse) and response.response_code == "00":
                 stats.approvals += 1
@@ -328,10 +410,19 @@ class Load:
                 if request.stan not in self._approved_stans:
                     self._approved_stans.add(request.stan)
                     self._approved.append(request)
-            if new:
-                assert isinstance(request, AuthRequest)
-                self._current.remove(request)
-                self._completed.append(request)
+        if new:
+            # Answered, or its connection is gone (its switch was killed): either way a
+            # later duplicate finds its commit, or is decided afresh.
+            assert isinstance(request, AuthRequest)
+            self._current.remove(request)
+            self._completed.append(request)
+        return response
+
+    async def _slot(self, client: Client, stats: RoundStats) -> None:
+        while True:
+            request, new = self.next_request()
+            if await self.send(client, request, new=new, stats=stats) is None:
+                return
 
     async def _connection(self, port: int, ctx: ssl.SSLContext, stats: RoundStats) -> None:
         try:
@@ -339,8 +430,15 @@ class Load:
                 async with trio.open_nursery() as nursery:
                     for _ in range(SLOTS_PER_CONNECTION):
                         nursery.start_soon(self._slot, client, stats)
-        except _CONNECTION_LOST:
+        except CONNECTION_LOST:
             return
+
+    async def wait_in_flight(self, limit: float = 5.0) -> None:
+        """Return once a request is in flight (at most ``limit`` s)."""
+        with trio.move_on_after(limit):
+            while not self._in_flight:
+                self._busy = trio.Event()
+                await self._busy.wait()
 
     async def round(
         self, number: int, proc: trio.Process, port: int, ctx: ssl.SSLContext, kill_after: float
@@ -355,18 +453,11 @@ class Load:
                 for _ in range(CONNECTIONS):
                     nursery.start_soon(self._connection, port, ctx, stats)
                 await trio.sleep(kill_after)
-                with trio.move_on_after(5):
-                    while not self._in_flight:
-                        self._busy = trio.Event()
-                        await self._busy.wait()
+                await self.wait_in_flight()
                 stats.in_flight_at_kill = self.in_flight
                 proc.send_signal(signal.SIGKILL)
                 stats.load_seconds = trio.current_time() - started
                 await proc.wait()
-        # The process is dead: whatever was unanswered is complete too (a later duplicate
-        # finds its commit, or is decided afresh).
-        self._completed.extend(self._current)
-        self._current.clear()
         return stats
 
 
@@ -386,10 +477,17 @@ def _dup_params(req: Request) -> tuple[str, ...]:
     )
 
 
-_JOURNAL_BY_KEY = (
-    "SELECT * FROM journal WHERE network = ? AND acquirer_id = ? AND transmission_time = ? "
-    "AND stan = ? AND rrn = ? AND terminal_id = ? AND mti_class = ? AND kind != 'duplicate'"
+_KEY_COLUMNS = (
+    "network",
+    "acquirer_id",
+    "transmission_time",
+    "stan",
+    "rrn",
+    "terminal_id",
+    "mti_class",
 )
+#: The key an original is found by (DE37 and DE41 are not compared), and its orig_* columns.
+_ORIGINAL_COLUMNS = ("network", "acquirer_id", "transmission_time", "stan", "mti_class")
 
 
 @dataclass
@@ -403,6 +501,50 @@ class DbReport:
     approvals_unanswered: int = 0
     #: Answered requests (other than 91 stand-ins) by response code.
     codes: dict[str, int] = field(default_factory=dict)
+    #: Approvals the clients received, each checked against its journal row and hold.
+    approvals_checked: int = 0
+    #: Reversals recorded unmatched (they arrived before their original).
+    unmatched_reversals: int = 0
+    #: Wrong PINs counted, over all cards, and PIN-try samples compared.
+    pin_tries: int = 0
+    pin_samples: int = 0
+
+
+class Reader:
+    """Read-only rows of the switch's database: an SQLite file (a ``Path``) or a PostgreSQL
+    database (its DSN, a ``str``). Queries are written once with ``?`` placeholders, in the
+    SQL both accept; rows come back as dicts."""
+
+    def __init__(self, db: Path | str) -> None:
+        self.backend = "sqlite" if isinstance(db, Path) else "postgres"
+        self._sqlite: sqlite3.Connection | None = None
+        self._pg: psycopg.Connection[dict[str, Any]] | None = None
+        if isinstance(db, Path):
+            self._sqlite = open_readonly(db)
+        else:
+            # One snapshot for every query of the check.
+            self._pg = psycopg.connect(db, row_factory=dict_row, connect_timeout=10)
+            self._pg.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            self._pg.read_only = True
+
+    def rows(self, query: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        if self._sqlite is not None:
+            return [dict(r) for r in self._sqlite.execute(query, params)]
+        assert self._pg is not None
+        return self._pg.execute(query.replace("?", "%s"), params).fetchall()
+
+    def close(self) -> None:
+        if self._sqlite is not None:
+            self._sqlite.close()
+        if self._pg is not None:
+            self._pg.rollback()
+            self._pg.close()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def open_readonly(db: Path) -> sqlite3.Connection:
@@ -412,45 +554,72 @@ def open_readonly(db: Path) -> sqlite3.Connection:
     return conn
 
 
-def check_database(db: Path, exchanges: Iterable[Exchange]) -> DbReport:
-    """Compare the database with what the clients sent and were told.
+def pin_tries(db: Path | str) -> dict[str, int]:
+    """Each card's PIN-try counter now (a sample for ``check_database``)."""
+    with Reader(db) as reader:
+        return {r["id"]: r["pin_tries"] for r in reader.rows("SELECT id, pin_tries FROM cards")}
 
-    Checked: the file's integrity; one journal row per duplicate key and one hold per
+
+def available_balance(db: Path | str, account: str) -> int:
+    """The available balance of ``account`` now."""
+    with Reader(db) as reader:
+        rows = reader.rows("SELECT available_balance FROM accounts WHERE id = ?", (account,))
+    return int(rows[0]["available_balance"])
+
+
+def check_database(
+    db: Path | str,
+    exchanges: Iterable[Exchange],
+    *,
+    pin_samples: Sequence[Mapping[str, int]] = (),
+) -> DbReport:
+    """Compare the database (an SQLite file, or a PostgreSQL DSN) with what the clients sent
+    and were told.
+
+    Checked: the SQLite file's integrity; one journal row per duplicate key and one hold per
     original; every answer except a 91 stand-in is journaled with the same response code
-    (and approval code); every approval has its hold of the right kind, amount and account;
-    every acknowledged reversal is journaled as matched; per hold, what reversals released
-    adds up to what it lost, never more than its amount, and matches the reversals the
-    clients had acknowledged; every account's balances equal the opening balance minus what
+    (and approval code), and answers to the same key agree; every approval has its hold of
+    the right kind, amount and account; every acknowledged reversal is journaled as a
+    reversal, matched unless it overtook its original (which then holds no money); per
+    hold, what reversals released adds up to what it lost, never more than its amount, and
+    matches the reversals the clients had acknowledged; an unmatched reversal's original, if
+    it came, was declined; every account's balances equal the opening balance minus what
     its holds and debits still keep, and every card's velocity counters what its holds keep;
-    no journal row or hold comes from a request not sent.
+    every card's PIN-try counter equals the wrong PINs journaled for it and never went down
+    between the ``pin_samples`` (taken in order during the run); no journal row or hold
+    comes from a request not sent.
     """
     report = DbReport()
     bad = report.violations
     exchanges = list(exchanges)
-    with open_readonly(db) as conn:
-        integrity = [r[0] for r in conn.execute("PRAGMA integrity_check")]
-        if integrity != ["ok"]:
-            bad.append(f"integrity_check: {integrity[:5]}")
-        fk = conn.execute("PRAGMA foreign_key_check").fetchall()
-        if fk:
-            bad.append(f"foreign_key_check: {len(fk)} rows, e.g. {tuple(fk[0])}")
-        journal = conn.execute("SELECT * FROM journal ORDER BY id").fetchall()
-        holds = conn.execute(
+    with Reader(db) as conn:
+        if conn.backend == "sqlite":
+            integrity = [r["integrity_check"] for r in conn.rows("PRAGMA integrity_check")]
+            if integrity != ["ok"]:
+                bad.append(f"integrity_check: {integrity[:5]}")
+            fk = conn.rows("PRAGMA foreign_key_check")
+            if fk:
+                bad.append(f"foreign_key_check: {len(fk)} rows, e.g. {fk[0]}")
+        journal = conn.rows("SELECT * FROM journal ORDER BY id")
+        holds = conn.rows(
             "SELECT h.*, j.stan AS orig_stan FROM holds h JOIN journal j ON j.id = h.journal_id "
             "ORDER BY h.id"
-        ).fetchall()
-        accounts = {r["id"]: r for r in conn.execute("SELECT * FROM accounts")}
-        unmatched = conn.execute("SELECT count(*) FROM unmatched_reversals").fetchone()[0]
-        report.journal_rows, report.holds = len(journal), len(holds)
-
+        )
+        accounts = {r["id"]: r for r in conn.rows("SELECT * FROM accounts")}
+        cards = {r["id"]: r["pin_tries"] for r in conn.rows("SELECT id, pin_tries FROM cards")}
+        unmatched = conn.rows("SELECT * FROM unmatched_reversals")
+        velocity = conn.rows("SELECT card_id, period, amount, count FROM velocity")
         _check_uniqueness(conn, bad)
-        _check_answers(conn, exchanges, report)
-        _check_reversals(exchanges, journal, holds, bad)
-        _check_balances(accounts, holds, bad)
-        _check_velocity(conn, holds, bad)
+    report.journal_rows, report.holds = len(journal), len(holds)
+    report.unmatched_reversals = len(unmatched)
 
-    if unmatched:
-        bad.append(f"{unmatched} unmatched reversals, but only approved originals were reversed")
+    _check_answers(journal, holds, exchanges, report)
+    _check_reversals(exchanges, journal, holds, bad)
+    _check_unmatched(journal, unmatched, holds, bad)
+    _check_balances(accounts, holds, bad)
+    _check_velocity(velocity, holds, bad)
+    _check_pin_tries(cards, journal, pin_samples, report)
+
     sent_stans = {x.request.stan for x in exchanges}
     strangers = [r["id"] for r in journal if r["stan"] not in sent_stans]
     if strangers:
@@ -466,36 +635,32 @@ def check_database(db: Path, exchanges: Iterable[Exchange]) -> DbReport:
     return report
 
 
-_KEY_COLUMNS = (
-    "network",
-    "acquirer_id",
-    "transmission_time",
-    "stan",
-    "rrn",
-    "terminal_id",
-    "mti_class",
-)
-
-
-def _check_uniqueness(conn: sqlite3.Connection, bad: list[str]) -> None:
+def _check_uniqueness(conn: Reader, bad: list[str]) -> None:
     cols = ", ".join(_KEY_COLUMNS)
-    twice = conn.execute(
-        f"SELECT {cols}, count(*) AS n FROM journal WHERE kind != 'duplicate' "  # noqa: S608 - constant columns
-        f"GROUP BY {cols} HAVING n > 1"
-    ).fetchall()
+    twice = conn.rows(
+        f"SELECT {cols}, count(*) AS n FROM journal WHERE kind <> 'duplicate' "  # noqa: S608 - constant columns
+        f"GROUP BY {cols} HAVING count(*) > 1"
+    )
     for row in twice:
         bad.append(f"duplicate key stan={row['stan']} has {row['n']} journal rows")
     jcols = ", ".join(f"j.{c}" for c in _KEY_COLUMNS)
-    doubled = conn.execute(
+    doubled = conn.rows(
         f"SELECT j.stan AS orig_stan, count(*) AS n FROM holds h "  # noqa: S608 - constant columns
-        f"JOIN journal j ON j.id = h.journal_id GROUP BY {jcols} HAVING n > 1"
-    ).fetchall()
+        f"JOIN journal j ON j.id = h.journal_id GROUP BY {jcols} HAVING count(*) > 1"
+    )
     for row in doubled:
         bad.append(f"original stan={row['orig_stan']} has {row['n']} holds")
 
 
-def _check_answers(conn: sqlite3.Connection, exchanges: list[Exchange], report: DbReport) -> None:
+def _check_answers(
+    journal: list[dict[str, Any]],
+    holds: list[dict[str, Any]],
+    exchanges: list[Exchange],
+    report: DbReport,
+) -> None:
     bad = report.violations
+    by_key = {tuple(r[c] for c in _KEY_COLUMNS): r for r in journal if r["kind"] != "duplicate"}
+    hold_of = {h["journal_id"]: h for h in holds}
     seen: dict[tuple[str, ...], tuple[str, str | None]] = {}
     codes: dict[str, int] = defaultdict(int)
     for x in exchanges:
@@ -504,10 +669,9 @@ def _check_answers(conn: sqlite3.Connection, exchanges: list[Exchange], report: 
             continue
         req = x.request
         code = resp.response_code
-        if code == "91":  # stand-in: nothing is kept, the network may ask again
-            codes[code] += 1
-            continue
         codes[code] += 1
+        if code == "91":  # stand-in: nothing is kept, the network may ask again
+            continue
         key = _dup_params(req)
         approval = resp.approval_code if isinstance(resp, AuthResponse) else None
         earlier = seen.setdefault(key, (code, approval))
@@ -516,7 +680,7 @@ def _check_answers(conn: sqlite3.Connection, exchanges: list[Exchange], report: 
                 f"stan={req.stan} mti={req.mti}: answered {code}/{approval} after "
                 f"{earlier[0]}/{earlier[1]} for the same duplicate key"
             )
-        row = conn.execute(_JOURNAL_BY_KEY, key).fetchone()
+        row = by_key.get(key)
         where = f"round {x.round} stan={req.stan} mti={req.mti}"
         if row is None:
             bad.append(f"{where}: answered {code}/{approval} but not in the journal")
@@ -524,8 +688,9 @@ def _check_answers(conn: sqlite3.Connection, exchanges: list[Exchange], report: 
         if isinstance(req, ReversalRequest):
             if code != "00":
                 bad.append(f"{where}: reversal answered {code}")
-            if row["kind"] != "reversal" or row["matched"] != 1:
-                bad.append(f"{where}: reversal of an approval journaled unmatched ({row['kind']})")
+            if row["kind"] != "reversal":
+                bad.append(f"{where}: reversal journaled as {row['kind']}")
+            # Matched, or unmatched because it overtook its original: _check_unmatched.
             continue
         if (row["response_code"], row["approval_code"]) != (code, approval):
             bad.append(
@@ -534,9 +699,10 @@ def _check_answers(conn: sqlite3.Connection, exchanges: list[Exchange], report: 
             )
         if code != "00":
             continue
+        report.approvals_checked += 1
         if not approval:
             bad.append(f"{where}: approval without DE38")
-        hold = conn.execute("SELECT * FROM holds WHERE journal_id = ?", (row["id"],)).fetchone()
+        hold = hold_of.get(row["id"])
         kind = "debit" if req.mti[1] == "2" else "hold"
         expected = (kind, req.amount, ACCOUNT_OF[req.pan])
         if hold is None:
@@ -548,7 +714,10 @@ def _check_answers(conn: sqlite3.Connection, exchanges: list[Exchange], report: 
 
 
 def _check_reversals(
-    exchanges: list[Exchange], journal: list[Any], holds: list[Any], bad: list[str]
+    exchanges: list[Exchange],
+    journal: list[dict[str, Any]],
+    holds: list[dict[str, Any]],
+    bad: list[str],
 ) -> None:
     released: dict[int, int] = defaultdict(int)
     for row in journal:
@@ -566,7 +735,9 @@ def _check_reversals(
                 f"hold of stan={h['orig_stan']}: reversals released "
                 f"{released[h['journal_id']]}, the hold lost {lost}"
             )
-    # What remains of each reversed original, from what the clients were told.
+    # What remains of each reversed original, from what the clients were told. An original
+    # without a hold was declined (or never decided): _check_answers holds every approval
+    # a client received to its hold.
     sent: dict[str, list[Exchange]] = defaultdict(list)
     for x in exchanges:
         if isinstance(x.request, ReversalRequest):
@@ -574,7 +745,6 @@ def _check_reversals(
     for stan, revs in sent.items():
         hold = by_stan.get(stan)
         if hold is None:
-            bad.append(f"original stan={stan}: reversed after its approval, but no hold")
             continue
         first = revs[0].request
         assert isinstance(first, ReversalRequest)
@@ -590,7 +760,40 @@ def _check_reversals(
             )
 
 
-def _check_velocity(conn: sqlite3.Connection, holds: list[Any], bad: list[str]) -> None:
+def _check_unmatched(
+    journal: list[dict[str, Any]],
+    unmatched: list[dict[str, Any]],
+    holds: list[dict[str, Any]],
+    bad: list[str],
+) -> None:
+    """An unmatched reversal overtook its original: the original, if it was decided at all,
+    moved no money, and the row that resolved it is that original, declined."""
+    rows = {r["id"]: r for r in journal}
+    originals = {
+        tuple(r[c] for c in _ORIGINAL_COLUMNS): r
+        for r in journal
+        if r["kind"] not in ("duplicate", "reversal")
+    }
+    with_money = {h["journal_id"] for h in holds}
+    for u in unmatched:
+        rev = rows.get(u["journal_id"])
+        if rev is None or rev["kind"] != "reversal":
+            bad.append(f"unmatched reversal {u['journal_id']}: no reversal row")
+            continue
+        original = originals.get(tuple(rev[f"orig_{c}"] for c in _ORIGINAL_COLUMNS))
+        where = f"unmatched reversal stan={rev['stan']} of stan={rev['orig_stan']}"
+        if original is not None and original["id"] in with_money:
+            bad.append(f"{where}: its original holds money (approved {original['reason']})")
+        resolved = u["resolved_journal_id"]
+        if resolved is not None and (original is None or resolved != original["id"]):
+            bad.append(f"{where}: resolved by journal row {resolved}, not by its original")
+        if original is not None and original["response_code"] == "00":
+            bad.append(f"{where}: its original was answered 00 ({original['reason']})")
+
+
+def _check_velocity(
+    velocity: list[dict[str, Any]], holds: list[dict[str, Any]], bad: list[str]
+) -> None:
     """Each card's day and month counters equal what its holds keep: the amount that
     remains, and the number of holds not fully reversed (committed with the decision)."""
     expected: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
@@ -599,17 +802,16 @@ def _check_velocity(conn: sqlite3.Connection, holds: list[Any], bad: list[str]) 
             totals = expected[(h["card_id"], period)]
             totals[0] += h["remaining"]
             totals[1] += 1 if h["remaining"] > 0 else 0
-    found = {
-        (r["card_id"], r["period"]): [r["amount"], r["count"]]
-        for r in conn.execute("SELECT card_id, period, amount, count FROM velocity")
-    }
+    found = {(r["card_id"], r["period"]): [r["amount"], r["count"]] for r in velocity}
     for key in sorted(set(expected) | set(found)):
         want, got = expected.get(key, [0, 0]), found.get(key, [0, 0])
         if want != got:
             bad.append(f"velocity {key[1]} of card {key[0]}: [amount, count] {got}, holds {want}")
 
 
-def _check_balances(accounts: dict[str, Any], holds: list[Any], bad: list[str]) -> None:
+def _check_balances(
+    accounts: dict[str, dict[str, Any]], holds: list[dict[str, Any]], bad: list[str]
+) -> None:
     on_hold: dict[str, int] = defaultdict(int)
     debited: dict[str, int] = defaultdict(int)
     for h in holds:
@@ -632,3 +834,32 @@ def _check_balances(accounts: dict[str, Any], holds: list[Any], bad: list[str]) 
             )
         if available < 0:
             bad.append(f"account {account_id}: available {available} < 0 without advices")
+
+
+def _check_pin_tries(
+    cards: dict[str, int],
+    journal: list[dict[str, Any]],
+    samples: Sequence[Mapping[str, int]],
+    report: DbReport,
+) -> None:
+    """Every card's counter is the number of wrong PINs journaled for it (the load sends no
+    right PIN and never reaches a limit), and it never went down from one sample to the
+    next, nor from the last sample to the end."""
+    bad = report.violations
+    wrong: dict[str, int] = defaultdict(int)
+    for r in journal:
+        if r["kind"] != "duplicate" and r["reason"] == "wrong_pin" and r["card_id"]:
+            wrong[r["card_id"]] += 1
+    for card_id, tries in sorted(cards.items()):
+        if tries != wrong[card_id]:
+            bad.append(f"card {card_id}: {tries} PIN tries, {wrong[card_id]} wrong PINs journaled")
+    report.pin_tries = sum(wrong.values())
+    report.pin_samples = len(samples)
+    series = [*samples, cards]
+    for i, (before, after) in enumerate(itertools.pairwise(series)):
+        for card_id, tries in before.items():
+            if after.get(card_id, 0) < tries:
+                bad.append(
+                    f"card {card_id}: PIN tries went back from {tries} to "
+                    f"{after.get(card_id, 0)} after sample {i}"
+                )

@@ -8,6 +8,10 @@ it with SIGKILL at a random moment. After the last round the switch must recover
 fresh approval), and the database must hold every answer that was given: see
 ``crash_support.check_database`` for the list of checks.
 
+The load includes wrong PINs on two PIN cards, and their counters are read after every
+round: they must never go down. CARDSWITCH_CRASH_ROUNDS=N runs exactly N rounds (``make
+soak``: 100 and more) instead of the CI-sized loop.
+
 The random choices come from a fixed seed printed in the output; set CARDSWITCH_CRASH_SEED to
 replay another. The timing of the kills depends on the machine, so a replay is close to, not
 identical with, the failing run; the switch logs of each round stay in the test's tmp dir.
@@ -23,12 +27,15 @@ from pathlib import Path
 
 import trio
 from crash_support import (
+    ROUNDS_ENV,
     SEED_CARDS,
     Exchange,
     Load,
     RoundStats,
+    available_balance,
     check_database,
-    open_readonly,
+    crash_rounds,
+    pin_tries,
     seed,
     start_switch,
     stop_now,
@@ -64,11 +71,14 @@ async def test_sigkill_under_load_keeps_every_answer(
     config = write_config(tmp_path, pki)
     await seed(config, tmp_path)
 
-    load = Load(rng)
+    load = Load(rng, pins=True)
     rounds: list[RoundStats] = []
+    samples: list[dict[str, int]] = []
+    fixed = bool(os.environ.get(ROUNDS_ENV))
+    total = crash_rounds(ROUNDS)
     started = trio.current_time()
-    for number in range(ROUNDS):
-        if number >= MIN_ROUNDS and trio.current_time() - started > LOOP_BUDGET:
+    for number in range(total):
+        if not fixed and number >= MIN_ROUNDS and trio.current_time() - started > LOOP_BUDGET:
             break
         proc, port = await start_switch(config, tmp_path, f"{number:02d}")
         try:
@@ -79,6 +89,7 @@ async def test_sigkill_under_load_keeps_every_answer(
                 await proc.wait()
         assert proc.returncode == -signal.SIGKILL, f"round {number}: exit {proc.returncode}"
         rounds.append(stats)
+        samples.append(pin_tries(tmp_path / "cardswitch.db"))
     loop_seconds = trio.current_time() - started
 
     # Recovery: the restarted switch answers an echo and decides a fresh authorization.
@@ -98,17 +109,17 @@ async def test_sigkill_under_load_keeps_every_answer(
     assert isinstance(answer, AuthResponse), type(answer)
     load.exchanges.append(Exchange(fresh, len(rounds), answer))
 
-    report = check_database(tmp_path / "cardswitch.db", load.exchanges)
-    with open_readonly(tmp_path / "cardswitch.db") as conn:
-        available = conn.execute(
-            "SELECT available_balance FROM accounts WHERE id = ?", (card.account,)
-        ).fetchone()[0]
+    report = check_database(tmp_path / "cardswitch.db", load.exchanges, pin_samples=samples)
+    available = available_balance(tmp_path / "cardswitch.db", card.account)
 
     answered = sum(1 for x in load.exchanges if x.response is not None)
     print(
         f"crash-safety: {len(rounds)} kills in {loop_seconds:.1f}s, "
         f"{len(load.exchanges)} requests, {answered} answered, "
-        f"{sum(r.approvals for r in rounds)} approvals received, codes {report.codes}, "
+        f"{sum(r.approvals for r in rounds)} approvals received "
+        f"({report.approvals_checked} checked), codes {report.codes}, "
+        f"{report.pin_tries} wrong PINs counted over {report.pin_samples} samples, "
+        f"{len(report.violations)} violations, "
         f"{report.approvals_unanswered} approvals committed but unanswered, "
         f"{report.journal_rows} journal rows, {report.holds} holds, "
         f"in flight at each kill {[r.in_flight_at_kill for r in rounds]}, "
@@ -126,7 +137,8 @@ async def test_sigkill_under_load_keeps_every_answer(
     assert exit_code == 0
 
     # The run exercised what it claims: kills with requests in flight, approvals and 51s.
-    assert len(rounds) >= MIN_ROUNDS
+    assert len(rounds) >= (total if fixed else MIN_ROUNDS)
+    assert report.pin_tries > 0
     assert all(r.in_flight_at_kill > 0 for r in rounds), [r.in_flight_at_kill for r in rounds]
     assert report.codes.get("00", 0) > 0 and report.codes.get("51", 0) > 0, report.codes
     assert load.timeouts == 0
