@@ -23,6 +23,7 @@ is the repository root for ``make run`` and the image's work directory in the co
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import tomllib
 import types
@@ -104,6 +105,20 @@ class ListenerConfig:
     #: Client identities (certificate subject CN or a DNS/URI SAN) allowed; empty allows any
     #: certificate that chains to the CA bundle.
     allowed_clients: tuple[str, ...] = ()
+    #: Client addresses allowed, as CIDR networks ("192.0.2.0/24", "2001:db8::/32", or one
+    #: address); checked against the real client address (the PROXY header's source when the
+    #: listener reads one), before TLS. Empty allows any address.
+    allowed_sources: tuple[str, ...] = ()
+    # -- PROXY protocol (a TCP load balancer in passthrough mode in front of the switch) ----
+    #: "v2": every connection must start with a PROXY protocol v2 header (before the TLS
+    #: handshake, within ``handshake_timeout``); its source address is the client's for logs,
+    #: the per-address handshake bound and ``allowed_sources``. A LOCAL header (the
+    #: balancer's health check) keeps the socket's address. "off": no header is read.
+    proxy_protocol: Literal["off", "v2"] = "off"
+    #: With "v2": the CIDR networks of the balancers allowed to send the header; a
+    #: connection from elsewhere is closed before anything is read. Empty: any peer (the
+    #: listener must then be reachable from the balancers only).
+    proxy_trusted: tuple[str, ...] = ()
     #: HSM label of the zone PIN key shared with this network (PIN blocks in DE52).
     zpk: str = "zpk"
     #: ISO 9564 format of the PIN blocks this network sends: 0, 1, 3 or 4.
@@ -490,6 +505,10 @@ def _check(cfg: Config, source: str) -> None:
                 raise ConfigError(source, f"{key}.{name}", "must be positive, or 0 (off)")
         if lst.echo_timeout <= 0:
             raise ConfigError(source, f"{key}.echo_timeout", "must be positive")
+        _check_networks(lst.allowed_sources, source, f"{key}.allowed_sources")
+        _check_networks(lst.proxy_trusted, source, f"{key}.proxy_trusted")
+        if lst.proxy_trusted and lst.proxy_protocol == "off":
+            raise ConfigError(source, f"{key}.proxy_trusted", 'only with proxy_protocol = "v2"')
         if lst.max_queued < 1:
             raise ConfigError(source, f"{key}.max_queued", "must be at least 1")
         for name in ("stand_in_max_amount", "stand_in_daily_amount"):
@@ -534,6 +553,15 @@ def _check(cfg: Config, source: str) -> None:
     _check_store(cfg, source)
     if not 0 <= cfg.metrics.port <= 65535:
         raise ConfigError(source, "metrics.port", f"out of range: {cfg.metrics.port}")
+
+
+def _check_networks(values: tuple[str, ...], source: str, key: str) -> None:
+    """Each value is an IPv4 or IPv6 network in CIDR notation (or a single address)."""
+    for i, value in enumerate(values):
+        try:
+            ipaddress.ip_network(value, strict=True)
+        except ValueError as exc:
+            raise ConfigError(source, f"{key}[{i}]", f"not a CIDR network: {exc}") from None
 
 
 def _check_events(events: EventsConfig, source: str) -> None:

@@ -46,7 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 
 from hsm import errors as hsm_errors
-from switch import __version__
+from switch import __version__, proxy_protocol
 from switch.decisions import NETWORKS, Reason, profile
 from switch.handler import StandInCause
 from switch.wire import messages
@@ -157,10 +157,15 @@ CONNECTION_OUTCOMES: Final = LabelValues(
     (
         *("closed", "eof", "drained", "broken", "write_failed", "frame_timeout"),
         *("tls_error", "handshake_timeout", "peer_not_allowed", "accept_error"),
-        *("refused", "idle_timeout"),
+        *("refused", "idle_timeout", "proxy_refused", "source_not_allowed"),
         *PROTOCOL_KINDS.values,
     )
 )
+#: Why a listener reading PROXY protocol headers closed a connection before TLS (server.py):
+#: the peer is not a trusted balancer, the header did not come in time or the peer closed
+#: first, or the reader's own reasons (switch.proxy_protocol; "bad_signature" is also a
+#: connection that sent no header at all, e.g. a client connecting past the balancer).
+PROXY_REFUSALS: Final = LabelValues(("untrusted_peer", "timeout", "eof", *proxy_protocol.REASONS))
 #: Dependencies behind a circuit breaker (switch/pipeline.py, switch/breaker.py).
 BREAKER_DEPENDENCIES: Final = LabelValues(["hsm", "store", "vault"])
 #: Readiness checks (switch.health); ``<dependency>_breaker`` per breaker.
@@ -512,6 +517,22 @@ CONNECTION_LIMIT_HITS = _counter(
     listener=LISTENERS,
     limit=LabelValues(CONNECTION_LIMITS),
 )
+
+
+PROXY_HEADER_REFUSED = _counter(
+    "cardswitch_proxy_header_refused",
+    'Connections closed before TLS on a listener with proxy_protocol = "v2": untrusted'
+    " peer, no or late header, or a malformed one.",
+    listener=LISTENERS,
+    reason=PROXY_REFUSALS,
+)
+
+
+def observe_proxy_refused(listener: str, reason: str) -> None:
+    """Record one connection closed for ``reason`` (one of ``PROXY_REFUSALS``)."""
+    if reason not in PROXY_REFUSALS.values:
+        raise ValueError(f"unknown PROXY header refusal {reason!r}")
+    PROXY_HEADER_REFUSED.labels(listener, reason).inc()
 
 
 def observe_limit(listener: str, limit: str) -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import math
 import socket
 import ssl
@@ -51,6 +52,7 @@ from switch.decisions import Profile, profile
 from switch.handler import RequestHandler
 from switch.keys import ListenerSessions
 from switch.log import get_logger
+from switch.proxy_protocol import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
 from switch.tls import identity_allowed, peer_identities
 
 log = get_logger("switch.server")
@@ -73,6 +75,9 @@ class _ListenerLoad:
 
     def __init__(self, lst: ListenerConfig) -> None:
         self.lst = lst
+        self.proxied = lst.proxy_protocol == "v2"
+        self.trusted = _networks(lst.proxy_trusted)
+        self.sources = _networks(lst.allowed_sources)
         self.open = 0
         self.handshakes = 0
         self.handshakes_by_ip: Counter[str] = Counter()
@@ -80,30 +85,55 @@ class _ListenerLoad:
         self._last_logged: dict[str, float] = {}
         self._unlogged: Counter[str] = Counter()
 
-    def at_accept(self, ip: str) -> str | None:
-        """The bound a new connection from ``ip`` would exceed, or None to admit it."""
+    def at_accept(self, ip: str | None) -> str | None:
+        """The bound a new connection from ``ip`` would exceed, or None to admit it; with
+        ``ip`` None (not known yet: a PROXY header will tell) only the listener-wide ones."""
         lst = self.lst
         if self.open >= lst.max_connections:
             return "max_connections"
         if self.handshakes >= lst.max_handshakes:
             return "max_handshakes"
-        if self.handshakes_by_ip[ip] >= lst.max_handshakes_per_ip:
+        if ip is not None and self.handshakes_by_ip[ip] >= lst.max_handshakes_per_ip:
             return "max_handshakes_per_ip"
         return None
 
     def refused(self, limit: str, remote: str, **extra: object) -> None:
         """Count a refusal by ``limit``; log it unless one was logged within the interval."""
         metrics.observe_limit(self.lst.name, limit)
+        suppressed = self._should_log(limit)
+        if suppressed is not None:
+            log.warning("connection_limit", listener=self.lst.name, limit=limit, remote=remote,
+                        value=getattr(self.lst, limit), suppressed=suppressed or None,
+                        **extra)  # fmt: skip
+
+    def proxy_refused(self, reason: str, remote: str, detail: str | None = None) -> None:
+        """Count a connection closed before TLS for a PROXY header ``reason``; log it unless
+        one with that reason was logged within the interval."""
+        metrics.observe_proxy_refused(self.lst.name, reason)
+        metrics.CONNECTIONS.labels(self.lst.name, "proxy_refused").inc()
+        suppressed = self._should_log(f"proxy:{reason}")
+        if suppressed is not None:
+            log.warning("proxy_header_refused", listener=self.lst.name, reason=reason,
+                        remote=remote, detail=detail, suppressed=suppressed or None)  # fmt: skip
+
+    def source_refused(self, remote: str, via: str | None) -> None:
+        """Count and (rate-limited) log a client address not in ``allowed_sources``."""
+        metrics.CONNECTIONS.labels(self.lst.name, "source_not_allowed").inc()
+        suppressed = self._should_log("source_not_allowed")
+        if suppressed is not None:
+            log.warning("source_not_allowed", listener=self.lst.name, remote=remote, via=via,
+                        suppressed=suppressed or None)  # fmt: skip
+
+    def _should_log(self, key: str) -> int | None:
+        """None when a line of ``key`` was logged within the interval (this one is counted
+        as suppressed); else how many were suppressed since the last line."""
         now = trio.current_time()
-        last = self._last_logged.get(limit, -math.inf)
+        last = self._last_logged.get(key, -math.inf)
         if now - last < _REFUSAL_LOG_INTERVAL:
-            self._unlogged[limit] += 1
-            return
-        self._last_logged[limit] = now
-        suppressed = self._unlogged.pop(limit, 0)
-        log.warning("connection_limit", listener=self.lst.name, limit=limit, remote=remote,
-                    value=getattr(self.lst, limit), suppressed=suppressed or None,
-                    **extra)  # fmt: skip
+            self._unlogged[key] += 1
+            return None
+        self._last_logged[key] = now
+        return self._unlogged.pop(key, 0)
 
 
 class Server:
@@ -242,7 +272,18 @@ class Server:
                         continue
                     ip, remote = _remote(tcp)
                     load = self._load[lst.name]
-                    limit = load.at_accept(ip)
+                    if load.proxied and not _contains(load.trusted, ip, empty=True):
+                        # Closed now, nothing read: only a balancer may say who the client is.
+                        load.proxy_refused("untrusted_peer", remote)
+                        _close_now(tcp)
+                        continue
+                    if not load.proxied and not _contains(load.sources, ip, empty=True):
+                        load.source_refused(remote, None)
+                        _close_now(tcp)
+                        continue
+                    # Behind a balancer the socket's address is the balancer's: the bound per
+                    # address waits for the PROXY header's (``_proxied_client``).
+                    limit = load.at_accept(None if load.proxied else ip)
                     if limit is not None:
                         # Closed now, before any TLS work: a flood costs an accept and a close.
                         load.refused(limit, remote)
@@ -251,37 +292,62 @@ class Server:
                         continue
                     load.open += 1
                     load.handshakes += 1
-                    load.handshakes_by_ip[ip] += 1
-                    self._nursery.start_soon(self._handle_tcp, lst, tcp, ip, remote)
+                    counted_ip = None
+                    if not load.proxied:
+                        load.handshakes_by_ip[ip] += 1
+                        counted_ip = ip
+                    self._nursery.start_soon(self._handle_tcp, lst, tcp, counted_ip, remote)
 
     async def _handle_tcp(
-        self, lst: ListenerConfig, tcp: trio.SocketStream, ip: str, remote: str
+        self, lst: ListenerConfig, tcp: trio.SocketStream, ip: str | None, remote: str
     ) -> None:
-        """Handshake, check the peer, then serve the connection until it ends.
+        """Read the PROXY header (when the listener asks for one), handshake, check the
+        peer, then serve the connection until it ends.
 
-        The accept loop has counted the connection and its handshake in the listener's load;
-        both are given back here.
+        The accept loop has counted the connection and its handshake in the listener's load,
+        and the handshake under ``ip`` unless that waits for the PROXY header (``ip`` None);
+        all are given back here.
         """
         load = self._load[lst.name]
         handshaking = True
         peer_counted: frozenset[str] | None = None
         outcome = "closed"
+        via: str | None = None
         metrics.CONNECTIONS_OPEN.labels(lst.name).inc()
         stream = trio.SSLStream(tcp, self._context_for(), server_side=True)
+        # One deadline for the PROXY header and the TLS handshake together.
+        deadline = trio.current_time() + lst.handshake_timeout
         try:
-            peer = await self._handshake(lst, stream, remote)
+            if load.proxied:
+                client = await self._proxied_client(load, tcp, remote, deadline)
+                if isinstance(client, str):
+                    outcome = client
+                    return
+                via = remote
+                client_ip, remote = client
+                if not _contains(load.sources, client_ip, empty=True):
+                    load.source_refused(remote, via)
+                    outcome = "source_not_allowed"
+                    return
+                if load.handshakes_by_ip[client_ip] >= lst.max_handshakes_per_ip:
+                    load.refused("max_handshakes_per_ip", remote, via=via)
+                    outcome = "refused"
+                    return
+                load.handshakes_by_ip[client_ip] += 1
+                ip = client_ip
+            peer = await self._handshake(lst, stream, remote, deadline)
             handshaking = False
             _release_handshake(load, ip)
             if isinstance(peer, str):
                 outcome = peer
                 return
             if load.by_peer[peer] >= lst.max_connections_per_peer:
-                load.refused("max_connections_per_peer", remote, peer=sorted(peer))
+                load.refused("max_connections_per_peer", remote, peer=sorted(peer), via=via)
                 outcome = "refused"
                 return
             load.by_peer[peer] += 1
             peer_counted = peer
-            log.info("connected", listener=lst.name, remote=remote, peer=sorted(peer))
+            log.info("connected", listener=lst.name, remote=remote, peer=sorted(peer), via=via)
             conn = Connection(
                 stream,
                 self._handler,
@@ -305,26 +371,60 @@ class Server:
             finally:
                 self._connections.discard(conn)
         finally:
-            if handshaking:  # cancelled during the handshake (a drain deadline)
+            if handshaking:  # refused or cancelled before the handshake ended
                 _release_handshake(load, ip)
             if peer_counted is not None:
                 load.by_peer[peer_counted] -= 1
                 if not load.by_peer[peer_counted]:
                     del load.by_peer[peer_counted]
             metrics.CONNECTIONS_OPEN.labels(lst.name).dec()
-            metrics.CONNECTIONS.labels(lst.name, outcome).inc()
+            if outcome != "proxy_refused":  # counted with its reason by proxy_refused()
+                metrics.CONNECTIONS.labels(lst.name, outcome).inc()
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                 await _aclose_quietly(stream)
             load.open -= 1
-            log.info("disconnected", listener=lst.name, remote=remote, outcome=outcome)
+            log.info("disconnected", listener=lst.name, remote=remote, outcome=outcome, via=via)
+
+    @staticmethod
+    async def _proxied_client(
+        load: _ListenerLoad, tcp: trio.SocketStream, remote: str, deadline: float
+    ) -> tuple[str, str] | str:
+        """Read the PROXY v2 header off ``tcp``, not one byte further (the ClientHello after
+        it is the handshake's); the client's (IP, "ip:port"), the socket's own for a LOCAL
+        header, or "proxy_refused" once counted and logged."""
+        reader = ProxyHeaderReader()
+        header: ProxyHeader | None = None
+        reason, detail = "timeout", None
+        try:
+            with trio.move_on_at(deadline):
+                while header is None:
+                    data = await tcp.receive_some(reader.wanted())
+                    if not data:
+                        reason = "eof"
+                        break
+                    header = reader.feed(data)
+        except ProxyHeaderError as exc:
+            reason, detail = exc.reason, exc.detail
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            reason = "eof"
+        if header is None:
+            load.proxy_refused(reason, remote, detail)
+            return "proxy_refused"
+        if header.source is None:  # LOCAL: the balancer speaking for itself
+            return _remote(tcp)
+        host, port = header.source
+        return _plain_ip(host), f"{host}:{port}"
 
     @staticmethod
     async def _handshake(
-        lst: ListenerConfig, stream: trio.SSLStream[trio.SocketStream], remote: str
+        lst: ListenerConfig,
+        stream: trio.SSLStream[trio.SocketStream],
+        remote: str,
+        deadline: float,
     ) -> frozenset[str] | str:
         """The peer's verified identities, or why the connection is refused (a metric label)."""
         try:
-            with trio.move_on_after(lst.handshake_timeout) as scope:
+            with trio.move_on_at(deadline) as scope:
                 await stream.do_handshake()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("tls_handshake_failed", listener=lst.name, remote=remote,
@@ -390,11 +490,44 @@ def _remote(tcp: trio.SocketStream) -> tuple[str, str]:
     return str(host), f"{host}:{port}"
 
 
-def _release_handshake(load: _ListenerLoad, ip: str) -> None:
+def _release_handshake(load: _ListenerLoad, ip: str | None) -> None:
+    """Give back a handshake slot, and its address's when one was counted."""
     load.handshakes -= 1
+    if ip is None:
+        return
     load.handshakes_by_ip[ip] -= 1
     if not load.handshakes_by_ip[ip]:
         del load.handshakes_by_ip[ip]
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
+    """The networks of a listener setting (validated by switch.config)."""
+    return tuple(ipaddress.ip_network(c) for c in cidrs)
+
+
+def _plain_ip(host: str) -> str:
+    """``host`` with an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) as its IPv4 form."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def _contains(networks: tuple[Network, ...], ip: str, *, empty: bool) -> bool:
+    """Whether ``ip`` is in one of ``networks``; ``empty`` when there are none."""
+    if not networks:
+        return empty
+    try:
+        addr = ipaddress.ip_address(_plain_ip(ip))
+    except ValueError:  # "?": the peer left before its address could be read
+        return False
+    return any(addr in net for net in networks)
 
 
 def _close_now(tcp: trio.SocketStream) -> None:

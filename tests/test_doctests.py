@@ -8,12 +8,12 @@ from types import ModuleType
 import pytest
 
 from hsm import pan
-from switch import decisions
+from switch import decisions, proxy_protocol
 from switch.store import models
 from switch.wire import emv, framing, messages, spec
 
 #: Modules whose docstrings carry examples.
-MODULES = [pan, emv, framing, messages, spec, decisions, models]
+MODULES = [pan, emv, framing, messages, spec, decisions, models, proxy_protocol]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
