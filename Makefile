@@ -36,13 +36,18 @@ bench: setup
 # The long adversarial runs, never part of `make test`: the stateful model with many examples
 # (both stores), each fuzz target under atheris for FUZZ_RUNS inputs (or FUZZ_SECONDS each),
 # the hypothesis fuzz targets long, the live-socket fuzz with many frames, and the tests
-# marked slow (excluded from `make test` by pyproject's addopts), with the crash-safety
-# loop under three more seeds. Crashers land in tests/fuzz/crashers/<target>/: keep them,
-# tests/test_fuzz_regressions.py replays them.
+# marked slow (excluded from `make test` by pyproject's addopts), and the crash tests long:
+# CRASH_ROUNDS kill -9 rounds of the single SQLite process and CRASH_ROUNDS kills among three
+# instances on PostgreSQL (CARDSWITCH_CRASH_ROUNDS), and WORKER_CRASH_ROUNDS rounds of a
+# worker and then the whole group killed, on each backend. Crashers land in
+# tests/fuzz/crashers/<target>/: keep them, tests/test_fuzz_regressions.py replays them.
 MODEL_EXAMPLES ?= 5000
 FUZZ_RUNS ?= 1000000
 FUZZ_SECONDS ?= 1800
 FUZZ_TARGETS := framing codec messages session
+CRASH_ROUNDS ?= 100
+CRASH_SEED ?= 1
+WORKER_CRASH_ROUNDS ?= 10
 soak: setup
 	$(BIN)/python -m pip install -q -e '.[test,fuzz]'
 	CARDSWITCH_MODEL_EXAMPLES=$(MODEL_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider tests/test_model_stateful.py
@@ -52,8 +57,12 @@ soak: setup
 		PYTHONPATH=$(CURDIR):$(CURDIR)/tests $(BIN)/python -m fuzz.run $$t \
 			-runs=$(FUZZ_RUNS) -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
-	for seed in 1 2 3; do CARDSWITCH_CRASH_SEED=$$seed $(BIN)/pytest -q -p no:cacheprovider \
-		tests/test_crash_safety.py || exit 1; done
+	CARDSWITCH_CRASH_ROUNDS=$(CRASH_ROUNDS) CARDSWITCH_CRASH_SEED=$(CRASH_SEED) \
+		$(BIN)/pytest -q -s -p no:cacheprovider tests/test_crash_safety.py
+	CARDSWITCH_CRASH_ROUNDS=$(CRASH_ROUNDS) CARDSWITCH_CRASH_SEED=$(CRASH_SEED) \
+		$(BIN)/pytest -q -s -p no:cacheprovider tests/test_instances_crash.py
+	CARDSWITCH_CRASH_ROUNDS=$(WORKER_CRASH_ROUNDS) $(BIN)/pytest -q -s -p no:cacheprovider \
+		tests/test_workers_crash.py
 	$(BIN)/pytest -q -p no:cacheprovider -m slow || [ $$? -eq 5 ]  # 5: none marked slow
 
 clean:

@@ -32,7 +32,7 @@ from test_health import get
 
 from switch import config, testing
 from switch.client import Client
-from switch.config import MetricsConfig
+from switch.config import MetricsConfig, StoreConfig
 from switch.pki import PkiPaths
 
 
@@ -42,9 +42,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(tmp: Path, pki: PkiPaths, workers: int = 2) -> Path:
-    """crash_support's switch with ``workers`` workers, a metrics port and the demo ZPK."""
-    path = crash_config(tmp, pki)
+def write_config(
+    tmp: Path, pki: PkiPaths, workers: int = 2, *, store: StoreConfig | None = None
+) -> Path:
+    """crash_support's switch (on ``store``, by default its SQLite file) with ``workers``
+    workers, a metrics port and the demo ZPK."""
+    path = crash_config(tmp, pki, store=store)
     cfg = config.load(path)
     listeners = tuple(dataclasses.replace(lst, zpk="demo-zpk") for lst in cfg.listeners)
     cfg = dataclasses.replace(
