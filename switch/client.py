@@ -64,6 +64,11 @@ class Client:
         #: Why the reader stopped, once it has.
         self.closed_reason: str | None = None
 
+    @property
+    def local_port(self) -> int:
+        """The TCP port this client's connection leaves from."""
+        return int(self._stream.transport_stream.socket.getsockname()[1])
+
     @classmethod
     @asynccontextmanager
     async def connect(
