@@ -9,8 +9,9 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 # Debian packages: SoftHSM2 (the local HSM), tshark (independent ISO 8583 decoder used by tests),
 # prometheus (promtool checks config/ops/alerts.yml), postgresql (the server binaries the tests
-# start a throwaway cluster from, as the unprivileged user the package creates).
-DEB_PACKAGES=(softhsm2 tshark prometheus postgresql)
+# start a throwaway cluster from, as the unprivileged user the package creates), haproxy (the
+# independent PROXY protocol v2 sender of tests/test_proxy_haproxy.py; its service is not used).
+DEB_PACKAGES=(softhsm2 tshark prometheus postgresql haproxy)
 
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do

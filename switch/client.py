@@ -64,6 +64,11 @@ class Client:
         #: Why the reader stopped, once it has.
         self.closed_reason: str | None = None
 
+    @property
+    def local_port(self) -> int:
+        """The TCP port this client's connection leaves from."""
+        return int(self._stream.transport_stream.socket.getsockname()[1])
+
     @classmethod
     @asynccontextmanager
     async def connect(
@@ -76,8 +81,14 @@ class Client:
         header: HeaderKind | Framing = "binary2",
         spec: SpecChoice = "ascii",
         connect_timeout: float = 10.0,
+        local_address: str | None = None,
+        preamble: bytes = b"",
     ) -> AsyncIterator[Client]:
         """Connect, handshake, and run the response reader until the block exits.
+
+        ``local_address`` is the source IP to connect from (127.0.0.x on loopback stand in
+        for other hosts); ``preamble`` is sent before the TLS handshake (a PROXY protocol
+        header, as a load balancer would send it).
 
         ``spec`` is the listener's wire spec: a kind, or a ``WireSpec`` (a profile's, from
         ``switch.session.listener_spec``, or ``wire_spec(kind, pin_block_format=4)`` for ISO
@@ -85,9 +96,11 @@ class Client:
         (``listener_framing``; an envelope is not added by this client).
         """
         with trio.fail_after(connect_timeout):
-            tcp = await trio.open_tcp_stream(host, port)
+            tcp = await trio.open_tcp_stream(host, port, local_address=local_address)
             stream = trio.SSLStream(tcp, ssl_context, server_hostname=server_hostname or host)
             try:
+                if preamble:
+                    await tcp.send_all(preamble)
                 await stream.do_handshake()
             except BaseException:
                 await trio.aclose_forcefully(stream)

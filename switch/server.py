@@ -1,7 +1,8 @@
 """The listener: accept TCP, mutual TLS, peer allow-list, connection counting, graceful drain.
 
 What lives here: ``Server``, which opens every configured listener, accepts connections,
-wraps each in TLS (client certificate required, handshake under the listener's deadline),
+checks the client address (``allowed_sources``), wraps each in TLS (client certificate
+required, handshake under the listener's deadline),
 refuses a peer whose certificate identities are not on the listener's allow-list, and hands
 the stream to a ``Connection`` with the listener's network profile and the switch-wide
 in-flight slots. It counts connections (open gauge, and how each ended) and logs one line
@@ -14,6 +15,16 @@ identity (``max_connections_per_peer``) right after the handshake. A connection 
 is closed at once, never queued; each refusal is counted (``metrics.observe_limit``) and
 logged, at most once a second per listener and bound with the number of refusals since the
 last line (a flood must not become a log flood). The idle timeout is the connection's.
+
+Behind a TCP load balancer (``proxy_protocol = "v2"``): a peer outside ``proxy_trusted`` is
+closed at accept; otherwise the PROXY v2 header (switch.proxy_protocol) is read off the
+socket before TLS, not one byte further, under the same deadline as the handshake. Its
+source address is then the connection's ``remote`` in every log line (the balancer's is
+``via``), the address of ``max_handshakes_per_ip`` (checked once the header is in, since the
+socket's address is the balancer's) and of ``allowed_sources``. No header, a late,
+truncated or malformed one: the connection is closed before TLS, logged (rate-limited) and
+counted by reason. A connection refused before TLS is closed as TCP: an ``SSLStream``'s
+close would run the handshake first.
 
 Shutdown (``Server.shutdown()``, wired to SIGTERM/SIGINT by app.py): stop accepting, stop
 every connection reading new frames, let the requests in flight finish and their answers be
@@ -65,6 +76,9 @@ _ACCEPT_BACKOFF = 0.1
 FLUSH_TIMEOUT = 1.0
 #: Seconds between two log lines about the same bound of the same listener being hit.
 _REFUSAL_LOG_INTERVAL = 1.0
+#: Connection outcomes counted where the refusal is recorded (``_ListenerLoad``), which may
+#: be the accept loop: the connection's task does not count them again.
+_COUNTED_WHEN_REFUSED = frozenset({"proxy_refused", "source_not_allowed"})
 
 
 class _ListenerLoad:
@@ -314,7 +328,9 @@ class Server:
         outcome = "closed"
         via: str | None = None
         metrics.CONNECTIONS_OPEN.labels(lst.name).inc()
-        stream = trio.SSLStream(tcp, self._context_for(), server_side=True)
+        # Made once the connection may start TLS: closing an SSLStream runs the handshake
+        # first (to send close_notify), which a connection refused before TLS must not get.
+        stream: trio.SSLStream[trio.SocketStream] | None = None
         # One deadline for the PROXY header and the TLS handshake together.
         deadline = trio.current_time() + lst.handshake_timeout
         try:
@@ -335,6 +351,7 @@ class Server:
                     return
                 load.handshakes_by_ip[client_ip] += 1
                 ip = client_ip
+            stream = trio.SSLStream(tcp, self._context_for(), server_side=True)
             peer = await self._handshake(lst, stream, remote, deadline)
             handshaking = False
             _release_handshake(load, ip)
@@ -378,10 +395,10 @@ class Server:
                 if not load.by_peer[peer_counted]:
                     del load.by_peer[peer_counted]
             metrics.CONNECTIONS_OPEN.labels(lst.name).dec()
-            if outcome != "proxy_refused":  # counted with its reason by proxy_refused()
+            if outcome not in _COUNTED_WHEN_REFUSED:
                 metrics.CONNECTIONS.labels(lst.name, outcome).inc()
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
-                await _aclose_quietly(stream)
+                await _aclose_quietly(stream if stream is not None else tcp)
             load.open -= 1
             log.info("disconnected", listener=lst.name, remote=remote, outcome=outcome, via=via)
 
