@@ -1,15 +1,20 @@
-"""Helpers of the crash-safety test: a real switch process killed with SIGKILL under load.
+"""Helpers of the crash-safety tests: real switch processes killed with SIGKILL under load.
 
-What lives here: the test's own configuration and seed data (``write_config``, through
-``switch.testing``; ``seed``, ``SEED_CARDS``), starting the switch as a subprocess
-(``start_switch``, over ``switch.testing.start_switch``), the load generator
-that records every request and the answers that came back (``Load``), and the checks of the
-SQLite file against what the clients were told (``check_database``), which return the list
-of violations instead of asserting so the test can report them all at once.
+What lives here: the tests' own configuration and seed data (``write_config``, through
+``switch.testing``, on SQLite or a given ``StoreConfig``; ``seed``, ``SEED_CARDS`` and the
+``PIN_CARDS``), starting the switch as a subprocess (``start_switch``, over
+``switch.testing.start_switch``), the load generator that records every request and the
+answers that came back (``Load``: ``round`` against one switch, ``send`` for tests that drive
+several), ``crash_rounds`` (CARDSWITCH_CRASH_ROUNDS), and the one checker of the database
+against what the clients were told (``check_database``, reading an SQLite file or a
+PostgreSQL database through ``Reader``; ``pin_tries`` samples the PIN-try counters during a
+run), which returns the list of violations instead of asserting so the test can report them
+all at once.
 
-What does not: the test itself (test_crash_safety.py). Expected values come from what the
-clients sent and received and from the opening balances written here, never from the
-switch's own code.
+What does not: the tests themselves (test_crash_safety.py, test_instances_crash.py,
+test_workers_crash.py, ...), several instances (cluster_support.py). Expected values come
+from what the clients sent and received and from the opening balances written here, never
+from the switch's own code.
 """
 
 from __future__ import annotations
