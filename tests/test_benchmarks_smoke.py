@@ -151,3 +151,38 @@ def test_cardswitch_bench_reports_a_bad_mix_in_one_line(
     assert main(["bench", "--port", "1", "--mix", str(bad), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "kind must be one of" in err
+
+
+def test_workers_bench_runs_each_setup_and_its_counts_add_up(tmp_path: Path) -> None:
+    """benchmarks.workers_bench on SQLite and PostgreSQL, spread and hot, tiny: every setup
+    ran, every answer is counted once, the spread cards' CVVs approve, the switches exited 0.
+    (No throughput is asserted: that is the report's job.)"""
+    out = tmp_path / "reports"
+    setups = ["sqlite:1", "pg:1", "pg:1x2:hot"]
+    cmd = [sys.executable, "-m", "benchmarks.workers_bench", "--setups", ",".join(setups)]
+    cmd += ["--requests", "40", "--warmup", "8", "--level", "4", "--connections", "2"]
+    cmd += ["--rounds", "1", "--out", str(out), "--name", "smoke"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    report = json.loads((out / "smoke.json").read_text())
+    assert [r["setup"] for r in report["runs"]] == setups
+    assert set(report["summary"]) == set(setups)
+    for run in report["runs"]:
+        assert run["requests"] == 40
+        assert run["answered"] + sum(run["errors"].values()) == run["requests"]
+        assert sum(run["codes"].values()) == run["answered"]
+        assert run["exit_status"] == [0] * (2 if "x2" in run["setup"] else 1)
+    spread = report["runs"][0]
+    assert spread["codes"] == {"00": 40}, spread
+    assert "| pg:1x2:hot |" in (out / "smoke.md").read_text()
+
+
+def test_workers_bench_refuses_a_bad_setup_in_one_line(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "benchmarks.workers_bench", "--setups", "sqlite:1x2"]
+    cmd += ["--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "workers_bench: setup 'sqlite:1x2': several instances need PostgreSQL"
+    ]
