@@ -39,7 +39,8 @@ bench: setup
 # marked slow (excluded from `make test` by pyproject's addopts), and the crash tests long:
 # CRASH_ROUNDS kill -9 rounds of the single SQLite process and CRASH_ROUNDS kills among three
 # instances on PostgreSQL (CARDSWITCH_CRASH_ROUNDS), and WORKER_CRASH_ROUNDS rounds of a
-# worker and then the whole group killed, on each backend. Crashers land in
+# worker and then the whole group killed, on each backend, and SOAK_SECONDS of mixed load on
+# the real process with its fds and RSS sampled (CARDSWITCH_SOAK_SECONDS). Crashers land in
 # tests/fuzz/crashers/<target>/: keep them, tests/test_fuzz_regressions.py replays them.
 MODEL_EXAMPLES ?= 5000
 FUZZ_RUNS ?= 1000000
@@ -48,6 +49,7 @@ FUZZ_TARGETS := framing codec messages session
 CRASH_ROUNDS ?= 100
 CRASH_SEED ?= 1
 WORKER_CRASH_ROUNDS ?= 10
+SOAK_SECONDS ?= 300
 soak: setup
 	$(BIN)/python -m pip install -q -e '.[test,fuzz]'
 	CARDSWITCH_MODEL_EXAMPLES=$(MODEL_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider tests/test_model_stateful.py
@@ -63,6 +65,8 @@ soak: setup
 		$(BIN)/pytest -q -s -p no:cacheprovider tests/test_instances_crash.py
 	CARDSWITCH_CRASH_ROUNDS=$(WORKER_CRASH_ROUNDS) $(BIN)/pytest -q -s -p no:cacheprovider \
 		tests/test_workers_crash.py
+	CARDSWITCH_SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/pytest -q -s -p no:cacheprovider \
+		tests/test_soak_process.py
 	$(BIN)/pytest -q -p no:cacheprovider -m slow || [ $$? -eq 5 ]  # 5: none marked slow
 
 clean:

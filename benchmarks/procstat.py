@@ -1,9 +1,12 @@
-"""What the benchmarks read from the machine: CPU time of a process, busy ticks of a core,
-and the description of the machine a report was measured on.
+"""What the benchmarks (and the flood and soak tests) read from the machine: CPU time, open
+file descriptors and resident memory of a process, busy ticks of a core, and the description
+of the machine a report was measured on.
 
 What lives here: ``cpu_times``/``cpu_seconds`` (``/proc/PID/stat``, all threads),
-``core_ticks`` (``/proc/stat``), ``busy_share``, ``machine_info`` (CPU model, cores, Python,
-kernel, commit, load average) and ``pin_command`` (``taskset -c N`` before a command).
+``open_fds`` (``/proc/PID/fd``), ``rss_bytes`` (``VmRSS`` of ``/proc/PID/status``),
+``ProcSample``/``sample`` (both at once), ``core_ticks`` (``/proc/stat``), ``busy_share``,
+``machine_info`` (CPU model, cores, Python, kernel, commit, load average) and
+``pin_command`` (``taskset -c N`` before a command).
 
 What does not: any measurement loop or report layout (load.py, generator.py, results.py).
 """
@@ -15,6 +18,7 @@ import os
 import platform
 import shutil
 import subprocess
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,47 @@ def cpu_times(pid: int) -> tuple[float, float]:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` (all its threads)."""
     return sum(cpu_times(pid))
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors process ``pid`` holds open now (entries of /proc/PID/fd)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of process ``pid`` now, bytes (``VmRSS`` of /proc/PID/status).
+
+    Raises:
+        ValueError: the status file has no VmRSS line (a zombie, or not Linux).
+    """
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            value, unit = line.split()[1:3]
+            if unit != "kB":
+                raise ValueError(f"VmRSS in {unit!r}, expected kB")
+            return int(value) * 1024
+    raise ValueError(f"no VmRSS in /proc/{pid}/status")
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    """Open file descriptors and resident memory of a process at one moment."""
+
+    fds: int
+    rss: int
+
+    @property
+    def rss_mb(self) -> float:
+        """``rss`` in MiB."""
+        return self.rss / 2**20
+
+    def __str__(self) -> str:
+        return f"fds={self.fds} rss={self.rss_mb:.1f}MiB"
+
+
+def sample(pid: int) -> ProcSample:
+    """``open_fds`` and ``rss_bytes`` of ``pid`` now."""
+    return ProcSample(open_fds(pid), rss_bytes(pid))
 
 
 def core_ticks(cpu: int | None) -> tuple[int, int]:

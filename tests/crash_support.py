@@ -127,9 +127,17 @@ OPENING: dict[str, int] = {c.account: c.balance for c in (*SEED_CARDS, *PIN_CARD
 ACCOUNT_OF: dict[str, str] = {c.pan: c.account for c in (*SEED_CARDS, *PIN_CARDS)}
 
 
-def write_config(tmp: Path, pki: PkiPaths, *, store: StoreConfig | None = None) -> Path:
+def write_config(
+    tmp: Path,
+    pki: PkiPaths,
+    *,
+    store: StoreConfig | None = None,
+    pipeline: PipelineConfig | None = None,
+    metrics_port: int = 0,
+) -> Path:
     """The switch's TOML: one listener on port 0, the test PKI, SoftHSM, and ``store`` (by
-    default SQLite under ``tmp``)."""
+    default SQLite under ``tmp``); ``pipeline`` (default: a 5 s budget) and the metrics port
+    (default 0: none) for tests that need others."""
     cfg = Config(
         listeners=(
             ListenerConfig(name=NETWORK, network=NETWORK, host="127.0.0.1", port=0, zpk="demo-zpk"),
@@ -142,8 +150,8 @@ def write_config(tmp: Path, pki: PkiPaths, *, store: StoreConfig | None = None) 
         card_data=CardDataConfig(
             backend="hsm", fingerprint_key="crash-fp", encryption_key="crash-pan"
         ),
-        metrics=MetricsConfig(port=0),
-        pipeline=PipelineConfig(budget=5.0),
+        metrics=MetricsConfig(host="127.0.0.1", port=metrics_port),
+        pipeline=pipeline or PipelineConfig(budget=5.0),
         server=ServerConfig(drain_timeout=5.0),
         log=LogConfig(level="info", format="json"),
     )

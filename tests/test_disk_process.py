@@ -1,0 +1,358 @@
+"""A full disk and a read-only database under the real process, under load.
+
+One ``python -m switch serve`` (SoftHSM, SQLite), started and seeded as the crash tests start
+it, keeps its database and WAL on a small tmpfs mounted for the test (root only: the test is
+skipped, saying why, when the mount is refused). Clients keep the crash tests' mixed load
+(``crash_support.Load``: new authorizations, duplicates, repeats, reversals) in flight the
+whole time.
+
+- Full disk: a filler file takes every free byte of the tmpfs. While it is full, every answer
+  to a request sent then is the stand-in code (91) or a 00 the journal holds; none is late
+  past the budget plus a margin, the log names the store failure and
+  ``cardswitch_stand_in_total{cause="store"}`` counts it. Once the filler is removed the same
+  process approves again (no restart).
+- Read-only: ``mount -o remount,ro`` of the tmpfs under the running process, then
+  ``remount,rw``, with the same expectations. Linux refuses a read-only remount while a
+  process holds a file of it open for writing (EBUSY), which a running switch always does:
+  the test then skips, saying so.
+
+Afterwards the switch drains and exits 0, its log has no traceback, and ``check_database``
+finds the journal agreeing with every answer received and the money invariants holding.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import socket
+import ssl
+import subprocess
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+from crash_support import (
+    CONNECTION_LOST,
+    SLOTS_PER_CONNECTION,
+    Exchange,
+    Load,
+    RoundStats,
+    check_database,
+    seed,
+    switch_env,
+    write_config,
+)
+from prometheus_client.parser import text_string_to_metric_families
+from test_health import aget
+
+from switch import testing
+from switch.client import Client
+from switch.config import PipelineConfig, StoreConfig
+from switch.pki import PkiPaths
+
+#: Size of the tmpfs holding the database and its WAL: room for the seed and a few thousand
+#: decisions, small enough to fill at once.
+TMPFS_SIZE = "16m"
+#: The pipeline budget, and what an answer may take beyond it (a thread hop and a rollback
+#: on a loaded 2-core machine; the lock test's margin, doubled).
+BUDGET = 2.0
+MARGIN = 1.0
+#: Seconds an open store breaker waits before it probes again (recovery comes after one).
+COOL_DOWN = 1.0
+#: Connections of the load, each with ``SLOTS_PER_CONNECTION`` requests in flight.
+CONNECTIONS = 2
+#: Answers each phase must see before the test moves on, and the bound on waiting for them.
+PER_PHASE = 30
+PHASE_TIMEOUT = 60.0
+START_TIMEOUT = 30.0
+APPROVED, STAND_IN = "00", "91"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where`` for the block (skips when refused)."""
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+
+
+def fill(directory: Path) -> Path:
+    """A file taking every free byte of ``directory``'s filesystem (until ENOSPC)."""
+    filler = directory / "filler"
+    chunk = b"\0" * 65536
+    with filler.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+        try:  # the last partial chunk
+            while True:
+                f.write(b"\0" * 512)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    return filler
+
+
+@dataclass
+class Phases:
+    """When each phase began (trio clock): an exchange belongs to the phase it was sent in."""
+
+    starts: list[tuple[float, str]]
+
+    def begin(self, name: str) -> None:
+        self.starts.append((trio.current_time(), name))
+
+    def of(self, x: Exchange) -> str:
+        name = self.starts[0][1]
+        for at, phase in self.starts:
+            if x.sent_at >= at:
+                name = phase
+        return name
+
+    @property
+    def current(self) -> str:
+        return self.starts[-1][1]
+
+
+class Driver:
+    """The crash tests' mixed load against one switch until ``stop``."""
+
+    def __init__(
+        self, port: int, ctx: ssl.SSLContext, seed_value: int, *, pins: bool = False
+    ) -> None:
+        self.port, self.ctx = port, ctx
+        self.load = Load(random.Random(seed_value), pins=pins)
+        self.stats = RoundStats(0)
+        self.phases = Phases([(0.0, "before")])
+        self.stopping = False
+        self.progress = trio.Event()
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(CONNECTIONS):
+                nursery.start_soon(self._connection)
+
+    async def _connection(self) -> None:
+        async with Client.connect("127.0.0.1", self.port, self.ctx, connect_timeout=5.0) as c:
+            async with trio.open_nursery() as nursery:
+                for _ in range(SLOTS_PER_CONNECTION):
+                    nursery.start_soon(self._slot, c)
+
+    async def _slot(self, client: Client) -> None:
+        while not self.stopping:
+            request, new = self.load.next_request()
+            try:
+                response = await self.load.send(client, request, new=new, stats=self.stats)
+            except CONNECTION_LOST:
+                response = None
+            assert response is not None, "a request went unanswered on a live switch"
+            self.progress.set()
+            self.progress = trio.Event()
+
+    def answered(self, phase: str, code: str) -> int:
+        return sum(
+            1
+            for x in self.load.exchanges
+            if x.response is not None
+            and x.response.response_code == code
+            and self.phases.of(x) == phase
+        )
+
+    async def wait_for(self, phase: str, code: str, count: int = PER_PHASE) -> None:
+        """Until ``count`` requests sent in ``phase`` were answered ``code``."""
+        with trio.fail_after(PHASE_TIMEOUT):
+            while self.answered(phase, code) < count:
+                await self.progress.wait()
+
+
+async def stand_ins_for_store(metrics_port: int) -> float:
+    reply = await aget(metrics_port, "/metrics")
+    assert reply.status == 200
+    total = 0.0
+    for family in text_string_to_metric_families(reply.body.decode()):
+        for s in family.samples:
+            if s.name == "cardswitch_stand_in_total" and s.labels.get("cause") == "store":
+                total += s.value
+    return total
+
+
+async def run_outage(
+    pki: PkiPaths,
+    ctx: ssl.SSLContext,
+    tmp: Path,
+    *,
+    fail: Callable[[Path], Awaitable[None]],
+    restore: Callable[[Path], Awaitable[None]],
+) -> Driver:
+    """The switch on a tmpfs under load: ``fail`` it, then ``restore`` it; the checks of the
+    module docstring. Returns the driver for the test's own checks."""
+    metrics_port = free_port()
+    with tmpfs(tmp / "db", TMPFS_SIZE) as mount:
+        db = mount / "cardswitch.db"
+        config = write_config(
+            tmp,
+            pki,
+            store=StoreConfig(path=db),
+            pipeline=PipelineConfig(budget=BUDGET, breaker_cool_down=COOL_DOWN),
+            metrics_port=metrics_port,
+        )
+        await seed(config, tmp)
+        with (tmp / "switch.log").open("wb") as logfile:
+            proc = await testing.start_switch(
+                config,
+                tmp / "ready.json",
+                env=switch_env(tmp),
+                output=logfile,
+                ready_within=START_TIMEOUT,
+            )
+        driver = Driver(proc.port, ctx, seed_value=12)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(driver.run)
+                await driver.wait_for("before", APPROVED)
+                before = await stand_ins_for_store(metrics_port)
+
+                driver.phases.begin("failing")  # while the disk fills, say
+                await fail(mount)
+                driver.phases.begin("failed")
+                await driver.wait_for("failed", STAND_IN)
+                during = await stand_ins_for_store(metrics_port)
+
+                await restore(mount)
+                driver.phases.begin("restored")
+                await driver.wait_for("restored", APPROVED)
+                driver.stopping = True
+            assert proc.process.poll() is None  # the same process throughout: no restart
+        finally:
+            status = await proc.stop()
+        assert status == 0
+        assert during > before  # the metric counts the store's stand-ins
+
+        report = check_database(db, driver.load.exchanges)
+    log = (tmp / "switch.log").read_text(errors="replace")
+    assert "Traceback" not in log
+    assert '"store_failed"' in log  # the log line naming the store failure
+    assert report.violations == [], report.violations[:20]
+
+    phases = driver.phases
+    for x in driver.load.exchanges:
+        assert x.response is not None and x.answered_at is not None
+        assert x.answered_at - x.sent_at <= BUDGET + MARGIN, (phases.of(x), x.request.stan)
+    failed = [x for x in driver.load.exchanges if phases.of(x) == "failed"]
+    codes = {x.response.response_code for x in failed if x.response is not None}
+    assert STAND_IN in codes
+
+    # Before the outage nothing stands in; once an approval comes back, everything sent
+    # after it is decided again (recovered, it stays recovered).
+    def summary(xs: list[Exchange]) -> list[tuple[str, str, str, float]]:
+        return [
+            (x.request.mti, x.request.stan, x.response.response_code, x.sent_at)
+            for x in xs
+            if x.response is not None
+        ]
+
+    calm = [x for x in driver.load.exchanges if phases.of(x) == "before"]
+    stood_in = [x for x in calm if x.response and x.response.response_code == STAND_IN]
+    assert not stood_in, summary(stood_in)
+    back = [x for x in driver.load.exchanges if phases.of(x) == "restored"]
+    first_ok = min(
+        x.answered_at
+        for x in back
+        if x.answered_at is not None and x.response and x.response.response_code == APPROVED
+    )
+    late = [x for x in back if x.sent_at > first_ok]
+    relapsed = [x for x in late if x.response and x.response.response_code == STAND_IN]
+    assert late and not relapsed, (first_ok, summary(relapsed))
+    by_phase: dict[str, Counter[str]] = defaultdict(Counter)
+    for x in driver.load.exchanges:
+        assert x.response is not None
+        by_phase[phases.of(x)][x.response.response_code] += 1
+    print(
+        f"codes by phase {dict(by_phase)}; "
+        f"{len(driver.load.exchanges)} answers; sent while failed: {len(failed)}, codes "
+        f"{sorted(codes)}; store stand-ins counted {during - before:g}; journal "
+        f"{report.journal_rows} rows, {report.approvals_checked} approvals checked"
+    )
+    return driver
+
+
+async def test_full_disk_stands_in_and_recovers_without_restart(
+    pki: PkiPaths, client_ctx: ssl.SSLContext, tmp_path: Path
+) -> None:
+    filler: list[Path] = []
+
+    async def fill_disk(mount: Path) -> None:
+        filler.append(await trio.to_thread.run_sync(fill, mount))
+
+    async def free_disk(mount: Path) -> None:
+        os.unlink(filler.pop())
+
+    await run_outage(pki, client_ctx, tmp_path, fail=fill_disk, restore=free_disk)
+
+
+def remount(mount: Path, mode: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["mount", "-o", f"remount,{mode}", str(mount)], capture_output=True, text=True, check=False
+    )
+
+
+def remount_ro_refused_while_writing(tmp: Path) -> str | None:
+    """Why a read-only remount cannot happen under a process writing to the filesystem (the
+    kernel's answer, on a scratch tmpfs with one file open for writing), or None when it can."""
+    with tmpfs(tmp / "probe", "1m") as mount, (mount / "open").open("wb"):
+        done = remount(mount, "ro")
+        if done.returncode == 0:
+            remount(mount, "rw")
+            return None
+        return done.stderr.strip() or f"mount exited {done.returncode}"
+
+
+@pytest.fixture
+def remount_allowed(tmp_path: Path) -> None:
+    """Skips (a sync fixture: the reason reaches the report) when the kernel refuses it."""
+    refused = remount_ro_refused_while_writing(tmp_path)
+    if refused is not None:
+        pytest.skip(
+            "the kernel refuses `mount -o remount,ro` while a file of the filesystem is open "
+            f"for writing, as the running switch's database always is ({refused})"
+        )
+
+
+@pytest.mark.usefixtures("remount_allowed")
+async def test_read_only_database_stands_in_and_recovers_without_restart(
+    pki: PkiPaths, client_ctx: ssl.SSLContext, tmp_path: Path
+) -> None:
+
+    async def read_only(mount: Path) -> None:
+        done = await trio.to_thread.run_sync(remount, mount, "ro")
+        assert done.returncode == 0, done.stderr
+
+    async def read_write(mount: Path) -> None:
+        done = await trio.to_thread.run_sync(remount, mount, "rw")
+        assert done.returncode == 0, done.stderr
+
+    await run_outage(pki, client_ctx, tmp_path, fail=read_only, restore=read_write)
