@@ -210,8 +210,14 @@ class TlsConfig:
 class ServerConfig:
     """Process-wide limits of the switch."""
 
-    #: Requests in flight across all connections; beyond it connections stop being read.
-    max_in_flight: int = 4096
+    #: Requests being decided at once across all connections (per process). More wait in
+    #: their connection's queue (``ListenerConfig.max_queued``), timestamped at arrival, and
+    #: get the overload answer at once when they cannot start in time. Keep it small: every
+    #: request in flight is a task the event loop runs in turn, and with hundreds of them a
+    #: saturated loop reaches the readers late, so requests wait in socket buffers where no
+    #: budget sees them (``benchmarks/RESULTS.md``: at 2x capacity, 4096 let approvals reach
+    #: the network after 4 s; 32 answered within the budget).
+    max_in_flight: int = 32
     #: Seconds to finish in-flight requests after SIGTERM/SIGINT before exiting.
     drain_timeout: float = 10.0
     #: Worker processes sharing the listening ports (SO_REUSEPORT) under a supervisor
