@@ -69,6 +69,7 @@ from switch.store.models import (
     Card,
     CardStatus,
     DuplicateKey,
+    JournalRef,
     OriginalKey,
     PinCheck,
     ReversalIntent,
@@ -248,11 +249,13 @@ class Pipeline:
             issuer_auth = await self._arpc(
                 prepared.emv, approved=outcome.approved, deadline=deadline
             )
+        # The row this request wrote (a replay found in the commit wrote none).
+        journal = None if outcome.replayed else JournalRef(dup_key, prepared.intent.digest)
         if prepared.stand_in:
             if outcome.approved and not outcome.replayed:
                 metrics.observe_stand_in_approval(context.network)
-            return replace(_decision(request, outcome, None), stand_in="hsm")
-        return _decision(request, outcome, issuer_auth)
+            return replace(_decision(request, outcome, None, journal), stand_in="hsm")
+        return _decision(request, outcome, issuer_auth, journal)
 
     async def _replay(
         self, request: AuthRequest, stored: AuthOutcome, fingerprint: bytes, deadline: float
@@ -682,6 +685,7 @@ class Pipeline:
             replayed=outcome.replayed,
             released=outcome.released_amount,
             masked_pan=masked,
+            journal=None if outcome.replayed else JournalRef(dup_key, intent.digest),
         )
 
 
@@ -862,9 +866,15 @@ def _cause(exc: BaseException) -> StandInCause:
     return "store" if isinstance(exc, StoreError) else "hsm"
 
 
-def _decision(request: AuthRequest, outcome: AuthOutcome, issuer_auth: bytes | None) -> Decision:
+def _decision(
+    request: AuthRequest,
+    outcome: AuthOutcome,
+    issuer_auth: bytes | None,
+    journal: JournalRef | None = None,
+) -> Decision:
     """The answer for a committed (or replayed) outcome: its journaled DE39, approval code,
-    available balance (DE54) and, for a chip request, the issuer authentication data."""
+    available balance (DE54), for a chip request the issuer authentication data, and the
+    journal row it was written to (``journal``: None for a replay)."""
     balance = None
     # A balance DE54 cannot carry (13+ digits) is left out rather than sent wrong.
     if outcome.available_balance is not None and AdditionalAmount.fits(outcome.available_balance):
@@ -888,6 +898,7 @@ def _decision(request: AuthRequest, outcome: AuthOutcome, issuer_auth: bytes | N
         held=outcome.held,
         debited=outcome.debited,
         masked_pan=mask_pan(request.pan),
+        journal=journal,
     )
 
 
