@@ -244,6 +244,49 @@ async def test_pre_authorization_and_completion_leave_one_debit_and_no_hold(
     assert _invariants(switch)["acct-race"] == (14_000 - 4200, 14_000 - 4200, 0)
 
 
+@pytest.mark.parametrize("listed", [True, False], ids=["0120_listed", "0120_not_listed"])
+async def test_0120_with_de90_follows_the_listeners_completion_mtis(  # noqa: PLR0917
+    pki: PkiPaths,
+    demo_hsm: Pkcs11Hsm,
+    card_rows: list[Any],
+    tmp_path: Path,
+    e2e_store: StoreConfig,
+    client_ctx: ssl.SSLContext,
+    listed: bool,
+) -> None:
+    """A pre-authorization then an 0120 naming it in DE90 (new STAN), sent twice. With 0120
+    in ``completion_mtis``: one debit of 42.00 and no hold left; otherwise the 0120 is an
+    advice of the authorization already approved: the 50.00 hold stays and nothing is added."""
+    mtis = ("0120", "0220") if listed else ("0220",)
+    pre = build_auth(RACE_PAN, 5000, stan="000811", when=WHEN)
+    advice = replace(
+        build_auth(RACE_PAN, 4200, mti="0120", stan="000812", when="1201180000"),
+        rrn=pre.rrn,
+        original=OriginalData(pre.mti, pre.stan, pre.transmission_time, "12345678", "0"),
+    )
+    async with running_switch(
+        pki, demo_hsm, card_rows, tmp_path, store=e2e_store, completion_mtis=mtis
+    ) as sw:
+        answers = await _ask(sw, client_ctx, pre, advice, replace(advice, stan="000813"))
+        assert [a.response_code for a in answers] == ["00", "00", "00"]
+        figures = _invariants(sw)["acct-race"]
+        reasons = [r for (r,) in sw.query("SELECT reason FROM journal ORDER BY id")]
+        debits = sw.query("SELECT amount FROM holds WHERE kind = 'debit'")
+        if listed:
+            assert figures == (14_000 - 4200, 14_000 - 4200, 0)
+            assert reasons == ["approved", "completion_applied", "advice_already_applied"]
+            assert debits == [(4200,)]
+        else:
+            assert figures == (14_000, 14_000 - 5000, 5000)
+            assert reasons == ["approved", "advice_already_applied", "advice_already_applied"]
+            assert debits == []
+        late = await _ask(sw, client_ctx, build_reversal(pre))
+        assert late[0].response_code == "00"
+        after = _invariants(sw)["acct-race"]
+        # The reversal gives back the hold once, or nothing after a completion.
+        assert after == ((14_000 - 4200,) * 2 + (0,) if listed else (14_000, 14_000, 0))
+
+
 async def test_advice_for_an_unknown_card_is_acknowledged_and_kept(
     switch: Switch, client_ctx: ssl.SSLContext
 ) -> None:
