@@ -155,8 +155,8 @@ async def _run(
     async with trio.open_nursery() as background, AsyncExitStack() as stack:
         stack.callback(background.cancel_scope.cancel)  # the sweeper, before the store closes
         probes: list[Any] = []
-        engine, hsm = await app._open_engine(cfg, stack, probes, background)
-        handler = Dispatcher(engine, hsm)
+        engine, hsm, store = await app._open_engine(cfg, stack, probes, background)
+        handler = Dispatcher(engine, hsm, journal=store)
         sessions = ListenerSessions(cfg.listeners)
 
         async def switch_target(stream: trio.abc.Stream) -> None:

@@ -44,7 +44,7 @@ from switch.keys import ListenerSessions
 from switch.pipeline import Pipeline
 from switch.relay import run_relay
 from switch.server import Server
-from switch.store import open_store
+from switch.store import Store, open_store
 from switch.sweeper import run_sweeper
 from switch.tls import TlsContextHolder
 
@@ -101,12 +101,13 @@ async def serve(
                 sessions = ListenerSessions(cfg.listeners)
                 if handler is None:
                     if engine:
-                        pipeline, hsm = await _open_engine(cfg, engine_stack, probes, monitors)
+                        opened = await _open_engine(cfg, engine_stack, probes, monitors)
+                        pipeline, hsm, store = opened
                         await sessions.restore(hsm)  # key exchanges before a restart hold
                         if worker is not None:
                             # A key exchange another worker accepted is taken up here too.
                             monitors.start_soon(_follow_key_exchanges, sessions, hsm)
-                        handler = Dispatcher(pipeline, keys=hsm)
+                        handler = Dispatcher(pipeline, keys=hsm, journal=store)
                     else:
                         readiness.record("engine", "Disabled: serving without an engine (91)")
                         handler = Dispatcher(UnavailableEngine())
@@ -207,9 +208,9 @@ async def _open_engine(
     stack: AsyncExitStack,
     probes: list[health.Probe],
     background: trio.Nursery,
-) -> tuple[Engine, Hsm]:
-    """Open the HSM, the vault and the store; the pipeline over them, and the HSM (key
-    exchange imports into it).
+) -> tuple[Engine, Hsm, Store]:
+    """Open the HSM, the vault and the store; the pipeline over them, the HSM (key exchange
+    imports into it) and the store (undelivered answers are marked in its journal).
 
     Opens only what exists (``hsm.token.open_hsm``: a missing module, SoftHSM configuration or
     token is an ``HsmConfigError``) and checks the keys the configuration names: each
@@ -243,7 +244,7 @@ async def _open_engine(
         background.start_soon(run_relay, store, cfg.events)
     pipeline = Pipeline(cfg, store=store, hsm=hsm, vault=vault)
     probes += [health.BreakerProbe(breaker) for breaker in pipeline.breakers.values()]
-    return pipeline, hsm
+    return pipeline, hsm, store
 
 
 #: The signals the switch handles (see the module docstring).

@@ -129,6 +129,12 @@ class ListenerConfig:
     chip_fallback: Literal["decline", "allow"] = "decline"
     #: A completion below its pre-authorization keeps the rest held (true) or releases it.
     completion_keeps_rest: bool = False
+    #: Advice MTIs that, carrying DE90, complete the pre-authorization DE90 names (debit the
+    #: completed amount, release its hold): "0220" (the default), and "0120" where the
+    #: network sends completions as authorization advices. An advice not listed converts
+    #: what it names and never adds: a 0120 then repeats the authorization DE90 names, and
+    #: a 0220 names its own financial request (DE90 aside).
+    completion_mtis: tuple[Literal["0120", "0220"], ...] = ("0220",)
     # -- keep-alive (moves to the network profile's [keepalive] section, same names) ------
     #: A zero-length frame (the keep-alive some links send): "close" the connection (a
     #: framing error, the behaviour before keep-alives), "ignore" it, or "answer" it with a

@@ -39,7 +39,13 @@ the listener in production, one end of ``trio.testing.memory_stream_pair()`` in 
 However the reader stops (end of stream, bad input, a drain), the requests already read are
 still decided and their answers written while the stream is writable, within the linger
 deadline; then the stream is closed. An answer that cannot be delivered (the write failed,
-the deadline passed first) is logged and counted as undelivered, never silently lost.
+the deadline passed first) is logged and counted as undelivered, never silently lost, and
+when its request was journaled (``Decision.journal``) its journal row is marked undelivered
+through the handler (``RequestHandler.mark_undelivered``) by a task of its own: the marks
+ready at once go in one call bounded by ``_MARK_TIMEOUT`` (a dead store never holds the
+connection up, and the marks left at the close are still made, after the stream is closed);
+each mark's result is counted (``cardswitch_delivery_marks_total``), and a mark that fails is
+logged, never raised.
 
 What does not: accepting, TLS and the peer allow-list (server.py), what a frame means and
 which response code answers it (session.py, decisions.py), the decision (handler.py).
@@ -51,6 +57,7 @@ import contextlib
 import math
 import secrets
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Final
 
 import trio
@@ -73,6 +80,7 @@ from switch.session import (
     Session,
     keepalive_of,
 )
+from switch.store.models import DeliveryMark, JournalRef
 from switch.wire import codec
 from switch.wire.framing import encode_frame
 from switch.wire.messages import (
@@ -97,6 +105,8 @@ _CLOSE_TIMEOUT = 1.0
 _HANDLER_FAILED: Final = object()
 #: Close kind (and metric label) of a link whose echo test went unanswered.
 ECHO_TIMEOUT: Final = "echo_timeout"
+#: Seconds one call marking undelivered answers on their journal rows may take.
+_MARK_TIMEOUT = 1.0
 #: STANs (DE11) are six digits, 000001 to 999999.
 _STAN_MODULUS: Final = 999_999
 
@@ -117,6 +127,8 @@ class _Outcome:
     #: For an answer to a format error: the field at fault and what was wrong.
     field: str | None = None
     detail: str | None = None
+    #: The journal row of the answer, marked if it cannot be delivered.
+    journal: JournalRef | None = None
 
     @classmethod
     def of_decision(cls, request: Request, decision: Decision, received_at: float) -> _Outcome:
@@ -129,6 +141,7 @@ class _Outcome:
             stand_in=decision.stand_in,
             replayed=decision.replayed,
             masked_pan=decision.masked_pan,
+            journal=decision.journal,
         )
 
     @classmethod
@@ -237,6 +250,9 @@ class Connection:
         self._flush_deadline = math.inf
         self._write_failed = False
         self._outcome: str | None = None
+        # Undelivered answers whose journal row is to be marked (``_mark_loop``); unbounded,
+        # as each item is an answer already decided and counted (at most what was read).
+        self._marks_send, self._marks_recv = trio.open_memory_channel[DeliveryMark](math.inf)
 
     def stop_reading(self) -> None:
         """Drain: read no more frames; the requests already read are answered."""
@@ -260,6 +276,16 @@ class Connection:
         ``"write_failed"``, ``"frame_timeout"``, ``"idle_timeout"``, ``"echo_timeout"``, or
         the ``Close`` kind of the bad input.
         """
+        async with trio.open_nursery() as marking:
+            marking.start_soon(self._mark_loop)
+            try:
+                await self._serve()
+            finally:
+                self._marks_send.close()  # the marks of this connection are all queued
+        return self._outcome or "closed"
+
+    async def _serve(self) -> None:
+        """Read, decide and write until the connection ends, then close the stream."""
         deadline = math.inf
         try:
             async with trio.open_nursery() as conn_nursery:
@@ -283,7 +309,6 @@ class Connection:
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                 await _aclose_quietly(self._stream)
-        return self._outcome or "closed"
 
     def _set_outcome(self, kind: str) -> None:
         if self._outcome is None:
@@ -520,6 +545,7 @@ class Connection:
         metrics.IN_FLIGHT.inc()
         accounted = False
         received_at = ctx.received_at
+        decision: Decision | None = None
         try:
             try:
                 decision = await self._handler.handle(message, ctx)
@@ -531,7 +557,12 @@ class Connection:
             accounted = await self._send(message, decision, received_at)
         finally:
             if not accounted:  # cancelled: the deadline passed before it was queued
-                self._undelivered(_abandoned(message, received_at), "abandoned")
+                lost = (
+                    _abandoned(message, received_at)
+                    if decision is None
+                    else _Outcome.of_decision(message, decision, received_at)
+                )
+                self._undelivered(lost, "abandoned")
             metrics.IN_FLIGHT.dec()
             if self._global_slots is not None:
                 self._global_slots.release()
@@ -667,6 +698,58 @@ class Connection:
             masked_pan=outcome.masked_pan,
             error=error,
         )
+        if outcome.journal is not None:
+            at = datetime.now(UTC).isoformat(timespec="microseconds")
+            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                self._marks_send.send_nowait(DeliveryMark(outcome.journal, kind, at))
+
+    async def _mark_loop(self) -> None:
+        """Mark the journal rows of undelivered answers as they come, those ready at once in
+        one call; when cancelled, the marks still queued are made (shielded, bounded)."""
+        marks: list[DeliveryMark] = []
+        try:
+            async for first in self._marks_recv:
+                marks = [first]
+                with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                    while True:
+                        marks.append(self._marks_recv.receive_nowait())
+                await self._mark(marks)
+                marks = []
+        finally:
+            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                while True:
+                    marks.append(self._marks_recv.receive_nowait())
+            if marks:
+                await self._mark(marks)
+            self._marks_recv.close()
+
+    async def _mark(self, marks: list[DeliveryMark]) -> None:
+        """One call marking ``marks``, within ``_MARK_TIMEOUT``; never raises."""
+        lst = self._listener
+        marked: int | None = 0
+        with trio.CancelScope(shield=True):
+            deadline = trio.current_time() + _MARK_TIMEOUT
+            with trio.move_on_at(deadline) as scope:
+                try:
+                    marked = await self._handler.mark_undelivered(marks, deadline=deadline)
+                except Exception as exc:  # StoreError, or a defect of the handler
+                    metrics.observe_delivery_marks("failed", len(marks))
+                    log.error("delivery_mark_failed", listener=lst.name, remote=self._remote,
+                              marks=len(marks), error=describe(exc))  # fmt: skip
+                    return
+        if scope.cancelled_caught:
+            metrics.observe_delivery_marks("timeout", len(marks))
+            log.error("delivery_mark_failed", listener=lst.name, remote=self._remote,
+                      marks=len(marks), error=f"not done within {_MARK_TIMEOUT} s")  # fmt: skip
+            return
+        if marked is None:
+            metrics.observe_delivery_marks("no_journal", len(marks))
+            return
+        metrics.observe_delivery_marks("marked", marked)
+        metrics.observe_delivery_marks("missing", len(marks) - marked)
+        kinds = sorted({m.reason for m in marks})
+        log.warning("delivery_marked", listener=lst.name, remote=self._remote, marked=marked,
+                    missing=len(marks) - marked, kinds=kinds)  # fmt: skip
 
 
 def _abandoned(message: Request, received_at: float) -> _Outcome:

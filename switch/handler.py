@@ -14,7 +14,8 @@ authorizations and reversals to an ``Engine`` (the pipeline), or, after a sign-o
 listener that says so, declines them with ``SIGNED_OFF``; it answers a request class we do
 not serve with ``INVALID_TRANSACTION`` and turns an engine that raised into
 ``SYSTEM_ERROR``. ``UnavailableEngine`` is the honest engine of a switch started without
-HSM or store.
+HSM or store. ``Dispatcher.mark_undelivered`` passes the connection's undelivered answers to
+the journal (``DeliveryJournal``: the store) so that reconciliation sees them.
 
 What does not: the pipeline steps (pipeline.py), framing and sockets (server.py), encoding
 (wire/codec.py), the Reason-to-DE39 tables (decisions.py).
@@ -22,8 +23,9 @@ What does not: the pipeline steps (pipeline.py), framing and sockets (server.py)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final, Literal, Protocol
+from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 from hsm.api import KeyAdmin
 from switch.config import ListenerConfig
@@ -40,6 +42,9 @@ from switch.wire.messages import (
     ReversalResponse,
     UnsupportedMessage,
 )
+
+if TYPE_CHECKING:  # the store package imports metrics, which imports this module
+    from switch.store.models import DeliveryMark, JournalRef
 
 log = get_logger("switch.handler")
 
@@ -104,6 +109,10 @@ class Decision:
     debited: int = 0
     released: int = 0
     masked_pan: str | None = None
+    #: The journal row this request's answer was written to (None: nothing was journaled
+    #: for it, as for network management, a stand-in without a decision, or a replay whose
+    #: row is the original's); named when the answer cannot be delivered.
+    journal: JournalRef | None = None
 
     @property
     def response_code(self) -> str:
@@ -138,6 +147,27 @@ class RequestHandler(Protocol):
         made on the spot without a task of its own; ``None``: ``handle`` decides it."""
         ...
 
+    async def mark_undelivered(
+        self, marks: Sequence[DeliveryMark], *, deadline: float
+    ) -> int | None:
+        """Mark the journal rows of answers that could not be delivered, before ``deadline``
+        (trio time); how many rows were marked, ``None`` when there is no journal to mark.
+
+        Raises:
+            StoreError: the journal could not be written (the connection counts and logs it).
+        """
+        ...
+
+
+class DeliveryJournal(Protocol):
+    """Where undelivered answers are marked: ``Store.mark_delivery``."""
+
+    async def mark_delivery(
+        self, marks: Sequence[DeliveryMark], *, deadline: float | None = None
+    ) -> int:
+        """Mark the rows named by ``marks`` undelivered; how many were marked."""
+        ...
+
 
 class Dispatcher:
     """The ``RequestHandler`` of a running switch: network management here, the rest to the
@@ -147,11 +177,26 @@ class Dispatcher:
         engine: decides authorizations and reversals.
         keys: the HSM key custody key exchanges import into; None: key exchange is not
             served (answered ``INVALID_TRANSACTION``), as for a listener without a ZMK.
+        journal: where undelivered answers are marked (the engine's store); None: nothing
+            is marked (an engine that journals nothing).
     """
 
-    def __init__(self, engine: Engine, keys: KeyAdmin | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        keys: KeyAdmin | None = None,
+        journal: DeliveryJournal | None = None,
+    ) -> None:
         self._engine = engine
         self._keys = keys
+        self._journal = journal
+
+    async def mark_undelivered(
+        self, marks: Sequence[DeliveryMark], *, deadline: float
+    ) -> int | None:
+        if self._journal is None:
+            return None
+        return await self._journal.mark_delivery(marks, deadline=deadline)
 
     def decide_now(self, message: Request, context: RequestContext) -> Decision | None:
         if isinstance(message, NetworkRequest) and message.code not in KEY_EXCHANGE_CODES:

@@ -152,6 +152,9 @@ PROTOCOL_KINDS: Final = LabelValues(
 )
 #: Why an answer was not delivered (connection.py).
 UNDELIVERED_KINDS: Final = LabelValues(["write_failed", "encode_failed", "abandoned", "deadline"])
+#: What became of an undelivered answer's mark on its journal row (connection.py): marked,
+#: no such row (missing), no journal behind the handler, the store failed, or its 1 s passed.
+DELIVERY_MARK_RESULTS: Final = LabelValues(["marked", "missing", "no_journal", "failed", "timeout"])
 #: How a connection ended (server.py, connection.py ``run``) or failed to start.
 CONNECTION_OUTCOMES: Final = LabelValues(
     (
@@ -270,6 +273,12 @@ UNDELIVERED = _counter(
     " closed, or the request was abandoned at a deadline.",
     listener=LISTENERS,
     kind=UNDELIVERED_KINDS,
+)
+DELIVERY_MARKS = _counter(
+    "cardswitch_delivery_marks",
+    "Undelivered answers of journaled requests, by what became of the mark on their journal"
+    " row (journal search --undelivered lists those marked).",
+    result=DELIVERY_MARK_RESULTS,
 )
 STAND_IN = _counter(
     "cardswitch_stand_in",
@@ -473,6 +482,12 @@ def observe(network: str, mti: str, decision: Decision, seconds: float) -> None:
 def observe_undelivered(listener: str, kind: str) -> None:
     """Record an answer that was decided but never written; ``kind`` says why."""
     UNDELIVERED.labels(listener, kind).inc()
+
+
+def observe_delivery_marks(result: str, count: int) -> None:
+    """Record ``count`` undelivered answers whose journal-row mark ended as ``result``."""
+    if count:
+        DELIVERY_MARKS.labels(result).inc(count)
 
 
 def observe_protocol_error(listener: str, kind: str) -> None:

@@ -69,6 +69,7 @@ from switch.store.models import (
     Card,
     CardStatus,
     DuplicateKey,
+    JournalRef,
     OriginalKey,
     PinCheck,
     ReversalIntent,
@@ -248,11 +249,13 @@ class Pipeline:
             issuer_auth = await self._arpc(
                 prepared.emv, approved=outcome.approved, deadline=deadline
             )
+        # The row this request wrote (a replay found in the commit wrote none).
+        journal = None if outcome.replayed else JournalRef(dup_key, prepared.intent.digest)
         if prepared.stand_in:
             if outcome.approved and not outcome.replayed:
                 metrics.observe_stand_in_approval(context.network)
-            return replace(_decision(request, outcome, None), stand_in="hsm")
-        return _decision(request, outcome, issuer_auth)
+            return replace(_decision(request, outcome, None, journal), stand_in="hsm")
+        return _decision(request, outcome, issuer_auth, journal)
 
     async def _replay(
         self, request: AuthRequest, stored: AuthOutcome, fingerprint: bytes, deadline: float
@@ -290,7 +293,8 @@ class Pipeline:
     ) -> _Prepared:
         """The steps before commit: what the store is to make durable for this request."""
         advice = is_advice(req.mti)
-        financial = is_financial(req.mti)
+        completion = advice and _is_completion(req, ctx.listener)
+        financial = is_financial(req.mti) or completion
         kind: AuthKind
         if advice:
             kind = "advice_debit" if financial else "advice_hold"
@@ -312,7 +316,7 @@ class Pipeline:
             approval_code=_approval_code(),
             velocity_day=now.strftime("%Y%m%d"),
             velocity_month=now.strftime("%Y%m"),
-            original=_advice_original(req, ctx) if advice else None,
+            original=_advice_original(req, ctx, completion=completion) if advice else None,
             hold_expires_at=(now + timedelta(days=self._cfg.holds.days_for(req.mcc))).isoformat(
                 timespec="seconds"
             ),
@@ -682,6 +686,7 @@ class Pipeline:
             replayed=outcome.replayed,
             released=outcome.released_amount,
             masked_pan=masked,
+            journal=None if outcome.replayed else JournalRef(dup_key, intent.digest),
         )
 
 
@@ -789,13 +794,23 @@ def _reversal_original(req: ReversalRequest, ctx: RequestContext) -> OriginalKey
 _ADVISED_CLASS = {"012": "010", "022": "020"}
 
 
-def _advice_original(req: AuthRequest, ctx: RequestContext) -> OriginalKey:
-    """The authorization an advice repeats (its own key in the request's class), or, for a
-    completion carrying DE90, the pre-authorization it completes."""
+def _is_completion(req: AuthRequest, listener: ListenerConfig) -> bool:
+    """Whether an advice completes the pre-authorization its DE90 names: it carries DE90 and
+    its MTI class (0220/0221, 0120/0121) is one of the listener's ``completion_mtis``."""
+    return req.original is not None and any(
+        req.mti[:3] == mti[:3] for mti in listener.completion_mtis
+    )
+
+
+def _advice_original(req: AuthRequest, ctx: RequestContext, *, completion: bool) -> OriginalKey:
+    """The authorization an advice repeats, or, for a completion (``_is_completion``), the
+    pre-authorization DE90 names. An 0120 not listed as a completion repeats what its DE90
+    names (else its own key in class 010); a financial advice (0220) not listed names its
+    own 0200, DE90 aside: it converts what it names, never adds."""
     match = ctx.profile.original_match_rrn_terminal
     rrn = (req.rrn or "") if match else None
     terminal = (req.terminal_id or "") if match else None
-    if req.original is not None:
+    if req.original is not None and (completion or not is_financial(req.mti)):
         o = req.original
         return OriginalKey(ctx.network, o.acquirer_id, o.transmission_time, o.stan, o.mti,
                            rrn, terminal)  # fmt: skip
@@ -862,9 +877,15 @@ def _cause(exc: BaseException) -> StandInCause:
     return "store" if isinstance(exc, StoreError) else "hsm"
 
 
-def _decision(request: AuthRequest, outcome: AuthOutcome, issuer_auth: bytes | None) -> Decision:
+def _decision(
+    request: AuthRequest,
+    outcome: AuthOutcome,
+    issuer_auth: bytes | None,
+    journal: JournalRef | None = None,
+) -> Decision:
     """The answer for a committed (or replayed) outcome: its journaled DE39, approval code,
-    available balance (DE54) and, for a chip request, the issuer authentication data."""
+    available balance (DE54), for a chip request the issuer authentication data, and the
+    journal row it was written to (``journal``: None for a replay)."""
     balance = None
     # A balance DE54 cannot carry (13+ digits) is left out rather than sent wrong.
     if outcome.available_balance is not None and AdditionalAmount.fits(outcome.available_balance):
@@ -888,6 +909,7 @@ def _decision(request: AuthRequest, outcome: AuthOutcome, issuer_auth: bytes | N
         held=outcome.held,
         debited=outcome.debited,
         masked_pan=mask_pan(request.pan),
+        journal=journal,
     )
 
 

@@ -242,7 +242,8 @@ async def running_switch(
         assert report.ok, report.failures
         engine_store = pipeline_store(opened) if pipeline_store else opened
         engine = Pipeline(cfg, store=engine_store, hsm=pipeline_hsm or hsm, vault=vault)
-        server = Server(cfg, Dispatcher(engine, keys=hsm), server_context(cfg.tls))
+        handler = Dispatcher(engine, keys=hsm, journal=engine_store)
+        server = Server(cfg, handler, server_context(cfg.tls))
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(server.serve)
             try:

@@ -8,7 +8,11 @@ moves money ends with the money invariants checked on the database.
 
 from __future__ import annotations
 
+import json
+import socket
 import ssl
+import struct
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from switch.acquirer import build_auth, build_reversal
 from switch.client import Client
 from switch.config import StoreConfig
 from switch.pki import PkiPaths
+from switch.testing import write_config
 from switch.tls import client_context
 from switch.wire import codec
 from switch.wire.framing import FrameDecoder, encode_frame
@@ -239,6 +244,49 @@ async def test_pre_authorization_and_completion_leave_one_debit_and_no_hold(
     assert _invariants(switch)["acct-race"] == (14_000 - 4200, 14_000 - 4200, 0)
 
 
+@pytest.mark.parametrize("listed", [True, False], ids=["0120_listed", "0120_not_listed"])
+async def test_0120_with_de90_follows_the_listeners_completion_mtis(  # noqa: PLR0917
+    pki: PkiPaths,
+    demo_hsm: Pkcs11Hsm,
+    card_rows: list[Any],
+    tmp_path: Path,
+    e2e_store: StoreConfig,
+    client_ctx: ssl.SSLContext,
+    listed: bool,
+) -> None:
+    """A pre-authorization then an 0120 naming it in DE90 (new STAN), sent twice. With 0120
+    in ``completion_mtis``: one debit of 42.00 and no hold left; otherwise the 0120 is an
+    advice of the authorization already approved: the 50.00 hold stays and nothing is added."""
+    mtis = ("0120", "0220") if listed else ("0220",)
+    pre = build_auth(RACE_PAN, 5000, stan="000811", when=WHEN)
+    advice = replace(
+        build_auth(RACE_PAN, 4200, mti="0120", stan="000812", when="1201180000"),
+        rrn=pre.rrn,
+        original=OriginalData(pre.mti, pre.stan, pre.transmission_time, "12345678", "0"),
+    )
+    async with running_switch(
+        pki, demo_hsm, card_rows, tmp_path, store=e2e_store, completion_mtis=mtis
+    ) as sw:
+        answers = await _ask(sw, client_ctx, pre, advice, replace(advice, stan="000813"))
+        assert [a.response_code for a in answers] == ["00", "00", "00"]
+        figures = _invariants(sw)["acct-race"]
+        reasons = [r for (r,) in sw.query("SELECT reason FROM journal ORDER BY id")]
+        debits = sw.query("SELECT amount FROM holds WHERE kind = 'debit'")
+        if listed:
+            assert figures == (14_000 - 4200, 14_000 - 4200, 0)
+            assert reasons == ["approved", "completion_applied", "advice_already_applied"]
+            assert debits == [(4200,)]
+        else:
+            assert figures == (14_000, 14_000 - 5000, 5000)
+            assert reasons == ["approved", "advice_already_applied", "advice_already_applied"]
+            assert debits == []
+        late = await _ask(sw, client_ctx, build_reversal(pre))
+        assert late[0].response_code == "00"
+        after = _invariants(sw)["acct-race"]
+        # The reversal gives back the hold once, or nothing after a completion.
+        assert after == ((14_000 - 4200,) * 2 + (0,) if listed else (14_000, 14_000, 0))
+
+
 async def test_advice_for_an_unknown_card_is_acknowledged_and_kept(
     switch: Switch, client_ctx: ssl.SSLContext
 ) -> None:
@@ -301,3 +349,90 @@ def test_vector_de55_helper_changes_only_named_tags() -> None:
 
     tlv = TlvMap.from_bytes(cvn10_de55(**{"9F02": "000000250000"}))
     assert tlv[0x9F02].hex() == "000000250000" and tlv[0x5F2A].hex() == "0124"
+
+
+class _CommitWhenGateOpens:
+    """The real store, except that the commit of ``stan`` waits until ``gate`` is set
+    (``arrived`` says it is waiting): the answer is decided after its peer is gone."""
+
+    def __init__(self, store: Any, stan: str) -> None:
+        self._store, self._stan = store, stan
+        self.arrived, self.gate = trio.Event(), trio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def commit_auth(self, intent: Any, *, deadline: float | None = None) -> Any:
+        if intent.dup_key.stan == self._stan:
+            self.arrived.set()
+            await self.gate.wait()
+        return await self._store.commit_auth(intent, deadline=deadline)
+
+
+async def _logged(sw: Switch, event: str) -> None:
+    """Wait (bounded: 1,000 looks) until the switch has logged ``event``."""
+    for _ in range(1000):
+        if f'"event": "{event}"' in sw.log.getvalue():
+            return
+        await trio.sleep(0.01)
+    raise AssertionError(f"{event} never logged")
+
+
+async def test_an_approval_whose_peer_went_away_is_marked_undelivered_on_its_row(  # noqa: PLR0917
+    pki: PkiPaths,
+    demo_hsm: Pkcs11Hsm,
+    card_rows: list[Any],
+    tmp_path: Path,
+    e2e_store: StoreConfig,
+    client_ctx: ssl.SSLContext,
+) -> None:
+    """0100 000952 is read, then its peer resets the connection before the approval is
+    decided: the approval is journaled (700 held), its write fails, and its journal row is
+    marked undelivered, which ``journal search --undelivered`` lists; the approval answered
+    before it (000951) is not marked."""
+    gated: list[_CommitWhenGateOpens] = []
+
+    def wrap(store: Any) -> Any:
+        gated.append(_CommitWhenGateOpens(store, "000952"))
+        return gated[0]
+
+    async with running_switch(
+        pki, demo_hsm, card_rows, tmp_path, store=e2e_store, pipeline_store=wrap
+    ) as sw:
+        (sent,) = await _ask(sw, client_ctx, build_auth(APPROVAL_PAN, 300, stan="000951"))
+        assert sent.response_code == "00"
+        spec, header = sw.config.listeners[0].spec, sw.config.listeners[0].header
+        request = build_auth(APPROVAL_PAN, 700, stan="000952", when=WHEN)
+        with trio.fail_after(10):
+            stream = await trio.open_ssl_over_tcp_stream(
+                "127.0.0.1", sw.port, ssl_context=client_ctx
+            )
+            await stream.send_all(encode_frame(codec.encode(request, spec), header))
+            await gated[0].arrived.wait()
+            sock = stream.transport_stream.socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await trio.aclose_forcefully(stream)  # an RST: the peer is gone
+        await _logged(sw, "read_failed")
+        gated[0].gate.set()
+        await _logged(sw, "delivery_marked")
+        rows = sw.query(
+            "SELECT stan, response_code, delivery, delivery_reason, delivery_at FROM journal "
+            "ORDER BY id"
+        )
+        assert [r[:4] for r in rows] == [
+            ("000951", "00", None, None),
+            ("000952", "00", "undelivered", "write_failed"),
+        ]
+        assert rows[1][4]
+        assert _invariants(sw)["demo-acct-main"][2] == 1000  # both approvals hold their money
+        config = write_config(replace(sw.config, store=e2e_store), tmp_path / "switch.toml")
+        found = await trio.run_process(
+            [sys.executable, "-m", "switch", "journal", "search", "--undelivered", "--json",
+             "--config", str(config)],
+            capture_stdout=True, capture_stderr=True,
+        )  # fmt: skip
+    listed = [json.loads(line) for line in found.stdout.decode().splitlines()]
+    assert [(r["stan"], r["delivery"], r["delivery_reason"]) for r in listed] == [
+        ("000952", "undelivered", "write_failed")
+    ]
+    assert APPROVAL_PAN not in found.stdout.decode() + sw.log.getvalue()

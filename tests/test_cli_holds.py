@@ -12,6 +12,7 @@ import trio
 from test_store_support import ACCOUNT_ID, auth, seeded_store
 
 from switch.config import Config, StoreConfig
+from switch.store import DeliveryMark, JournalRef
 from switch.testing import write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,3 +90,24 @@ def test_journal_search_command_masks_and_refuses_full_pans(tmp_path: Path) -> N
     refused = _cardswitch(config, "journal", "search", "--pan", "4123456789012345")
     assert refused.returncode == 2 and "4123456789012345" not in refused.stderr
     assert refused.stderr.count("\n") == 1
+
+
+def test_journal_search_undelivered_lists_only_the_marked_rows(tmp_path: Path) -> None:
+    db = tmp_path / "cardswitch.db"
+
+    async def seed() -> None:
+        async with seeded_store(db, 10_000) as store:
+            await store.commit_auth(auth("000007", 700))
+            lost = auth("000008", 300)
+            await store.commit_auth(lost)
+            mark = DeliveryMark(JournalRef(lost.dup_key, lost.digest), "write_failed", "t")
+            assert await store.mark_delivery([mark]) == 1
+
+    trio.run(seed)
+    config = write_config(Config(store=StoreConfig(path=db)), tmp_path / "switch.toml")
+    table = _cardswitch(config, "journal", "search", "--undelivered")
+    assert table.returncode == 0, table.stderr
+    (_head, line) = table.stdout.splitlines()
+    assert "000008" in line and line.endswith("(undelivered: write_failed)")
+    every = _cardswitch(config, "journal", "search")
+    assert "000007" in every.stdout and every.stdout.count("undelivered") == 1

@@ -11,6 +11,7 @@ import pytest
 
 from switch.__main__ import main
 from switch.config import Config, ConfigError, load
+from switch.testing import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,6 +25,7 @@ def test_shipped_default_equals_the_embedded_defaults_it_documents() -> None:
     assert cfg.store == defaults.store
     assert cfg.pipeline == defaults.pipeline
     assert (cfg.listeners[0].host, cfg.listeners[0].port) == ("127.0.0.1", 8583)
+    assert cfg.listeners[0].completion_mtis == defaults.listeners[0].completion_mtis == ("0220",)
 
 
 @pytest.mark.parametrize(
@@ -37,6 +39,12 @@ def test_shipped_default_equals_the_embedded_defaults_it_documents() -> None:
         ("[nonsense]\nx = 1\n", "nonsense", "unknown key"),
         ("[tls]\nca = 5\n", "tls.ca", "expected a path string"),
         ("[[listener]]\nport = 70000\n", "listener[0].port", "out of range"),
+        (
+            '[[listener]]\ncompletion_mtis = ["0120", "0100"]\n',
+            "listener[0].completion_mtis[1]",
+            "must be one of '0120', '0220'",
+        ),
+        ('[[listener]]\ncompletion_mtis = "0120"\n', "listener[0].completion_mtis", "array"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path: Path, text: str, key: str, message: str) -> None:
@@ -90,3 +98,11 @@ def test_container_config_differs_only_in_bind_addresses() -> None:
     assert container.metrics.host == every_interface
     assert replace(container.listeners[0], host="127.0.0.1") == local.listeners[0]
     assert replace(container, listeners=local.listeners, metrics=local.metrics) == local
+
+
+def test_completion_mtis_load_and_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[[listener]]\ncompletion_mtis = ["0120", "0220"]\n')
+    cfg = load(path)
+    assert cfg.listeners[0].completion_mtis == ("0120", "0220")
+    assert load(write_config(cfg, tmp_path / "again.toml")) == cfg

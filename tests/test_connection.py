@@ -11,7 +11,7 @@ returns, the metrics registry and the log events.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 
@@ -28,6 +28,7 @@ from switch.config import ListenerConfig
 from switch.connection import Connection
 from switch.decisions import Profile, Reason, profile
 from switch.handler import Decision, Dispatcher, RequestContext, StandInCause
+from switch.store.models import DeliveryMark, DuplicateKey, JournalRef, StoreError
 from switch.wire import codec
 from switch.wire.framing import FrameDecoder, HeaderKind, encode_frame, keepalive_frame
 from switch.wire.messages import (
@@ -56,6 +57,8 @@ class FakeEngine:
     delay: Callable[[AuthRequest], float] = lambda _: 0.0
     raises: bool = False
     stand_in: StandInCause | None = None
+    #: Say that each decision was journaled (``Decision.journal``), as the pipeline does.
+    journaled: bool = False
     seen: list[str] = field(default_factory=list)
     running: int = 0
     most_running: int = 0
@@ -78,11 +81,36 @@ class FakeEngine:
             stand_in=self.stand_in,
             held=request.amount or 0,
             masked_pan=mask_pan(request.pan),
+            journal=journal_ref(request.stan) if self.journaled else None,
         )
 
     async def reverse(self, request: ReversalRequest, context: RequestContext) -> Decision:
         code = context.profile.code(Reason.REVERSAL_UNMATCHED)
         return Decision(ReversalResponse.answer(request, code), Reason.REVERSAL_UNMATCHED)
+
+
+def journal_ref(stan: str) -> JournalRef:
+    """The journal row FakeEngine says it wrote for the request with ``stan``."""
+    return JournalRef(DuplicateKey("visa", "123", "1201101500", stan, "", "", "0100"), stan)
+
+
+@dataclass
+class FakeJournal:
+    """Records the marks of undelivered answers; ``hang`` never answers, ``fail`` raises."""
+
+    hang: bool = False
+    fail: bool = False
+    marks: list[DeliveryMark] = field(default_factory=list)
+
+    async def mark_delivery(
+        self, marks: Sequence[DeliveryMark], *, deadline: float | None = None
+    ) -> int:
+        if self.hang:
+            await trio.sleep_forever()
+        if self.fail:
+            raise StoreError("unavailable", "the database is down")
+        self.marks += marks
+        return len(marks)
 
 
 def seeded_delays(seed: int, low: float, high: float) -> Callable[[AuthRequest], float]:
@@ -572,6 +600,63 @@ async def test_answers_to_a_peer_that_stopped_reading_are_counted_undelivered(
     assert outcome == ["write_failed"]
     after = sample("cardswitch_answers_undelivered_total", listener="test", kind="write_failed")
     assert after - before == 2
+
+
+async def _write_fails_after_first_answer(journal: FakeJournal) -> tuple[str, list[str]]:
+    """0100 000001 answered and read, an echo answered, then the network stops reading and
+    0100 000002 is decided: its write fails. Returns the outcome and the STANs answered."""
+    engine = FakeEngine(journaled=True, delay=lambda r: 1.0 if r.stan == "000002" else 0.0)
+    ours, theirs = trio.testing.memory_stream_pair()
+    conn = Connection(ours, Dispatcher(engine, journal=journal), LISTENER, profile("visa"),
+                      linger=LINGER)  # fmt: skip
+    outcome: list[str] = []
+    answered: list[str] = []
+    decoder = FrameDecoder(LISTENER.header, 65535)
+
+    async def serve() -> None:
+        outcome.append(await conn.run())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        await theirs.send_all(encode_frame(auth("000001")) + encode_frame(codec.encode(echo(
+            stan="000003"))))  # fmt: skip
+        while len(answered) < 2:
+            for frame in decoder.feed(bytes(await theirs.receive_some(65536))):
+                answered.append(codec.decode_fields(frame)["11"])
+        await theirs.receive_stream.aclose()  # the peer went away: writes to it fail
+        await theirs.send_all(encode_frame(auth("000002")))
+    return outcome[0], answered
+
+
+async def test_an_answer_whose_write_fails_is_marked_on_its_journal_row(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    journal = FakeJournal()
+    before = sample("cardswitch_delivery_marks_total", result="marked")
+    with structlog.testing.capture_logs() as logs:
+        outcome, answered = await _write_fails_after_first_answer(journal)
+    assert outcome == "write_failed" and sorted(answered) == ["000001", "000003"]
+    # Only the journaled answer that was not written; not the delivered one, not the echo.
+    assert [(m.ref, m.reason) for m in journal.marks] == [(journal_ref("000002"), "write_failed")]
+    assert sample("cardswitch_delivery_marks_total", result="marked") - before == 1
+    (line,) = [e for e in logs if e["event"] == "delivery_marked"]
+    assert (line["marked"], line["missing"], line["kinds"]) == (1, 0, ["write_failed"])
+    assert PAN not in repr(logs)
+
+
+@pytest.mark.parametrize("dead", ["hang", "fail"])
+async def test_a_dead_journal_never_holds_the_connection_nor_raises(
+    autojump_clock: trio.testing.MockClock, dead: str
+) -> None:
+    journal = FakeJournal(hang=dead == "hang", fail=dead == "fail")
+    result = "timeout" if dead == "hang" else "failed"
+    before = sample("cardswitch_delivery_marks_total", result=result)
+    with structlog.testing.capture_logs() as logs:
+        outcome, _ = await _write_fails_after_first_answer(journal)
+    assert outcome == "write_failed" and journal.marks == []
+    assert sample("cardswitch_delivery_marks_total", result=result) - before == 1
+    (line,) = [e for e in logs if e["event"] == "delivery_mark_failed"]
+    assert line["marks"] == 1
 
 
 # ------------------------------------------------------------------------ drain

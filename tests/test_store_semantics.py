@@ -32,7 +32,9 @@ from switch.decisions import Reason
 from switch.store import (
     AuthOutcome,
     CardStatus,
+    DeliveryMark,
     DuplicateKey,
+    JournalRef,
     OriginalKey,
     ReversalOutcome,
     SpendControls,
@@ -561,3 +563,54 @@ async def test_journal_search_lists_stand_in_decisions_for_reconciliation(
         await store.commit_auth(auth("000002", 300, stand_in=True))
         found = await store.search_journal(JournalQuery(stand_in=True))
         assert [(r.stan, r.stand_in) for r in found] == [("000002", True)]
+
+
+async def test_mark_delivery_marks_only_the_row_named_and_moves_no_money(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """The row of an undelivered answer is named by its duplicate key and digest: an
+    approval, the duplicate-transmission row of its key reused with other content, and a
+    reversal are each marked alone; the first mark stays; a ref naming no row marks nothing."""
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
+        first = auth("000001", 700)
+        reused = auth("000001", 999, digest="other-content")
+        sent = auth("000002", 300)
+        rev = reversal("000003", "000002", 300)
+        for intent in (first, reused, sent):
+            await store.commit_auth(intent)
+        await store.commit_reversal(rev)
+        before = await balances(store)
+        marks = [
+            DeliveryMark(JournalRef(reused.dup_key, reused.digest), "write_failed", "t1"),
+            DeliveryMark(JournalRef(rev.dup_key, rev.digest), "deadline", "t2"),
+            DeliveryMark(JournalRef(dup_key("000009"), "none"), "write_failed", "t3"),
+        ]
+        assert await store.mark_delivery(marks) == 2
+        again = DeliveryMark(JournalRef(rev.dup_key, rev.digest), "abandoned", "t4")
+        assert await store.mark_delivery([again]) == 0
+        assert await store.mark_delivery([]) == 0
+        found = await store.search_journal(JournalQuery(undelivered=True))
+        assert [(r.stan, r.kind, r.amount, r.delivery, r.delivery_reason, r.delivery_at)
+                for r in found] == [
+            ("000003", "reversal", rev.amount, "undelivered", "deadline", "t2"),
+            ("000001", "duplicate", 999, "undelivered", "write_failed", "t1"),
+        ]  # fmt: skip
+        every = await store.search_journal(JournalQuery())
+        assert {(r.stan, r.amount) for r in every if r.delivery is None} == {
+            ("000001", 700),
+            ("000002", 300),
+        }
+        assert await balances(store) == before
+
+
+async def test_mark_delivery_after_its_deadline_writes_nothing(
+    tmp_path: Path, backend: Backend
+) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
+        intent = auth("000001", 700)
+        await store.commit_auth(intent)
+        mark = DeliveryMark(JournalRef(intent.dup_key, intent.digest), "write_failed", "t1")
+        with pytest.raises(StoreError) as err:
+            await store.mark_delivery([mark], deadline=trio.current_time() - 1)
+        assert err.value.kind == "unavailable"
+        assert await store.search_journal(JournalQuery(undelivered=True)) == []

@@ -58,6 +58,11 @@ def register(sub: Any) -> None:
         action="store_true",
         help="only decisions taken in stand-in (for reconciliation once the HSM is back)",
     )
+    search.add_argument(
+        "--undelivered",
+        action="store_true",
+        help="only decisions whose answer could not be delivered (for reconciliation)",
+    )
     search.add_argument("--limit", type=int, default=50, help="at most this many rows")
     search.add_argument("--json", action="store_true", help="one JSON object per row")
     search.set_defaults(func=runner(_search))
@@ -106,7 +111,7 @@ async def _search(args: argparse.Namespace, cfg: Config) -> int:
     query = JournalQuery(
         stan=args.stan, rrn=args.rrn, masked_pan=args.pan, card_id=args.card,
         since=args.since, until=args.until, stand_in=True if args.stand_in else None,
-        limit=args.limit,
+        undelivered=args.undelivered, limit=args.limit,
     )  # fmt: skip
     async with open_store(cfg.store) as store:
         rows = await store.search_journal(query)
@@ -118,6 +123,8 @@ async def _search(args: argparse.Namespace, cfg: Config) -> int:
     print(f"{head}  DE39  REASON")
     for r in rows:
         flag = " (stand-in)" if r.stand_in else ""
+        if r.delivery is not None:
+            flag += f" ({r.delivery}: {r.delivery_reason})"
         print(
             f"{r.id:>7}  {r.created_at:26}  {r.mti:4}  {r.stan:6}  {r.masked_pan:19}  "
             f"{r.amount:>12}  {r.response_code:4}  {r.reason}{flag}"

@@ -65,6 +65,7 @@ from switch.store.models import (
     Card,
     CardChange,
     CardStatus,
+    DeliveryMark,
     DuplicateKey,
     HoldRelease,
     HoldView,
@@ -198,6 +199,22 @@ class Store(Protocol):
 
     async def search_journal(self, query: JournalQuery) -> list[JournalEntry]:
         """Journal rows matching ``query``, newest first, at most ``query.limit``."""
+        ...
+
+    async def mark_delivery(
+        self, marks: Sequence[DeliveryMark], *, deadline: float | None = None
+    ) -> int:
+        """Mark the journal rows of answers that could not be delivered (``delivery =
+        'undelivered'``, its reason and time), in one transaction; returns how many rows were
+        marked. A row is named as it was journaled (``JournalRef``: duplicate key and
+        digest); a row already marked keeps its first mark, and a ref naming no row marks
+        nothing. Nothing else of the row changes: no money moves. ``deadline`` (trio time):
+        not started after it (``StoreError("unavailable")``) and its waits bounded by it, as
+        for the decision writes: a mark never holds a connection up for long.
+
+        PostgreSQL: one ``UPDATE journal SET delivery = ... WHERE <key> AND digest = %s AND
+        delivery IS NULL`` per mark.
+        """
         ...
 
     # -- holds ---------------------------------------------------------------------------------

@@ -22,12 +22,14 @@ from switch import events as ev
 from switch.decisions import Reason
 from switch.store.models import (
     STAND_IN_PERIOD,
+    UNDELIVERED,
     Account,
     AuthIntent,
     AuthOutcome,
     Card,
     CardChange,
     CardStatus,
+    DeliveryMark,
     DuplicateKey,
     HoldRelease,
     HoldView,
@@ -74,6 +76,8 @@ class JournalRow:
     stand_in: bool
     masked_pan: str = ""
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    #: ``None`` (sent) or ``(UNDELIVERED, reason, at)`` once ``mark_delivery`` marked it.
+    delivery: tuple[str, str, str] | None = None
 
 
 @dataclass
@@ -402,6 +406,7 @@ class MemoryStore:
                 or not r.masked_pan.startswith(first6)
                 or not r.masked_pan.endswith(last4)
                 or (query.stand_in is not None and r.stand_in != query.stand_in)
+                or (query.undelivered and r.delivery is None)
                 or (query.since is not None and r.created_at < query.since)
                 or (query.until is not None and r.created_at >= query.until)
             ):
@@ -412,10 +417,24 @@ class MemoryStore:
                     r.id, r.created_at, k.network, r.mti, r.kind, k.stan, k.rrn, k.terminal_id,
                     r.masked_pan, r.card_id, r.account_id, r.amount, r.currency, o.reason.value,
                     o.response_code, getattr(o, "approval_code", None), r.stand_in,
-                    getattr(o, "released_amount", None),
+                    getattr(o, "released_amount", None), *(r.delivery or (None,) * 3),
                 )
             )  # fmt: skip
         return found[: query.limit]
+
+    async def mark_delivery(
+        self, marks: Sequence[DeliveryMark], *, deadline: float | None = None
+    ) -> int:
+        await self._before_write(deadline)
+        marked = 0
+        for mark in marks:
+            for row in self.journal:
+                if (row.dup_key, row.digest) == (mark.ref.dup_key, mark.ref.digest):
+                    if row.delivery is None:
+                        row.delivery = (UNDELIVERED, mark.reason, mark.at)
+                        marked += 1
+                    break
+        return marked
 
     async def expire_holds(self, now: str, limit: int = 100) -> list[HoldRelease]:
         await self._before_write()

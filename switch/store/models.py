@@ -286,6 +286,31 @@ class DuplicateKey:
 
 
 @dataclass(frozen=True, slots=True)
+class JournalRef:
+    """Which journal row holds a request's answer: its duplicate key and content digest, as
+    it was journaled (unique: the one row of the key, or the row of a key reused with other
+    content). The connection gets it in the ``Decision`` and names the row with it when the
+    answer cannot be delivered."""
+
+    dup_key: DuplicateKey
+    digest: str
+
+
+#: The value of ``journal.delivery`` for an answer that was not handed to the transport.
+UNDELIVERED = "undelivered"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryMark:
+    """An answer that could not be delivered: its journal row, why (a short fixed kind:
+    ``write_failed``, ``deadline``, ``abandoned``, ``encode_failed``) and when (ISO 8601 UTC)."""
+
+    ref: JournalRef
+    reason: str
+    at: str
+
+
+@dataclass(frozen=True, slots=True)
 class OriginalKey:
     """The duplicate key of the original that a reversal, an advice or a completion names.
 
@@ -429,6 +454,9 @@ class JournalQuery:
     #: Only the decisions taken in stand-in (approved or answered without the HSM or store):
     #: what reconciliation reviews once the dependency is back.
     stand_in: bool | None = None
+    #: Only the rows whose answer was marked undelivered (``Store.mark_delivery``): what
+    #: reconciliation reviews, since the acquirer may not know the decision.
+    undelivered: bool = False
     limit: int = 100
 
 
@@ -465,6 +493,11 @@ class JournalEntry:
     approval_code: str | None
     stand_in: bool
     released_amount: int | None
+    #: ``None``: the answer was handed to the transport; ``"undelivered"`` otherwise, with
+    #: how (``delivery_reason``: an undelivered kind of ``switch.metrics``) and when.
+    delivery: str | None = None
+    delivery_reason: str | None = None
+    delivery_at: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

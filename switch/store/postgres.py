@@ -73,12 +73,14 @@ from switch.decisions import Reason
 from switch.store import migrations
 from switch.store.models import (
     STAND_IN_PERIOD,
+    UNDELIVERED,
     Account,
     AuthIntent,
     AuthOutcome,
     Card,
     CardChange,
     CardStatus,
+    DeliveryMark,
     DuplicateKey,
     HoldRelease,
     HoldView,
@@ -108,6 +110,7 @@ from switch.store.rules import (
 from switch.store.sqlite import (
     _CARD_COLUMNS,
     _CARD_TABLE,
+    _MARK_DELIVERY,
     _NOT_ORIGINALS,
     _OUTCOME_SELECT,
     DUPLICATE_KIND,
@@ -847,8 +850,17 @@ def _list_holds(
 _JOURNAL_ENTRY = (
     "SELECT id, created_at, network, mti, kind, stan, rrn, terminal_id, masked_pan, card_id, "
     "account_id, amount, currency, reason, response_code, approval_code, stand_in, "
-    "released_amount FROM journal"
+    "released_amount, delivery, delivery_reason, delivery_at FROM journal"
 )
+_MARK_DELIVERY_PG = _MARK_DELIVERY.replace("?", "%s")
+
+
+def _mark_delivery(conn: Conn, marks: Sequence[DeliveryMark]) -> int:
+    marked = 0
+    for m in marks:
+        params = (UNDELIVERED, m.reason, m.at, *_key_params(m.ref.dup_key), m.ref.digest)
+        marked += conn.execute(_MARK_DELIVERY_PG, params).rowcount
+    return marked
 
 
 def _search_journal(conn: Conn, query: JournalQuery) -> list[JournalEntry]:
@@ -869,6 +881,8 @@ def _search_journal(conn: Conn, query: JournalQuery) -> list[JournalEntry]:
     if query.stand_in is not None:
         where.append("stand_in = %s")
         params.append(int(query.stand_in))
+    if query.undelivered:
+        where.append("delivery IS NOT NULL")
     if query.since is not None:
         where.append("created_at >= %s")
         params.append(query.since)
@@ -1121,6 +1135,16 @@ class PostgresStore:
 
     async def outbox_stats(self) -> ev.OutboxStats:
         return await self._run(_outbox_stats, write=False)
+
+    async def mark_delivery(
+        self, marks: Sequence[DeliveryMark], *, deadline: float | None = None
+    ) -> int:
+        if not marks:
+            return 0
+        frozen = list(marks)
+        return await self._run(
+            lambda conn: _mark_delivery(conn, frozen), write=True, deadline=deadline
+        )
 
     async def mark_published(self, ids: Sequence[int], at: str) -> None:
         if not ids:

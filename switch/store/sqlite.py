@@ -55,12 +55,14 @@ from switch.decisions import Reason
 from switch.store import migrations
 from switch.store.models import (
     STAND_IN_PERIOD,
+    UNDELIVERED,
     Account,
     AuthIntent,
     AuthOutcome,
     Card,
     CardChange,
     CardStatus,
+    DeliveryMark,
     DuplicateKey,
     HoldRelease,
     HoldView,
@@ -839,8 +841,22 @@ def _list_holds(
 _JOURNAL_ENTRY = (
     "SELECT id, created_at, network, mti, kind, stan, rrn, terminal_id, masked_pan, card_id, "
     "account_id, amount, currency, reason, response_code, approval_code, stand_in, "
-    "released_amount FROM journal"
+    "released_amount, delivery, delivery_reason, delivery_at FROM journal"
 )
+#: Marks the row of one answer undelivered (a row already marked keeps its first mark).
+_MARK_DELIVERY = (
+    "UPDATE journal SET delivery = ?, delivery_reason = ?, delivery_at = ? WHERE "  # noqa: S608
+    + " AND ".join(f"{c} = ?" for c in _KEY_COLUMNS)
+    + " AND digest = ? AND delivery IS NULL"
+)
+
+
+def _mark_delivery(conn: sqlite3.Connection, marks: Sequence[DeliveryMark]) -> int:
+    marked = 0
+    for m in marks:
+        params = (UNDELIVERED, m.reason, m.at, *_key_params(m.ref.dup_key), m.ref.digest)
+        marked += conn.execute(_MARK_DELIVERY, params).rowcount
+    return marked
 
 
 def _search_journal(conn: sqlite3.Connection, query: JournalQuery) -> list[JournalEntry]:
@@ -861,6 +877,8 @@ def _search_journal(conn: sqlite3.Connection, query: JournalQuery) -> list[Journ
     if query.stand_in is not None:
         where.append("stand_in = ?")
         params.append(int(query.stand_in))
+    if query.undelivered:
+        where.append("delivery IS NOT NULL")
     if query.since is not None:
         where.append("created_at >= ?")
         params.append(query.since)
@@ -1170,6 +1188,14 @@ class SqliteStore:
 
     async def search_journal(self, query: JournalQuery) -> list[JournalEntry]:
         return await self._read_offloaded(partial(_search_journal, query=query))
+
+    async def mark_delivery(
+        self, marks: Sequence[DeliveryMark], *, deadline: float | None = None
+    ) -> int:
+        if not marks:
+            return 0
+        op = partial(_mark_delivery, marks=list(marks))
+        return cast(int, await self._submit(op, deadline))
 
     async def expire_holds(self, now: str, limit: int = 100) -> list[HoldRelease]:
         return cast(
