@@ -40,6 +40,7 @@ ALLOWED_LABELS |= {"cause", "command", "le", "check", "certificate", "version"}
 COLLECTOR_LABELS = {"implementation", "major", "minor", "patchlevel", "version", "generation"}
 ALLOWED_LABELS |= {"limit"}  # ListenerConfig limit names: metrics.CONNECTION_LIMITS
 ALLOWED_LABELS |= {"dependency"}  # metrics.BREAKER_DEPENDENCIES: hsm, store, vault
+ALLOWED_LABELS |= {"result"}  # metrics.DELIVERY_MARK_RESULTS: marked, missing, failed, ...
 
 
 def _samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
