@@ -56,9 +56,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_health import aget
 
 from switch import testing
+from switch.acquirer import echo
 from switch.client import Client
 from switch.config import PipelineConfig, StoreConfig
 from switch.pki import PkiPaths
+from switch.wire.messages import NetworkResponse
 
 #: Size of the tmpfs holding the database and its WAL: room for the seed and a few thousand
 #: decisions, small enough to fill at once.
@@ -74,6 +76,8 @@ CONNECTIONS = 2
 #: Answers each phase must see before the test moves on, and the bound on waiting for them.
 PER_PHASE = 30
 PHASE_TIMEOUT = 60.0
+#: Seconds between two echo tests of one connection (``Driver(echoes=True)``).
+ECHO_PAUSE = 0.1
 START_TIMEOUT = 30.0
 #: Bound on waiting for the FUSE filesystem to be mounted, and for its daemon to end.
 FUSE_TIMEOUT = 10.0
@@ -148,10 +152,18 @@ class Phases:
 
 
 class Driver:
-    """The crash tests' mixed load against one switch until ``stop``."""
+    """The crash tests' mixed load against one switch until ``stop``; with ``echoes``, each
+    connection also sends an 0800 echo test (DE70 301) every ``ECHO_PAUSE`` seconds, each of
+    which must be answered 0810 00 with its STAN (counted in ``echoes``)."""
 
     def __init__(
-        self, port: int, ctx: ssl.SSLContext, seed_value: int, *, pins: bool = False
+        self,
+        port: int,
+        ctx: ssl.SSLContext,
+        seed_value: int,
+        *,
+        pins: bool = False,
+        echoes: bool = False,
     ) -> None:
         self.port, self.ctx = port, ctx
         self.load = Load(random.Random(seed_value), pins=pins)
@@ -159,6 +171,8 @@ class Driver:
         self.phases = Phases([(0.0, "before")])
         self.stopping = False
         self.progress = trio.Event()
+        self.with_echoes = echoes
+        self.echoes = 0
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -170,6 +184,18 @@ class Driver:
             async with trio.open_nursery() as nursery:
                 for _ in range(SLOTS_PER_CONNECTION):
                     nursery.start_soon(self._slot, c)
+                if self.with_echoes:
+                    nursery.start_soon(self._echoes, c)
+
+    async def _echoes(self, client: Client) -> None:
+        while not self.stopping:
+            stan = self.load.new_stan()
+            with trio.fail_after(PHASE_TIMEOUT):
+                answer = await client.request(echo(stan))
+            assert isinstance(answer, NetworkResponse), answer
+            assert (answer.response_code, answer.stan, answer.code) == ("00", stan, "301")
+            self.echoes += 1
+            await trio.sleep(ECHO_PAUSE)
 
     async def _slot(self, client: Client) -> None:
         while not self.stopping:
