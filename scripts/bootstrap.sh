@@ -10,8 +10,10 @@ PYTHON=${PYTHON:-python3}
 # Debian packages: SoftHSM2 (the local HSM), tshark (independent ISO 8583 decoder used by tests),
 # prometheus (promtool checks config/ops/alerts.yml), postgresql (the server binaries the tests
 # start a throwaway cluster from, as the unprivileged user the package creates), haproxy (the
-# independent PROXY protocol v2 sender of tests/test_proxy_haproxy.py; its service is not used).
-DEB_PACKAGES=(softhsm2 tshark prometheus postgresql haproxy)
+# independent PROXY protocol v2 sender of tests/test_proxy_haproxy.py; its service is not used),
+# libfuse2 (what fusepy loads: tests/read_only_fs.py, the read-only database of
+# tests/test_disk_process.py).
+DEB_PACKAGES=(softhsm2 tshark prometheus postgresql haproxy libfuse2)
 
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do

@@ -11,10 +11,13 @@ whole time.
   past the budget plus a margin, the log names the store failure and
   ``cardswitch_stand_in_total{cause="store"}`` counts it. Once the filler is removed the same
   process approves again (no restart).
-- Read-only: ``mount -o remount,ro`` of the tmpfs under the running process, then
-  ``remount,rw``, with the same expectations. Linux refuses a read-only remount while a
-  process holds a file of it open for writing (EBUSY), which a running switch always does:
-  the test then skips, saying so.
+- Read-only: the database and WAL on a pass-through FUSE filesystem (``read_only_fs.py``)
+  that answers ``EROFS`` to every write, ``fsync``, truncation and creation while a flag file
+  exists, and is writable again once it is removed: the switch's own open descriptors get
+  the errors of a read-only mount and then no more (that module says why the kernel's
+  ``remount,ro`` cannot do this under a running process: ``EBUSY``). Same expectations. It
+  needs root, ``/dev/fuse``, libfuse2 and fusepy (``scripts/bootstrap.sh`` and the test
+  extras install them); it is skipped, saying which is missing, otherwise.
 
 Afterwards the switch drains and exits 0, its log has no traceback, and ``check_database``
 finds the journal agreeing with every answer received and the money invariants holding.
@@ -28,9 +31,11 @@ import random
 import socket
 import ssl
 import subprocess
+import sys
+import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +56,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_health import aget
 
 from switch import testing
+from switch.acquirer import echo
 from switch.client import Client
 from switch.config import PipelineConfig, StoreConfig
 from switch.pki import PkiPaths
+from switch.wire.messages import NetworkResponse
 
 #: Size of the tmpfs holding the database and its WAL: room for the seed and a few thousand
 #: decisions, small enough to fill at once.
@@ -69,8 +76,14 @@ CONNECTIONS = 2
 #: Answers each phase must see before the test moves on, and the bound on waiting for them.
 PER_PHASE = 30
 PHASE_TIMEOUT = 60.0
+#: Seconds between two echo tests of one connection (``Driver(echoes=True)``).
+ECHO_PAUSE = 0.1
 START_TIMEOUT = 30.0
+#: Bound on waiting for the FUSE filesystem to be mounted, and for its daemon to end.
+FUSE_TIMEOUT = 10.0
 APPROVED, STAND_IN = "00", "91"
+#: The pass-through filesystem that turns read-only on a flag.
+READ_ONLY_FS = Path(__file__).with_name("read_only_fs.py")
 
 
 def free_port() -> int:
@@ -139,10 +152,18 @@ class Phases:
 
 
 class Driver:
-    """The crash tests' mixed load against one switch until ``stop``."""
+    """The crash tests' mixed load against one switch until ``stop``; with ``echoes``, each
+    connection also sends an 0800 echo test (DE70 301) every ``ECHO_PAUSE`` seconds, each of
+    which must be answered 0810 00 with its STAN (counted in ``echoes``)."""
 
     def __init__(
-        self, port: int, ctx: ssl.SSLContext, seed_value: int, *, pins: bool = False
+        self,
+        port: int,
+        ctx: ssl.SSLContext,
+        seed_value: int,
+        *,
+        pins: bool = False,
+        echoes: bool = False,
     ) -> None:
         self.port, self.ctx = port, ctx
         self.load = Load(random.Random(seed_value), pins=pins)
@@ -150,6 +171,8 @@ class Driver:
         self.phases = Phases([(0.0, "before")])
         self.stopping = False
         self.progress = trio.Event()
+        self.with_echoes = echoes
+        self.echoes = 0
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -161,6 +184,18 @@ class Driver:
             async with trio.open_nursery() as nursery:
                 for _ in range(SLOTS_PER_CONNECTION):
                     nursery.start_soon(self._slot, c)
+                if self.with_echoes:
+                    nursery.start_soon(self._echoes, c)
+
+    async def _echoes(self, client: Client) -> None:
+        while not self.stopping:
+            stan = self.load.new_stan()
+            with trio.fail_after(PHASE_TIMEOUT):
+                answer = await client.request(echo(stan))
+            assert isinstance(answer, NetworkResponse), answer
+            assert (answer.response_code, answer.stan, answer.code) == ("00", stan, "301")
+            self.echoes += 1
+            await trio.sleep(ECHO_PAUSE)
 
     async def _slot(self, client: Client) -> None:
         while not self.stopping:
@@ -205,13 +240,15 @@ async def run_outage(
     ctx: ssl.SSLContext,
     tmp: Path,
     *,
+    filesystem: Callable[[Path], AbstractContextManager[Path]],
     fail: Callable[[Path], Awaitable[None]],
     restore: Callable[[Path], Awaitable[None]],
 ) -> Driver:
-    """The switch on a tmpfs under load: ``fail`` it, then ``restore`` it; the checks of the
-    module docstring. Returns the driver for the test's own checks."""
+    """The switch with its database on ``filesystem`` (mounted at the path given, yielding
+    it) under load: ``fail`` it, then ``restore`` it; the checks of the module docstring.
+    Returns the driver for the test's own checks."""
     metrics_port = free_port()
-    with tmpfs(tmp / "db", TMPFS_SIZE) as mount:
+    with filesystem(tmp / "db") as mount:
         db = mount / "cardswitch.db"
         config = write_config(
             tmp,
@@ -275,7 +312,14 @@ async def run_outage(
             if x.response is not None
         ]
 
-    calm = [x for x in driver.load.exchanges if phases.of(x) == "before"]
+    # (Requests still in flight when the failure began may stand in: only those answered
+    # before it must not.)
+    failure_began = next(at for at, name in phases.starts if name == "failing")
+    calm = [
+        x
+        for x in driver.load.exchanges
+        if phases.of(x) == "before" and x.answered_at is not None and x.answered_at < failure_began
+    ]
     stood_in = [x for x in calm if x.response and x.response.response_code == STAND_IN]
     assert not stood_in, summary(stood_in)
     back = [x for x in driver.load.exchanges if phases.of(x) == "restored"]
@@ -311,48 +355,83 @@ async def test_full_disk_stands_in_and_recovers_without_restart(
     async def free_disk(mount: Path) -> None:
         os.unlink(filler.pop())
 
-    await run_outage(pki, client_ctx, tmp_path, fail=fill_disk, restore=free_disk)
-
-
-def remount(mount: Path, mode: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["mount", "-o", f"remount,{mode}", str(mount)], capture_output=True, text=True, check=False
+    await run_outage(
+        pki,
+        client_ctx,
+        tmp_path,
+        filesystem=lambda where: tmpfs(where, TMPFS_SIZE),
+        fail=fill_disk,
+        restore=free_disk,
     )
 
 
-def remount_ro_refused_while_writing(tmp: Path) -> str | None:
-    """Why a read-only remount cannot happen under a process writing to the filesystem (the
-    kernel's answer, on a scratch tmpfs with one file open for writing), or None when it can."""
-    with tmpfs(tmp / "probe", "1m") as mount, (mount / "open").open("wb"):
-        done = remount(mount, "ro")
-        if done.returncode == 0:
-            remount(mount, "rw")
-            return None
-        return done.stderr.strip() or f"mount exited {done.returncode}"
+def read_only_flag(mount: Path) -> Path:
+    """The flag file that makes ``read_only_fs`` at ``mount`` read-only (outside the mount)."""
+    return mount.with_name(mount.name + ".read-only")
 
 
-@pytest.fixture
-def remount_allowed(tmp_path: Path) -> None:
-    """Skips (a sync fixture: the reason reaches the report) when the kernel refuses it."""
-    refused = remount_ro_refused_while_writing(tmp_path)
-    if refused is not None:
-        pytest.skip(
-            "the kernel refuses `mount -o remount,ro` while a file of the filesystem is open "
-            f"for writing, as the running switch's database always is ({refused})"
+@contextmanager
+def read_only_fs(where: Path) -> Iterator[Path]:
+    """``read_only_fs.py`` mounted at ``where`` over a backing directory beside it, for the
+    block (writable until ``read_only_flag(where)`` exists); skips when it cannot be had."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a FUSE filesystem needs root")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse on this machine")
+    probe = subprocess.run(
+        [sys.executable, "-c", "import fuse"], capture_output=True, text=True, check=False
+    )
+    if probe.returncode != 0:
+        reason = probe.stderr.strip().splitlines()[-1:] or ["?"]
+        pytest.skip(f"fusepy or libfuse2 missing (scripts/bootstrap.sh installs them): {reason}")
+    backing = where.with_name(where.name + ".backing")
+    backing.mkdir()
+    where.mkdir()
+    flag = read_only_flag(where)
+    with (where.parent / "read_only_fs.log").open("wb") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, str(READ_ONLY_FS), str(backing), str(where), str(flag)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
+    try:
+        deadline = time.monotonic() + FUSE_TIMEOUT
+        while not os.path.ismount(where):
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                said = (where.parent / "read_only_fs.log").read_text(errors="replace").strip()
+                pytest.skip(f"the FUSE filesystem did not mount: {said[-300:]}")
+            time.sleep(0.05)
+        yield where
+    finally:
+        flag.unlink(missing_ok=True)
+        subprocess.run(["umount", str(where)], capture_output=True, check=False)
+        try:
+            daemon.wait(timeout=FUSE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+            daemon.kill()
+            daemon.wait(timeout=FUSE_TIMEOUT)
 
 
-@pytest.mark.usefixtures("remount_allowed")
 async def test_read_only_database_stands_in_and_recovers_without_restart(
     pki: PkiPaths, client_ctx: ssl.SSLContext, tmp_path: Path
 ) -> None:
 
     async def read_only(mount: Path) -> None:
-        done = await trio.to_thread.run_sync(remount, mount, "ro")
-        assert done.returncode == 0, done.stderr
+        read_only_flag(mount).touch()
+        # From now on every change is refused: what the switch wrote before stays readable.
+        with pytest.raises(OSError) as refused:
+            (mount / "probe").touch()
+        assert refused.value.errno == errno.EROFS
 
     async def read_write(mount: Path) -> None:
-        done = await trio.to_thread.run_sync(remount, mount, "rw")
-        assert done.returncode == 0, done.stderr
+        read_only_flag(mount).unlink()
 
-    await run_outage(pki, client_ctx, tmp_path, fail=read_only, restore=read_write)
+    await run_outage(
+        pki,
+        client_ctx,
+        tmp_path,
+        filesystem=read_only_fs,
+        fail=read_only,
+        restore=read_write,
+    )

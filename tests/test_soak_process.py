@@ -2,7 +2,8 @@
 
 One ``python -m switch serve`` (SoftHSM, SQLite), started and seeded as the crash tests start
 it, takes the crash tests' mixed load (``crash_support.Load`` with the PIN cards: new 0100
-and 0200, duplicates, 0101 repeats, reversals with their repeats, wrong PINs) for
+and 0200, duplicates, 0101 repeats, reversals with their repeats, wrong PINs), with 0800
+echo tests beside it on each connection (each answered 0810 00), for
 ``CARDSWITCH_SOAK_SECONDS`` (default 10; ``make soak`` runs 300). Every ``SAMPLE_EVERY``
 seconds the test samples the process's open descriptors (/proc/PID/fd), its resident memory
 (VmRSS) and the cards' PIN-try counters, and prints the samples.
@@ -66,7 +67,7 @@ async def test_soak_mixed_load_keeps_fds_and_memory_level(
             output=logfile,
             ready_within=START_TIMEOUT,
         )
-    driver = Driver(proc.port, client_ctx, seed_value=7, pins=True)
+    driver = Driver(proc.port, client_ctx, seed_value=7, pins=True, echoes=True)
     samples: list[tuple[float, int, ProcSample]] = []
     pin_samples: list[dict[str, int]] = []
     try:
@@ -97,7 +98,8 @@ async def test_soak_mixed_load_keeps_fds_and_memory_level(
         x.response.response_code for x in driver.load.exchanges if x.response is not None
     )
     print(
-        f"soak {seconds:g}s: {len(driver.load.exchanges)} requests, codes {dict(codes)}; "
+        f"soak {seconds:g}s: {len(driver.load.exchanges)} requests, codes {dict(codes)}, "
+        f"{driver.echoes} echoes; "
         f"reference (after warm-up) {reference}, max fds later {max(s.fds for s in later)}, "
         f"end {end}, RSS growth {(end.rss - reference.rss) / 2**20:+.1f}MiB"
     )
@@ -107,3 +109,4 @@ async def test_soak_mixed_load_keeps_fds_and_memory_level(
     report = check_database(db, driver.load.exchanges, pin_samples=pin_samples)
     assert report.violations == [], report.violations[:20]
     assert report.approvals_checked > 0 and report.pin_tries > 0
+    assert driver.echoes > 0
