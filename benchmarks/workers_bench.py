@@ -187,14 +187,6 @@ class _Requests(load._Requests):
         )  # fmt: skip
 
 
-def _free_port() -> int:
-    import socket  # noqa: PLC0415
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _status(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as reply:
         doc: dict[str, Any] = json.loads(reply.read())
@@ -286,7 +278,7 @@ async def _one(
     pki = pki_paths(work / "pki")
     ctx = client_context(pki.ca, pki.client_cert, pki.client_key)
     requests = _Requests(setup.hot)
-    metrics_ports = [_free_port() for _ in range(setup.instances)]
+    metrics_ports = [testing.free_port() for _ in range(setup.instances)]
     per_instance = max(1, opts.connections // setup.instances)
     async with contextlib.AsyncExitStack() as stack:
         switches = []

@@ -11,6 +11,9 @@ the software HSM (demo keys: public test keys only) and the in-memory store, pro
 with card rows and run on a pinned clock; ``context_for``, the ``RequestContext`` a
 listener's connection would give a request.
 
+``free_port``, a loopback port that was free a moment ago, for a process to bind (a metrics
+or health port, which the ready file does not report).
+
 What does not: pytest fixtures (tests/*_fixtures.py), assertions, anything the running
 switch itself uses (a software HSM and an in-memory store are never defaults). Nothing in
 ``switch`` outside tests and benchmarks imports this module.
@@ -23,6 +26,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -58,6 +62,14 @@ _POLL_INTERVAL = 0.02
 
 #: TOML table names of the Config fields whose documented name differs (config/switch.toml).
 _TABLE_NAMES = {"listeners": "listener", "card_data": "card-data"}
+
+
+def free_port() -> int:
+    """A 127.0.0.1 TCP port nothing was bound to a moment ago (racy by nature: for ports a
+    child process binds and does not report back, such as its metrics port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def write_config(cfg: Config, path: Path | str) -> Path:

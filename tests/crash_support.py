@@ -5,7 +5,8 @@ What lives here: the tests' own configuration and seed data (``write_config``, t
 ``PIN_CARDS``), starting the switch as a subprocess (``start_switch``, over
 ``switch.testing.start_switch``), the load generator that records every request and the
 answers that came back (``Load``: ``round`` against one switch, ``send`` for tests that drive
-several), ``crash_rounds`` (CARDSWITCH_CRASH_ROUNDS), and the one checker of the database
+several; ``Driver``, the same load on a live switch in ``Phases`` until stopped, with echo
+tests beside it), ``crash_rounds`` (CARDSWITCH_CRASH_ROUNDS), and the one checker of the database
 against what the clients were told (``check_database``, reading an SQLite file or a
 PostgreSQL database through ``Reader``; ``pin_tries`` samples the PIN-try counters during a
 run), which returns the list of violations instead of asserting so the test can report them
@@ -39,7 +40,7 @@ from psycopg.rows import dict_row
 
 from hsm.config import CardDataConfig, HsmConfig
 from switch import testing
-from switch.acquirer import build_auth, build_reversal, encipher_pin
+from switch.acquirer import build_auth, build_reversal, echo, encipher_pin
 from switch.client import Client, ClientError
 from switch.config import (
     Config,
@@ -52,7 +53,13 @@ from switch.config import (
     TlsConfig,
 )
 from switch.pki import PkiPaths
-from switch.wire.messages import AuthRequest, AuthResponse, ReversalRequest, ReversalResponse
+from switch.wire.messages import (
+    AuthRequest,
+    AuthResponse,
+    NetworkResponse,
+    ReversalRequest,
+    ReversalResponse,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 #: The demo key list (public test keys); dev-setup needs one, these cards use none of them.
@@ -80,6 +87,13 @@ P_REPEAT_MTI = 0.3
 P_PARTIAL = 0.3
 #: With ``Load(pins=True)``: share of new authorizations on a PIN card with a wrong PIN.
 P_WRONG_PIN = 0.06
+#: ``Driver``: connections of its load (each with ``SLOTS_PER_CONNECTION`` requests in
+#: flight), answers each phase must see before a test moves on and the bound on waiting for
+#: them, and seconds between two echo tests of one connection (``Driver(echoes=True)``).
+DRIVER_CONNECTIONS = 2
+PER_PHASE = 30
+PHASE_TIMEOUT = 60.0
+ECHO_PAUSE = 0.1
 #: Environment variable: how many crash rounds (kills) the crash tests run instead of their
 #: CI-sized default (``make soak`` sets it to 100 and more).
 ROUNDS_ENV = "CARDSWITCH_CRASH_ROUNDS"
@@ -876,3 +890,99 @@ def _check_pin_tries(
                     f"card {card_id}: PIN tries went back from {tries} to "
                     f"{after.get(card_id, 0)} after sample {i}"
                 )
+
+
+@dataclass
+class Phases:
+    """When each phase began (trio clock): an exchange belongs to the phase it was sent in."""
+
+    starts: list[tuple[float, str]]
+
+    def begin(self, name: str) -> None:
+        self.starts.append((trio.current_time(), name))
+
+    def of(self, x: Exchange) -> str:
+        name = self.starts[0][1]
+        for at, phase in self.starts:
+            if x.sent_at >= at:
+                name = phase
+        return name
+
+    @property
+    def current(self) -> str:
+        return self.starts[-1][1]
+
+
+class Driver:
+    """The crash tests' mixed load against one live switch until ``stopping`` (the fault
+    tests and the soak: nothing is killed, so every request must be answered); with
+    ``echoes``, each
+    connection also sends an 0800 echo test (DE70 301) every ``ECHO_PAUSE`` seconds, each of
+    which must be answered 0810 00 with its STAN (counted in ``echoes``)."""
+
+    def __init__(
+        self,
+        port: int,
+        ctx: ssl.SSLContext,
+        seed_value: int,
+        *,
+        pins: bool = False,
+        echoes: bool = False,
+    ) -> None:
+        self.port, self.ctx = port, ctx
+        self.load = Load(random.Random(seed_value), pins=pins)
+        self.stats = RoundStats(0)
+        self.phases = Phases([(0.0, "before")])
+        self.stopping = False
+        self.progress = trio.Event()
+        self.with_echoes = echoes
+        self.echoes = 0
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(DRIVER_CONNECTIONS):
+                nursery.start_soon(self._connection)
+
+    async def _connection(self) -> None:
+        async with Client.connect("127.0.0.1", self.port, self.ctx, connect_timeout=5.0) as c:
+            async with trio.open_nursery() as nursery:
+                for _ in range(SLOTS_PER_CONNECTION):
+                    nursery.start_soon(self._slot, c)
+                if self.with_echoes:
+                    nursery.start_soon(self._echoes, c)
+
+    async def _echoes(self, client: Client) -> None:
+        while not self.stopping:
+            stan = self.load.new_stan()
+            with trio.fail_after(PHASE_TIMEOUT):
+                answer = await client.request(echo(stan))
+            assert isinstance(answer, NetworkResponse), answer
+            assert (answer.response_code, answer.stan, answer.code) == ("00", stan, "301")
+            self.echoes += 1
+            await trio.sleep(ECHO_PAUSE)
+
+    async def _slot(self, client: Client) -> None:
+        while not self.stopping:
+            request, new = self.load.next_request()
+            try:
+                response = await self.load.send(client, request, new=new, stats=self.stats)
+            except CONNECTION_LOST:
+                response = None
+            assert response is not None, "a request went unanswered on a live switch"
+            self.progress.set()
+            self.progress = trio.Event()
+
+    def answered(self, phase: str, code: str) -> int:
+        return sum(
+            1
+            for x in self.load.exchanges
+            if x.response is not None
+            and x.response.response_code == code
+            and self.phases.of(x) == phase
+        )
+
+    async def wait_for(self, phase: str, code: str, count: int = PER_PHASE) -> None:
+        """Until ``count`` requests sent in ``phase`` were answered ``code``."""
+        with trio.fail_after(PHASE_TIMEOUT):
+            while self.answered(phase, code) < count:
+                await self.progress.wait()

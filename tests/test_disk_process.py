@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import errno
 import os
-import random
-import socket
 import ssl
 import subprocess
 import sys
@@ -36,17 +34,13 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
 from crash_support import (
-    CONNECTION_LOST,
-    SLOTS_PER_CONNECTION,
+    Driver,
     Exchange,
-    Load,
-    RoundStats,
     check_database,
     seed,
     switch_env,
@@ -56,11 +50,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_health import aget
 
 from switch import testing
-from switch.acquirer import echo
-from switch.client import Client
 from switch.config import PipelineConfig, StoreConfig
 from switch.pki import PkiPaths
-from switch.wire.messages import NetworkResponse
 
 #: Size of the tmpfs holding the database and its WAL: room for the seed and a few thousand
 #: decisions, small enough to fill at once.
@@ -71,25 +62,12 @@ BUDGET = 2.0
 MARGIN = 1.0
 #: Seconds an open store breaker waits before it probes again (recovery comes after one).
 COOL_DOWN = 1.0
-#: Connections of the load, each with ``SLOTS_PER_CONNECTION`` requests in flight.
-CONNECTIONS = 2
-#: Answers each phase must see before the test moves on, and the bound on waiting for them.
-PER_PHASE = 30
-PHASE_TIMEOUT = 60.0
-#: Seconds between two echo tests of one connection (``Driver(echoes=True)``).
-ECHO_PAUSE = 0.1
 START_TIMEOUT = 30.0
 #: Bound on waiting for the FUSE filesystem to be mounted, and for its daemon to end.
 FUSE_TIMEOUT = 10.0
 APPROVED, STAND_IN = "00", "91"
 #: The pass-through filesystem that turns read-only on a flag.
 READ_ONLY_FS = Path(__file__).with_name("read_only_fs.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -130,100 +108,6 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-@dataclass
-class Phases:
-    """When each phase began (trio clock): an exchange belongs to the phase it was sent in."""
-
-    starts: list[tuple[float, str]]
-
-    def begin(self, name: str) -> None:
-        self.starts.append((trio.current_time(), name))
-
-    def of(self, x: Exchange) -> str:
-        name = self.starts[0][1]
-        for at, phase in self.starts:
-            if x.sent_at >= at:
-                name = phase
-        return name
-
-    @property
-    def current(self) -> str:
-        return self.starts[-1][1]
-
-
-class Driver:
-    """The crash tests' mixed load against one switch until ``stop``; with ``echoes``, each
-    connection also sends an 0800 echo test (DE70 301) every ``ECHO_PAUSE`` seconds, each of
-    which must be answered 0810 00 with its STAN (counted in ``echoes``)."""
-
-    def __init__(
-        self,
-        port: int,
-        ctx: ssl.SSLContext,
-        seed_value: int,
-        *,
-        pins: bool = False,
-        echoes: bool = False,
-    ) -> None:
-        self.port, self.ctx = port, ctx
-        self.load = Load(random.Random(seed_value), pins=pins)
-        self.stats = RoundStats(0)
-        self.phases = Phases([(0.0, "before")])
-        self.stopping = False
-        self.progress = trio.Event()
-        self.with_echoes = echoes
-        self.echoes = 0
-
-    async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            for _ in range(CONNECTIONS):
-                nursery.start_soon(self._connection)
-
-    async def _connection(self) -> None:
-        async with Client.connect("127.0.0.1", self.port, self.ctx, connect_timeout=5.0) as c:
-            async with trio.open_nursery() as nursery:
-                for _ in range(SLOTS_PER_CONNECTION):
-                    nursery.start_soon(self._slot, c)
-                if self.with_echoes:
-                    nursery.start_soon(self._echoes, c)
-
-    async def _echoes(self, client: Client) -> None:
-        while not self.stopping:
-            stan = self.load.new_stan()
-            with trio.fail_after(PHASE_TIMEOUT):
-                answer = await client.request(echo(stan))
-            assert isinstance(answer, NetworkResponse), answer
-            assert (answer.response_code, answer.stan, answer.code) == ("00", stan, "301")
-            self.echoes += 1
-            await trio.sleep(ECHO_PAUSE)
-
-    async def _slot(self, client: Client) -> None:
-        while not self.stopping:
-            request, new = self.load.next_request()
-            try:
-                response = await self.load.send(client, request, new=new, stats=self.stats)
-            except CONNECTION_LOST:
-                response = None
-            assert response is not None, "a request went unanswered on a live switch"
-            self.progress.set()
-            self.progress = trio.Event()
-
-    def answered(self, phase: str, code: str) -> int:
-        return sum(
-            1
-            for x in self.load.exchanges
-            if x.response is not None
-            and x.response.response_code == code
-            and self.phases.of(x) == phase
-        )
-
-    async def wait_for(self, phase: str, code: str, count: int = PER_PHASE) -> None:
-        """Until ``count`` requests sent in ``phase`` were answered ``code``."""
-        with trio.fail_after(PHASE_TIMEOUT):
-            while self.answered(phase, code) < count:
-                await self.progress.wait()
-
-
 async def stand_ins_for_store(metrics_port: int) -> float:
     reply = await aget(metrics_port, "/metrics")
     assert reply.status == 200
@@ -247,7 +131,7 @@ async def run_outage(
     """The switch with its database on ``filesystem`` (mounted at the path given, yielding
     it) under load: ``fail`` it, then ``restore`` it; the checks of the module docstring.
     Returns the driver for the test's own checks."""
-    metrics_port = free_port()
+    metrics_port = testing.free_port()
     with filesystem(tmp / "db") as mount:
         db = mount / "cardswitch.db"
         config = write_config(

@@ -9,7 +9,6 @@ listeners, HSM session and store answer; every metric the dashboard and alerts q
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -29,12 +28,6 @@ from switch.pki import PkiPaths
 BLOCK_SECONDS = 6
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def blocked_view(port: int, hook: Path) -> tuple[list[int], str]:
     """Block the loop through the hook; /healthz until 503, then /metrics (from this thread)."""
     hook.write_text(str(BLOCK_SECONDS))
@@ -52,7 +45,7 @@ def heartbeat_age(text: str) -> float:
 
 
 async def test_health_endpoints_of_a_running_switch(pki: PkiPaths, tmp_path: Path) -> None:
-    port = free_port()
+    port = testing.free_port()
     cfg = Config(
         listeners=(ListenerConfig(name="visa", port=0, zpk="demo-zpk"),),
         tls=TlsConfig(ca=pki.ca, cert=pki.server_cert, key=pki.server_key),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-import socket
 import sqlite3
 import ssl
 from dataclasses import dataclass, field
@@ -55,12 +54,6 @@ AMOUNT = 100
 #: The first test card of the crash tests' seed (dev-setup imports them) and its account.
 PAN, ACCOUNT, OPENING = SEED_CARDS[0].pan, SEED_CARDS[0].account, SEED_CARDS[0].balance
 APPROVED, STAND_IN = "00", "91"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -128,7 +121,7 @@ async def ready_status(port: int, want: int) -> dict[str, object]:
 async def test_token_removed_and_restored_under_load(
     pki: PkiPaths, client_ctx: ssl.SSLContext, tmp_path: Path
 ) -> None:
-    metrics_port = free_port()
+    metrics_port = testing.free_port()
     softhsm = tmp_path / "softhsm"
     cfg = Config(
         listeners=(ListenerConfig(name="visa", host="127.0.0.1", port=0, zpk="demo-zpk"),),

@@ -25,8 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 import trio
-from crash_support import check_database, pin_tries, seed, switch_env, write_config
-from test_disk_process import Driver
+from crash_support import Driver, check_database, pin_tries, seed, switch_env, write_config
 
 from benchmarks.procstat import ProcSample, sample
 from switch import testing

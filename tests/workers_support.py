@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -36,12 +35,6 @@ from switch.config import MetricsConfig, StoreConfig
 from switch.pki import PkiPaths
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def write_config(
     tmp: Path, pki: PkiPaths, workers: int = 2, *, store: StoreConfig | None = None
 ) -> Path:
@@ -54,7 +47,7 @@ def write_config(
         cfg,
         listeners=listeners,
         server=dataclasses.replace(cfg.server, workers=workers),
-        metrics=MetricsConfig(port=free_port()),
+        metrics=MetricsConfig(port=testing.free_port()),
     )
     return testing.write_config(cfg, path)
 
