@@ -36,7 +36,8 @@ from switch.wire.messages import Message
 DEFAULT_TIMEOUT = 10.0
 
 EXAMPLES = """\
-examples:
+examples (the PAN, track and keys are the public demo card and keys of config/demo/, which
+`make run` loads):
   cardswitch send echo
   cardswitch send --port 9000 signon
   cardswitch send auth --pan 4123456789012345 --amount 1250 \\
