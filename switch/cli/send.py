@@ -36,8 +36,8 @@ from switch.wire.messages import Message
 DEFAULT_TIMEOUT = 10.0
 
 EXAMPLES = """\
-examples (the PAN, track and keys are the public demo card and keys of config/demo/, which
-`make run` loads):
+examples:
+  # the PAN, track and keys below are the public demo card and keys of config/demo/
   cardswitch send echo
   cardswitch send --port 9000 signon
   cardswitch send auth --pan 4123456789012345 --amount 1250 \\
