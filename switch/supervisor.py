@@ -77,7 +77,12 @@ class _Slot:
     """One worker index and the process currently running for it."""
 
     index: int
+    #: Touched only from the trio loop: reading ``trio.Process.returncode`` of an exited
+    #: process closes its pidfd, which only the loop's thread may do.
     process: trio.Process | None = None
+    #: Pid of the current process while it runs (None before it started and once its exit
+    #: was seen): what the health server's threads read instead of ``process``.
+    pid: int | None = None
     #: Internal health/metrics address reported by the current process, once it is ready.
     address: tuple[str, int] | None = None
     ever_ready: bool = False
@@ -170,9 +175,8 @@ class Supervisor:
         """Each worker's pid and internal address as of now (None while it is not up)."""
         out = []
         for slot in self._slots:
-            proc = slot.process
-            pid = proc.pid if proc is not None and proc.returncode is None else None
-            address = slot.address if pid is not None else None
+            pid, address = slot.pid, slot.address  # plain attributes: never slot.process here
+            address = address if pid is not None else None
             out.append(health.WorkerEndpoint(slot.index, pid, address, slot.restarts))
         return out
 
@@ -256,11 +260,13 @@ class Supervisor:
             ready.unlink(missing_ok=True)
             proc = await trio.lowlevel.open_process(self._command(slot, ready), process_group=0)
             slot.process, slot.last_exit, slot.exited_ready = proc, None, False
+            slot.pid = proc.pid
             log.info("worker_started", worker=slot.index, worker_pid=proc.pid)
             was_ready = False
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._await_ready, slot, proc, ready)
                 code = await proc.wait()
+                slot.pid = None
                 was_ready = slot.address is not None
                 nursery.cancel_scope.cancel()
             slot.address, slot.last_exit, slot.exited_ready = None, code, was_ready

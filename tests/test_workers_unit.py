@@ -4,7 +4,9 @@ The real processes are test_workers.py's."""
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +20,7 @@ from switch import health, metrics, testing
 from switch.__main__ import main
 from switch.config import Config, ConfigError, ListenerConfig, ServerConfig, from_mapping
 from switch.server import open_reuseport_listeners
-from switch.supervisor import backoff, reserve_ports, worker_ports
+from switch.supervisor import Supervisor, backoff, reserve_ports, worker_ports
 
 
 async def test_two_listeners_share_a_reserved_port_and_both_accept() -> None:
@@ -159,3 +161,19 @@ def test_small_parsers() -> None:
     with pytest.raises(ValueError, match="NAME=PORT"):
         worker_ports(["visa"])
     assert backoff(0) < backoff(1) < backoff(3) and backoff(50) == backoff(60)
+
+
+async def test_the_health_threads_read_worker_pids_without_touching_the_process() -> None:
+    """Regression (found by ``make soak``'s worker kills on PostgreSQL): the supervisor's
+    /readyz ran ``trio.Process.returncode`` from an HTTP thread; on a worker that had just
+    died that closes the pidfd, which only the trio thread may do, so the route raised and
+    the connection closed without an answer. ``endpoints`` now reads plain attributes."""
+    sup = Supervisor(Config(), None, 1)
+    proc = await trio.lowlevel.open_process([sys.executable, "-c", "pass"])
+    slot = sup._slots[0]
+    slot.process, slot.pid, slot.address = proc, proc.pid, ("127.0.0.1", 1)
+    # Until it has exited, leaving it unreaped (a zombie) as a worker that just died is.
+    await trio.to_thread.run_sync(os.waitid, os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+    (seen,) = await trio.to_thread.run_sync(sup.endpoints)
+    assert (seen.pid, seen.address) == (proc.pid, ("127.0.0.1", 1))
+    assert await proc.wait() == 0
