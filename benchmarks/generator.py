@@ -123,6 +123,10 @@ class PhaseSpec:
     warmup_window: int = 8
     #: Seconds after its scheduled send an answer may come; later, it is a timeout.
     timeout: float = 10.0
+    #: The target's latency budget (seconds), if known: answers later than it are tallied
+    #: by DE39 in ``PhaseResult.over_budget`` (an approval there is one the network has
+    #: already stood in for). Counted from the scheduled send in the open loop.
+    budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.connections < 1 or self.window < 1 or not self.duration > 0:
@@ -156,6 +160,8 @@ class PhaseResult:
     generator_cpu_ms_per_msg: float
     #: The HDR histogram of the latencies (``LatencyHistogram.encode``).
     histogram: str = ""
+    #: Answers later than ``spec.budget`` by DE39 (empty when no budget was given).
+    over_budget: dict[str, int] = field(default_factory=dict)
 
     @property
     def offered_rate(self) -> float:
@@ -214,6 +220,7 @@ class PhaseResult:
             target_cpu_ms_per_msg=num("target_cpu_ms_per_msg"),
             generator_cpu_ms_per_msg=num("generator_cpu_ms_per_msg"),
             histogram=str(raw.get("histogram", "")),
+            over_budget={str(k): int(v) for k, v in raw.get("over_budget", {}).items()},
         )
 
 
@@ -240,6 +247,8 @@ class _Tally:
     codes: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     scenarios: Counter[str] = field(default_factory=Counter)
+    #: Answers later than the phase's budget, by DE39.
+    over_budget: Counter[str] = field(default_factory=Counter)
     sent: int = 0
     answered: int = 0
     #: Answers to requests already counted as timeouts.
@@ -266,6 +275,7 @@ class _Connection:
         self.window: trio.Semaphore | None = None
         self.closed = False
         self.timeout = 10.0
+        self.budget: float | None = None
         self._send_lock = trio.Lock()
 
     async def send(self, data: bytes) -> None:
@@ -290,6 +300,8 @@ class _Connection:
                 t.answered += 1
                 t.codes[code or NO_CODE] += 1
                 t.latency.record(now - sent_at)
+                if self.budget is not None and now - sent_at > self.budget:
+                    t.over_budget[code or NO_CODE] += 1
             else:
                 t.errors[error] += 1
         if self.window is not None:
@@ -447,6 +459,7 @@ async def run_on_streams(
     conns = [_Connection(s, header, wire, tally) for s in streams[: spec.connections]]
     for c in conns:
         c.timeout = spec.timeout
+        c.budget = spec.budget
 
     async def sweeper() -> None:
         while True:
@@ -508,6 +521,7 @@ async def run_on_streams(
         target_cpu_ms_per_msg=cpu * 1000 / handled,
         generator_cpu_ms_per_msg=own * 1000 / (tally.sent or math.nan),
         histogram=tally.latency.encode(),
+        over_budget=dict(sorted(tally.over_budget.items())),
     )
 
 
@@ -645,6 +659,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=5.0, help="seconds measured per phase")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds of warm-up per phase")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds before a timeout")
+    p.add_argument(
+        "--budget", type=float, help="target's latency budget: count later answers by DE39"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals and scenario draw")
     p.add_argument("--target-pid", type=int, help="pid of the target: report its CPU per message")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -679,6 +696,7 @@ def options(a: argparse.Namespace) -> tuple[Target, list[PhaseSpec]]:
         "duration": a.duration,
         "warmup": a.warmup,
         "timeout": a.timeout,
+        "budget": a.budget,
         "seed": a.seed,
     }
     if a.mode == "closed":

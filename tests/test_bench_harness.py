@@ -9,6 +9,7 @@ over the same schedule.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -360,3 +361,28 @@ async def test_open_loop_counts_a_target_that_never_answers_as_timeouts(
         nursery.cancel_scope.cancel()
     assert result.sent == 100 and result.answered == 0
     assert result.errors == {"timeout": 100} and result.latency is None
+
+
+async def test_answers_after_the_budget_are_counted_by_response_code(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # 1.5x the slowed target's capacity, constant arrivals: the queue grows steadily, so the
+    # answers later than the budget are exactly the model's latencies above it.
+    rate, budget = 1.5 / SERVICE, 0.5
+    spec = PhaseSpec(
+        "open", "open", 1, rate=rate, arrival="constant", duration=2.0, warmup=0, budget=budget
+    )
+    result = await _phase_over_memory(spec, baselines.Options("bare", delay=SERVICE))
+    model = schedule.fifo_latencies(schedule.arrivals("constant", rate, 2.0), SERVICE)
+    late = sum(1 for v in model if v > budget)
+    assert 0 < late < len(model)
+    assert result.over_budget == {"00": late}
+    path = tmp_path / "r.json"
+    write_json(path, [result], {"command": "test"})
+    (back,) = read_json(path)
+    assert back.over_budget == result.over_budget and back.spec.budget == budget
+    # Without a budget nothing is counted.
+    plain = await _phase_over_memory(
+        dataclasses.replace(spec, budget=None), baselines.Options("bare", delay=SERVICE)
+    )
+    assert plain.over_budget == {} and plain.latency == result.latency
