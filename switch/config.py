@@ -222,8 +222,18 @@ class ServerConfig:
     #: request in flight is a task the event loop runs in turn, and with hundreds of them a
     #: saturated loop reaches the readers late, so requests wait in socket buffers where no
     #: budget sees them (``benchmarks/RESULTS.md``: at 2x capacity, 4096 let approvals reach
-    #: the network after 4 s; 32 answered within the budget).
-    max_in_flight: int = 32
+    #: the network after 4 s; with 32, frames a TLS record each, read one per connection per
+    #: turn of the loop, waited up to 150 KB deep in the kernel at 2x; 16 keeps that queue
+    #: near empty and still reaches the closed-loop capacity).
+    max_in_flight: int = 16
+    #: Longest a request may wait in its connection's queue for a slot, in seconds; one that
+    #: cannot start within it (or within the budget less ``pipeline.min_remaining``, if
+    #: sooner) is answered with the overload code: at once when the slots' recent service
+    #: times forecast it, else at that instant. A queue as long as the budget answers the
+    #: excess of an overload seconds late, at the edge of the network's own timeout
+    #: (``benchmarks/RESULTS.md``: at 2x capacity, p50 1.4 s and a quarter of the answers
+    #: after the 2 s budget); a fraction of it still absorbs a burst.
+    max_queue_wait: float = 0.5
     #: Seconds to finish in-flight requests after SIGTERM/SIGINT before exiting.
     drain_timeout: float = 10.0
     #: Worker processes sharing the listening ports (SO_REUSEPORT) under a supervisor
@@ -559,6 +569,8 @@ def _check(cfg: Config, source: str) -> None:
         raise ConfigError(source, "pipeline.atc_window", "must be between 0 and 32")
     if cfg.server.max_in_flight < 1:
         raise ConfigError(source, "server.max_in_flight", "must be at least 1")
+    if not cfg.server.max_queue_wait >= 0:
+        raise ConfigError(source, "server.max_queue_wait", "must be 0 or more seconds")
     if not 1 <= cfg.server.workers <= MAX_WORKERS:
         raise ConfigError(source, "server.workers", f"must be between 1 and {MAX_WORKERS}")
     _check_events(cfg.events, source)

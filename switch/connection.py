@@ -24,10 +24,12 @@ the listener in production, one end of ``trio.testing.memory_stream_pair()`` in 
   in a per-connection queue of complete frames (``listener.max_queued``) for a slot on this
   connection and in the switch, in arrival order; it is answered AT ONCE with the profile's
   code for ``SYSTEM_OVERLOAD`` (stand-in cause "overload", nothing decided or kept) when the
-  queue is full on arrival, or when it cannot start while at least ``min_remaining`` of its
-  budget is left (then at that instant, never later). Reading pauses only when answers
-  cannot be written (the outbox is full: the peer does not read), which bounds memory to
-  ``max_queued`` waiting frames plus the outbox;
+  queue is full on arrival, when the slots' recent service times forecast that behind the
+  queue it would start too late or finish after its budget (``admission.WaitForecast``, on
+  arrival too), or when it cannot start within ``server.max_queue_wait`` of its arrival
+  while at least ``min_remaining`` of its budget is left (then at that instant, never
+  later). Reading pauses only when answers cannot be written (the outbox is full: the peer
+  does not read), which bounds memory to ``max_queued`` waiting frames plus the outbox;
 - what the handler can decide on the spot (``decide_now``: an echo test, a sign-on) is
   answered by the reader itself, without a task or an admission slot; request tasks call the
   ``RequestHandler`` for the rest and queue the encoded answer of the ``Decision`` it
@@ -65,6 +67,7 @@ import trio
 from hsm.pan import mask_pan
 from switch import metrics
 from switch.acquirer import echo
+from switch.admission import WaitForecast
 from switch.config import ListenerConfig
 from switch.decisions import Profile, Reason
 from switch.handler import ECHO, Decision, Request, RequestContext, RequestHandler, Response
@@ -198,6 +201,11 @@ class Connection:
             (the default) sheds only when the admission queue is full.
         min_remaining: seconds of its budget a request must have left to be started
             (``pipeline.min_remaining``); with less it is answered with the overload code.
+        max_queue_wait: seconds a request may wait for a slot (``server.max_queue_wait``);
+            longer, it is answered with the overload code.
+        forecast: the waiting requests and slot times of the pool the requests wait for,
+            shared by the connections of one switch; one of this connection's slots when
+            not given.
     """
 
     def __init__(
@@ -209,11 +217,13 @@ class Connection:
         *,
         linger: float,
         global_slots: trio.Semaphore | None = None,
+        forecast: WaitForecast | None = None,
         peer: frozenset[str] = frozenset(),
         remote: str = "?",
         session: ListenerSession | None = None,
         budget: float = math.inf,
         min_remaining: float = 0.0,
+        max_queue_wait: float = math.inf,
     ) -> None:
         self._stream = stream
         self._handler = handler
@@ -222,6 +232,8 @@ class Connection:
         self._linger = linger
         self._global_slots = global_slots
         self._slots = trio.Semaphore(listener.max_in_flight)
+        #: Waiting requests and slot times of the pool this connection's requests wait for.
+        self._forecast = forecast if forecast is not None else WaitForecast(listener.max_in_flight)
         self._peer = peer
         self._remote = remote
         self._session = Session(listener, profile)
@@ -233,6 +245,7 @@ class Connection:
         self._echo_sent_at = -math.inf
         self._budget = budget
         self._min_remaining = min_remaining
+        self._max_queue_wait = max_queue_wait
         # Complete frames waiting for a slot, oldest first (admission, see the docstring);
         # bounded by ``_waiting`` against ``listener.max_queued``, not by the channel.
         self._waiting_send, self._waiting_recv = trio.open_memory_channel[_Waiting](math.inf)
@@ -380,11 +393,18 @@ class Connection:
                     elif isinstance(immediate, Decision):
                         await self._send(action.message, immediate, received_at)
                     elif self._waiting == 0 and self._try_slots():
-                        requests.start_soon(self._request, action.message, ctx)
+                        requests.start_soon(self._request, action.message, ctx, received_at)
                     elif self._waiting >= lst.max_queued:
                         await self._shed(action.message, received_at, "queue_full")
+                    elif self._forecast.too_late(
+                        received_at,
+                        start_by=self._start_by(received_at),
+                        deadline=received_at + self._budget,
+                    ):
+                        await self._shed(action.message, received_at, "forecast")
                     else:
                         self._waiting += 1
+                        self._forecast.queued()
                         self._waiting_send.send_nowait(_Waiting(action.message, ctx))
                 elif isinstance(action, Answer):
                     metrics.observe_protocol_error(lst.name, "format_error")
@@ -455,24 +475,52 @@ class Connection:
 
     async def _admission_loop(self, requests: trio.Nursery) -> None:
         """Start the waiting requests in arrival order as slots free up; answer at once with
-        the overload code those that cannot start with ``min_remaining`` of their budget
-        left. Ends when the reader has stopped and the queue is empty; requests still
-        waiting when it is cancelled (a drain cut short) are counted as abandoned."""
+        the overload code those that cannot start by ``_start_by`` (within the queue wait,
+        with ``min_remaining`` of their budget left). Ends when the reader has stopped and
+        the queue is empty; requests still waiting when it is cancelled (a drain cut short)
+        are counted as abandoned."""
+        #: The request taken from the queue and not yet started or answered.
+        current: _Waiting | None = None
         try:
-            async for item in self._waiting_recv:
-                start_by = item.received_at + self._budget - self._min_remaining
-                started = await self._acquire_slots(start_by)
-                self._waiting -= 1
-                if started:
-                    requests.start_soon(self._request, item.message, item.ctx)
-                else:
-                    await self._shed(item.message, item.received_at, "deadline")
+            async for first in self._waiting_recv:
+                current = first
+                # Every waiting request whose slots are free now starts in this one turn of
+                # the loop: a checkpoint per request would let one connection start at most
+                # one request per turn of a busy run queue, leaving slots idle while
+                # requests wait (and the wait forecast, from slot times, too optimistic).
+                while current is not None:
+                    start_by = self._start_by(current.received_at)
+                    if self._try_slots():
+                        started = True
+                    elif trio.current_time() >= start_by:
+                        started = False
+                    else:
+                        started = await self._acquire_slots(start_by)
+                    item, current = current, None
+                    self._waiting -= 1
+                    self._forecast.dequeued()
+                    if started:
+                        now = trio.current_time()
+                        requests.start_soon(self._request, item.message, item.ctx, now)
+                    else:
+                        await self._shed(item.message, item.received_at, "deadline")
+                    with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                        current = self._waiting_recv.receive_nowait()
         finally:
+            if current is not None:  # cancelled while it waited for its slots
+                self._forecast.dequeued()
+                self._undelivered(_abandoned(current.message, current.received_at), "abandoned")
             with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 while True:
                     left = self._waiting_recv.receive_nowait()
+                    self._forecast.dequeued()
                     self._undelivered(_abandoned(left.message, left.received_at), "abandoned")
             self._waiting_recv.close()
+
+    def _start_by(self, received_at: float) -> float:
+        """The latest instant a request read at ``received_at`` may start."""
+        wait = min(self._budget - self._min_remaining, self._max_queue_wait)
+        return received_at + wait
 
     def _try_slots(self) -> bool:
         """Take a slot on this connection and one in the switch if both are free now."""
@@ -540,8 +588,9 @@ class Connection:
 
     # ------------------------------------------------------------------------- requests
 
-    async def _request(self, message: Request, ctx: RequestContext) -> None:
-        """Decide one request and queue its answer; every way out is accounted for."""
+    async def _request(self, message: Request, ctx: RequestContext, slotted: float) -> None:
+        """Decide one request (its slots taken at ``slotted``) and queue its answer; every
+        way out is accounted for."""
         metrics.IN_FLIGHT.inc()
         accounted = False
         received_at = ctx.received_at
@@ -564,6 +613,9 @@ class Connection:
                 )
                 self._undelivered(lost, "abandoned")
             metrics.IN_FLIGHT.dec()
+            # From the slots' taking, not the task's start: the slots are held (and no other
+            # request can start) while the new task waits for its turn on a busy loop.
+            self._forecast.finished(trio.current_time() - slotted)
             if self._global_slots is not None:
                 self._global_slots.release()
             self._slots.release()
@@ -605,7 +657,16 @@ class Connection:
             self._undelivered(item.outcome, "write_failed")
             return
         try:
-            await self._outbox_send.send(item)
+            # Without a checkpoint when the outbox has room: the reader queues the answers
+            # it makes itself (sheds, echoes, format errors) for a whole read at once, rather
+            # than one per turn of the run queue behind every request task (at 2x capacity
+            # that left frames read but unanswered for a second).
+            self._outbox_send.send_nowait(item)
+        except trio.WouldBlock:
+            try:
+                await self._outbox_send.send(item)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._undelivered(item.outcome, "write_failed")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._undelivered(item.outcome, "write_failed")
 

@@ -354,11 +354,12 @@ STAND_IN_APPROVALS = _counter(
     network=NETWORK_NAMES,
 )
 #: Why a request was answered with the overload code before it started (connection.py).
-SHED_KINDS: Final = LabelValues(["queue_full", "deadline"])
+SHED_KINDS: Final = LabelValues(["queue_full", "forecast", "deadline"])
 SHED = _counter(
     "cardswitch_shed",
-    "Requests answered at once with the overload code: the admission queue was full, or"
-    " too little of the budget was left to start them.",
+    "Requests answered with the overload code before they started: the admission queue was"
+    " full, they were forecast to miss their budget behind the queue (both on arrival), or"
+    " too little of the budget was left when a slot freed up.",
     listener=LISTENERS,
     kind=SHED_KINDS,
 )

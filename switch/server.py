@@ -57,6 +57,7 @@ from collections.abc import Callable
 import trio
 
 from switch import metrics
+from switch.admission import WaitForecast
 from switch.config import Config, ListenerConfig
 from switch.connection import Connection, describe
 from switch.decisions import Profile, profile
@@ -177,6 +178,7 @@ class Server:
         self._handler = handler
         self._context_for = ssl_context if callable(ssl_context) else (lambda: ssl_context)
         self._global_slots = trio.Semaphore(config.server.max_in_flight)
+        self._forecast = WaitForecast(config.server.max_in_flight)
         self._accept_scopes: list[trio.CancelScope] = []
         self._connections: set[Connection] = set()
         self._profiles: dict[str, Profile] = {
@@ -372,11 +374,13 @@ class Server:
                 self._profiles[lst.name],
                 linger=self._config.server.drain_timeout,
                 global_slots=self._global_slots,
+                forecast=self._forecast,
                 peer=peer,
                 remote=remote,
                 session=self.sessions[lst.name],
                 budget=self._config.pipeline.budget,
                 min_remaining=self._config.pipeline.min_remaining,
+                max_queue_wait=self._config.server.max_queue_wait,
             )
             if self._hurried:
                 conn.abort(FLUSH_TIMEOUT)

@@ -32,7 +32,7 @@ from hsm.errors import KeyExists
 from hsm.pkcs11 import Pkcs11Hsm
 from switch import log as log_mod
 from switch.acquirer import build_auth
-from switch.config import Config, PipelineConfig, StoreConfig
+from switch.config import Config, PipelineConfig, ServerConfig, StoreConfig
 from switch.handler import Dispatcher
 from switch.pipeline import Pipeline
 from switch.pki import PkiPaths
@@ -217,6 +217,7 @@ async def running_switch(
     pipeline_store: Callable[[Store], Store] | None = None,
     pipeline: PipelineConfig | None = None,
     store: StoreConfig | None = None,
+    server: ServerConfig | None = None,
     **listener: Any,
 ) -> AsyncIterator[Switch]:
     """A switch with a fresh store holding ``rows``, serving on an ephemeral port.
@@ -224,13 +225,15 @@ async def running_switch(
     ``pipeline_hsm`` replaces the HSM the pipeline talks to (provisioning still uses ``hsm``),
     for tests of a slow or failing HSM; ``pipeline_store`` wraps the store the pipeline talks
     to (tests of a failing store); ``pipeline`` sets the budget and stand-in policy; ``store``
-    the store (default: a new SQLite file in ``tmp``; see ``e2e_store``). Other
+    the store (default: a new SQLite file in ``tmp``; see ``e2e_store``); ``server`` the
+    process-wide limits. Other
     keyword arguments are ``ListenerConfig`` fields (``zpk`` defaults to ``demo-zpk``).
     """
     base = make_config(pki, **{"zpk": "demo-zpk", **listener})
     cfg = replace(
         base,
         pipeline=pipeline or base.pipeline,
+        server=server or base.server,
         store=store or StoreConfig(path=tmp / "cardswitch.db"),
         card_data=replace(base.card_data, fingerprint_key="fp", encryption_key="pan"),
     )
@@ -243,11 +246,11 @@ async def running_switch(
         engine_store = pipeline_store(opened) if pipeline_store else opened
         engine = Pipeline(cfg, store=engine_store, hsm=pipeline_hsm or hsm, vault=vault)
         handler = Dispatcher(engine, keys=hsm, journal=engine_store)
-        server = Server(cfg, handler, server_context(cfg.tls))
+        listening = Server(cfg, handler, server_context(cfg.tls))
         async with trio.open_nursery() as nursery:
-            bound = await nursery.start(server.serve)
+            bound = await nursery.start(listening.serve)
             try:
                 yield Switch(bound[0][2], opened, hsm, cfg, logs, cfg.store.path)
             finally:
-                server.shutdown()
+                listening.shutdown()
     log_mod.configure("info", "console")

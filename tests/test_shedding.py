@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 import structlog
 import trio
 import trio.testing
@@ -24,7 +25,7 @@ from hsm.pkcs11 import Pkcs11Hsm
 from switch import metrics
 from switch.acquirer import build_auth
 from switch.client import Client
-from switch.config import ListenerConfig, PipelineConfig
+from switch.config import ListenerConfig, PipelineConfig, ServerConfig
 from switch.connection import Connection
 from switch.decisions import profile
 from switch.handler import Dispatcher
@@ -141,8 +142,9 @@ async def test_overload_through_the_real_server(
     tmp_path: Path,
     client_ctx: ssl.SSLContext,
 ) -> None:
-    """max_in_flight 1 and max_queued 1 with a slow HSM: a burst of 6 on one link gets two
-    decisions and four overload answers, each at once; the holds are the approvals."""
+    """max_in_flight 1 and max_queued 1 with a slow HSM (and a queue wait long enough for the
+    queued one): a burst of 6 on one link gets two decisions and four overload answers, each
+    at once; the holds are the approvals."""
 
     class _Slow:
         def __init__(self, hsm: Pkcs11Hsm) -> None:
@@ -159,7 +161,7 @@ async def test_overload_through_the_real_server(
     pipeline = PipelineConfig(budget=2.5, min_remaining=0.1)
     async with running_switch(
         pki, demo_hsm, card_rows, tmp_path, pipeline_hsm=_Slow(demo_hsm), pipeline=pipeline,
-        max_in_flight=1, max_queued=1,
+        max_in_flight=1, max_queued=1, server=ServerConfig(max_queue_wait=2.0),
     ) as sw:  # fmt: skip
         async with Client.connect("127.0.0.1", sw.port, client_ctx) as client:
             results: dict[str, tuple[str, float]] = {}
@@ -183,3 +185,74 @@ async def test_overload_through_the_real_server(
     slowest_decided = max(t for code, t in results.values() if code == "00")
     fastest_shed = min(t for code, t in results.values() if code == "91")
     assert fastest_shed < slowest_decided  # the excess did not wait for the decisions
+
+
+async def test_once_service_times_are_known_the_excess_is_shed_on_arrival(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two slots, decisions of 0.35 s, a 1 s budget: after one round has shown how long a
+    decision takes, a burst of 12 gets 2 started, 2 queued (they start at 0.35 s and finish
+    by 0.70 s), and the 8 that would finish after their budget behind them are answered 91
+    on arrival, not at their start-by instant 0.9 s later, though the queue had room."""
+    pipeline = PipelineConfig(budget=BUDGET, min_remaining=MIN_REMAINING)
+    engine = await software_engine(_rows(), pipeline=pipeline, hsm_wrapper=SlowHsm)
+    listener = ListenerConfig(name="forecast", network="visa", max_in_flight=2, max_queued=50)
+    kinds = ("queue_full", "forecast", "deadline")
+    shed_before = {k: _sample("cardswitch_shed_total", listener="forecast", kind=k) for k in kinds}
+    ours, theirs = trio.testing.memory_stream_pair()
+    conn = Connection(
+        ours, Dispatcher(engine.pipeline), listener, profile("visa"), linger=5.0,
+        budget=BUDGET, min_remaining=MIN_REMAINING,
+    )  # fmt: skip
+    warmup = ["000001", "000002"]
+    stans = [f"{i:06d}" for i in range(3, 15)]
+    answers: list[tuple[float, dict[str, str]]] = []
+    got = {"warmup": trio.Event(), "burst": trio.Event()}
+
+    async def read() -> None:
+        decoder = FrameDecoder("binary2", 65535)
+        while data := await theirs.receive_some(65536):
+            for frame in decoder.feed(bytes(data)):
+                answers.append((trio.current_time(), codec.decode_fields(frame)))
+            if len(answers) >= len(warmup):
+                got["warmup"].set()
+            if len(answers) >= len(warmup) + len(stans):
+                got["burst"].set()
+
+    def frames(numbers: list[str], first_amount: int) -> bytes:
+        requests = [
+            build_auth(PAN, first_amount + i, stan=s, track2=TRACK2, pos_entry_mode="901")
+            for i, s in enumerate(numbers)
+        ]
+        return b"".join(encode_frame(codec.encode(r)) for r in requests)
+
+    with structlog.testing.capture_logs() as logs, trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.run)
+            nursery.start_soon(read)
+            await theirs.send_all(frames(warmup, 50))
+            await got["warmup"].wait()
+            t0 = trio.current_time()
+            await theirs.send_all(frames(stans, 100))
+            await got["burst"].wait()
+            await theirs.send_eof()
+    burst = {a["11"]: (at - t0, a["39"]) for at, a in answers if a["11"] in stans}
+    assert sorted(burst) == stans  # one answer each
+    lines = {e["stan"]: e for e in logs if e["event"] == "answered"}
+    overload = sorted(s for s in stans if lines[s]["reason"] == "system_overload")
+    assert overload == stans[4:]
+    assert all(burst[s] == (0, "91") and lines[s]["stand_in_cause"] == "overload" for s in overload)
+    decided = {s: burst[s] for s in stans[:4]}
+    assert all(code == "00" for _, code in decided.values())
+    assert sorted(t for t, _ in decided.values()) == pytest.approx([0.35, 0.35, 0.70, 0.70])
+    after = {k: _sample("cardswitch_shed_total", listener="forecast", kind=k) for k in kinds}
+    assert {k: after[k] - shed_before[k] for k in kinds} == {
+        "queue_full": 0, "forecast": 8, "deadline": 0,
+    }  # fmt: skip
+    # The money: the six approvals are journaled with their holds, nothing else is.
+    approved = warmup + stans[:4]
+    journal = {row.dup_key.stan: row for row in engine.store.journal}
+    assert sorted(journal) == approved
+    held = 50 + 51 + sum(100 + i for i in range(4))
+    assert await engine.store.active_holds_total(ACCOUNT) == held
+    assert sum(h.remaining for h in engine.store.holds.values()) == held
