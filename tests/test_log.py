@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import iso8583
 import pytest
 
-from hsm.pan import scrub
+from hsm.pan import mask_pan, scrub
 from switch import log as log_mod
 from switch.wire import codec
 from switch.wire.spec import spec_for
@@ -75,3 +75,10 @@ def test_scrub_masks_pan_shapes_in_free_text() -> None:
     assert scrub(f"x{PAN}y") == "x412345******2345y"
     assert scrub("stan 000123 amount 000000001000") == "stan 000123 amount 000000001000"
     assert "4761739001010010" not in scrub("4761739001010010D25122011143878089")
+
+
+def test_mask_pan_keeps_the_first_six_and_last_four_digits() -> None:
+    assert mask_pan(PAN) == "412345******2345"
+    assert mask_pan("1234567890123") == "123456***0123"  # 13 digits, the shortest PAN
+    assert mask_pan("123456789") == "*********"  # too short to show anything
+    assert scrub(f"bad field 2: '{PAN}' at 4") == "bad field 2: '412345******2345' at 4"

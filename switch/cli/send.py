@@ -37,16 +37,16 @@ DEFAULT_TIMEOUT = 10.0
 
 EXAMPLES = """\
 examples:
-  # the PAN, track and keys below are the public demo card and keys of config/demo/
+  # $PAN and $TRACK2: a card of the switch's own; with the demo data (config/demo/,
+  # public test keys) see the README's quick start for one, and the demo ZPKs below
   cardswitch send echo
   cardswitch send --port 9000 signon
-  cardswitch send auth --pan 4123456789012345 --amount 1250 \\
-      --track2 '4123456789012345=87011011000056100000' --pos-entry-mode 901
-  cardswitch send auth --pan 4123456789012345 --amount 100 \\
+  cardswitch send auth --pan "$PAN" --amount 1250 --track2 "$TRACK2" --pos-entry-mode 901
+  cardswitch send auth --pan "$PAN" --amount 100 \\
       --pin 1234 --zpk 0123456789ABCDEFFEDCBA9876543210
-  cardswitch send auth --pan 4123456789012345 --amount 100 \\
+  cardswitch send auth --pan "$PAN" --amount 100 \\
       --pin 1234 --zpk 00112233445566778899AABBCCDDEEFF --pin-format 4
-  cardswitch send reversal --pan 4123456789012345 --amount 1250 \\
+  cardswitch send reversal --pan "$PAN" --amount 1250 \\
       --original-stan 123456 --original-time 1128120000
 
 The connection options (--config, --listener, --host, --port, --pki-dir, --timeout) go
