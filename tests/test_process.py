@@ -24,7 +24,8 @@ def write_config(path: Path, pki: PkiPaths) -> Path:
     cfg = Config(
         listeners=(ListenerConfig(host="127.0.0.1", port=0),),
         tls=TlsConfig(ca=pki.ca, cert=pki.server_cert, key=pki.server_key),
-        server=ServerConfig(drain_timeout=10.0),
+        # Room for the 20 requests the drain test holds in its 1 s handler at once.
+        server=ServerConfig(drain_timeout=10.0, max_in_flight=32),
         metrics=MetricsConfig(port=0),
     )
     return testing.write_config(cfg, path)
