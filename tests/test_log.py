@@ -82,3 +82,19 @@ def test_mask_pan_keeps_the_first_six_and_last_four_digits() -> None:
     assert mask_pan("1234567890123") == "123456***0123"  # 13 digits, the shortest PAN
     assert mask_pan("123456789") == "*********"  # too short to show anything
     assert scrub(f"bad field 2: '{PAN}' at 4") == "bad field 2: '412345******2345' at 4"
+
+
+def test_lines_are_sorted_json_whatever_the_values(captured: io.StringIO) -> None:
+    logger = log_mod.get_logger("test")
+
+    class Opaque:
+        def __repr__(self) -> str:
+            return "<opaque>"
+
+    logger.info("first", zeta=1, alpha="a", odd=Opaque(), by_number={7: "x"})
+    logger.info("second", huge=2**70)  # beyond orjson's 64 bits: the stdlib encoder takes it
+    first, second = captured.getvalue().splitlines()
+    keys = list(json.loads(first))
+    assert keys == sorted(keys)
+    assert json.loads(first)["odd"] == "<opaque>" and json.loads(first)["by_number"] == {"7": "x"}
+    assert json.loads(second)["huge"] == 2**70
