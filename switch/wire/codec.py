@@ -15,8 +15,11 @@ EBCDIC) must be digits of their encoding.
 ``encode`` raises ``ValueError`` or ``TypeError`` for programmer errors (a message that cannot
 be laid out).
 
+Both directions take ``fastpath``'s compiled decoder and encoder first (byte-identical to
+pyiso8583 where they answer) and pyiso8583 for everything they leave to it, errors included.
+
 What does not: framing (framing.py), what a field number means (messages.py), the pyiso8583
-spec data (spec.py), BER-TLV of DE55 (emv.py).
+spec data (spec.py), BER-TLV of DE55 (emv.py), the fast path itself (fastpath.py).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any, Final
 import iso8583
 
 from hsm.pan import scrub
-from switch.wire import messages
+from switch.wire import fastpath, messages
 from switch.wire.framing import WireError
 from switch.wire.messages import ErrorResponse, FieldError, Message
 from switch.wire.spec import SpecChoice, shared_spec, sub_layouts
@@ -187,6 +190,9 @@ def _decode_dict(frame: bytes, kind: SpecChoice) -> dict[str, str]:
     defined = shared_spec(kind)
     spec = _guarded_spec(kind)
     frame = bytes(frame)
+    fast = fastpath.decode(frame, spec)
+    if fast is not None:  # length prefixes are plain digits there: only the checks below
+        return _checked(fast, defined)
     try:
         doc_dec, doc_enc = iso8583.decode(frame, spec)
     except iso8583.DecodeError as exc:
@@ -204,6 +210,11 @@ def _decode_dict(frame: bytes, kind: SpecChoice) -> dict[str, str]:
             allowed = _PREFIX_DIGITS.get(len_enc, _ASCII_DIGITS)
             if not all(b in allowed for b in enc["len"]):
                 raise FormatError._with_context("length prefix is not digits", key, doc_dec)
+    return _checked(doc_dec, defined)
+
+
+def _checked(doc_dec: dict[str, str], defined: Mapping[str, Any]) -> dict[str, str]:
+    """``doc_dec`` unless it holds a tertiary bitmap or an element the spec does not define."""
     # Binary bitmaps decode to hex text too, so one width covers both encodings.
     if len(doc_dec.get("1", "")) > _HEX_BITMAP_WIDTH and _FIRST_TERTIARY not in defined:
         raise FormatError._with_context("tertiary bitmap not supported", "65", doc_dec)
@@ -269,8 +280,12 @@ def encode(msg: Message, spec: SpecChoice = "ascii") -> bytes:
             character set); the text names the field, never its value.
     """
     fields: dict[str, Any] = messages.to_fields(msg, sub_layouts(spec))
+    layout = shared_spec(spec)
+    fast = fastpath.encode(fields, layout)
+    if fast is not None:
+        return fast
     try:
-        raw, _ = iso8583.encode(fields, shared_spec(spec))
+        raw, _ = iso8583.encode(fields, layout)
     except iso8583.EncodeError as exc:
         raise ValueError(
             f"cannot encode {type(msg).__name__} field {exc.field}: {_safe_reason(exc.msg)}"
