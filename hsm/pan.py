@@ -38,6 +38,10 @@ _TRACK2_RE = re.compile(r"(?<![0-9A-F])\d{12,19}[=D]\d{4,}[0-9A-F?]*", re.IGNORE
 _HEX_RE = re.compile(r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{16,}(?![0-9A-Fa-f])")
 #: Python bytes reprs of raw message data (b'...'): replaced wholesale.
 _BYTES_RE = re.compile(r"""b(['"])(?:\\.|(?!\1).)*\1""")
+#: What each pattern above needs at the least: 12 digits in a row (``_PAN_RE`` needs 13,
+#: ``_TRACK2_RE`` 12), 16 hex digits in a row (``_HEX_RE``), or a bytes literal's opening.
+#: Text without any is returned by ``scrub`` after this one search instead of four passes.
+_ANY_RISK_RE = re.compile(r"""\d{12}|[0-9A-Fa-f]{16}|b['"]""")
 
 
 def is_digits(value: str) -> bool:
@@ -81,6 +85,8 @@ def scrub(text: str) -> str:
     """
     if len(text) < _SHORTEST_MATCH and "b'" not in text and 'b"' not in text:
         return text  # too short for a PAN, track or long hex, and no bytes literal: as is
+    if _ANY_RISK_RE.search(text) is None:
+        return text  # nothing any pattern could match
     text = _BYTES_RE.sub("b'<redacted>'", text)
     text = _TRACK2_RE.sub("<track-redacted>", text)
     text = _PAN_RE.sub(lambda m: m.group(1) + "*" * len(m.group(2)) + m.group(3), text)

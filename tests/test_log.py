@@ -8,7 +8,10 @@ from collections.abc import Iterator
 
 import iso8583
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from hsm import pan
 from hsm.pan import mask_pan, scrub
 from switch import log as log_mod
 from switch.wire import codec
@@ -98,3 +101,24 @@ def test_lines_are_sorted_json_whatever_the_values(captured: io.StringIO) -> Non
     assert keys == sorted(keys)
     assert json.loads(first)["odd"] == "<opaque>" and json.loads(first)["by_number"] == {"7": "x"}
     assert json.loads(second)["huge"] == 2**70
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.text("0123456789", min_size=10, max_size=20),
+            st.text("0123456789abcdefABCDEF", min_size=14, max_size=18),
+            st.sampled_from(["b'", 'b"', "'", "=", "D", "\\", " "]),
+            st.text(max_size=8),
+        ),
+        max_size=8,
+    ).map("".join)
+)
+def test_scrub_short_cut_changes_nothing(text: str) -> None:
+    # The one-search short cut of scrub against its four passes applied in full.
+    full = pan._BYTES_RE.sub("b'<redacted>'", text)
+    full = pan._TRACK2_RE.sub("<track-redacted>", full)
+    full = pan._PAN_RE.sub(lambda m: m.group(1) + "*" * len(m.group(2)) + m.group(3), full)
+    full = pan._HEX_RE.sub("<hex-redacted>", full)
+    assert scrub(text) == full
