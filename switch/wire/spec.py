@@ -225,9 +225,9 @@ _CACHE: Final[dict[tuple[str, Layout | None, int], Spec]] = {}
 def _resolve(spec: SpecChoice | str) -> WireSpec:
     if isinstance(spec, WireSpec):
         return spec
-    if spec in SPEC_KINDS:
-        return WireSpec(spec)
     found = _BY_NAME.get(spec)
+    if found is None and spec in SPEC_KINDS:
+        found = _BY_NAME[spec] = WireSpec(spec)  # frozen: one per kind serves every call
     if found is None:
         # A network profile's name: its own layout and sub-layouts (8-byte DE52).
         from switch.wire.profile import ProfileError, load_profile  # noqa: PLC0415 - cycle
