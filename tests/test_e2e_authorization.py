@@ -6,6 +6,7 @@ ARQC/ARPC), not from our own code.
 
 from __future__ import annotations
 
+import json
 import ssl
 from dataclasses import replace
 from pathlib import Path
@@ -362,6 +363,6 @@ async def test_log_line_names_the_reason_the_store_decided(
 ) -> None:
     (answer,) = await _ask(switch, client_ctx, build_auth(SMALL_PAN, 1000, stan="005151"))
     assert answer.response_code == "51"
-    lines = [line for line in switch.log.getvalue().splitlines() if '"answered"' in line]
-    (line,) = [line for line in lines if '"005151"' in line]
-    assert '"reason": "insufficient_funds"' in line
+    lines = [json.loads(line) for line in switch.log.getvalue().splitlines()]
+    (line,) = [e for e in lines if e.get("event") == "answered" and e.get("stan") == "005151"]
+    assert line["reason"] == "insufficient_funds"
