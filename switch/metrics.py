@@ -125,8 +125,9 @@ REASONS: Final = LabelValues([r.value for r in Reason] + ["undecided"])
 NETWORK_NAMES: Final = LabelValues(NETWORKS)
 #: Listener names: the configured ones (``configure_listeners``) and, at most, a few others.
 LISTENERS: Final = LabelValues(admit_first=32)
-#: Pipeline steps (switch/pipeline.py ``_step``).
-STEPS: Final = LabelValues(["validate", "duplicate", "card", "security", "controls", "commit"])
+#: Pipeline steps (switch/pipeline.py ``_step``); "duplicate" is the one read of an
+#: authorization (``Store.lookup_auth``: the repeat check, the card and its account).
+STEPS: Final = LabelValues(["validate", "duplicate", "security", "controls", "commit"])
 #: HSM and vault commands the pipeline times (switch/pipeline.py ``_hsm_command``).
 HSM_COMMANDS: Final = LabelValues(
     (

@@ -65,6 +65,7 @@ from switch.store.models import (
     Account,
     AuthIntent,
     AuthKind,
+    AuthLookup,
     AuthOutcome,
     Card,
     CardStatus,
@@ -228,9 +229,11 @@ class Pipeline:
                 fingerprint = await self._fingerprint(request.pan)
                 digest = _auth_digest(request, dup_key, fingerprint)
                 with _step("duplicate"), self._guard("store"):
-                    stored = await self._store.find_outcome(dup_key, digest)
+                    # The repeat check and the card's reads in one store operation.
+                    lookup = await self._store.lookup_auth(dup_key, digest, fingerprint)
+                stored = lookup.stored
                 if stored is None:
-                    prepared = await self._prepare(request, context, dup_key, fingerprint, digest)
+                    prepared = await self._prepare(request, context, dup_key, digest, lookup)
                     with _step("commit"), self._guard("store"):
                         outcome = await self._store.commit_auth(prepared.intent, deadline=deadline)
         except (_Unavailable, _Refused, StoreError, HsmError) as exc:
@@ -288,10 +291,11 @@ class Pipeline:
         req: AuthRequest,
         ctx: RequestContext,
         dup_key: DuplicateKey,
-        fingerprint: bytes,
         digest: str,
+        lookup: AuthLookup,
     ) -> _Prepared:
-        """The steps before commit: what the store is to make durable for this request."""
+        """The steps before commit: what the store is to make durable for this request,
+        from the card and account ``lookup`` read."""
         advice = is_advice(req.mti)
         completion = advice and _is_completion(req, ctx.listener)
         financial = is_financial(req.mti) or completion
@@ -348,9 +352,7 @@ class Pipeline:
             if reason is not None:
                 return decline(reason)
 
-        with _step("card"), self._guard("store"):
-            card = await self._store.get_card_by_fingerprint(fingerprint)
-            account = await self._store.get_account(card.account_id) if card else None
+        card, account = lookup.card, lookup.account
         if card is None or account is None:
             return decline(Reason.ADVICE_UNKNOWN_CARD if advice else Reason.UNKNOWN_CARD)
         if account.currency != req.currency:

@@ -553,6 +553,10 @@ class _SwitchableStore:
         self._check()
         return await self._inner.get_account(account_id)  # type: ignore[no-any-return]
 
+    async def lookup_auth(self, key: DuplicateKey, digest: str, fingerprint: bytes) -> Any:
+        self._check()
+        return await self._inner.lookup_auth(key, digest, fingerprint)
+
     async def find_outcome(self, key: DuplicateKey, digest: str) -> StoredOutcome | None:
         self._check()
         return await self._inner.find_outcome(key, digest)  # type: ignore[no-any-return]

@@ -614,3 +614,25 @@ async def test_mark_delivery_after_its_deadline_writes_nothing(
             await store.mark_delivery([mark], deadline=trio.current_time() - 1)
         assert err.value.kind == "unavailable"
         assert await store.search_journal(JournalQuery(undelivered=True)) == []
+
+
+async def test_lookup_auth_reads_what_the_three_reads_read(
+    tmp_path: Path, backend: Backend
+) -> None:
+    async with seeded_store(tmp_path / "s.db", BALANCE, backend=backend) as store:
+        card = await store.get_card(CARD_ID)
+        assert card is not None
+        new = await store.lookup_auth(dup_key("000001"), auth("000001", 100).digest,
+                                      card.pan_fingerprint)  # fmt: skip
+        assert new.stored is None and new.card == card
+        assert new.account == await store.get_account(ACCOUNT_ID) and new.account is not None
+        unknown = await store.lookup_auth(dup_key("000002"), auth("000002").digest, b"\0" * 32)
+        assert (unknown.stored, unknown.card, unknown.account) == (None, None, None)
+        first = await store.commit_auth(auth("000001", 100))
+        repeat = await store.lookup_auth(dup_key("000001"), auth("000001", 100).digest,
+                                         card.pan_fingerprint)  # fmt: skip
+        assert repeat.stored == await store.find_outcome(
+            dup_key("000001"), auth("000001", 100).digest
+        )
+        assert isinstance(repeat.stored, AuthOutcome) and repeat.stored.hold_id == first.hold_id
+        assert (repeat.card, repeat.account) == (None, None)  # a repeat reads nothing more

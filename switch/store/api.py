@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Protocol
 from switch.store.models import (
     Account,
     AuthIntent,
+    AuthLookup,
     AuthOutcome,
     Card,
     CardChange,
@@ -102,6 +103,13 @@ class Store(Protocol):
 
     async def get_account(self, account_id: str) -> Account | None:
         """The account with id ``account_id``, or ``None``."""
+        ...
+
+    async def lookup_auth(self, key: DuplicateKey, digest: str, fingerprint: bytes) -> AuthLookup:
+        """``find_outcome(key, digest)``, then, when nothing is stored, the card of
+        ``fingerprint`` and its account: the authorization path's reads in one operation
+        (one worker-thread hop on PostgreSQL, where each hop costs about 150 us of CPU).
+        """
         ...
 
     async def find_outcome(self, key: DuplicateKey, digest: str) -> StoredOutcome | None:

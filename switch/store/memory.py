@@ -25,6 +25,7 @@ from switch.store.models import (
     UNDELIVERED,
     Account,
     AuthIntent,
+    AuthLookup,
     AuthOutcome,
     Card,
     CardChange,
@@ -136,6 +137,14 @@ class MemoryStore:
     async def get_account(self, account_id: str) -> Account | None:
         self._check()
         return self.accounts.get(account_id)
+
+    async def lookup_auth(self, key: DuplicateKey, digest: str, fingerprint: bytes) -> AuthLookup:
+        stored = await self.find_outcome(key, digest)
+        if stored is not None:
+            return AuthLookup(stored, None, None)
+        card = await self.get_card_by_fingerprint(fingerprint)
+        account = await self.get_account(card.account_id) if card is not None else None
+        return AuthLookup(None, card, account)
 
     async def find_outcome(self, key: DuplicateKey, digest: str) -> StoredOutcome | None:
         self._check()

@@ -583,3 +583,16 @@ class ReversalOutcome:
 
 #: What ``find_outcome`` returns for a stored request.
 StoredOutcome = AuthOutcome | ReversalOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class AuthLookup:
+    """What ``Store.lookup_auth`` read for an authorization, before any HSM work."""
+
+    #: The stored answer of this request (a repeat), else None; then the card and account
+    #: are not read (None).
+    stored: StoredOutcome | None
+    #: The card whose PAN fingerprint was given, or None.
+    card: Card | None
+    #: The card's account, or None (no card, or an account that does not exist).
+    account: Account | None

@@ -76,6 +76,7 @@ from switch.store.models import (
     UNDELIVERED,
     Account,
     AuthIntent,
+    AuthLookup,
     AuthOutcome,
     Card,
     CardChange,
@@ -1040,6 +1041,25 @@ class PostgresStore:
                 (account_id,),
             ).fetchone()
             return None if found is None else Account(**found)
+
+        return await self._run(q, write=False)
+
+    async def lookup_auth(self, key: DuplicateKey, digest: str, fingerprint: bytes) -> AuthLookup:
+        def q(conn: Conn) -> AuthLookup:
+            stored = _stored(conn, key, digest)
+            if not isinstance(stored, bool):
+                return AuthLookup(stored, None, None)
+            row = conn.execute(f"{_CARD_SELECT} WHERE pan_fingerprint = %s", (fingerprint,))
+            found = row.fetchone()
+            if found is None:
+                return AuthLookup(None, None, None)
+            card = _card_from_row(cast(Any, found))
+            account = conn.execute(
+                "SELECT id, currency, ledger_balance, available_balance FROM accounts "
+                "WHERE id = %s",
+                (card.account_id,),
+            ).fetchone()
+            return AuthLookup(None, card, None if account is None else Account(**account))
 
         return await self._run(q, write=False)
 

@@ -58,6 +58,7 @@ from switch.store.models import (
     UNDELIVERED,
     Account,
     AuthIntent,
+    AuthLookup,
     AuthOutcome,
     Card,
     CardChange,
@@ -1124,6 +1125,22 @@ class SqliteStore:
         def q(conn: sqlite3.Connection) -> Account | None:
             found = conn.execute("SELECT * FROM accounts WHERE id = ?", (account_id,)).fetchone()
             return None if found is None else _account_from_row(found)
+
+        return await self._read(q)
+
+    async def lookup_auth(self, key: DuplicateKey, digest: str, fingerprint: bytes) -> AuthLookup:
+        def q(conn: sqlite3.Connection) -> AuthLookup:
+            stored = _stored(conn, key, digest)
+            if not isinstance(stored, bool):
+                return AuthLookup(stored, None, None)
+            row = conn.execute(f"{_CARD_SELECT} WHERE pan_fingerprint = ?", (fingerprint,))
+            found = row.fetchone()
+            if found is None:
+                return AuthLookup(None, None, None)
+            card = _card_from_row(found)
+            acct = conn.execute("SELECT * FROM accounts WHERE id = ?", (card.account_id,))
+            account = acct.fetchone()
+            return AuthLookup(None, card, None if account is None else _account_from_row(account))
 
         return await self._read(q)
 
