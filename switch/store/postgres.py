@@ -310,6 +310,19 @@ def _lock_keys(conn: Conn, ids: Iterable[int]) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
 
 
+def _card_by_fingerprint(conn: Conn, fingerprint: bytes) -> Card | None:
+    found = conn.execute(f"{_CARD_SELECT} WHERE pan_fingerprint = %s", (fingerprint,)).fetchone()
+    return None if found is None else _card_from_row(cast(Any, found))
+
+
+def _account(conn: Conn, account_id: str) -> Account | None:
+    found = conn.execute(
+        "SELECT id, currency, ledger_balance, available_balance FROM accounts WHERE id = %s",
+        (account_id,),
+    ).fetchone()
+    return None if found is None else Account(**found)
+
+
 def _stored(conn: Conn, key: DuplicateKey, digest: str) -> StoredOutcome | bool:
     """As ``sqlite._stored``: the stored outcome, ``True`` for a key taken by other content,
     ``False`` when new."""
@@ -1019,12 +1032,7 @@ class PostgresStore:
     # -- reads ---------------------------------------------------------------------------------
 
     async def get_card_by_fingerprint(self, fingerprint: bytes) -> Card | None:
-        def q(conn: Conn) -> Card | None:
-            row = conn.execute(f"{_CARD_SELECT} WHERE pan_fingerprint = %s", (fingerprint,))
-            found = row.fetchone()
-            return None if found is None else _card_from_row(cast(Any, found))
-
-        return await self._run(q, write=False)
+        return await self._run(lambda conn: _card_by_fingerprint(conn, fingerprint), write=False)
 
     async def get_card(self, card_id: str) -> Card | None:
         def q(conn: Conn) -> Card | None:
@@ -1034,32 +1042,15 @@ class PostgresStore:
         return await self._run(q, write=False)
 
     async def get_account(self, account_id: str) -> Account | None:
-        def q(conn: Conn) -> Account | None:
-            found = conn.execute(
-                "SELECT id, currency, ledger_balance, available_balance FROM accounts "
-                "WHERE id = %s",
-                (account_id,),
-            ).fetchone()
-            return None if found is None else Account(**found)
-
-        return await self._run(q, write=False)
+        return await self._run(lambda conn: _account(conn, account_id), write=False)
 
     async def lookup_auth(self, key: DuplicateKey, digest: str, fingerprint: bytes) -> AuthLookup:
         def q(conn: Conn) -> AuthLookup:
             stored = _stored(conn, key, digest)
             if not isinstance(stored, bool):
                 return AuthLookup(stored, None, None)
-            row = conn.execute(f"{_CARD_SELECT} WHERE pan_fingerprint = %s", (fingerprint,))
-            found = row.fetchone()
-            if found is None:
-                return AuthLookup(None, None, None)
-            card = _card_from_row(cast(Any, found))
-            account = conn.execute(
-                "SELECT id, currency, ledger_balance, available_balance FROM accounts "
-                "WHERE id = %s",
-                (card.account_id,),
-            ).fetchone()
-            return AuthLookup(None, card, None if account is None else Account(**account))
+            card = _card_by_fingerprint(conn, fingerprint)
+            return AuthLookup(None, card, None if card is None else _account(conn, card.account_id))
 
         return await self._run(q, write=False)
 

@@ -290,6 +290,16 @@ def _now() -> str:
 # -- the write operations (run in the writer thread, inside a SAVEPOINT) ---------------------
 
 
+def _card_by_fingerprint(conn: sqlite3.Connection, fingerprint: bytes) -> Card | None:
+    found = conn.execute(f"{_CARD_SELECT} WHERE pan_fingerprint = ?", (fingerprint,)).fetchone()
+    return None if found is None else _card_from_row(found)
+
+
+def _account(conn: sqlite3.Connection, account_id: str) -> Account | None:
+    found = conn.execute("SELECT * FROM accounts WHERE id = ?", (account_id,)).fetchone()
+    return None if found is None else _account_from_row(found)
+
+
 def _stored(conn: sqlite3.Connection, key: DuplicateKey, digest: str) -> StoredOutcome | bool:
     """The stored outcome of this key and digest; ``True`` when the key belongs to a request
     with other content (a duplicate transmission not yet journaled), ``False`` when new."""
@@ -1107,12 +1117,7 @@ class SqliteStore:
                 self._readers.append(conn)
 
     async def get_card_by_fingerprint(self, fingerprint: bytes) -> Card | None:
-        def q(conn: sqlite3.Connection) -> Card | None:
-            row = conn.execute(f"{_CARD_SELECT} WHERE pan_fingerprint = ?", (fingerprint,))
-            found = row.fetchone()
-            return None if found is None else _card_from_row(found)
-
-        return await self._read(q)
+        return await self._read(lambda conn: _card_by_fingerprint(conn, fingerprint))
 
     async def get_card(self, card_id: str) -> Card | None:
         def q(conn: sqlite3.Connection) -> Card | None:
@@ -1122,25 +1127,15 @@ class SqliteStore:
         return await self._read(q)
 
     async def get_account(self, account_id: str) -> Account | None:
-        def q(conn: sqlite3.Connection) -> Account | None:
-            found = conn.execute("SELECT * FROM accounts WHERE id = ?", (account_id,)).fetchone()
-            return None if found is None else _account_from_row(found)
-
-        return await self._read(q)
+        return await self._read(lambda conn: _account(conn, account_id))
 
     async def lookup_auth(self, key: DuplicateKey, digest: str, fingerprint: bytes) -> AuthLookup:
         def q(conn: sqlite3.Connection) -> AuthLookup:
             stored = _stored(conn, key, digest)
             if not isinstance(stored, bool):
                 return AuthLookup(stored, None, None)
-            row = conn.execute(f"{_CARD_SELECT} WHERE pan_fingerprint = ?", (fingerprint,))
-            found = row.fetchone()
-            if found is None:
-                return AuthLookup(None, None, None)
-            card = _card_from_row(found)
-            acct = conn.execute("SELECT * FROM accounts WHERE id = ?", (card.account_id,))
-            account = acct.fetchone()
-            return AuthLookup(None, card, None if account is None else _account_from_row(account))
+            card = _card_by_fingerprint(conn, fingerprint)
+            return AuthLookup(None, card, None if card is None else _account(conn, card.account_id))
 
         return await self._read(q)
 
