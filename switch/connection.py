@@ -661,12 +661,10 @@ class Connection:
             # it makes itself (sheds, echoes, format errors) for a whole read at once, rather
             # than one per turn of the run queue behind every request task (at 2x capacity
             # that left frames read but unanswered for a second).
-            self._outbox_send.send_nowait(item)
-        except trio.WouldBlock:
             try:
+                self._outbox_send.send_nowait(item)
+            except trio.WouldBlock:
                 await self._outbox_send.send(item)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._undelivered(item.outcome, "write_failed")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._undelivered(item.outcome, "write_failed")
 

@@ -266,8 +266,10 @@ def encode(fields: Mapping[str, Any], spec: Mapping[str, Any]) -> bytes | None:
     table = c.fields
     for number in numbers:
         f = table[number]
-        value = fields[f.key if f is not None else str(number)]
-        if f is None or not isinstance(value, str):
+        if f is None:
+            return None
+        value = fields[f.key]
+        if not isinstance(value, str):
             return None
         try:
             data = binascii.a2b_hex(value) if f.text is None else value.encode(f.text)
