@@ -67,6 +67,22 @@ def _rows() -> list[CardRow]:
     return [CardRow.from_mapping(r, f"row {i}") for i, r in enumerate(demo)]
 
 
+async def _read_answers(
+    stream: trio.abc.ReceiveStream,
+    answers: list[tuple[float, dict[str, str]]],
+    *wanted: tuple[int, trio.Event],
+) -> None:
+    """Decode the answers arriving on ``stream`` into ``answers`` (arrival time, fields);
+    each ``(count, event)`` of ``wanted`` is set once ``count`` answers have come."""
+    decoder = FrameDecoder("binary2", 65535)
+    while data := await stream.receive_some(65536):
+        for frame in decoder.feed(bytes(data)):
+            answers.append((trio.current_time(), codec.decode_fields(frame)))
+        for count, event in wanted:
+            if len(answers) >= count:
+                event.set()
+
+
 def _sample(name: str, **labels: str) -> float:
     return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -88,18 +104,10 @@ async def test_burst_above_the_caps_is_shed_at_once_and_nothing_is_lost(
     answers: list[tuple[float, dict[str, str]]] = []
     all_answered = trio.Event()
 
-    async def read() -> None:
-        decoder = FrameDecoder("binary2", 65535)
-        while data := await theirs.receive_some(65536):
-            for frame in decoder.feed(bytes(data)):
-                answers.append((trio.current_time(), codec.decode_fields(frame)))
-            if len(answers) >= len(stans):
-                all_answered.set()
-
     with structlog.testing.capture_logs() as logs, trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.run)
-            nursery.start_soon(read)
+            nursery.start_soon(_read_answers, theirs, answers, (len(stans), all_answered))
             t0 = trio.current_time()
             burst = [
                 build_auth(PAN, 100 + i, stan=s, track2=TRACK2, pos_entry_mode="901")
@@ -209,16 +217,6 @@ async def test_once_service_times_are_known_the_excess_is_shed_on_arrival(
     answers: list[tuple[float, dict[str, str]]] = []
     got = {"warmup": trio.Event(), "burst": trio.Event()}
 
-    async def read() -> None:
-        decoder = FrameDecoder("binary2", 65535)
-        while data := await theirs.receive_some(65536):
-            for frame in decoder.feed(bytes(data)):
-                answers.append((trio.current_time(), codec.decode_fields(frame)))
-            if len(answers) >= len(warmup):
-                got["warmup"].set()
-            if len(answers) >= len(warmup) + len(stans):
-                got["burst"].set()
-
     def frames(numbers: list[str], first_amount: int) -> bytes:
         requests = [
             build_auth(PAN, first_amount + i, stan=s, track2=TRACK2, pos_entry_mode="901")
@@ -229,7 +227,13 @@ async def test_once_service_times_are_known_the_excess_is_shed_on_arrival(
     with structlog.testing.capture_logs() as logs, trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.run)
-            nursery.start_soon(read)
+            nursery.start_soon(
+                _read_answers,
+                theirs,
+                answers,
+                (len(warmup), got["warmup"]),
+                (len(warmup) + len(stans), got["burst"]),
+            )
             await theirs.send_all(frames(warmup, 50))
             await got["warmup"].wait()
             t0 = trio.current_time()
