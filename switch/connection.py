@@ -204,8 +204,8 @@ class Connection:
         max_queue_wait: seconds a request may wait for a slot (``server.max_queue_wait``);
             longer, it is answered with the overload code.
         forecast: the waiting requests and slot times of the pool the requests wait for,
-            shared by the connections of one switch; one of this connection's slots when
-            not given.
+            shared by the connections of one switch; when not given, a forecast of this
+            connection's own slots.
     """
 
     def __init__(
