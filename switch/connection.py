@@ -197,8 +197,9 @@ class Connection:
         remote: the peer address, for logs.
         session: the listener's session state (ZPK in force, sign-on), shared by the
             listener's connections; a fresh one of ``listener`` when not given.
-        budget: seconds from a request's arrival to its answer (``pipeline.budget``); infinite
-            (the default) sheds only when the admission queue is full.
+        budget: seconds from a request's arrival to its answer (the profile's budget, else
+            ``pipeline.budget``: ``Profile.budget_or``); infinite (the default) sheds only
+            when the admission queue is full.
         min_remaining: seconds of its budget a request must have left to be started
             (``pipeline.min_remaining``); with less it is answered with the overload code.
         max_queue_wait: seconds a request may wait for a slot (``server.max_queue_wait``);

@@ -166,6 +166,12 @@ class Profile:
     def __repr__(self) -> str:
         return f"Profile({self.name!r})"
 
+    def budget_or(self, default: float) -> float:
+        """Seconds to answer a request of this network: its own budget, else ``default``
+        (``pipeline.budget``). The one place the two are resolved: the connection's
+        admission and the pipeline's deadline count the same budget."""
+        return default if self.budget is None else self.budget
+
     def code(self, reason: Reason) -> str:
         """DE39 for ``reason`` under this network.
 

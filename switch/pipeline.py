@@ -220,7 +220,7 @@ class Pipeline:
 
     async def authorize(self, request: AuthRequest, context: RequestContext) -> Decision:
         dup_key = _duplicate_key(request, context)
-        deadline = context.received_at + (context.profile.budget or self._cfg.pipeline.budget)
+        deadline = context.received_at + context.profile.budget_or(self._cfg.pipeline.budget)
         stored: AuthOutcome | ReversalOutcome | None = None
         prepared: _Prepared | None = None
         outcome: AuthOutcome | None = None
@@ -644,7 +644,7 @@ class Pipeline:
         masked = mask_pan(request.pan) if request.pan else None
         outcome: ReversalOutcome | None = None
         cause: StandInCause = "budget"
-        deadline = context.received_at + (context.profile.budget or self._cfg.pipeline.budget)
+        deadline = context.received_at + context.profile.budget_or(self._cfg.pipeline.budget)
         try:
             with trio.move_on_at(deadline):
                 fingerprint = b""

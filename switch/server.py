@@ -367,18 +367,19 @@ class Server:
             load.by_peer[peer] += 1
             peer_counted = peer
             log.info("connected", listener=lst.name, remote=remote, peer=sorted(peer), via=via)
+            profile = self._profiles[lst.name]
             conn = Connection(
                 stream,
                 self._handler,
                 lst,
-                self._profiles[lst.name],
+                profile,
                 linger=self._config.server.drain_timeout,
                 global_slots=self._global_slots,
                 forecast=self._forecast,
                 peer=peer,
                 remote=remote,
                 session=self.sessions[lst.name],
-                budget=self._config.pipeline.budget,
+                budget=profile.budget_or(self._config.pipeline.budget),
                 min_remaining=self._config.pipeline.min_remaining,
                 max_queue_wait=self._config.server.max_queue_wait,
             )

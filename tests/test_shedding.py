@@ -27,7 +27,7 @@ from switch.acquirer import build_auth
 from switch.client import Client
 from switch.config import ListenerConfig, PipelineConfig, ServerConfig
 from switch.connection import Connection
-from switch.decisions import profile
+from switch.decisions import Profile, profile
 from switch.handler import Dispatcher
 from switch.pki import PkiPaths
 from switch.provision import CardRow
@@ -260,3 +260,84 @@ async def test_once_service_times_are_known_the_excess_is_shed_on_arrival(
     held = 50 + 51 + sum(100 + i for i in range(4))
     assert await engine.store.active_holds_total(ACCOUNT) == held
     assert sum(h.remaining for h in engine.store.holds.values()) == held
+
+
+async def test_a_network_budget_shorter_than_the_pipeline_budget_bounds_the_queue_wait(
+    pki: PkiPaths,
+    demo_hsm: Pkcs11Hsm,
+    card_rows: list[Any],
+    tmp_path: Path,
+    client_ctx: ssl.SSLContext,
+) -> None:
+    """The listener's network answers within 1 s, the pipeline's budget is 5 s: the request
+    that cannot start within the network's budget less ``min_remaining`` is shed at that
+    instant by the admission (kind "deadline"), not left queued until the pipeline's own
+    deadline cuts it off, and nothing is answered after the network's budget."""
+    network_budget, hsm_delay = 1.0, 0.8
+    visa = profile("visa")
+    short = Profile(
+        visa.name, visa.table, original_match_rrn_terminal=visa.original_match_rrn_terminal,
+        budget=network_budget, wire=visa.wire,
+    )  # fmt: skip
+
+    class _Slow:
+        def __init__(self, hsm: Pkcs11Hsm) -> None:
+            self._hsm = hsm
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._hsm, name)
+
+        async def verify_cvv(self, *args: Any) -> Any:
+            await trio.sleep(hsm_delay)
+            return await self._hsm.verify_cvv(*args)
+
+    pipeline = PipelineConfig(budget=5.0, min_remaining=MIN_REMAINING)
+    with pytest.MonkeyPatch.context() as patch:
+        # The listener's network profile, as Server builds it, with its own budget.
+        patch.setattr("switch.server.profile", lambda _network: short)
+        holds, shed, results = await _three_behind_a_slow_hsm(
+            running_switch(
+                pki, demo_hsm, card_rows, tmp_path, pipeline_hsm=_Slow(demo_hsm),
+                pipeline=pipeline, max_in_flight=1, max_queued=4,
+                server=ServerConfig(max_queue_wait=5.0),
+            ),
+            client_ctx,
+        )  # fmt: skip
+    # The first is decided in 0.8 s; the second starts then with 0.2 s left and is stood in
+    # for at the budget; the third cannot start by 0.9 s and is shed then, by the admission.
+    codes = {stan: code for stan, (code, _) in results.items()}
+    assert codes == {"000001": "00", "000002": "91", "000003": "91"}
+    assert shed == 1
+    assert results["000003"][1] < results["000002"][1]
+    assert max(t for _, t in results.values()) < network_budget + 0.25
+    assert holds == 1000
+
+
+async def _three_behind_a_slow_hsm(
+    switch: Any, client_ctx: ssl.SSLContext
+) -> tuple[int, float, dict[str, tuple[str, float]]]:
+    """Three track-2 purchases sent in order on one link of ``switch`` (a running_switch);
+    returns the account's holds, the deadline sheds counted and each STAN's DE39 and
+    seconds to its answer."""
+    track2 = replace(TRACK2, discretionary="1" + "0000" + "561")
+    results: dict[str, tuple[str, float]] = {}
+    async with switch as sw:
+        listener = sw.config.listeners[0].name
+        shed_before = _sample("cardswitch_shed_total", listener=listener, kind="deadline")
+        async with Client.connect("127.0.0.1", sw.port, client_ctx) as client:
+
+            async def one(stan: str) -> None:
+                t0 = trio.current_time()
+                request = build_auth(PAN, 1000, stan=stan, track2=track2, pos_entry_mode="901")
+                with trio.fail_after(10):
+                    answer = await client.request(request)
+                assert isinstance(answer, AuthResponse)
+                results[stan] = (answer.response_code, trio.current_time() - t0)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(3):
+                    nursery.start_soon(one, f"{i + 1:06d}")
+                    await trio.sleep(0.01)  # in this order on the wire
+        holds = await sw.store.active_holds_total(ACCOUNT)
+        shed = _sample("cardswitch_shed_total", listener=listener, kind="deadline") - shed_before
+    return holds, shed, results
