@@ -62,6 +62,21 @@ class SlowHsm:
         return command
 
 
+class SlowCvv:
+    """The real HSM, its CVV verifications each ``delay`` seconds slower."""
+
+    def __init__(self, hsm: Pkcs11Hsm, delay: float) -> None:
+        self._hsm = hsm
+        self._delay = delay
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._hsm, name)
+
+    async def verify_cvv(self, *args: Any) -> Any:
+        await trio.sleep(self._delay)
+        return await self._hsm.verify_cvv(*args)
+
+
 def _rows() -> list[CardRow]:
     demo = json.loads((REPO / "config" / "demo" / "cards.json").read_text())["cards"]
     return [CardRow.from_mapping(r, f"row {i}") for i, r in enumerate(demo)]
@@ -154,21 +169,10 @@ async def test_overload_through_the_real_server(
     queued one): a burst of 6 on one link gets two decisions and four overload answers, each
     at once; the holds are the approvals."""
 
-    class _Slow:
-        def __init__(self, hsm: Pkcs11Hsm) -> None:
-            self._hsm = hsm
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._hsm, name)
-
-        async def verify_cvv(self, *args: Any) -> Any:
-            await trio.sleep(0.8)
-            return await self._hsm.verify_cvv(*args)
-
     track2 = replace(TRACK2, discretionary="1" + "0000" + "561")
     pipeline = PipelineConfig(budget=2.5, min_remaining=0.1)
     async with running_switch(
-        pki, demo_hsm, card_rows, tmp_path, pipeline_hsm=_Slow(demo_hsm), pipeline=pipeline,
+        pki, demo_hsm, card_rows, tmp_path, pipeline_hsm=SlowCvv(demo_hsm, 0.8), pipeline=pipeline,
         max_in_flight=1, max_queued=1, server=ServerConfig(max_queue_wait=2.0),
     ) as sw:  # fmt: skip
         async with Client.connect("127.0.0.1", sw.port, client_ctx) as client:
@@ -280,24 +284,13 @@ async def test_a_network_budget_shorter_than_the_pipeline_budget_bounds_the_queu
         budget=network_budget, wire=visa.wire,
     )  # fmt: skip
 
-    class _Slow:
-        def __init__(self, hsm: Pkcs11Hsm) -> None:
-            self._hsm = hsm
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._hsm, name)
-
-        async def verify_cvv(self, *args: Any) -> Any:
-            await trio.sleep(hsm_delay)
-            return await self._hsm.verify_cvv(*args)
-
     pipeline = PipelineConfig(budget=5.0, min_remaining=MIN_REMAINING)
     with pytest.MonkeyPatch.context() as patch:
         # The listener's network profile, as Server builds it, with its own budget.
         patch.setattr("switch.server.profile", lambda _network: short)
         holds, shed, results = await _three_behind_a_slow_hsm(
             running_switch(
-                pki, demo_hsm, card_rows, tmp_path, pipeline_hsm=_Slow(demo_hsm),
+                pki, demo_hsm, card_rows, tmp_path, pipeline_hsm=SlowCvv(demo_hsm, hsm_delay),
                 pipeline=pipeline, max_in_flight=1, max_queued=4,
                 server=ServerConfig(max_queue_wait=5.0),
             ),
