@@ -45,6 +45,8 @@ PROFILE_HEADER: HeaderKind = typing.cast(HeaderKind, "")
 SPEC_ALIASES = {"ascii": "iso87-ascii", "binary": "iso87-binary", "bcd": "iso87-bcd"}
 #: Most worker processes ``[server] workers`` may ask for.
 MAX_WORKERS = 64
+#: Most ``events.publishers``: SendMessageBatch calls in flight from one relay.
+MAX_PUBLISHERS = 32
 LogFormat = Literal["json", "console"]
 
 
@@ -344,6 +346,9 @@ class EventsConfig:
     endpoint_url: str = ""
     #: Outbox rows read per relay round (sent ten to a SendMessageBatch).
     batch_size: int = 100
+    #: SendMessageBatch calls in flight at once, each for its own share of the groups
+    #: (an account's events always go through the same one, in order).
+    publishers: int = 4
     #: Days a published event is kept for ``cardswitch events replay``, then purged.
     retention_days: float = 7.0
     #: Seconds between two looks at an empty outbox.
@@ -593,6 +598,8 @@ def _check_events(events: EventsConfig, source: str) -> None:
         raise ConfigError(source, "events.queue_url", "an SQS FIFO queue URL (ending in .fifo)")
     if events.batch_size < 1 or events.max_attempts < 1:
         raise ConfigError(source, "events.batch_size", "batch_size and max_attempts must be >= 1")
+    if not 1 <= events.publishers <= MAX_PUBLISHERS:
+        raise ConfigError(source, "events.publishers", f"must be 1 to {MAX_PUBLISHERS}")
     if events.retention_days <= 0 or events.poll_interval <= 0 or events.lease_seconds <= 0:
         raise ConfigError(
             source,

@@ -30,6 +30,12 @@ How it runs:
   one exception: entries of the same group later in the batch where an entry fails for the
   first time may already have been taken by SQS (it answers per entry), which a consumer
   sees as a ``sequence`` going down.
+- Several calls in flight. A round's rows are split into ``publishers`` lanes by group
+  (``lane_of``: CRC-32 of the group key), and the lanes publish at once, one call at a
+  time each: every event of an account goes through the same lane, so its order holds,
+  while one SQS round trip no longer bounds the whole relay to ten events (at 30 ms a call,
+  about 330 events/s; four lanes, about 1,300/s). A lane whose call or mark fails stops the
+  others after the call they are in; nothing is abandoned mid-call.
 - At least once. A crash between SQS's acknowledgement and the mark re-sends the row: within
   SQS's five-minute deduplication window the queue drops it, later a consumer de-duplicates
   on ``event_id``.
@@ -53,6 +59,7 @@ import os
 import socket
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -117,6 +124,7 @@ def make_client(cfg: EventsConfig, session: Any = None) -> SQSClient:
         connect_timeout=CONNECT_TIMEOUT,
         read_timeout=READ_TIMEOUT,
         retries={"max_attempts": 1, "mode": "standard"},
+        max_pool_connections=max(10, cfg.publishers),  # one per call in flight
     )
     session = session or boto3.session.Session()
     client: SQSClient = session.client(
@@ -185,6 +193,12 @@ SendBatch = Callable[[Sequence[OutboxEvent]], BatchResult]
 def default_owner() -> str:
     """This process's lease owner name: host, pid and a random part (unique per start)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def lane_of(group_key: str, lanes: int) -> int:
+    """The lane (0 to ``lanes`` - 1) that publishes every event of ``group_key``: the same
+    in every round and every process (CRC-32, not Python's per-process string hash)."""
+    return zlib.crc32(group_key.encode()) % lanes
 
 
 def _age(created_at: str | None, now: datetime) -> float:
@@ -290,12 +304,46 @@ class Relay:
     async def round(self) -> int:
         """Publish one read of pending rows; how many SQS took.
 
+        The rows are split into ``cfg.publishers`` lanes by group (``lane_of``); the lanes
+        publish at once, each its own rows in order, ten to a call. When a lane fails
+        (a call, the store), the others finish the call they are in and stop; what SQS
+        acknowledged is marked, the rest waits for the next round.
+
         Raises:
             PublishUnavailable: a call failed (rows already acknowledged are marked).
             StoreError: the outbox could not be read or marked.
         """
         await self._observe()
         rows = await self.store.pending_events(self.cfg.batch_size)
+        lanes: list[list[OutboxEvent]] = [[] for _ in range(self.cfg.publishers)]
+        for row in rows:
+            lanes[lane_of(row.group_key, len(lanes))].append(row)
+        failure: list[PublishUnavailable | StoreError] = []
+        taken = 0
+
+        async def run_lane(lane: list[OutboxEvent]) -> None:
+            nonlocal taken
+            try:
+                published = await self._publish_lane(lane, failure)
+            except (PublishUnavailable, StoreError) as exc:
+                failure.append(exc)
+            else:
+                taken += published  # after the await: the lanes run at once
+
+        async with trio.open_nursery() as nursery:
+            for lane in lanes:
+                if lane:
+                    nursery.start_soon(run_lane, lane)
+        if failure:
+            raise failure[0]
+        await self._observe(force=bool(rows))
+        await self._purge()
+        return taken
+
+    async def _publish_lane(self, rows: list[OutboxEvent], failure: Sequence[BaseException]) -> int:
+        """Publish ``rows`` (whole groups, in commit order) ten to a call, one call at a
+        time, until done or another lane has failed (``failure`` not empty); how many SQS
+        took."""
         blocked: set[str] = set()
         # Groups whose first pending row failed before: it goes alone, so that nothing of
         # its group overtakes it should it fail again.
@@ -306,7 +354,7 @@ class Relay:
                 solo.add(row.group_key)
         taken = 0
         queue = list(rows)
-        while queue:
+        while queue and not failure:
             batch: list[OutboxEvent] = []
             rest: list[OutboxEvent] = []
             alone: set[str] = set()
@@ -338,8 +386,6 @@ class Relay:
                 if parked:
                     log.error("events_parked", count=parked,
                               ids=[f.id for f in result.failed][:10])  # fmt: skip
-        await self._observe(force=bool(rows))
-        await self._purge()
         return taken
 
     async def _publish(self, batch: list[OutboxEvent]) -> BatchResult:

@@ -36,6 +36,7 @@ def test_shipped_default_equals_the_embedded_defaults_it_documents() -> None:
         ('[[listener]]\nheader = "ascii2"\n', "listener[0].header", "must be one of"),
         ("[pipeline]\nbudget = true\n", "pipeline.budget", "expected a number"),
         ("[pipeline]\nbudget = 0\n", "pipeline.budget", "must be positive"),
+        ("[events]\npublishers = 0\n", "events.publishers", "must be 1 to 32"),
         ("[nonsense]\nx = 1\n", "nonsense", "unknown key"),
         ("[tls]\nca = 5\n", "tls.ca", "expected a path string"),
         ("[[listener]]\nport = 70000\n", "listener[0].port", "out of range"),

@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import ssl
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -58,7 +59,14 @@ from switch.client import Client
 from switch.config import EventsConfig
 from switch.events import EventFailure, OutboxEvent
 from switch.pki import PkiPaths
-from switch.relay import BatchResult, PublishUnavailable, Relay, SqsPublisher, make_client
+from switch.relay import (
+    BatchResult,
+    PublishUnavailable,
+    Relay,
+    SqsPublisher,
+    lane_of,
+    make_client,
+)
 from switch.store import open_store
 from switch.store.memory import MemoryStore
 from switch.wire.messages import AuthRequest, AuthResponse, ReversalRequest, ReversalResponse
@@ -265,7 +273,10 @@ async def test_poison_and_failing_events_are_parked_without_stopping_anyone(
         stub = StubSqs()
         stub.invalid = {main[1].id}
         stub.flaky = {small[0].id}
-        cfg = EventsConfig(backend="sqs", queue_url="q.fifo", max_attempts=3, batch_size=1000)
+        # One lane: the batches below are the first ten rows of both accounts, and so on.
+        cfg = EventsConfig(
+            backend="sqs", queue_url="q.fifo", max_attempts=3, batch_size=1000, publishers=1
+        )
         relay = Relay(store, cfg, stub.send, owner="r1")
 
         stub.down = True
@@ -365,3 +376,59 @@ async def test_two_relays_one_database_one_active_and_failover(
     )
     assert len({x["event_id"] for x in bodies}) == published_a + b.published
     assert not check_order(bodies)
+
+
+async def test_lanes_publish_at_once_each_account_in_order_and_a_failed_lane_stops_the_round(
+    tmp_path: Path,
+) -> None:
+    """Two accounts in two lanes: their first calls are in flight together (a barrier both
+    must reach), each call holds one lane's rows, every row is published once and in commit
+    order per account. When one lane's call fails, the round raises that failure (not a
+    group of them), and what the other lane had acknowledged stays marked."""
+    main, small = "demo-acct-main", "demo-acct-small"
+    lanes = next(n for n in range(2, 33) if lane_of(main, n) != lane_of(small, n))
+    async with session_store("sqlite", tmp_path) as session:
+        store = session.store
+        await _answers(session, _load("61", 30))
+        rows = await store.pending_events(1000)
+        assert {r.group_key for r in rows} == {main, small}
+        together = threading.Barrier(2, timeout=10)
+        stub = StubSqs()
+        calls: list[set[str]] = []
+
+        def send(batch: Sequence[OutboxEvent], suffix: str = "") -> BatchResult:
+            calls.append({r.group_key for r in batch})
+            if len(calls) <= 2:
+                together.wait()  # BrokenBarrierError unless the other lane's call is in flight
+            return stub.send(batch, suffix)
+
+        cfg = EventsConfig(backend="sqs", queue_url="q.fifo", batch_size=1000, publishers=lanes)
+        relay = Relay(store, cfg, send, owner="r1")
+        assert await relay.round() == len(rows)
+        assert all(len(groups) == 1 for groups in calls)
+        assert sorted(r.id for r in stub.taken) == sorted(r.id for r in rows)
+        for group in (main, small):
+            ids = [r.id for r in stub.taken if r.group_key == group]
+            assert ids == sorted(ids), group
+        assert not await store.pending_events(1000)
+
+        # Later rows; the small account's lane is down: its call fails, main's goes on.
+        await _answers(session, _load("62", 12))
+        later = await store.pending_events(1000)
+        taken_before = len(stub.taken)
+
+        def half_down(batch: Sequence[OutboxEvent], suffix: str = "") -> BatchResult:
+            if batch[0].group_key == small:
+                raise PublishUnavailable("EndpointConnectionError")
+            return stub.send(batch, suffix)
+
+        relay = Relay(store, cfg, half_down, owner="r1")
+        with pytest.raises(PublishUnavailable):
+            await relay.round()
+        pending = await store.pending_events(1000)
+        sent = stub.taken[taken_before:]
+        assert {r.group_key for r in sent} <= {main}
+        # Nothing lost or doubled: every later row is either acknowledged or still pending.
+        assert sorted([r.id for r in sent] + [r.id for r in pending]) == sorted(r.id for r in later)
+        assert {r.group_key for r in pending} >= {small}
+        assert {r.attempts for r in pending} == {0}  # a failed call counts no attempt
