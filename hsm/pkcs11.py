@@ -38,6 +38,21 @@ Keys in the token:
     * EMV ICC master keys and session keys are derived with CKM_DES3_ECB_ENCRYPT_DATA as
       session objects (sensitive, non-extractable) and destroyed after the command.
 
+Session copies: SoftHSM's file object store re-reads a token object's file (open, lock, read,
+close) on every operation that uses it. So each indexed key is copied once into a session
+object (``C_CopyObject`` with ``CKA_TOKEN`` false: same label, CKA_ID and protections, still
+sensitive and non-extractable) and commands run on the copy; the token object is what
+attributes are read from and what is destroyed. Measured on the demo token (one task, 2-core
+x86_64): an HMAC or a TDES block 26-33 us on the token object, 13-14 us on the copy; in the
+whole switch (``python -m benchmarks.layers``, 8 in flight) 84 -> 54 us per TDES block and
+114 -> 97 us per HMAC. A copy outlives its token object, so every ``KEY_RECHECK`` seconds the
+next command first reads CKA_ID of each token object behind a copy (``_recheck``): a token gone
+or a key deleted by another process is then lost as a stale handle is, at most
+``KEY_RECHECK`` late (the readiness probe reads the token object at once). Copies are
+destroyed with their key, on a reload that no longer finds the token object, and on close
+(the session may live on for another user); a reconnect starts from none (they died with the
+session). A token that refuses the copy (``CKA_COPYABLE`` false) is used directly.
+
 Concurrency: SoftHSM 2.6 is not thread-safe across sessions in one process, so the process has
 one logged-in session and every PKCS#11 call holds one process-wide lock. With ``offload=True``
 commands run in a worker thread (``trio.to_thread.run_sync`` with a ``CapacityLimiter(1)``), so
@@ -119,8 +134,9 @@ RECONNECT_INITIAL = 0.5
 RECONNECT_MAX = 10.0
 #: PKCS#11 errors meaning the session or the token is gone rather than the command being wrong
 #: (see the module docstring). A stale object handle is one of them: SoftHSM reports it for
-#: every key once its token directory has gone; a key deleted by another process gives it too,
-#: and then the reconnect rebuilds the index without the key (``KeyNotFound`` from then on).
+#: every token object once its token directory has gone; a key deleted by another process gives
+#: it too (seen by ``_recheck``), and then the reconnect rebuilds the index without the key
+#: (``KeyNotFound`` from then on).
 _SESSION_LOST: tuple[type[p11e.PKCS11Error], ...] = (
     p11e.SessionHandleInvalid,
     p11e.SessionClosed,
@@ -133,6 +149,10 @@ _SESSION_LOST: tuple[type[p11e.PKCS11Error], ...] = (
     p11e.KeyHandleInvalid,
     p11e.GeneralError,
 )
+#: Seconds between the reads that tell a session copy's token object is still there (see
+#: "Session copies" in the module docstring): how long a key deleted by another process, or a
+#: token gone, can still be used through its copy.
+KEY_RECHECK = 0.25
 #: Environment variable SoftHSM2 reads its configuration file name from.
 _SOFTHSM_CONF_ENV = "SOFTHSM2_CONF"
 #: Prefix and version of the CKA_ID convention described in the module docstring.
@@ -289,10 +309,21 @@ def _pin_digest(pin: str) -> bytes:
 
 @dataclass(frozen=True, eq=False)
 class TokenKey:
-    """A secret key object of the session and whether it is AES (else TDES)."""
+    """A secret key object of the session and whether it is AES (else TDES).
+
+    ``obj`` is what commands run on: for an indexed key, its session copy when the token
+    allowed one (see "Session copies" in the module docstring), with the token object in
+    ``token_obj``; for a key derived for one command, the derived session object itself.
+    """
 
     obj: Any
     aes: bool = False
+    token_obj: Any = None
+
+    @property
+    def stored(self) -> Any:
+        """The object in the token: read its attributes, destroy it, through this."""
+        return self.obj if self.token_obj is None else self.token_obj
 
     def __repr__(self) -> str:
         return f"TokenKey(aes={self.aes})"
@@ -426,6 +457,9 @@ class Pkcs11Hsm(CommandHsm[TokenKey]):
         self._limiter = trio.CapacityLimiter(1)
         super().__init__(Pkcs11Cipher(), rng)
         self._keys: dict[str, StoredKey[TokenKey]] = {}
+        #: Session copy of each indexed token object, by the token object's handle.
+        self._copies: dict[int, Any] = {}
+        self._recheck_at = 0.0
         self._closed = False
         with _PROCESS_LOCK:
             self._load_keys()
@@ -493,7 +527,9 @@ class Pkcs11Hsm(CommandHsm[TokenKey]):
     def _load_keys(self) -> None:
         keys: dict[str, dict[str, Any]] = {}
         infos: dict[str, KeyInfo] = {}
-        for obj in self._session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
+        # Token objects only: the session copies carry the same label and CKA_ID.
+        wanted = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
+        for obj in self._session.get_objects(wanted):
             parsed = _parse_id(bytes(obj[Attribute.ID]))
             if parsed is None:
                 continue
@@ -504,9 +540,14 @@ class Pkcs11Hsm(CommandHsm[TokenKey]):
                 infos[label] = KeyInfo(label, usage, algorithm, kcv)
         if not infos.keys() >= self._keys.keys():
             self._check_token()  # keys gone: deleted, or the whole token (see the docstring)
+        if self._generation != self._shared.generation:
+            self._copies = {}  # gone with the session they were made in; handles meaningless
+        unused, self._copies = self._copies, {}
         self._keys = {}
         for label, info in infos.items():
-            self._index(info, keys[label][_PART_KEY], keys[label].get(_PART_LEFT))
+            self._index(info, keys[label][_PART_KEY], keys[label].get(_PART_LEFT), unused)
+        for copy in unused.values():  # their token objects are no longer in the token
+            copy.destroy()
 
     def _check_token(self) -> None:
         """Raise ``TokenNotPresent`` unless the slot list still shows the token."""
@@ -515,11 +556,35 @@ class Pkcs11Hsm(CommandHsm[TokenKey]):
         if self._shared.token_label not in labels:
             raise p11e.TokenNotPresent()
 
-    def _index(self, info: KeyInfo, obj: Any, left: Any | None) -> None:
+    def _index(
+        self, info: KeyInfo, obj: Any, left: Any | None, reuse: dict[int, Any] | None = None
+    ) -> None:
         aes = info.algorithm in AES_ALGORITHMS
-        self._keys[info.label] = StoredKey(
-            info, TokenKey(obj, aes), TokenKey(left) if left is not None else None
-        )
+        half = self._session_copy(left, False, reuse) if left is not None else None
+        self._keys[info.label] = StoredKey(info, self._session_copy(obj, aes, reuse), half)
+
+    def _session_copy(self, obj: Any, aes: bool, reuse: dict[int, Any] | None) -> TokenKey:
+        """``obj`` with the session copy commands will use (the one already made for it,
+        from ``reuse``, if any), or alone if the token refuses to copy it."""
+        copy = reuse.pop(obj.handle, None) if reuse is not None else None
+        if copy is None:
+            try:
+                copy = obj.copy({Attribute.TOKEN: False})
+            except _SESSION_LOST:
+                raise
+            except p11e.PKCS11Error:  # CKA_COPYABLE false, or no C_CopyObject: use the object
+                return TokenKey(obj, aes)
+        self._copies[obj.handle] = copy
+        return TokenKey(copy, aes, obj)
+
+    def _recheck(self) -> None:
+        """Read CKA_ID of every token object behind a session copy: a token gone, or a key
+        deleted by another process, raises here as a stale handle (``_SESSION_LOST``)."""
+        self._recheck_at = time.monotonic() + KEY_RECHECK
+        for stored in self._keys.values():
+            for key in (stored.handle, stored.left):
+                if key is not None and key.token_obj is not None:
+                    key.token_obj[Attribute.ID]
 
     def _lookup(self, label: str) -> StoredKey[TokenKey]:
         """The key of ``label``; the index is reloaded once on a miss, so keys created by
@@ -539,7 +604,7 @@ class Pkcs11Hsm(CommandHsm[TokenKey]):
         """The indexed check value, after reading the key's CKA_ID from the token, so that
         a readiness probe sees a token that went away."""
         stored = self._lookup(label)
-        stored.handle.obj[Attribute.ID]
+        stored.handle.stored[Attribute.ID]
         return stored.info.kcv
 
     def _locked(self, fn: Callable[..., T], *args: Any) -> T:
@@ -555,6 +620,8 @@ class Pkcs11Hsm(CommandHsm[TokenKey]):
                     self._session = shared.session
                     self._load_keys()
                     self._generation = shared.generation
+                if self._copies and time.monotonic() >= self._recheck_at:
+                    self._recheck()
                 return fn(*args)
             except HsmError:
                 raise
@@ -732,16 +799,26 @@ class Pkcs11Hsm(CommandHsm[TokenKey]):
         return [stored.info for stored in self._keys.values()]
 
     def _destroy_key(self, stored: StoredKey[TokenKey]) -> None:
-        stored.handle.obj.destroy()
-        if stored.left is not None:
-            stored.left.obj.destroy()
+        for key in (stored.handle, stored.left):
+            if key is None:
+                continue
+            key.stored.destroy()  # the token object first: the copy alone is harmless
+            if key.token_obj is not None:
+                self._copies.pop(key.token_obj.handle, None)
+                key.obj.destroy()
         del self._keys[stored.info.label]
 
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
             self._keys = {}
-            _release(self._shared)
+            shared = self._shared
+            if shared.session is not None and self._generation == shared.generation:
+                for copy in self._copies.values():  # the session may live on for others
+                    with contextlib.suppress(p11e.PKCS11Error):
+                        copy.destroy()
+            self._copies = {}
+            _release(shared)
 
     async def aclose(self) -> None:
         with _PROCESS_LOCK:

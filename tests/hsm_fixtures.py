@@ -1,8 +1,9 @@
 """Fixtures of the HSM tests: a SoftHSM2 token in a temporary directory and both backends.
 
 What lives here: the module-scoped dev token (created through ``hsm.token``, as the switch
-does), the PKCS#11 and software backends loaded with the same published test keys, and the
-published vectors. Registered with ``pytest_plugins = ["hsm_fixtures"]`` (tests/ is on sys.path).
+does), the PKCS#11 and software backends loaded with the same published test keys, the
+published vectors, and ``until_unavailable`` (how long a token loss goes unseen). Registered
+with ``pytest_plugins = ["hsm_fixtures"]`` (tests/ is on sys.path).
 
 What does not: tests.
 """
@@ -10,7 +11,7 @@ What does not: tests.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -21,7 +22,8 @@ from data_paths import VECTORS_PATH
 
 from hsm.api import Hsm, KeyAlgorithm, KeyImport, KeyUsage
 from hsm.config import HsmConfig
-from hsm.pkcs11 import Pkcs11Hsm
+from hsm.errors import HsmUnavailable
+from hsm.pkcs11 import KEY_RECHECK, Pkcs11Hsm
 from hsm.software import SoftwareHsm
 from hsm.token import ensure_token
 
@@ -33,6 +35,10 @@ ZPK_2 = bytes.fromhex("FEDCBA98765432100123456789ABCDEF")
 ZPK_AES = bytes.fromhex("00112233445566778899AABBCCDDEEFF")
 HMAC_KEY = bytes(range(32))
 DATA_KEY = bytes(range(32, 64))
+
+#: Seconds between polls of ``until_unavailable``, and its bound on them.
+POLL = 0.05
+MAX_POLLS = 600
 
 #: label -> (usage, value, algorithm) imported into both backends.
 TEST_KEYS: dict[str, tuple[KeyUsage, bytes, KeyAlgorithm | None]] = {
@@ -99,3 +105,20 @@ def backend(request: pytest.FixtureRequest) -> Hsm:
     hsm = request.getfixturevalue(fixture)
     assert isinstance(hsm, Hsm)
     return hsm
+
+
+async def until_unavailable(call: Callable[[], Awaitable[object]]) -> int:
+    """Poll ``call`` until it fails with ``HsmUnavailable``; how many polls it answered first.
+
+    Commands run on session copies of the keys, which outlive the token objects: a loss is
+    seen at the next read of the token objects, at most ``KEY_RECHECK`` seconds later, so the
+    count is asserted to be at most what fits in that window.
+    """
+    for answered in range(MAX_POLLS):
+        try:
+            await call()
+        except HsmUnavailable:
+            assert answered <= KEY_RECHECK / POLL + 1, "answered after the recheck window"
+            return answered
+        await trio.sleep(POLL)
+    raise AssertionError(f"the loss was not seen within {MAX_POLLS} polls")

@@ -5,6 +5,9 @@ hammering the backend get every answer right.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pkcs11
 import pkcs11.exceptions as p11e
 import pytest
@@ -18,20 +21,22 @@ from hsm.api import (
     Cvn,
     CvvGeneration,
     EmvCard,
+    Fingerprint,
     KeyAlgorithm,
     KeyGeneration,
+    KeyImport,
     KeyUsage,
     PinBlockFormat,
     PinVerification,
     PvvReference,
 )
 from hsm.config import HsmConfig
-from hsm.errors import HsmTimeout, HsmUnavailable
+from hsm.errors import HsmTimeout, HsmUnavailable, KeyNotFound
 from hsm.pkcs11 import Pkcs11Hsm
 from hsm.token import ensure_token, token_labels
 
 pytest.register_assert_rewrite("hsm_fixtures")
-from hsm_fixtures import ZPK_1, load_vectors  # noqa: E402
+from hsm_fixtures import MAX_POLLS, POLL, ZPK_1, load_vectors, until_unavailable  # noqa: E402
 
 pytest_plugins = ["hsm_fixtures"]
 
@@ -114,6 +119,83 @@ async def test_keys_persist_in_the_token(pkcs11_hsm: Pkcs11Hsm, hsm_config: HsmC
         )
     finally:
         await other.aclose()
+
+
+async def test_commands_run_on_session_copies_that_a_second_user_adds_and_removes(
+    pkcs11_hsm: Pkcs11Hsm, hsm_config: HsmConfig
+) -> None:
+    """Every indexed key answers through a session copy (no object file read per command),
+    which keeps the token object's label, CKA_ID and protections; a second ``Pkcs11Hsm`` on
+    the shared session makes its own copies and destroys them on close."""
+    with backend_module._PROCESS_LOCK:
+        indexed = [
+            key
+            for stored in pkcs11_hsm._keys.values()
+            for key in (stored.handle, stored.left)
+            if key is not None
+        ]
+        for key in indexed:
+            assert key.obj[Attribute.TOKEN] is False and key.stored[Attribute.TOKEN] is True
+            for attr in (Attribute.LABEL, Attribute.ID, Attribute.ENCRYPT, Attribute.SIGN):
+                assert key.obj[attr] == key.stored[attr]
+            assert key.obj[Attribute.SENSITIVE] is True
+            assert key.obj[Attribute.EXTRACTABLE] is False
+    mine = len(_session_objects(pkcs11_hsm))
+    assert mine == len(indexed)
+    other = Pkcs11Hsm.open(
+        hsm_config.module, hsm_config.token_label, hsm_config.user_pin, timeout=5.0
+    )
+    try:
+        assert await other.fingerprint(Fingerprint("fp", b"4123456789012345")) == (
+            await pkcs11_hsm.fingerprint(Fingerprint("fp", b"4123456789012345"))
+        )
+        assert len(_session_objects(pkcs11_hsm)) == 2 * mine
+    finally:
+        await other.aclose()
+    assert len(_session_objects(pkcs11_hsm)) == mine
+
+
+_DELETE_BY_LABEL = """
+import sys, pkcs11
+from pkcs11 import Attribute, ObjectClass
+module, token_label, pin, label = sys.argv[1:]
+session = pkcs11.lib(module).get_token(token_label=token_label).open(rw=True, user_pin=pin)
+found = list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}))
+for obj in found:
+    obj.destroy()
+print(len(found))
+"""
+
+
+async def test_a_key_deleted_by_another_process_stops_answering_within_the_recheck(
+    pkcs11_hsm: Pkcs11Hsm, hsm_config: HsmConfig
+) -> None:
+    """The session copy outlives the token object; the next read of the token objects (at
+    most ``KEY_RECHECK`` later) drops the session, and the rebuilt index lacks the key."""
+    await pkcs11_hsm.import_key(KeyImport("doomed", KeyUsage.HMAC, bytes(range(32))))
+    doomed = Fingerprint("doomed", b"4123456789012345")
+    await pkcs11_hsm.fingerprint(doomed)
+    args = [str(hsm_config.module), hsm_config.token_label, hsm_config.user_pin, "doomed"]
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, "-c", _DELETE_BY_LABEL, *args],
+            env={**os.environ, "SOFTHSM2_CONF": str(hsm_config.softhsm_conf)},
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert (done.returncode, done.stdout.strip()) == (0, b"1"), done.stderr
+    await until_unavailable(lambda: pkcs11_hsm.fingerprint(doomed))
+    for _ in range(MAX_POLLS):  # the reconnect, after RECONNECT_INITIAL
+        try:
+            with pytest.raises(KeyNotFound):
+                await pkcs11_hsm.fingerprint(doomed)
+            break
+        except HsmUnavailable:
+            await trio.sleep(POLL)
+    else:
+        raise AssertionError("the session did not come back")
+    assert await pkcs11_hsm.fingerprint(Fingerprint("fp", b"4123456789012345"))
 
 
 async def test_timeout_is_typed(pkcs11_hsm: Pkcs11Hsm, hsm_config: HsmConfig) -> None:
@@ -207,6 +289,7 @@ async def test_eight_tasks_hammering_the_token(pkcs11_hsm: Pkcs11Hsm) -> None:
         for cvn, v in ((Cvn.VISA_10, cvn10), (Cvn.VISA_18, cvn18))
     ]
     counts = [0] * HAMMER_TASKS
+    copies = len(_session_objects(pkcs11_hsm))  # the working keys' session copies
     deadline = trio.current_time() + HAMMER_SECONDS
 
     async def worker(n: int) -> None:
@@ -231,4 +314,4 @@ async def test_eight_tasks_hammering_the_token(pkcs11_hsm: Pkcs11Hsm) -> None:
         for n in range(HAMMER_TASKS):
             nursery.start_soon(worker, n)
     assert all(c > 0 for c in counts)
-    assert len(_session_objects(pkcs11_hsm)) == 0
+    assert len(_session_objects(pkcs11_hsm)) == copies, "derived keys left behind"

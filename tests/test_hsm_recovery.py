@@ -2,10 +2,13 @@
 
 The token lives in a temporary directory of this module (its own SoftHSM configuration, as
 ``hsm_fixtures`` makes them); "removed" is its token directory moved aside, "restored" is it
-moved back, which is what SoftHSM sees when the volume holding the token disappears. While
-it is away every command fails with ``HsmUnavailable`` (never ``KeyNotFound``, never an empty
-key list) and fails at once, without waiting for the token; once it is back the backend
-reopens its session and logs in again, and the same key gives the same answer.
+moved back, which is what SoftHSM sees when the volume holding the token disappears. Commands
+run on session copies of the keys, which outlive the token directory, so the loss is seen at
+the next read of the token objects, at most ``KEY_RECHECK`` after it (the readiness probe's
+key check reads the token at once). From then on, while it is away, every command fails with
+``HsmUnavailable`` (never ``KeyNotFound``, never an empty key list) and fails at once, without
+waiting for the token; once it is back the backend reopens its session and logs in again,
+and the same key gives the same answer.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from hsm.errors import HsmTimeout, HsmUnavailable, KeyNotFound
 from hsm.pkcs11 import RECONNECT_INITIAL, RECONNECT_MAX, Pkcs11Hsm, reconnect_delay
 from hsm.token import ensure_token, open_hsm, session_status
 
+pytest.register_assert_rewrite("hsm_fixtures")
+from hsm_fixtures import MAX_POLLS, POLL, until_unavailable  # noqa: E402
+
 #: An HMAC key of our own (the values do not matter: the test compares the token with itself).
 HMAC_VALUE = bytes(range(100, 132))
 DATA = b"4000002000000001"
-#: Upper bound on the wait for the session to come back, in polls of ``POLL`` seconds.
-POLL = 0.05
-MAX_POLLS = 600
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +106,7 @@ async def test_token_removed_then_restored_recovers_without_reopening(
     assert status is not None and status.up
     reconnects = status.reconnects
     with token_away(token_cfg):
-        with pytest.raises(HsmUnavailable):
-            await fingerprint()
+        await until_unavailable(fingerprint)
         lost = token_hsm.session_status
         assert not lost.up and lost.error
         # Down: fails at once, without the token and without its lock (held here: a command
