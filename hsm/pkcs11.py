@@ -48,7 +48,8 @@ whole switch (``python -m benchmarks.layers``, 8 in flight) 84 -> 54 us per TDES
 114 -> 97 us per HMAC. A copy outlives its token object, so every ``KEY_RECHECK`` seconds the
 next command first reads CKA_ID of each token object behind a copy (``_recheck``): a token gone
 or a key deleted by another process is then lost as a stale handle is, at most
-``KEY_RECHECK`` late (the readiness probe reads the token object at once). Copies are
+``KEY_RECHECK`` late (the readiness probe reads the token object at once); a recheck of the
+demo token's nine objects takes about 0.4 ms, under 0.2 % of the loop. Copies are
 destroyed with their key, on a reload that no longer finds the token object, and on close
 (the session may live on for another user); a reconnect starts from none (they died with the
 session). A token that refuses the copy (``CKA_COPYABLE`` false) is used directly.
