@@ -2,8 +2,8 @@
 
 What lives here: the module-scoped dev token (created through ``hsm.token``, as the switch
 does), the PKCS#11 and software backends loaded with the same published test keys, the
-published vectors, and ``until_unavailable`` (how long a token loss goes unseen). Registered
-with ``pytest_plugins = ["hsm_fixtures"]`` (tests/ is on sys.path).
+published vectors, and the polls of a token lost and back (``until_unavailable``,
+``until_ok``). Registered with ``pytest_plugins = ["hsm_fixtures"]`` (tests/ is on sys.path).
 
 What does not: tests.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import trio
@@ -36,7 +36,9 @@ ZPK_AES = bytes.fromhex("00112233445566778899AABBCCDDEEFF")
 HMAC_KEY = bytes(range(32))
 DATA_KEY = bytes(range(32, 64))
 
-#: Seconds between polls of ``until_unavailable``, and its bound on them.
+T = TypeVar("T")
+
+#: Seconds between polls of ``until_unavailable`` and ``until_ok``, and their bound on them.
 POLL = 0.05
 MAX_POLLS = 600
 
@@ -122,3 +124,14 @@ async def until_unavailable(call: Callable[[], Awaitable[object]]) -> int:
             return answered
         await trio.sleep(POLL)
     raise AssertionError(f"the loss was not seen within {MAX_POLLS} polls")
+
+
+async def until_ok(call: Callable[[], Awaitable[T]]) -> tuple[T, int]:
+    """Poll ``call`` until it no longer fails with ``HsmUnavailable`` (the session is back);
+    its result and how many polls failed first. Any other error propagates."""
+    for failures in range(MAX_POLLS):
+        try:
+            return await call(), failures
+        except HsmUnavailable:
+            await trio.sleep(POLL)
+    raise AssertionError(f"the session did not come back within {MAX_POLLS} polls")

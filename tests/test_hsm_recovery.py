@@ -14,7 +14,7 @@ and the same key gives the same answer.
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from hsm.pkcs11 import RECONNECT_INITIAL, RECONNECT_MAX, Pkcs11Hsm, reconnect_de
 from hsm.token import ensure_token, open_hsm, session_status
 
 pytest.register_assert_rewrite("hsm_fixtures")
-from hsm_fixtures import MAX_POLLS, POLL, until_unavailable  # noqa: E402
+from hsm_fixtures import until_ok, until_unavailable  # noqa: E402
 
 #: An HMAC key of our own (the values do not matter: the test compares the token with itself).
 HMAC_VALUE = bytes(range(100, 132))
@@ -73,18 +73,6 @@ def token_away(cfg: HsmConfig) -> Iterator[None]:
         yield
     finally:
         shutil.move(away, tokens)
-
-
-async def until_ok(call: Callable[[], Awaitable[bytes]]) -> tuple[bytes, int]:
-    """Poll ``call`` until it succeeds; its result and how many attempts failed first."""
-    failures = 0
-    for _ in range(MAX_POLLS):
-        try:
-            return await call(), failures
-        except HsmUnavailable:
-            failures += 1
-            await trio.sleep(POLL)
-    raise AssertionError(f"the session did not come back within {MAX_POLLS} polls")
 
 
 def test_backoff_doubles_from_half_a_second_up_to_ten() -> None:
