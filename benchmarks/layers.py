@@ -158,6 +158,7 @@ async def _run(
         engine, hsm, store = await app._open_engine(cfg, stack, probes, background)
         handler = Dispatcher(engine, hsm, journal=store)
         sessions = ListenerSessions(cfg.listeners)
+        app.freeze_startup_heap()  # as ``serve`` does before it accepts
 
         async def switch_target(stream: trio.abc.Stream) -> None:
             conn = Connection(

@@ -2,11 +2,11 @@
 
 What lives here: process wiring only. Given the loaded configuration: start the health and
 metrics endpoint (switch.health), open the HSM, the card-data vault and the store, build the
-pipeline and the server, run the loop's heartbeat and the readiness probes beside it, and
-translate signals: SIGTERM/SIGINT drain and exit 0, SIGHUP reloads the TLS certificates (and
-CRL). During a drain a SIGHUP is logged and ignored (no connection is accepted any more), and
-a second SIGTERM/SIGINT cuts the drain short: the answers already queued are still written
-and the process still exits 0.
+pipeline and the server, freeze the startup heap (``freeze_startup_heap``), run the loop's
+heartbeat and the readiness probes beside it, and translate signals: SIGTERM/SIGINT drain
+and exit 0, SIGHUP reloads the TLS certificates (and CRL). During a drain a SIGHUP is logged
+and ignored (no connection is accepted any more), and a second SIGTERM/SIGINT cuts the drain
+short: the answers already queued are still written and the process still exits 0.
 
 Worker mode (``worker=WorkerRole(...)``, a worker of ``switch.supervisor``): the listeners
 are bound with ``SO_REUSEPORT`` on the ports the supervisor chose, the health and metrics
@@ -20,6 +20,7 @@ What does not: the command line (switch.cli.serve), any protocol or decision log
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -111,6 +112,7 @@ async def serve(
                     else:
                         readiness.record("engine", "Disabled: serving without an engine (91)")
                         handler = Dispatcher(UnavailableEngine())
+                log.info("startup_heap_frozen", objects=freeze_startup_heap())
                 server = Server(cfg, handler, tls.get, sessions, reuse_port=worker is not None)
                 # Held until the server has stopped, so that no signal meets its default
                 # action (SIGHUP's kills the process) while the switch is still draining.
@@ -131,6 +133,21 @@ async def serve(
         finally:
             monitors.cancel_scope.cancel()
         log.info("exit", reason="drained")
+
+
+def freeze_startup_heap() -> int:
+    """Collect once, then move every object alive (modules, configuration, the key index,
+    what the engine opened) into the collector's permanent generation; the number frozen.
+
+    Those objects live as long as the process, yet every full collection would walk them
+    all: measured with the demo engine open (about 94,000 objects), a full collection held
+    the loop 63 ms, every request in flight waiting behind it; with the startup heap frozen
+    it walks only what requests left behind (under 1 ms). CPU is unchanged (the collector
+    takes about 1 % either way, ``benchmarks.layers``).
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def _start_health(
