@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 
-from benchmarks import baselines, schedule
+from benchmarks import baselines, results, schedule
 from benchmarks.generator import PhaseResult, PhaseSpec, read_json, run_on_streams, write_json
 from benchmarks.histogram import LatencyHistogram
 from benchmarks.scenarios import CVN10_ARQC, MIX_DIR, Mix, MixError, load_mix, parse_mix
@@ -77,6 +77,18 @@ def test_fifo_model_by_hand() -> None:
     # Service 1 s; arrivals 0, 0.5, 0.6, 5: the second waits 0.5, the third 1.4.
     assert schedule.fifo_latencies([0, 0.5, 0.6, 5], 1.0) == pytest.approx([1, 1.5, 2.4, 1])
     assert schedule.closed_loop_latency(4, 0.002) == pytest.approx(0.008)
+
+
+def test_the_service_time_a_p99_goal_allows_follows_queueing_theory() -> None:
+    # M/D/1 at utilization 0.7: the waiting time's tail decays as exp(-theta t / D) with
+    # theta solving 0.7 (e^theta - 1) = theta (theta = 0.69), so its p99 sojourn is about
+    # 6.5-7.7 service times; a 5 ms p99 then allows a service of 0.65-0.77 ms.
+    spec = PhaseSpec("open 0.7x", mode="open", rate=700.0, duration=30.0, seed=5)
+    allowed = results.service_for_p99(spec, 0.001, 5.0)
+    assert 0.6 < allowed < 0.8
+    # A server of that service time at the same utilization meets the goal on the model.
+    again = dataclasses.replace(spec, rate=0.7 / (allowed / 1000))
+    assert results.model_p99(again, allowed / 1000) == pytest.approx(5.0, rel=0.1)
 
 
 # -- histograms -----------------------------------------------------------------------------
