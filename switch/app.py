@@ -112,7 +112,6 @@ async def serve(
                     else:
                         readiness.record("engine", "Disabled: serving without an engine (91)")
                         handler = Dispatcher(UnavailableEngine())
-                log.info("startup_heap_frozen", objects=freeze_startup_heap())
                 server = Server(cfg, handler, tls.get, sessions, reuse_port=worker is not None)
                 # Held until the server has stopped, so that no signal meets its default
                 # action (SIGHUP's kills the process) while the switch is still draining.
@@ -121,6 +120,9 @@ async def serve(
                         nursery.start_soon(_signals, signals, server, tls)
                         async with trio.open_nursery() as serving:
                             bound = await serving.start(server.serve)
+                            # Once bound (a refused port logs its one error line, nothing
+                            # more) and before the ready file says the switch accepts.
+                            log.info("startup_heap_frozen", objects=freeze_startup_heap())
                             names = frozenset(x.name for x in cfg.listeners)
                             probes.append(health.ListenersProbe(server, names))
                             monitors.start_soon(_publish_status, board, server)

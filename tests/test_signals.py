@@ -94,11 +94,11 @@ async def test_sighup_during_drain_is_ignored_and_in_flight_answers_arrive(
                 await proc.wait()
     logged = events(log)
     seen = [e["event"] for e in logged]
-    # The startup heap is frozen once, before the switch accepts (switch.app).
+    # The startup heap is frozen once, when the listeners are bound (switch.app).
     frozen = [e for e in logged if e["event"] == "startup_heap_frozen"]
     assert len(frozen) == 1 and isinstance(frozen[0]["objects"], int)
     assert frozen[0]["objects"] > 1000
-    assert seen.index("startup_heap_frozen") < seen.index("listening")
+    assert seen.index("listening") < seen.index("startup_heap_frozen") < seen.index("exit")
     assert seen.count("signal_ignored") == 2
     assert "tls_reload" not in seen
     assert seen[-1] == "exit"
