@@ -18,6 +18,7 @@ import pytest
 import trio
 from server_fixtures import make_config, running_server
 
+from switch import testing
 from switch.__main__ import build_parser
 from switch.cli.runner import ExitStatus
 from switch.config import Config, ListenerConfig, MetricsConfig, StoreConfig, TlsConfig
@@ -51,12 +52,9 @@ def one_line(done: subprocess.CompletedProcess[bytes]) -> str:
 
 
 @pytest.fixture
-def free_port() -> Iterator[int]:
+def free_port() -> int:
     """A loopback port nothing listens on (bound then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    yield port
+    return testing.free_port()
 
 
 async def test_version_and_help_with_defaults_and_examples(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ from hsm.kms import (
     canonical_context,
     make_client,
 )
+from switch import testing
 
 if TYPE_CHECKING:
     from mypy_boto3_kms.client import KMSClient
@@ -260,9 +261,7 @@ async def test_missing_key_is_a_key_error(
 
 
 async def test_unreachable_kms_is_unavailable(moto_kms: MotoKms) -> None:
-    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = testing.free_port()  # free a moment ago: nothing listens
     cfg = CardDataConfig(backend="kms", kms_endpoint=f"http://127.0.0.1:{port}")
     kms = KmsVault.from_config(cfg, session=moto_kms.session)
     with trio.fail_after(20):
