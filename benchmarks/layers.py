@@ -13,8 +13,12 @@ memory stream pairs: no kernel, no TLS), one after the other and repeated in tur
 
 Each phase sends the same frames with C connections x W in flight and reads every answer;
 the figure is process CPU (all threads: the SQLite writer included) per message, the median
-over the repetitions. The driver's own CPU is in every figure alike (the ``echo`` row is
-almost only the driver), so the table also gives each target's CPU above ``echo``.
+over the repetitions. Beside it, the cyclic collector: its share of that CPU and its longest
+pause (``gc.callbacks``). The startup heap is frozen as ``serve`` freezes it
+(``switch.app.freeze_startup_heap``); ``--no-freeze`` leaves it to the collector, to see
+what a full collection over it costs. The driver's own CPU is in every figure alike (the
+``echo`` row is almost only the driver), so the table also gives each target's CPU above
+``echo``.
 
 This is the tool for speed work on the switch's code: it is quieter than the socket
 harness (``benchmarks.results``), which remains the figure of record (TLS, kernel, a
@@ -26,6 +30,7 @@ What does not live here: assertions, socket I/O, switch code.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -35,6 +40,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +86,10 @@ class Sample:
     messages: int
     cpu_s: float
     wall_s: float
+    #: Cyclic collections during the measurement, their total and their longest (seconds).
+    gc_collections: int = 0
+    gc_s: float = 0.0
+    gc_longest_s: float = 0.0
 
     @property
     def cpu_us(self) -> float:
@@ -134,18 +144,48 @@ async def _drive(target: Target, bodies: Sequence[bytes], connections: int, wind
     return answered
 
 
+class _GcWatch:
+    """Times every cyclic collection while installed (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.collections = 0
+        self.total = self.longest = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, _info: dict[str, int]) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._started = now
+            return
+        took = now - self._started
+        self.collections += 1
+        self.total += took
+        self.longest = max(self.longest, took)
+
+
 async def _measure(name: str, target: Target, bodies: Sequence[bytes], ph: Phase) -> Sample:
     await _drive(target, bodies[: max(len(bodies) // 10, 1)], ph.connections, ph.window)
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    n = await _drive(target, bodies, ph.connections, ph.window)
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    watch = _GcWatch()
+    gc.callbacks.append(watch)
+    try:
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        n = await _drive(target, bodies, ph.connections, ph.window)
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    finally:
+        gc.callbacks.remove(watch)
     if n != len(bodies):
         raise RuntimeError(f"{name}: {n} answers to {len(bodies)} requests")
-    return Sample(name, n, cpu, wall)
+    return Sample(name, n, cpu, wall, watch.collections, watch.total, watch.longest)
 
 
 async def _run(
-    cfg: Config, phases: Sequence[Phase], count: int, reps: int, only: frozenset[str]
+    cfg: Config,
+    phases: Sequence[Phase],
+    count: int,
+    reps: int,
+    only: frozenset[str],
+    *,
+    freeze: bool = True,
 ) -> list[dict[str, Any]]:
     lst = cfg.listeners[0]
     prof = profile(lst.network)
@@ -158,7 +198,8 @@ async def _run(
         engine, hsm, store = await app._open_engine(cfg, stack, probes, background)
         handler = Dispatcher(engine, hsm, journal=store)
         sessions = ListenerSessions(cfg.listeners)
-        app.freeze_startup_heap()  # as ``serve`` does before it accepts
+        if freeze:
+            app.freeze_startup_heap()  # as ``serve`` does once it is bound
 
         async def switch_target(stream: trio.abc.Stream) -> None:
             conn = Connection(
@@ -195,8 +236,22 @@ async def _run(
             for name, got in samples.items():
                 row[name] = statistics.median(s.cpu_us for s in got)
                 row[f"{name}/s"] = statistics.median(s.messages / s.wall_s for s in got)
+                row[f"{name}/gc%"] = statistics.median(100 * s.gc_s / s.cpu_s for s in got)
+                row[f"{name}/gc_longest_ms"] = max(1000 * s.gc_longest_s for s in got)
             out.append(row)
             print(_row_text(row) if len(samples) == len(TARGETS) else row, flush=True)
+        # What a full collection costs with the engine open: the pause every request in
+        # flight would wait behind when the collector's thresholds call one.
+        started = time.perf_counter()
+        gc.collect()
+        took = (time.perf_counter() - started) * 1000
+        tracked, frozen = len(gc.get_objects()), gc.get_freeze_count()
+        print(
+            f"a full collection now: {took:.2f} ms ({tracked:,} objects tracked, {frozen:,} "
+            "frozen)",
+            flush=True,
+        )
+        out.append({"full_collection_ms": took, "tracked": tracked, "frozen": frozen})
     return out
 
 
@@ -205,7 +260,9 @@ def _row_text(row: dict[str, Any]) -> str:
     return (
         f"{row['phase']:>6}  echo {e:7.1f}  bare {b:7.1f}  switch-echo {se:7.1f}  "
         f"switch-full {sf:8.1f} us/msg | full/bare {sf / b:5.2f}  (net of driver "
-        f"{(sf - e) / max(b - e, 1e-9):5.2f})  switch-echo/echo {se / e:5.2f}"
+        f"{(sf - e) / max(b - e, 1e-9):5.2f})  switch-echo/echo {se / e:5.2f} | collector "
+        f"{row['switch-full/gc%']:.1f} % of switch-full, longest pause "
+        f"{row['switch-full/gc_longest_ms']:.2f} ms"
     )
 
 
@@ -219,6 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     p.add_argument("--only", default="", help=f"comma list of targets among {', '.join(TARGETS)}")
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    p.add_argument(
+        "--no-freeze",
+        action="store_true",
+        help="leave the startup heap to the collector (serve freezes it once bound)",
+    )
     a = p.parse_args(argv)
     if a.cpu is not None:
         os.sched_setaffinity(0, {a.cpu})
@@ -234,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(os.devnull, "w") as sink:
             configure_logging(cfg.log.level, cfg.log.format, stream=sink)
             only = frozenset(x for x in a.only.split(",") if x)
-            rows = trio.run(_run, cfg, phases, a.count, a.reps, only)
+            run = partial(_run, freeze=not a.no_freeze)
+            rows = trio.run(run, cfg, phases, a.count, a.reps, only)
     if a.out is not None:
         a.out.write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=2))
     return 0
