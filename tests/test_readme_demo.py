@@ -82,17 +82,25 @@ async def test_readme_demo_lines_against_a_dev_setup_switch(tmp_path: Path) -> N
     setup = await trio.to_thread.run_sync(_run, ["dev-setup"], tmp_path)
     assert setup.returncode == 0, setup.stderr
     assert "demo cards" in setup.stdout
-    switch = await testing.start_switch(
-        None, tmp_path / "ready.json", cwd=tmp_path, ready_within=30
-    )
-    try:
-        for readme_argv, expected in readme_commands():
-            argv = [readme_argv[0], "--port", str(switch.port), *readme_argv[1:]]
-            result = await trio.to_thread.run_sync(_run, argv, tmp_path)
-            assert result.returncode == 0, (argv, result.stderr)
-            answer = json.loads(result.stdout)
-            assert "4123456789012345" not in result.stdout  # the PAN is printed masked
-            if expected is not None:
-                assert answer["response_code"] == expected, (argv, answer)
-    finally:
-        assert await switch.stop() == 0
+    log = tmp_path / "switch.log"
+    with log.open("wb") as out:
+        switch = await testing.start_switch(
+            None, tmp_path / "ready.json", cwd=tmp_path, output=out, ready_within=30
+        )
+        try:
+            for readme_argv, expected in readme_commands():
+                argv = [readme_argv[0], "--port", str(switch.port), *readme_argv[1:]]
+                result = await trio.to_thread.run_sync(_run, argv, tmp_path)
+                assert result.returncode == 0, (argv, result.stderr)
+                answer = json.loads(result.stdout)
+                assert "4123456789012345" not in result.stdout  # the PAN is printed masked
+                if expected is not None:
+                    assert answer["response_code"] == expected, (argv, answer)
+        finally:
+            assert await switch.stop() == 0
+    # The engine's switch logs its start and its end, and no PAN in between.
+    text = log.read_text()
+    assert "4123456789012345" not in text and "4666655554444111" not in text
+    events = [json.loads(line)["event"] for line in text.splitlines() if line.startswith("{")]
+    assert events.count("startup_heap_frozen") == 1
+    assert events[-1] == "exit", events[-5:]
