@@ -6,7 +6,8 @@ loader reads back to an equal Config, so no test or benchmark writes TOML by han
 switch-process helper: ``start_switch`` runs ``python -m switch serve --config F
 --ready-file R`` (or another command that writes the same ready file) as a subprocess, waits
 a bounded time for the ready file and returns a ``SwitchProcess`` (pid, bound listeners),
-whose ``stop`` sends SIGTERM and waits for the drain; ``software_engine``, the pipeline on
+whose ``stop`` sends SIGTERM and waits for the drain, and ``log_events`` reads back the JSON
+lines of the log it was given as ``output``; ``software_engine``, the pipeline on
 the software HSM (demo keys: public test keys only) and the in-memory store, provisioned
 with card rows and run on a pinned clock; ``context_for``, the ``RequestContext`` a
 listener's connection would give a request.
@@ -232,6 +233,12 @@ class SwitchProcess:
         """SIGKILL the process if it still runs (a crash; no drain)."""
         if self.process.poll() is None:
             self.process.kill()
+
+
+def log_events(path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines of a switch process (the file ``start_switch`` wrote its ``output``
+    to), decoded, in order; other lines (a traceback, a tool's text) are skipped."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
 
 
 async def start_switch(

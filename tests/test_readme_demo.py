@@ -101,6 +101,6 @@ async def test_readme_demo_lines_against_a_dev_setup_switch(tmp_path: Path) -> N
     # The engine's switch logs its start and its end, and no PAN in between.
     text = log.read_text()
     assert "4123456789012345" not in text and "4666655554444111" not in text
-    events = [json.loads(line)["event"] for line in text.splitlines() if line.startswith("{")]
+    events = [e["event"] for e in testing.log_events(log)]
     assert events.count("startup_heap_frozen") == 1
     assert events[-1] == "exit", events[-5:]

@@ -8,7 +8,6 @@ requests still inside the (slow) engine are abandoned rather than waited for.
 
 from __future__ import annotations
 
-import json
 import signal
 import ssl
 import sys
@@ -43,14 +42,6 @@ def slow_switch(tmp: Path, pki: PkiPaths, *, delay: float, drain: float) -> list
         str(ready),
         f"{delay}",
     ]
-
-
-def events(log: Path) -> list[dict[str, object]]:
-    out = []
-    for line in log.read_text().splitlines():
-        if line.startswith("{"):
-            out.append(json.loads(line))
-    return out
 
 
 async def test_sighup_during_drain_is_ignored_and_in_flight_answers_arrive(
@@ -92,7 +83,7 @@ async def test_sighup_during_drain_is_ignored_and_in_flight_answers_arrive(
             switch.kill()
             with trio.move_on_after(10):
                 await proc.wait()
-    logged = events(log)
+    logged = testing.log_events(log)
     seen = [e["event"] for e in logged]
     # The startup heap is frozen once, when the listeners are bound (switch.app).
     frozen = [e for e in logged if e["event"] == "startup_heap_frozen"]
@@ -142,7 +133,7 @@ async def test_a_second_sigterm_ends_the_drain_early_and_exits_0(
             switch.kill()
             with trio.move_on_after(10):
                 await proc.wait()
-    seen = events(log)
+    seen = testing.log_events(log)
     names = [e["event"] for e in seen]
     assert "drain_cut_short" in names
     undelivered = [e for e in seen if e["event"] == "answer_undelivered"]
